@@ -1,0 +1,55 @@
+"""One frozen, composed configuration for the engine and (later) the services.
+
+Every component receives the part of this config it needs; nothing reads globals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What to load and how: model id/path, numeric type, device, length limit."""
+
+    model: str = DEFAULT_MODEL
+    tokenizer: str | None = None  # defaults to the model's own folder
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    load_format: str = "auto"  # auto | dummy (random weights from config, for benchmarks)
+    seed: int = 0
+    skip_tokenizer_init: bool = False
+    download_dir: str | None = None  # model conversion/download cache; default ~/.cache/tandem
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache sizing: a byte budget on CPU, a fraction of GPU memory on CUDA."""
+
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | None = None  # bytes; wins over gpu_memory_utilization when set
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None  # exact block count (tests)
+    cpu_kv_cache_memory_default: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Iteration-level batching limits."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The whole engine's configuration."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
