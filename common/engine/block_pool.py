@@ -1,0 +1,188 @@
+"""Paged KV-cache block bookkeeping: reference counts, an O(1) LRU free queue, prefix-cache index.
+
+Never touches a GPU: it hands out block ids; the model runner owns the tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BlockHash = bytes
+
+
+def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: bytes = b"") -> BlockHash:
+    """Stable chained hash of one full block: H(parent, tokens, extra keys).
+
+    sha256 over a fixed byte layout, so router, Redis and workers on any host agree.
+    """
+    digest = hashlib.sha256()
+    digest.update(parent or b"\x00" * 32)
+    digest.update(np.asarray(token_ids, dtype=np.int64).tobytes())
+    digest.update(extra_keys)
+    return digest.digest()
+
+
+def hash_full_blocks(
+    token_ids: Sequence[int],
+    block_size: int,
+    parent: BlockHash | None = None,
+    start_block: int = 0,
+    extra_keys: bytes = b"",
+) -> list[BlockHash]:
+    """Hashes of the full blocks of ``token_ids`` from ``start_block`` on, chained from ``parent``."""
+    hashes: list[BlockHash] = []
+    for block_index in range(start_block, len(token_ids) // block_size):
+        chunk = token_ids[block_index * block_size : (block_index + 1) * block_size]
+        parent = hash_block_tokens(parent, chunk, extra_keys)
+        hashes.append(parent)
+    return hashes
+
+
+@dataclass(eq=False)
+class KVBlock:
+    """One physical KV block. ``ref_cnt == 0`` iff it sits in the free queue."""
+
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: BlockHash | None = None
+    prev_free: KVBlock | None = field(default=None, repr=False)
+    next_free: KVBlock | None = field(default=None, repr=False)
+
+
+class FreeBlockQueue:
+    """Doubly linked list of free blocks: pop from the head, push to either end, remove from the middle.
+
+    All operations are O(1). The head is evicted first, so pushing a freed cached block to the tail
+    keeps the least recently used cached block at the front.
+    """
+
+    def __init__(self, blocks: Iterable[KVBlock]) -> None:
+        self._head = KVBlock(block_id=-1)
+        self._tail = KVBlock(block_id=-1)
+        self._head.next_free, self._tail.prev_free = self._tail, self._head
+        self.num_free = 0
+        for block in blocks:
+            self.append(block)
+
+    def popleft(self) -> KVBlock:
+        block = self._head.next_free
+        if block is self._tail or block is None:
+            raise IndexError("no free blocks")
+        self.remove(block)
+        return block
+
+    def remove(self, block: KVBlock) -> None:
+        assert block.prev_free is not None and block.next_free is not None, "block is not free"
+        block.prev_free.next_free = block.next_free
+        block.next_free.prev_free = block.prev_free
+        block.prev_free = block.next_free = None
+        self.num_free -= 1
+
+    def append(self, block: KVBlock) -> None:
+        self._insert_after(self._tail.prev_free, block)
+
+    def appendleft(self, block: KVBlock) -> None:
+        self._insert_after(self._head, block)
+
+    def _insert_after(self, anchor: KVBlock | None, block: KVBlock) -> None:
+        assert anchor is not None and block.prev_free is None and block.next_free is None
+        block.prev_free, block.next_free = anchor, anchor.next_free
+        assert anchor.next_free is not None
+        anchor.next_free.prev_free = block
+        anchor.next_free = block
+        self.num_free += 1
+
+    def block_ids(self) -> list[int]:
+        """Free block ids from head (evicted first) to tail. O(n): tests and debugging only."""
+        ids, block = [], self._head.next_free
+        while block is not None and block is not self._tail:
+            ids.append(block.block_id)
+            block = block.next_free
+        return ids
+
+
+class BlockPool:
+    """All KV blocks of one worker, with the prefix-cache index over full blocks.
+
+    Invariants: a block is either free (ref_cnt 0, in the queue) or owned (ref_cnt > 0, not queued);
+    a block with a hash is findable by that hash until it is evicted for reuse.
+    """
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(block_id=i) for i in range(num_blocks)]
+        self.free_queue = FreeBlockQueue(self.blocks)
+        self.cached: dict[BlockHash, KVBlock] = {}
+        self.num_evictions = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.free_queue.num_free
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks
+
+    def lookup(self, block_hash: BlockHash) -> KVBlock | None:
+        return self.cached.get(block_hash) if self.enable_caching else None
+
+    def allocate(self, count: int) -> list[KVBlock]:
+        """Take ``count`` free blocks (evicting their cached contents); each returned with ref_cnt 1."""
+        if count > self.num_free_blocks:
+            raise ValueError(f"cannot allocate {count} blocks, only {self.num_free_blocks} free")
+        taken = [self.free_queue.popleft() for _ in range(count)]
+        for block in taken:
+            self._evict(block)
+            block.ref_cnt = 1
+        return taken
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take one more reference on each block (prefix-cache hit or fork); revives free cached blocks."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                self.free_queue.remove(block)
+            block.ref_cnt += 1
+
+    def free(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop one reference on each block, in the order given.
+
+        A block reaching 0 goes to the tail if it holds cached content (evicted last, LRU), or to
+        the head if it holds nothing reusable (reused first, sparing cached blocks).
+        """
+        for block in blocks:
+            assert block.ref_cnt > 0, f"double free of block {block.block_id}"
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                if block.block_hash is not None:
+                    self.free_queue.append(block)
+                else:
+                    self.free_queue.appendleft(block)
+
+    def cache_block(self, block: KVBlock, block_hash: BlockHash) -> None:
+        """Register a full block's content hash; the first block with a given hash stays the canonical one."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash not in self.cached:
+            block.block_hash = block_hash
+            self.cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (weights changed, tests). Owned blocks keep their data."""
+        for block in self.cached.values():
+            block.block_hash = None
+        self.cached.clear()
+
+    def _evict(self, block: KVBlock) -> None:
+        if block.block_hash is None:
+            return
+        if self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = None
+        self.num_evictions += 1

@@ -1,0 +1,246 @@
+"""The engine: validates requests, steps scheduler -> runner -> outputs, and owns nothing global."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
+
+from common.config import EngineConfig
+from common.engine.block_pool import BlockPool
+from common.engine.kv_cache_manager import KVCacheManager
+from common.engine.kv_cache_sizing import allocate_kv_cache
+from common.engine.model_runner import ModelRunner, RunnerOutput
+from common.engine.output_processor import RequestGroup
+from common.engine.outputs import RequestOutput, TokenLogprobs
+from common.engine.request import Request, RequestStatus
+from common.engine.sampler import Sampler
+from common.engine.sampling_params import SamplingParams
+from common.engine.scheduler import Scheduler, SchedulerOutput
+from common.models.loader import load_model, resolve_dtype, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model on one device.
+
+    ``add_request`` validates everything before touching any state, so a bad request raises
+    ``ValueError`` and leaves every running request undisturbed.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        started = time.perf_counter()
+        self.config = config
+        self.device = resolve_device(config.model.device)
+        self.model_path = resolve_model_path(config.model.model, config.model.download_dir)
+        self.hf_config: PretrainedConfig = AutoConfig.from_pretrained(self.model_path)
+        self.tokenizer = self._load_tokenizer()
+        self.dtype = resolve_dtype(config.model.dtype, self.hf_config, self.device)
+        self.model = load_model(self.model_path, self.hf_config, self.dtype, self.device, config.model.load_format)
+        kv_cache, num_blocks = allocate_kv_cache(self.model, config.cache, config.scheduler, self.dtype, self.device)
+        self.max_model_len = self._resolve_max_model_len(num_blocks)
+        self.eos_token_ids = self._eos_token_ids()
+        pool = BlockPool(num_blocks, config.cache.enable_prefix_caching)
+        self.kv_cache_manager = KVCacheManager(pool, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        self.generator = torch.Generator().manual_seed(config.model.seed)
+        self.runner = ModelRunner(self.model, kv_cache, config.cache.block_size, self.device, Sampler(self.generator))
+        self.groups: dict[str, RequestGroup] = {}
+        self._request_counter = itertools.count()
+        self.load_seconds = time.perf_counter() - started
+        logger.info(
+            "engine ready in %.2fs: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+            self.load_seconds,
+            self.model_path.name,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.cache.block_size,
+            self.max_model_len,
+        )
+
+    # ----------------------------------------------------------------- requests
+    def add_request(
+        self,
+        prompt: str | None = None,
+        prompt_token_ids: Sequence[int] | None = None,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue one request (its ``n`` samples share the prompt's blocks). Returns its id."""
+        params = sampling_params or SamplingParams()
+        token_ids = self.validate_prompt(prompt, prompt_token_ids, params)
+        request_id = request_id or f"req-{next(self._request_counter)}"
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        head = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            block_size=self.config.cache.block_size,
+            generator=self._seeded_generator(params, 0),
+            prompt=prompt,
+            pending_forks=params.n - 1,
+            fork_generators=[self._seeded_generator(params, i) for i in range(1, params.n)],
+        )
+        self.groups[request_id] = RequestGroup(head, self.tokenizer)
+        self.scheduler.add_request(head)
+        return request_id
+
+    def validate_prompt(
+        self, prompt: str | None, prompt_token_ids: Sequence[int] | None, params: SamplingParams
+    ) -> list[int]:
+        """Token ids of a prompt, or ValueError naming what is wrong with it."""
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise ValueError("prompt: either a prompt string or prompt_token_ids is required")
+            if self.tokenizer is None:
+                raise ValueError("prompt: a text prompt needs a tokenizer; pass prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        token_ids = [int(t) for t in prompt_token_ids]
+        if not token_ids:
+            raise ValueError("prompt: the prompt is empty")
+        vocab = self.hf_config.vocab_size
+        params.check_token_ids(vocab)
+        if any(t < 0 or t >= vocab for t in token_ids):
+            raise ValueError(f"prompt_token_ids: token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {len(token_ids)} tokens is too long for max_model_len {self.max_model_len} "
+                "(it must leave room for at least one generated token)"
+            )
+        return token_ids
+
+    def abort_request(self, request_id: str) -> None:
+        """Finish a request and all its samples now, returning every block at once."""
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return
+        for sample in group.samples:
+            if not sample.is_finished:
+                self.scheduler.finish(sample, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # ----------------------------------------------------------------- stepping
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return the current output of each request that changed."""
+        step = self.scheduler.schedule()
+        if step.is_empty:
+            return []
+        result = self.runner.execute(step)
+        self.scheduler.on_step_done(step)
+        return self._process(step, result)
+
+    def _process(self, step: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+        touched: dict[str, RequestGroup] = {}
+        for item in step.scheduled:
+            request = item.request
+            group = self.groups[request.group_id]
+            if request.request_id in result.prompt_logprobs:
+                request.prompt_logprobs.extend(result.prompt_logprobs[request.request_id])
+            for sample, (token, logprobs) in self._samples_for(request, result):
+                self._append_token(group, sample, token, logprobs)
+            touched[group.request_id] = group
+        outputs = [group.to_output() for group in touched.values()]
+        for group in touched.values():
+            if group.finished:
+                del self.groups[group.request_id]
+        return outputs
+
+    def _samples_for(self, request: Request, result: RunnerOutput) -> list[tuple[Request, tuple]]:
+        """Pair each sampled token with its sample; forks happen here when the prompt is done."""
+        sampled = result.sampled.get(request.request_id, [])
+        if not sampled:
+            return []
+        samples = [request]
+        for index in range(1, len(sampled)):
+            child = request.fork(index, request.fork_generators[index - 1])
+            self.kv_cache_manager.fork(request, child)
+            self.scheduler.add_running(child)
+            self.groups[request.group_id].add_sample(child)
+            samples.append(child)
+        if len(sampled) > 1:
+            request.pending_forks = 0
+        return list(zip(samples, sampled, strict=True))
+
+    def _append_token(self, group: RequestGroup, sample: Request, token: int, logprobs: TokenLogprobs | None) -> None:
+        sample.append_output_token(token, logprobs)
+        status = self._token_stop_status(sample, token)
+        if group.append_text(sample) and status is None:
+            status = RequestStatus.FINISHED_STOPPED
+        if status is not None:
+            self.scheduler.finish(sample, status)
+            group.finalize(sample)
+
+    def _token_stop_status(self, sample: Request, token: int) -> RequestStatus | None:
+        params = sample.sampling_params
+        if sample.num_output_tokens >= params.min_tokens:
+            if token in params.stop_token_ids:
+                sample.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token in sample.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if params.max_tokens is not None and sample.num_output_tokens >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if sample.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    # ----------------------------------------------------------------- setup helpers
+    def _load_tokenizer(self):
+        if self.config.model.skip_tokenizer_init:
+            return None
+        source = self.config.model.tokenizer or self.model_path
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            if self.config.model.tokenizer:
+                raise ValueError(f"tokenizer: cannot load {source!r}: {error}") from error
+            logger.warning("no tokenizer in %s; only token-id prompts will work", source)
+            return None
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.hf_config.eos_token_id, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(source, int):
+                ids.add(source)
+            elif isinstance(source, list | tuple):
+                ids.update(int(t) for t in source)
+        return frozenset(ids)
+
+    def _resolve_max_model_len(self, num_blocks: int) -> int:
+        model_limit = int(getattr(self.hf_config, "max_position_embeddings", 2048))
+        wanted = self.config.model.max_model_len or model_limit
+        if wanted > model_limit:
+            raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {model_limit}")
+        capacity = num_blocks * self.config.cache.block_size
+        if wanted > capacity:
+            logger.warning("max_model_len %d lowered to the KV cache capacity of %d tokens", wanted, capacity)
+            wanted = capacity
+        sched = self.config.scheduler
+        if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < wanted:
+            raise ValueError(
+                f"max_num_batched_tokens {sched.max_num_batched_tokens} must be at least "
+                f"max_model_len {wanted} when chunked prefill is disabled"
+            )
+        return wanted
+
+    def _seeded_generator(self, params: SamplingParams, sample_index: int) -> torch.Generator | None:
+        """Sample i of a seeded request draws from its own generator seeded seed + i."""
+        if params.seed is None:
+            return None
+        return torch.Generator().manual_seed(params.seed + sample_index)

@@ -1,0 +1,94 @@
+"""How many KV blocks fit: a byte budget on CPU, a fraction of GPU memory (after a profile run) on CUDA."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from common.config import CacheConfig, SchedulerConfig
+from common.models.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
+    element = torch.tensor([], dtype=dtype).element_size()
+    return model.num_layers * 2 * block_size * model.num_kv_heads * model.head_dim * element
+
+
+def allocate_kv_cache(
+    model: torch.nn.Module,
+    cache: CacheConfig,
+    scheduler: SchedulerConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, int]:
+    """The zero-filled cache tensor [layers, 2, blocks, block_size, kv_heads, head_dim] and its block count."""
+    per_block = bytes_per_block(model, cache.block_size, dtype)
+    num_blocks = count_blocks(model, cache, scheduler, dtype, device, per_block)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_memory: no room for a single KV block of {per_block} bytes")
+    shape = (model.num_layers, 2, num_blocks, cache.block_size, model.num_kv_heads, model.head_dim)
+    kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+    logger.info(
+        "KV cache: %d blocks x %d tokens (%.1f MiB, %d bytes per block)",
+        num_blocks,
+        cache.block_size,
+        num_blocks * per_block / 2**20,
+        per_block,
+    )
+    return kv_cache, num_blocks
+
+
+def count_blocks(
+    model: torch.nn.Module,
+    cache: CacheConfig,
+    scheduler: SchedulerConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    per_block: int,
+) -> int:
+    if cache.num_gpu_blocks_override is not None:
+        return cache.num_gpu_blocks_override
+    if cache.kv_cache_memory is not None:
+        return cache.kv_cache_memory // per_block
+    if device.type != "cuda":
+        return cache.cpu_kv_cache_memory_default // per_block
+    if not 0.0 < cache.gpu_memory_utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {cache.gpu_memory_utilization}")
+    peak_activation = profile_activation_bytes(model, cache.block_size, scheduler.max_num_batched_tokens, dtype, device)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = total * cache.gpu_memory_utilization - (total - free) - peak_activation
+    return int(budget // per_block)
+
+
+@torch.inference_mode()
+def profile_activation_bytes(
+    model: torch.nn.Module, block_size: int, num_tokens: int, dtype: torch.dtype, device: torch.device
+) -> int:
+    """Peak extra memory of one forward over a full token budget (one long prefill), with logits."""
+    num_blocks = -(-num_tokens // block_size)
+    scratch = torch.zeros(
+        (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim), dtype=dtype, device=device
+    )
+    metadata = AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens, device=device),
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        query_lens_cpu=(num_tokens,),
+        seq_lens_cpu=(num_tokens,),
+        block_size=block_size,
+    )
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    tokens = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    hidden = model(tokens, torch.arange(num_tokens, device=device), scratch, metadata)
+    model.compute_logits(hidden[-min(num_tokens, 256) :])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del scratch, hidden
+    torch.cuda.empty_cache()
+    return int(peak)

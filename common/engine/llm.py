@@ -1,0 +1,184 @@
+"""The offline Python API in the style users know from vLLM: ``LLM(...).generate`` and ``.chat``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from common.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from common.engine.engine import LLMEngine
+from common.engine.outputs import RequestOutput
+from common.engine.sampling_params import SamplingParams
+
+PromptInput = str | Sequence[int] | Mapping[str, Any]
+Message = Mapping[str, Any]
+
+# Offline calls without explicit params decode greedily, so `LLM().chat(...)` answers deterministically.
+DEFAULT_SAMPLING_PARAMS = SamplingParams(temperature=0.0, max_tokens=256)
+
+
+class LLM:
+    """Load a model once and run batches of prompts through the continuous-batching engine."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        tokenizer: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        kv_cache_memory: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        num_gpu_blocks_override: int | None = None,
+        seed: int = 0,
+        load_format: str = "auto",
+        skip_tokenizer_init: bool = False,
+        download_dir: str | None = None,
+    ) -> None:
+        self.config = EngineConfig(
+            model=ModelConfig(
+                model=model,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                device=device,
+                max_model_len=max_model_len,
+                load_format=load_format,
+                seed=seed,
+                skip_tokenizer_init=skip_tokenizer_init,
+                download_dir=download_dir,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                enable_prefix_caching=enable_prefix_caching,
+                kv_cache_memory=kv_cache_memory,
+                gpu_memory_utilization=gpu_memory_utilization,
+                num_gpu_blocks_override=num_gpu_blocks_override,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+        )
+        validate_engine_args(self.config)
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run all prompts to completion; outputs come back in input order.
+
+        Every prompt is validated before any is queued, so a bad one raises ValueError and runs nothing.
+        """
+        batch = normalize_prompts(prompts)
+        params = normalize_params(sampling_params, len(batch))
+        token_ids = [self.engine.validate_prompt(text, ids, p) for (text, ids), p in zip(batch, params, strict=True)]
+        request_ids = [
+            self.engine.add_request(text, ids, p) for (text, _), ids, p in zip(batch, token_ids, params, strict=True)
+        ]
+        return self._run_to_completion(request_ids)
+
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or a list of them) and generate."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer with a chat template")
+        conversations = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        prompts = [render_chat(tokenizer, conv, add_generation_prompt, chat_template) for conv in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
+        pending = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        try:
+            while pending:
+                for output in self.engine.step():
+                    if output.finished and output.request_id in pending:
+                        finished[output.request_id] = output
+                        pending.discard(output.request_id)
+        finally:
+            for request_id in pending:  # interrupted: leave no blocks behind
+                self.engine.abort_request(request_id)
+        return [finished[request_id] for request_id in request_ids]
+
+
+def render_chat(tokenizer, messages: Sequence[Message], add_generation_prompt: bool, chat_template: str | None) -> str:
+    if not messages:
+        raise ValueError("messages: at least one message is required")
+    for index, message in enumerate(messages):
+        if "role" not in message or "content" not in message:
+            raise ValueError(f"messages[{index}]: each message needs 'role' and 'content'")
+    return tokenizer.apply_chat_template(
+        list(messages), tokenize=False, chat_template=chat_template, add_generation_prompt=add_generation_prompt
+    )
+
+
+def normalize_prompts(prompts: PromptInput | Sequence[PromptInput]) -> list[tuple[str | None, list[int] | None]]:
+    """(text, token ids) pairs from: a string, token ids, dicts with prompt / prompt_token_ids, or lists."""
+    if isinstance(prompts, str | Mapping) or (
+        isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
+    ):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts: give at least one prompt")
+    return [_one_prompt(p) for p in prompts]
+
+
+def _one_prompt(prompt: PromptInput) -> tuple[str | None, list[int] | None]:
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, Mapping):
+        if "prompt_token_ids" in prompt:
+            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+        if "prompt" in prompt:
+            return str(prompt["prompt"]), None
+        raise ValueError("prompts: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+    if isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        return None, list(prompt)
+    raise ValueError(f"prompts: unsupported prompt type {type(prompt).__name__}")
+
+
+def normalize_params(
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None, count: int
+) -> list[SamplingParams]:
+    if sampling_params is None:
+        return [DEFAULT_SAMPLING_PARAMS] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    if len(sampling_params) != count:
+        raise ValueError(f"sampling_params: got {len(sampling_params)} for {count} prompts")
+    return list(sampling_params)
+
+
+def validate_engine_args(config: EngineConfig) -> None:
+    """Reject impossible settings up front, naming the argument."""
+    cache, sched = config.cache, config.scheduler
+    if cache.block_size not in (8, 16, 32, 64, 128):
+        raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {cache.block_size}")
+    if sched.max_num_seqs < 1:
+        raise ValueError(f"max_num_seqs must be at least 1, got {sched.max_num_seqs}")
+    if sched.max_num_batched_tokens < 1:
+        raise ValueError(f"max_num_batched_tokens must be at least 1, got {sched.max_num_batched_tokens}")
+    if config.model.max_model_len is not None and config.model.max_model_len < 2:
+        raise ValueError(f"max_model_len must be at least 2, got {config.model.max_model_len}")
+    if cache.kv_cache_memory is not None and cache.kv_cache_memory < 1:
+        raise ValueError(f"kv_cache_memory must be a positive byte count, got {cache.kv_cache_memory}")
+    if config.model.load_format not in ("auto", "dummy"):
+        raise ValueError(f"load_format must be 'auto' or 'dummy', got {config.model.load_format!r}")

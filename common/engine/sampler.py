@@ -1,0 +1,338 @@
+"""Turn one step's logits into next tokens (and logprobs), request by request, in one batched pass.
+
+Order per step (as vLLM): logprobs come from the RAW logits; then logit_bias, the min_tokens mask,
+repetition penalty, frequency/presence penalties; then greedy rows take the argmax, the others apply
+temperature, top-k, top-p, min-p and sample.
+
+Reproducibility invariant: a row with its own generator draws exactly one uniform from it per step,
+whatever the batch holds and however large the vocabulary, and every step of the computation is row-wise,
+so the same seed gives the same tokens alone or batched. Sampling is inverse-CDF: the first token whose
+cumulative probability reaches `u * total`, which picks token i with probability probs[i]. (One draw per
+row instead of the exponential race's V draws: V CPU exponentials cost ~1 ms per row at V=49k.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from common.engine.outputs import TokenLogprobs
+from common.engine.sampling_params import SamplingParams
+
+PROMPT_LOGPROBS_CHUNK = 512
+"""Positions per log_softmax pass in `compute_prompt_logprobs`, to bound the [chunk, V] temporaries."""
+
+
+@dataclass
+class SamplingRow:
+    """One batch row's request state, as the sampler needs it for this step.
+
+    `output_token_ids` are the tokens generated so far (not counting this step's). `generator` is the
+    request's own CPU generator (seeded requests); None means draw from the sampler's shared generator.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+    eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+
+@dataclass
+class SamplerOutput:
+    """Per row: the chosen token, and its logprobs when the row asked for them (else None)."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+class Sampler:
+    """Stateless apart from the shared generator, which the engine owns and seeds.
+
+    The caller's logits are never modified: processing works on a copy, made only when some row needs it.
+    An all-greedy batch without processing is a single argmax.
+    """
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self._generator = generator
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
+        processed = apply_logits_processors(logits, rows)
+        token_ids = self._choose(processed, rows)
+        return SamplerOutput(token_ids.tolist(), _row_logprobs(logits, token_ids, rows))
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Argmax for greedy rows, a random draw for the others; returns [B] int64 on logits' device."""
+        random_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        if not random_rows:
+            return logits.argmax(dim=-1)
+        subset = [rows[i] for i in random_rows]
+        if len(random_rows) == len(rows):
+            return self._sample(logits, subset)
+        token_ids = logits.argmax(dim=-1)
+        index = torch.tensor(random_rows, device=logits.device)
+        token_ids[index] = self._sample(logits[index], subset)
+        return token_ids
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Temperature, top-k, top-p, min-p, then inverse-CDF sampling with one uniform per row."""
+        temperatures = _column([row.params.temperature for row in rows], logits)
+        probs = filter_min_p(filter_top_k_top_p(logits / temperatures, rows), rows).softmax(dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        targets = self._uniforms(rows, logits.device).unsqueeze(1) * cdf[:, -1:]
+        return torch.searchsorted(cdf, targets).squeeze(1).clamp_(max=logits.shape[1] - 1)
+
+    def _uniforms(self, rows: Sequence[SamplingRow], device: torch.device) -> torch.Tensor:
+        """[R] uniforms in (0, 1]: one draw from each seeded row's generator, the rest from the shared one.
+
+        Exactly one draw per row per step keeps a seeded row's stream independent of the batch and the
+        vocabulary; excluding 0 means a zero-probability token at the start of the CDF is never chosen.
+        """
+        uniforms = torch.empty(len(rows))
+        shared = [i for i, row in enumerate(rows) if row.generator is None]
+        if shared:
+            uniforms[shared] = _uniform((len(shared),), self._generator)
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                uniforms[i] = _uniform((1,), row.generator)
+        return uniforms.to(device)
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    """Uniform samples in (0, 1] drawn on the generator's device, returned on the CPU."""
+    return (1.0 - torch.rand(shape, generator=generator, device=generator.device)).cpu()
+
+
+def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device).unsqueeze(1)
+
+
+# -- logits processors (before the greedy/random split) ------------------------------------------------
+
+
+def apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logit_bias, min_tokens mask, repetition and frequency/presence penalties.
+
+    Returns `logits` itself (as float32) when no row needs any of them, else a processed copy.
+    """
+    logits = logits.float()
+    needs = [_needs_processing(row) for row in rows]
+    if not any(needs):
+        return logits
+    out = logits.clone()
+    apply_logit_bias(out, rows)
+    apply_min_tokens(out, rows)
+    apply_penalties(out, rows)
+    return out
+
+
+def _needs_processing(row: SamplingRow) -> bool:
+    params = row.params
+    under_min = len(row.output_token_ids) < params.min_tokens
+    return bool(params.logit_bias) or under_min or params.has_penalties
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place: add each row's logit_bias to its logits (ids outside the vocab are skipped)."""
+    vocab = logits.shape[1]
+    entries = [
+        (i, token_id, bias)
+        for i, row in enumerate(rows)
+        for token_id, bias in (row.params.logit_bias or {}).items()
+        if token_id < vocab
+    ]
+    if entries:
+        row_idx, token_idx, biases = zip(*entries, strict=True)
+        index = (_long(row_idx, logits), _long(token_idx, logits))
+        logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place: while a row has fewer than min_tokens outputs, its EOS and stop token ids get -inf.
+
+    EOS is masked even for ignore_eos rows: min_tokens promises that many tokens before any stop.
+    """
+    vocab = logits.shape[1]
+    entries = [
+        (i, token_id)
+        for i, row in enumerate(rows)
+        if len(row.output_token_ids) < row.params.min_tokens
+        for token_id in sorted(row.eos_token_ids | set(row.params.stop_token_ids))
+        if token_id < vocab
+    ]
+    if entries:
+        row_idx, token_idx = zip(*entries, strict=True)
+        logits[_long(row_idx, logits), _long(token_idx, logits)] = float("-inf")
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place: repetition penalty over prompt+output tokens, then frequency/presence over outputs.
+
+    Repetition (HF/vLLM): a seen token's positive logit is divided by the penalty, a negative one
+    multiplied. Frequency/presence (OpenAI): logit -= frequency * count + presence * (count > 0).
+    Both touch only the seen (row, token) pairs, so the cost is O(tokens seen), not O(batch * vocab).
+    """
+    _apply_repetition_penalty(logits, rows)
+    _apply_frequency_presence(logits, rows)
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    chosen = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if not chosen:
+        return
+    sequences = [[*rows[i].prompt_token_ids, *rows[i].output_token_ids] for i in chosen]
+    row_idx, token_idx, _ = seen_token_counts(chosen, sequences, logits)
+    penalty = _floats([row.params.repetition_penalty for row in rows], logits)[row_idx]
+    values = logits[row_idx, token_idx]
+    logits[row_idx, token_idx] = torch.where(values > 0, values / penalty, values * penalty)
+
+
+def _apply_frequency_presence(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    chosen = [i for i, row in enumerate(rows) if row.params.frequency_penalty or row.params.presence_penalty]
+    if not chosen:
+        return
+    row_idx, token_idx, counts = seen_token_counts(chosen, [rows[i].output_token_ids for i in chosen], logits)
+    frequency = _floats([row.params.frequency_penalty for row in rows], logits)[row_idx]
+    presence = _floats([row.params.presence_penalty for row in rows], logits)[row_idx]
+    logits[row_idx, token_idx] -= frequency * counts.to(logits.dtype) + presence
+
+
+def seen_token_counts(
+    row_ids: Sequence[int], sequences: Sequence[Sequence[int]], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct (row, token) pairs in `sequences` (row_ids[j] owns sequences[j]) and their counts.
+
+    Returns row indices, token ids and counts on `like`'s device; ids outside [0, V) are ignored.
+    """
+    vocab = like.shape[1]
+    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
+    tokens = torch.cat([torch.as_tensor(list(seq), dtype=torch.long) for seq in sequences])
+    owners = torch.repeat_interleave(torch.tensor(list(row_ids), dtype=torch.long), lengths)
+    valid = (tokens >= 0) & (tokens < vocab)
+    keys, counts = torch.unique(owners[valid] * vocab + tokens[valid], return_counts=True)
+    keys, counts = keys.to(like.device), counts.to(like.device)
+    return keys // vocab, keys % vocab, counts
+
+
+def _floats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device)
+
+
+def _long(values: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=like.device)
+
+
+# -- filters for sampled rows (after temperature) ------------------------------------------------------
+
+
+def filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Set logits outside each row's top-k / top-p nucleus to -inf; rows without either are untouched.
+
+    Top-k keeps ties with the k-th value; top-p keeps the smallest set of most likely tokens whose
+    probability reaches p, and always keeps the most likely token.
+    """
+    chosen = [i for i, row in enumerate(rows) if row.params.uses_top_k or row.params.top_p < 1.0]
+    if not chosen:
+        return logits
+    vocab = logits.shape[1]
+    ks = [min(rows[i].params.top_k, vocab) if rows[i].params.uses_top_k else vocab for i in chosen]
+    ps = [rows[i].params.top_p for i in chosen]
+    index = _long(chosen, logits)
+    out = logits.clone()
+    out[index] = _top_k_top_p(logits[index], _long(ks, logits), _column(ps, logits))
+    return out
+
+
+def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    if bool((p >= 1.0).all()):
+        return _top_k_only(logits, k)
+    ascending, order = logits.sort(dim=-1, descending=False)
+    kth = ascending.gather(1, (logits.shape[1] - k).unsqueeze(1))
+    ascending.masked_fill_(ascending < kth, float("-inf"))
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    outside = cumulative <= 1.0 - p
+    outside[:, -1] = False
+    ascending.masked_fill_(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ascending)
+
+
+def _top_k_only(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Top-k without a full sort (same result as the sorted path, ties with the k-th value kept)."""
+    largest = logits.topk(int(k.max()), dim=-1).values
+    kth = largest.gather(1, (k - 1).unsqueeze(1))
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Set logits whose probability is below min_p * (the row's top probability) to -inf."""
+    chosen = [i for i, row in enumerate(rows) if row.params.min_p > 0.0]
+    if not chosen:
+        return logits
+    index = _long(chosen, logits)
+    block = logits[index]
+    probs = block.softmax(dim=-1)
+    threshold = _column([rows[i].params.min_p for i in chosen], logits) * probs.amax(dim=-1, keepdim=True)
+    out = logits.clone()
+    out[index] = block.masked_fill(probs < threshold, float("-inf"))
+    return out
+
+
+# -- logprobs (from the raw logits) --------------------------------------------------------------------
+
+
+def _row_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
+) -> list[TokenLogprobs | None]:
+    chosen = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    result: list[TokenLogprobs | None] = [None] * len(rows)
+    if not chosen:
+        return result
+    counts = [rows[i].params.logprobs or 0 for i in chosen]
+    if len(chosen) == len(rows):
+        computed = _token_logprobs(logits.float(), token_ids, counts)
+    else:
+        index = _long(chosen, logits)
+        computed = _token_logprobs(logits[index].float(), token_ids[index], counts)
+    for i, entry in zip(chosen, computed, strict=True):
+        result[i] = entry
+    return result
+
+
+def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], k: int) -> list[TokenLogprobs]:
+    """Logprob, rank and top-k of each prompt token under the logits of the position before it.
+
+    `logits[j]` is the model's output at prompt position j and `next_token_ids[j]` the token at j + 1,
+    so both have the same length. Works in chunks to bound memory on long prompts.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(next_token_ids):
+        raise ValueError(f"logits must be [len(next_token_ids)={len(next_token_ids)}, V], got {tuple(logits.shape)}")
+    result: list[TokenLogprobs] = []
+    for start in range(0, logits.shape[0], PROMPT_LOGPROBS_CHUNK):
+        chunk = logits[start : start + PROMPT_LOGPROBS_CHUNK].float()
+        ids = _long(next_token_ids[start : start + PROMPT_LOGPROBS_CHUNK], chunk)
+        result.extend(_token_logprobs(chunk, ids, [k] * chunk.shape[0]))
+    return result
+
+
+def _token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, counts: Sequence[int]) -> list[TokenLogprobs]:
+    """Raw log_softmax facts for the given token per row; `counts[i]` top alternatives for row i."""
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(min(max(counts), logprobs.shape[1]), dim=-1)
+    rows = zip(
+        token_ids.tolist(),
+        chosen.squeeze(1).tolist(),
+        ranks.tolist(),
+        top_ids.tolist(),
+        top_values.tolist(),
+        strict=True,
+    )
+    return [
+        TokenLogprobs(token_id, logprob, rank, tuple(zip(ids[:count], values[:count], strict=True)))
+        for (token_id, logprob, rank, ids, values), count in zip(rows, counts, strict=True)
+    ]

@@ -1,0 +1,166 @@
+"""Iteration-level scheduler: one token budget per step shared by decodes and (chunked) prefills.
+
+Pure Python over the KVCacheManager: it decides which requests run and how many tokens each
+computes this step; it never touches tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from common.config import SchedulerConfig
+from common.engine.kv_cache_manager import BlockCopy, KVCacheManager
+from common.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """One request's share of a step: compute tokens [num_computed_tokens, +num_new_tokens)."""
+
+    request: Request
+    num_computed_tokens: int
+    num_new_tokens: int
+    block_ids: tuple[int, ...]
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this step every known token has KV, so the last row's logits give the next token."""
+        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """The typed message from scheduler to model runner for one step."""
+
+    scheduled: tuple[ScheduledRequest, ...]
+    block_copies: tuple[BlockCopy, ...]
+    preempted: tuple[Request, ...]
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """FCFS with preemption by recompute. Never drops a request: a preempted one waits at the front."""
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add_request(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """Adopt a forked sample that already holds its blocks (see KVCacheManager.fork)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    def finish(self, request: Request, status: RequestStatus) -> None:
+        """End a request with a finished status and return all its blocks at once."""
+        assert status.is_finished
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled, preempted, budget = self._schedule_running(budget)
+        if not preempted:
+            scheduled += self._schedule_waiting(budget)
+        return SchedulerOutput(
+            scheduled=tuple(scheduled),
+            block_copies=tuple(self.kv_cache.take_pending_copies()),
+            preempted=tuple(preempted),
+        )
+
+    def on_step_done(self, output: SchedulerOutput) -> None:
+        """Record that the scheduled tokens now have KV in the cache."""
+        for item in output.scheduled:
+            item.request.num_computed_tokens = item.num_computed_tokens + item.num_new_tokens
+
+    def _schedule_running(self, budget: int) -> tuple[list[ScheduledRequest], list[Request], int]:
+        """Decodes and unfinished prefill chunks first, oldest first; preempt the newest when out of blocks."""
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[Request] = []
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new, preempted):
+                break
+            scheduled.append(self._record(request, num_new))
+            budget -= num_new
+            index += 1
+        return scheduled, preempted, budget
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
+        while not self.kv_cache.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _schedule_waiting(self, budget: int) -> list[ScheduledRequest]:
+        """Admit waiting requests in arrival order while budget, sequence slots and blocks allow."""
+        scheduled: list[ScheduledRequest] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            prefix = self.kv_cache.find_cached_prefix(request)
+            num_cached = len(prefix) * self.kv_cache.block_size
+            num_new = request.num_tokens - num_cached
+            if num_new > budget and not self.config.enable_chunked_prefill:
+                break
+            num_new = min(num_new, budget)
+            if not self.kv_cache.allocate_slots(request, num_new, prefix):
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_cached
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._record(request, num_new))
+            budget -= num_new
+        return scheduled
+
+    def _preempt(self, request: Request) -> None:
+        """Free everything and recompute later from the first token (outputs so far are kept)."""
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        if len(request.prompt_logprobs) < request.num_prompt_tokens - 1:
+            request.prompt_logprobs.clear()
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+        logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _record(self, request: Request, num_new: int) -> ScheduledRequest:
+        return ScheduledRequest(
+            request=request,
+            num_computed_tokens=request.num_computed_tokens,
+            num_new_tokens=num_new,
+            block_ids=tuple(self.kv_cache.block_ids(request.request_id)),
+        )

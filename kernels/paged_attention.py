@@ -1,0 +1,89 @@
+"""Paged attention over a varlen batch mixing prefill chunks (with cached prefix) and decodes.
+
+Cache layout (per layer, per K or V): ``[num_blocks, block_size, num_kv_heads, head_dim]``.
+Sequence i's context position p lives in block ``block_tables[i, p // block_size]`` at offset
+``p % block_size``. See ``common.models.attention_metadata.AttentionMetadata`` for the batch layout.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:  # type-only: kernels must not import the model package (it imports kernels)
+    from common.models.attention_metadata import AttentionMetadata
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Contiguous ``[seq_len, num_kv_heads, head_dim]`` view of one sequence's cached positions [0, seq_len).
+
+    Reads only the first ``ceil(seq_len / block_size)`` blocks of ``block_table``.
+    """
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = cache.index_select(0, block_table[:num_blocks].long())
+    return blocks.flatten(0, 1)[:seq_len]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the last ``len(q)`` positions of a context over the whole context ``k``/``v``.
+
+    ``q``: ``[q_len, num_heads, dim]``, ``k``/``v``: ``[seq_len, num_kv_heads, dim]`` with
+    ``seq_len >= q_len``; query row j sits at position ``seq_len - q_len + j`` and sees keys
+    ``0 .. seq_len - q_len + j``. Query head h uses kv head ``h // (num_heads // num_kv_heads)``.
+    Low-precision inputs are computed in float32; the result has ``q``'s dtype.
+    """
+    q_len, seq_len = q.shape[0], k.shape[0]
+    compute_dtype = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
+    qt, kt, vt = (x.transpose(0, 1).to(compute_dtype) for x in (q, k, v))
+    mask = None
+    if q_len > 1:  # a single query (decode) sees the whole context: no mask needed
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = q_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1).to(q.dtype)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn_metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Plain-torch reference: loop over sequences, gather K/V through block tables, run SDPA.
+
+    ``q`` is ``[num_tokens, num_heads, head_dim]``; returns the same shape. Uses only the host
+    tuples ``query_lens_cpu``/``seq_lens_cpu`` for control flow, so it never syncs the device.
+    Rows not owned by any sequence (trailing padding) are zero.
+    """
+    out = torch.zeros_like(q)
+    start = 0
+    for i, (q_len, seq_len) in enumerate(zip(attn_metadata.query_lens_cpu, attn_metadata.seq_lens_cpu)):
+        block_table = attn_metadata.block_tables[i]
+        k = gather_context(k_cache, block_table, seq_len)
+        v = gather_context(v_cache, block_table, seq_len)
+        out[start : start + q_len] = causal_attention(q[start : start + q_len], k, v, scale)
+        start += q_len
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    attn_metadata: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Attention for every query row of the batch over its sequence's cached context.
+
+    Invariant: this step's K/V are already in the cache (``write_kv`` ran first), and only cache
+    positions ``[0, seq_len)`` of each sequence are read. Returns ``[num_tokens, num_heads, head_dim]``.
+    """
+    # Triton kernels for CUDA (prefill-over-prefix and split-KV decode) plug in here, chosen by
+    # q.is_cuda and attn_metadata.is_pure_decode; until then every device uses the reference.
+    return paged_attention_reference(q, k_cache, v_cache, attn_metadata, scale)
