@@ -53,3 +53,48 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass(frozen=True)
+class CoordConfig:
+    """Redis coordination: registry keys live under ``<namespace>:``; a worker is alive iff its key exists."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "tandem"
+    heartbeat_s: float = 1.0
+    ttl_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """KV shipping between pools: ``auto`` picks nccl for CUDA->CUDA on different GPUs, grpc otherwise."""
+
+    transport: str = "auto"  # auto | grpc | nccl
+    grpc_chunk_bytes: int = 4 * 1024 * 1024
+    timeout_s: float = 60.0
+    reservation_lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One prefill or decode worker process."""
+
+    role: str = "decode"  # prefill | decode
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = pick a free port
+    advertise_host: str | None = None  # address others dial; defaults to host
+    worker_id: str | None = None
+    drain_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The router: where it listens and how it weighs workers (scores in [0, 1])."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    weight_load: float = 1.0
+    weight_free_blocks: float = 1.0
+    weight_prefix_hits: float = 2.0
+    local_prefill_max_tokens: int = 32  # shorter uncached prompts are prefilled on the decode worker
+    max_retries: int = 3
