@@ -121,6 +121,9 @@ class BlockPool:
         self.free_queue = FreeBlockQueue(self.blocks)
         self.cached: dict[BlockHash, KVBlock] = {}
         self.num_evictions = 0
+        # (hash, cached?) in order, for publishing this worker's prefix cache to routers; bounded.
+        self.cache_events: list[tuple[BlockHash, bool]] = []
+        self.track_cache_events = False
 
     @property
     def num_free_blocks(self) -> int:
@@ -172,11 +175,21 @@ class BlockPool:
         if block_hash not in self.cached:
             block.block_hash = block_hash
             self.cached[block_hash] = block
+            self._record(block_hash, True)
+
+    def take_cache_events(self) -> list[tuple[BlockHash, bool]]:
+        events, self.cache_events = self.cache_events, []
+        return events
+
+    def _record(self, block_hash: BlockHash, cached: bool) -> None:
+        if self.track_cache_events and len(self.cache_events) < 1_000_000:
+            self.cache_events.append((block_hash, cached))
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (weights changed, tests). Owned blocks keep their data."""
-        for block in self.cached.values():
+        for block_hash, block in self.cached.items():
             block.block_hash = None
+            self._record(block_hash, False)
         self.cached.clear()
 
     def _evict(self, block: KVBlock) -> None:
@@ -184,5 +197,6 @@ class BlockPool:
             return
         if self.cached.get(block.block_hash) is block:
             del self.cached[block.block_hash]
+            self._record(block.block_hash, False)
         block.block_hash = None
         self.num_evictions += 1

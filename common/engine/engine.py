@@ -77,10 +77,18 @@ class LLMEngine:
         prompt_token_ids: Sequence[int] | None = None,
         sampling_params: SamplingParams | None = None,
         request_id: str | None = None,
+        output_token_ids: Sequence[int] = (),
+        export_kv: bool = False,
     ) -> str:
-        """Queue one request (its ``n`` samples share the prompt's blocks). Returns its id."""
+        """Queue one request (its ``n`` samples share the prompt's blocks). Returns its id.
+
+        ``output_token_ids`` resumes a request that already generated tokens elsewhere (they are
+        recomputed with the prompt and count towards max_tokens). ``export_kv`` gathers the KV of
+        every computed token into the final RequestOutput before the blocks are freed (prefill pool).
+        """
         params = sampling_params or SamplingParams()
         token_ids = self.validate_prompt(prompt, prompt_token_ids, params)
+        self._validate_resume(token_ids, output_token_ids, params, export_kv)
         request_id = request_id or f"req-{next(self._request_counter)}"
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -94,9 +102,90 @@ class LLMEngine:
             prompt=prompt,
             pending_forks=params.n - 1,
             fork_generators=[self._seeded_generator(params, i) for i in range(1, params.n)],
+            output_token_ids=list(output_token_ids),
         )
-        self.groups[request_id] = RequestGroup(head, self.tokenizer)
+        self.groups[request_id] = RequestGroup(head, self.tokenizer, export_kv=export_kv)
         self.scheduler.add_request(head)
+        return request_id
+
+    def _validate_resume(
+        self, prompt_ids: list[int], output_ids: Sequence[int], params: SamplingParams, export_kv: bool
+    ) -> None:
+        if export_kv and params.n != 1:
+            raise ValueError("n: KV export (disaggregated prefill) takes one sample per request")
+        if not output_ids:
+            return
+        vocab = self.hf_config.vocab_size
+        if any(t < 0 or t >= vocab for t in output_ids):
+            raise ValueError(f"output_token_ids: token ids must be in [0, {vocab})")
+        if len(prompt_ids) + len(output_ids) >= self.max_model_len:
+            raise ValueError(f"output_token_ids: prompt plus generated tokens reach max_model_len {self.max_model_len}")
+        if params.max_tokens is not None and len(output_ids) >= params.max_tokens:
+            raise ValueError(f"output_token_ids: {len(output_ids)} tokens already meet max_tokens {params.max_tokens}")
+        if params.n != 1:
+            raise ValueError("n: resuming a request takes one sample")
+
+    # ----------------------------------------------------------------- disaggregation
+    def reserve_blocks(self, reservation_id: str, num_tokens: int) -> list[int]:
+        """Pin enough free blocks for ``num_tokens`` tokens of KV arriving from a prefill worker.
+
+        Raises ValueError when the pool cannot supply them now (the router picks another worker).
+        """
+        if num_tokens < 1 or num_tokens >= self.max_model_len:
+            raise ValueError(f"num_tokens: {num_tokens} is outside [1, max_model_len {self.max_model_len})")
+        if reservation_id in self.kv_cache_manager.tables or reservation_id in self.groups:
+            raise ValueError(f"reservation_id {reservation_id!r} is already in use")
+        return self.kv_cache_manager.reserve(reservation_id, num_tokens)
+
+    def release_reservation(self, reservation_id: str) -> None:
+        """Return an unused reservation's blocks (lease expired, transfer failed, request aborted)."""
+        self.kv_cache_manager.release(reservation_id)
+
+    def import_kv(self, reservation_id: str, kv: torch.Tensor) -> None:
+        """Write verified KV ([layers, 2, blocks, block_size, heads, dim]) into a reservation's blocks."""
+        block_ids = self.kv_cache_manager.block_ids(reservation_id)
+        if not block_ids:
+            raise ValueError(f"reservation_id {reservation_id!r} is unknown or expired")
+        cache = self.runner.kv_cache
+        if kv.shape[0:2] != cache.shape[0:2] or kv.shape[3:] != cache.shape[3:] or kv.shape[2] > len(block_ids):
+            raise ValueError(
+                f"kv shape {tuple(kv.shape)} does not fit reservation of {len(block_ids)} blocks "
+                f"in cache {tuple(cache.shape)}"
+            )
+        index = torch.tensor(block_ids[: kv.shape[2]], device=cache.device)
+        cache.index_copy_(2, index, kv.to(device=cache.device, dtype=cache.dtype))
+
+    def add_prefilled_request(
+        self,
+        reservation_id: str,
+        prompt_token_ids: Sequence[int],
+        output_token_ids: Sequence[int],
+        sampling_params: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        """Start decoding a request whose KV for every token but the last already sits in a reservation.
+
+        ``output_token_ids`` holds at least the first token sampled by the prefill worker.
+        """
+        request_id = request_id or reservation_id
+        token_ids = self.validate_prompt(None, prompt_token_ids, sampling_params)
+        if not output_token_ids:
+            raise ValueError("output_token_ids: a prefilled request needs its first sampled token")
+        self._validate_resume(token_ids, output_token_ids[:-1], sampling_params, False)
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        head = Request(
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=sampling_params,
+            eos_token_ids=self.eos_token_ids,
+            block_size=self.config.cache.block_size,
+            generator=self._seeded_generator(sampling_params, 0),
+            output_token_ids=list(output_token_ids),
+        )
+        self.kv_cache_manager.adopt(reservation_id, head)
+        self.groups[request_id] = RequestGroup(head, self.tokenizer)
+        self.scheduler.add_running(head)
         return request_id
 
     def validate_prompt(
@@ -183,8 +272,17 @@ class LLMEngine:
         if group.append_text(sample) and status is None:
             status = RequestStatus.FINISHED_STOPPED
         if status is not None:
+            if group.export_kv:
+                group.exported_kv = self._gather_kv(sample)
             self.scheduler.finish(sample, status)
             group.finalize(sample)
+
+    def _gather_kv(self, request: Request) -> torch.Tensor:
+        """A contiguous copy of the KV of every computed token's block (the last one may be partial)."""
+        block_ids = self.kv_cache_manager.block_ids(request.request_id)
+        num_blocks = -(-request.num_computed_tokens // self.config.cache.block_size)
+        cache = self.runner.kv_cache
+        return cache.index_select(2, torch.tensor(block_ids[:num_blocks], device=cache.device))
 
     def _token_stop_status(self, sample: Request, token: int) -> RequestStatus | None:
         params = sample.sampling_params

@@ -74,6 +74,31 @@ class KVCacheManager:
         self._cache_full_blocks(request, table, num_computed + num_new_tokens)
         return True
 
+    def reserve(self, reservation_id: str, num_tokens: int) -> list[int]:
+        """Pin blocks for ``num_tokens`` tokens under ``reservation_id`` (KV arriving from elsewhere)."""
+        num_blocks = cdiv(num_tokens, self.block_size)
+        if num_blocks > self.pool.num_free_blocks:
+            raise ValueError(f"num_tokens: {num_blocks} blocks needed, {self.pool.num_free_blocks} free")
+        self.tables[reservation_id] = self.pool.allocate(num_blocks)
+        return self.block_ids(reservation_id)
+
+    def release(self, reservation_id: str) -> None:
+        """Free a reservation that never became a request; a no-op for unknown ids."""
+        self.pool.free(reversed(self.tables.pop(reservation_id, [])))
+
+    def adopt(self, reservation_id: str, request: Request) -> None:
+        """Hand a filled reservation to ``request``: its tokens but the last are computed from now on."""
+        table = self.tables.pop(reservation_id, None)
+        if table is None:
+            raise ValueError(f"reservation_id {reservation_id!r} is unknown or expired")
+        request.num_computed_tokens = request.num_tokens - 1
+        needed = cdiv(request.num_computed_tokens, self.block_size)
+        if len(table) < needed:
+            self.tables[reservation_id] = table
+            raise ValueError(f"reservation_id {reservation_id!r} holds {len(table)} blocks, {needed} needed")
+        self.tables[request.request_id] = table
+        self._cache_full_blocks(request, table, request.num_computed_tokens)
+
     def fork(self, parent: Request, child: Request) -> None:
         """Child shares every block of the parent (one more reference each)."""
         table = list(self.tables[parent.request_id])

@@ -24,8 +24,10 @@ class _SampleState:
 class RequestGroup:
     """All ``n`` samples of one request; finished when every sample has finished."""
 
-    def __init__(self, head: Request, tokenizer) -> None:
+    def __init__(self, head: Request, tokenizer, export_kv: bool = False) -> None:
         self.request_id = head.group_id
+        self.export_kv = export_kv
+        self.exported_kv = None
         self.head = head
         self.tokenizer = tokenizer
         self.n = head.sampling_params.n
@@ -42,9 +44,10 @@ class RequestGroup:
         params = sample.sampling_params
         detokenizer = matcher = None
         if self.tokenizer is not None:
+            # seeded with every token so far: a resumed request continues its text where it left off
             detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
-                sample.prompt_token_ids,
+                sample.all_token_ids,
                 params.skip_special_tokens,
                 params.spaces_between_special_tokens,
             )
@@ -87,6 +90,7 @@ class RequestGroup:
             outputs=[self._completion(s) for s in self.samples],
             finished=self.finished,
             num_cached_tokens=max(head.num_cached_tokens, 0),
+            exported_kv=self.exported_kv,
         )
 
     def _completion(self, sample: Request) -> CompletionOutput:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -81,3 +81,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    # Prefill workers only: the finished request's KV for its computed tokens, gathered out of the
+    # paged cache ([layers, 2, blocks, block_size, kv_heads, head_dim]) before its blocks were freed.
+    exported_kv: Any = None

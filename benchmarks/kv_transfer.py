@@ -1,0 +1,263 @@
+"""KV transfer micro-benchmark: raw NCCL send/recv vs our NCCL and gRPC transports, end to end.
+
+Two processes (spawn): this one is the sender on GPU0, a child is the receiver on GPU1. Sizes are the KV of
+an N-token prompt of the Llama-3.1-8B shape (32 layers x 2 x tokens x 8 kv heads x 128 dim, bf16 = 128 KiB
+per token): 16, 64 and 256 MiB (= 2048 tokens) by default. For each size:
+  (a) raw  : torch.distributed NCCL send/recv of the same bytes (init_process_group nccl), host-synced;
+  (b) nccl : NcclKVSender.send end to end (GPU checksum, RPC, recv, GPU verify, on_kv scatter into a
+             preallocated cache, device sync, ack);
+  (c) grpc : GrpcKVSender.send end to end (device->host copy, checksum, stream, verify, host->device, scatter).
+Median over --repeats after --warmup runs; prints a table and JSON (b/a = overhead of our NCCL path).
+
+    python benchmarks/kv_transfer.py                 # 2-GPU host
+    python benchmarks/kv_transfer.py --grpc-only     # anywhere, CPU when fewer than 2 GPUs
+
+NCCL_NVLS_ENABLE=0 is set for both processes (NVLink multicast stays off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ["NCCL_NVLS_ENABLE"] = "0"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from common.config import TransferConfig  # noqa: E402
+from common.transfer.base import KVSender, KVTransferHeader, grpc_message_options  # noqa: E402
+
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # bf16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What both processes agree to run."""
+
+    sizes_mib: tuple[int, ...]
+    repeats: int
+    warmup: int
+    grpc_only: bool
+    sender_device: str
+    receiver_device: str
+    chunk_bytes: int
+    raw_port: int
+
+    @property
+    def rounds(self) -> int:
+        return self.warmup + self.repeats
+
+
+def kv_shape(size_mib: int) -> tuple[int, ...]:
+    """The [L, 2, blocks, block_size, H, D] shape holding ``size_mib`` MiB of 8B-shape bf16 KV."""
+    tokens = size_mib * 2**20 // BYTES_PER_TOKEN
+    return (LAYERS, 2, tokens // BLOCK_SIZE, BLOCK_SIZE, KV_HEADS, HEAD_DIM)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-mib", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--grpc-only", action="store_true", help="skip NCCL (a, b); runs on CPU-only machines")
+    parser.add_argument("--chunk-mib", type=float, default=4.0, help="gRPC chunk size")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args()
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    gpus = torch.cuda.device_count() >= 2
+    if not gpus and not args.grpc_only:
+        raise SystemExit("needs 2 CUDA devices (or pass --grpc-only)")
+    return Plan(
+        sizes_mib=tuple(args.sizes_mib),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        grpc_only=args.grpc_only,
+        sender_device="cuda:0" if gpus else "cpu",
+        receiver_device="cuda:1" if gpus else "cpu",
+        chunk_bytes=int(args.chunk_mib * 2**20),
+        raw_port=_free_port(),
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- receiver process
+
+
+def receiver_main(plan: Plan, port_queue: Any, stop: Any) -> None:
+    """Child process: raw NCCL recv loop first, then a gRPC server with our KVReceiver until ``stop``."""
+    if plan.receiver_device.startswith("cuda"):
+        torch.cuda.set_device(plan.receiver_device)
+    if not plan.grpc_only:
+        raw_receive(plan)
+    asyncio.run(serve_receiver(plan, port_queue, stop))
+
+
+def raw_receive(plan: Plan) -> None:
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{plan.raw_port}", rank=1, world_size=2)
+    for size in plan.sizes_mib:
+        buffer = torch.empty(kv_shape(size), dtype=torch.bfloat16, device=plan.receiver_device)
+        for _ in range(plan.rounds):
+            dist.recv(buffer, src=0)
+            _sync(plan.receiver_device)
+    dist.destroy_process_group()
+
+
+async def serve_receiver(plan: Plan, port_queue: Any, stop: Any) -> None:
+    import grpc
+
+    from common.transfer import make_receiver
+
+    shape = list(kv_shape(max(plan.sizes_mib)))
+    shape[2] += 64  # room for block ids 64.. (see time_sender)
+    cache = torch.zeros(shape, dtype=torch.bfloat16, device=plan.receiver_device)
+
+    async def on_kv(header: KVTransferHeader, kv: torch.Tensor) -> None:
+        ids = torch.tensor(header.block_ids, device=cache.device)
+        cache[:, :, ids] = kv  # the decode worker's scatter into its reserved blocks
+        await asyncio.to_thread(_sync, plan.receiver_device)
+
+    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes)
+    receiver = make_receiver(on_kv, config, plan.receiver_device)
+    server = grpc.aio.server(options=grpc_message_options(plan.chunk_bytes))
+    receiver.add_to_server(server)
+    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
+    await server.start()
+    while not stop.is_set():
+        await asyncio.sleep(0.05)
+    await receiver.close()
+    await server.stop(grace=None)
+
+
+# ---------------------------------------------------------------- sender (this process)
+
+
+def raw_send(plan: Plan) -> dict[int, list[float]]:
+    """Seconds per raw NCCL send (host-synced), per size."""
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{plan.raw_port}", rank=0, world_size=2)
+    times: dict[int, list[float]] = {}
+    for size in plan.sizes_mib:
+        data = torch.randn(kv_shape(size), device=plan.sender_device).to(torch.bfloat16)
+        samples = []
+        for _ in range(plan.rounds):
+            _sync(plan.sender_device)
+            start = time.perf_counter()
+            dist.send(data, dst=1)
+            _sync(plan.sender_device)
+            samples.append(time.perf_counter() - start)
+        times[size] = samples[plan.warmup :]
+    dist.destroy_process_group()
+    return times
+
+
+async def time_sender(plan: Plan, sender: KVSender, address: str) -> dict[int, list[float]]:
+    """Seconds per end-to-end ``sender.send`` per size; every result must be ok."""
+    times: dict[int, list[float]] = {}
+    for size in plan.sizes_mib:
+        shape = kv_shape(size)
+        kv = (torch.randn(shape, device=plan.sender_device) + 3).to(torch.bfloat16)
+        block_ids = list(range(shape[2] + 63, 63, -1))  # reserved ids in some other order
+        samples = []
+        for index in range(plan.rounds):
+            start = time.perf_counter()
+            result = await sender.send(address, f"req-{size}-{index}", "bench", block_ids, kv)
+            samples.append(time.perf_counter() - start)
+            if not result.ok:
+                raise RuntimeError(f"transfer of {size} MiB failed: {result.error}")
+        times[size] = samples[plan.warmup :]
+    return times
+
+
+async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[float]]]:
+    from common.transfer import make_sender
+
+    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes)
+    results = {}
+    kinds = ["grpc"] if plan.grpc_only else ["nccl", "grpc"]
+    for kind in kinds:
+        sender = make_sender(kind, config, sender_id="bench-prefill", device=plan.sender_device)
+        try:
+            results[kind] = await time_sender(plan, sender, address)
+        finally:
+            await sender.close()
+    return results
+
+
+# ---------------------------------------------------------------- report
+
+
+def summarize(plan: Plan, times: dict[str, dict[int, list[float]]]) -> list[dict[str, Any]]:
+    rows = []
+    for size in plan.sizes_mib:
+        row: dict[str, Any] = {"size_mib": size, "tokens": size * 2**20 // BYTES_PER_TOKEN}
+        for kind, per_size in times.items():
+            median = statistics.median(per_size[size])
+            row[f"{kind}_ms"] = round(median * 1e3, 3)
+            row[f"{kind}_gbps"] = round(size * 2**20 / median / 1e9, 2)
+        if "raw" in times and "nccl" in times:
+            row["nccl_over_raw"] = round(row["nccl_ms"] / row["raw_ms"], 2)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]], kinds: list[str]) -> None:
+    header = f"{'MiB':>5} {'tokens':>6} " + " ".join(f"{k + ' ms':>10} {k + ' GB/s':>10}" for k in kinds)
+    print(header + (f" {'(b)/(a)':>8}" if "raw" in kinds and "nccl" in kinds else ""))
+    for row in rows:
+        line = f"{row['size_mib']:>5} {row['tokens']:>6} "
+        line += " ".join(f"{row[k + '_ms']:>10.3f} {row[k + '_gbps']:>10.2f}" for k in kinds)
+        print(line + (f" {row['nccl_over_raw']:>8.2f}" if "nccl_over_raw" in row else ""))
+
+
+def main() -> None:
+    args = parse_args()
+    plan = make_plan(args)
+    ctx = mp.get_context("spawn")
+    port_queue, stop = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=receiver_main, args=(plan, port_queue, stop))
+    child.start()
+    try:
+        if plan.sender_device.startswith("cuda"):
+            torch.cuda.set_device(plan.sender_device)
+        times = {} if plan.grpc_only else {"raw": raw_send(plan)}
+        address = f"127.0.0.1:{port_queue.get(timeout=120)}"
+        times |= asyncio.run(run_transports(plan, address))
+    finally:
+        stop.set()
+        child.join(60)
+    rows = summarize(plan, times)
+    print_table(rows, list(times))
+    report = {"plan": asdict(plan), "device": torch.cuda.get_device_name(0) if plan.sender_device != "cpu" else "cpu"}
+    report["results"] = rows
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The engine on its own thread, driven from asyncio: services stream outputs without blocking their loop.
+
+Every engine mutation runs on the engine thread (between steps), so the scheduler and block pool
+stay single-threaded; asyncio callers get results through futures and per-request queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from common.engine.engine import LLMEngine
+from common.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What the registry heartbeat and the health RPC report."""
+
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    num_requests: int
+
+
+class EngineClosedError(RuntimeError):
+    """The engine thread stopped (shutdown or a crash); nothing more will run."""
+
+
+class AsyncEngine:
+    """Runs ``LLMEngine.step`` in a loop on a dedicated thread while any request is unfinished."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- asyncio side
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the engine thread between steps; its exception is re-raised here."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn(self.engine)
+            except BaseException as error:  # noqa: BLE001 - handed to the awaiting caller
+                loop.call_soon_threadsafe(_set_exception, future, error)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+        self._submit(command)
+        return await future
+
+    async def stream(self, start: Callable[[LLMEngine], str]) -> AsyncIterator[RequestOutput]:
+        """Start a request with ``start(engine) -> request_id`` and yield its outputs until finished.
+
+        Leaving the iterator early (client gone, task cancelled) aborts the request and frees its blocks.
+        """
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue = asyncio.Queue()
+        request_id = await self.call(lambda engine: self._register(start(engine), loop, outputs))
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def stats(self) -> EngineStats:
+        return await self.call(_stats)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    # ----------------------------------------------------------------- engine thread
+    def _register(self, request_id: str, loop: asyncio.AbstractEventLoop, outputs: asyncio.Queue) -> str:
+        self._streams[request_id] = (loop, outputs)
+        return request_id
+
+    def _submit(self, command: Callable[[], None]) -> None:
+        if self._error is not None or not self._thread.is_alive():
+            raise EngineClosedError(f"engine loop is not running: {self._error!r}")
+        self._commands.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_commands()
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._deliver(outputs)
+                    if not outputs:  # nothing schedulable now (e.g. blocks pinned by reservations)
+                        self._wake.wait(timeout=0.005)
+                        self._wake.clear()
+                else:
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+        except BaseException as error:  # noqa: BLE001 - reported to every waiting stream
+            logger.exception("engine loop crashed")
+            self._error = error
+            for loop, outputs in list(self._streams.values()):
+                loop.call_soon_threadsafe(outputs.put_nowait, EngineClosedError(f"engine crashed: {error!r}"))
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            target = self._streams.get(output.request_id)
+            if target is not None:
+                loop, stream = target
+                loop.call_soon_threadsafe(stream.put_nowait, output)
+
+
+def _stats(engine: LLMEngine) -> EngineStats:
+    pool = engine.kv_cache_manager.pool
+    scheduler = engine.scheduler
+    return EngineStats(total_blocks=pool.num_blocks, free_blocks=pool.num_free_blocks,
+                       running=len(scheduler.running), waiting=len(scheduler.waiting),
+                       num_requests=len(engine.groups))
+
+
+def _set_result(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

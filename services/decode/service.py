@@ -1,0 +1,140 @@
+"""Decode worker: reservations under a lease, verified KV import, continuous batching, token streams."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from common.transfer import make_receiver
+from common.transfer.base import KVTransferHeader
+from proto import worker_pb2
+from services.wire import logprobs_to_proto, sampling_from_proto
+from services.worker_runtime import WorkerRuntime
+from services.worker_service import BaseWorkerService
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Reservation:
+    """Blocks pinned for one request's incoming KV; freed when the lease ends unless a Generate took them."""
+
+    reservation_id: str
+    block_ids: tuple[int, ...]
+    deadline: float
+    filled: bool = False
+
+
+class DecodeService(BaseWorkerService):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        super().__init__(runtime)
+        self.reservations: dict[str, Reservation] = {}
+        self.receiver = make_receiver(self.on_kv, runtime.settings.transfer, runtime.device)
+        self._expiry_task = asyncio.get_running_loop().create_task(self._expire_forever())
+
+    def add_extra_services(self, server: grpc.aio.Server) -> None:
+        self.receiver.add_to_server(server)
+
+    async def close(self) -> None:
+        self._expiry_task.cancel()
+        await self.receiver.close()
+
+    # ----------------------------------------------------------------- reservations
+    async def Reserve(self, request: worker_pb2.ReserveRequest, context) -> worker_pb2.ReserveReply:  # noqa: N802
+        if self.runtime.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
+        reservation_id = f"{request.request_id}@{time.monotonic_ns()}"
+        num_tokens = request.num_tokens
+        try:
+            block_ids = await self.runtime.engine.call(lambda e: e.reserve_blocks(reservation_id, num_tokens))
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+        lease = request.lease_s or self.runtime.settings.transfer.reservation_lease_s
+        self.reservations[reservation_id] = Reservation(reservation_id, tuple(block_ids), time.monotonic() + lease)
+        self.runtime.reservations = len(self.reservations)
+        runtime = self.runtime
+        return worker_pb2.ReserveReply(reservation_id=reservation_id, block_ids=block_ids, device=runtime.device,
+                                       host_id=runtime.host_id, worker_id=runtime.worker_id)
+
+    async def Release(self, request: worker_pb2.ReleaseRequest, context) -> worker_pb2.ReleaseReply:  # noqa: N802
+        return worker_pb2.ReleaseReply(released=await self._release(request.reservation_id))
+
+    async def on_kv(self, header: KVTransferHeader, kv: torch.Tensor) -> None:
+        """Called by the receiver only for a verified transfer; rejects what does not match a live reservation."""
+        reservation = self.reservations.get(header.reservation_id)
+        if reservation is None:
+            raise ValueError(f"reservation {header.reservation_id!r} is unknown or expired")
+        if tuple(header.block_ids) != reservation.block_ids[: len(header.block_ids)]:
+            raise ValueError(f"block ids {header.block_ids} do not match reservation {header.reservation_id!r}")
+        await self.runtime.engine.call(lambda e: e.import_kv(header.reservation_id, kv))
+        reservation.filled = True
+
+    async def _release(self, reservation_id: str) -> bool:
+        reservation = self.reservations.pop(reservation_id, None)
+        self.runtime.reservations = len(self.reservations)
+        if reservation is None:
+            return False
+        await self.runtime.engine.call(lambda e: e.release_reservation(reservation_id))
+        return True
+
+    async def _expire_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.monotonic()
+            for reservation in [r for r in self.reservations.values() if r.deadline < now]:
+                logger.warning("reservation %s expired unused; freeing %d blocks", reservation.reservation_id,
+                               len(reservation.block_ids))
+                await self._release(reservation.reservation_id)
+
+    # ----------------------------------------------------------------- generation
+    async def Generate(self, request: worker_pb2.GenerateRequest, context):  # noqa: N802
+        try:
+            params = sampling_from_proto(request.sampling)
+            start = self._starter(request, params)
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        sent = len(request.output_token_ids)
+        try:
+            async with contextlib.aclosing(self.runtime.engine.stream(start)) as outputs:
+                async for output in outputs:
+                    chunk, sent = _chunk(output, sent)
+                    if chunk is not None:
+                        yield chunk
+        except ValueError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    def _starter(self, request: worker_pb2.GenerateRequest, params):
+        prompt, outputs = list(request.prompt_token_ids), list(request.output_token_ids)
+        request_id, reservation_id = request.request_id, request.reservation_id
+        if not reservation_id:
+            return lambda e: e.add_request(prompt_token_ids=prompt, sampling_params=params, request_id=request_id,
+                                           output_token_ids=outputs)
+        reservation = self.reservations.get(reservation_id)
+        if reservation is None or not reservation.filled:
+            raise ValueError(f"reservation_id {reservation_id!r} is unknown, expired or not filled")
+        del self.reservations[reservation_id]  # from here on the engine request owns the blocks
+        self.runtime.reservations = len(self.reservations)
+        return lambda e: e.add_prefilled_request(reservation_id, prompt, outputs, params, request_id=request_id)
+
+
+def _chunk(output, sent: int) -> tuple[worker_pb2.GenerateChunk | None, int]:
+    """The tokens of ``output`` past the first ``sent``, as one stream message (None if nothing new)."""
+    completion = output.outputs[0]
+    new_tokens = completion.token_ids[sent:]
+    if not new_tokens and not output.finished:
+        return None, sent
+    chunk = worker_pb2.GenerateChunk(token_ids=new_tokens, finish_reason=completion.finish_reason or "",
+                                     num_cached_tokens=output.num_cached_tokens)
+    if completion.stop_reason is not None:
+        chunk.stop_reason = str(completion.stop_reason)
+    if completion.logprobs is not None:
+        offset = len(completion.logprobs) - len(completion.token_ids)
+        for index, token in enumerate(new_tokens, start=sent):
+            chunk.logprobs.append(logprobs_to_proto(token, completion.logprobs[index + offset]))
+    return chunk, len(completion.token_ids)

@@ -1,0 +1,234 @@
+"""The router process: FastAPI + uvicorn in front of the Orchestrator.
+
+This issue's minimal entry point is ``POST /generate`` (JSON in, JSON or SSE out); the OpenAI-compatible
+surface (/v1/...) is built on the same Orchestrator by the gateway issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoTokenizer
+
+from common.config import CoordConfig, RouterConfig, TransferConfig
+from common.coord.prefix_index import PrefixLookup
+from common.coord.registry import connect
+from common.coord.watcher import RegistryWatcher
+from common.engine.sampling_params import SamplingParams
+from common.models.loader import resolve_model_path
+from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator
+from services.router.text import TextAssembler
+
+logger = logging.getLogger(__name__)
+
+
+class GenerateBody(BaseModel):
+    """``POST /generate``: a prompt (text or token ids) and the engine's sampling fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    stream: bool = False
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = Field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+
+    def sampling_params(self) -> SamplingParams:
+        fields = self.model_dump(exclude={"prompt", "prompt_token_ids", "stream"})
+        return SamplingParams(**fields)
+
+
+@dataclass
+class RouterState:
+    """Everything the HTTP handlers use; built at startup, passed explicitly (no module globals)."""
+
+    model: str
+    tokenizer: object
+    orchestrator: Orchestrator
+    watcher: RegistryWatcher
+
+
+def error_response(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status
+    )
+
+
+def build_app(state: RouterState) -> FastAPI:
+    app = FastAPI(title="Tandem router")
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        decodes = state.watcher.alive(role="decode", model=state.model)
+        if not decodes:
+            return error_response(503, "no decode worker registered", "unavailable")
+        return {
+            "status": "ready",
+            "decode_workers": len(decodes),
+            "prefill_workers": len(state.watcher.alive(role="prefill", model=state.model)),
+        }
+
+    @app.get("/workers")
+    async def workers() -> dict:
+        return {"workers": [info.__dict__ for info in state.watcher.alive()]}
+
+    @app.post("/generate")
+    async def generate(body: GenerateBody, request: Request):
+        try:
+            params = body.sampling_params()
+            prompt_ids = _prompt_ids(state, body)
+        except ValueError as error:
+            return error_response(400, str(error), "invalid_request_error")
+        request_id = request.headers.get("x-request-id") or f"gen-{uuid.uuid4().hex[:16]}"
+        events = _text_events(state, prompt_ids, params, request_id)
+        if body.stream:
+            return StreamingResponse(_sse(events), media_type="text/event-stream", headers={"X-Request-Id": request_id})
+        return await _collect(events, request_id, len(prompt_ids))
+
+    return app
+
+
+def _prompt_ids(state: RouterState, body: GenerateBody) -> list[int]:
+    if body.prompt_token_ids is not None:
+        ids = list(body.prompt_token_ids)
+    elif body.prompt is not None:
+        ids = state.tokenizer.encode(body.prompt)
+    else:
+        raise ValueError("prompt: give prompt or prompt_token_ids")
+    if not ids:
+        raise ValueError("prompt: the prompt is empty")
+    return ids
+
+
+async def _text_events(
+    state: RouterState, prompt_ids: list[int], params: SamplingParams, request_id: str
+) -> AsyncIterator[dict]:
+    text = TextAssembler(state.tokenizer, prompt_ids, params)
+    async for event in state.orchestrator.generate(prompt_ids, params, request_id):
+        finished = event.finish_reason is not None
+        yield {
+            "request_id": request_id,
+            "text": text.add(event.token_ids, finished),
+            "token_ids": list(event.token_ids),
+            "finish_reason": event.finish_reason,
+            "stop_reason": event.stop_reason,
+            "worker_id": event.worker_id,
+            "logprobs": [{str(t): lp.logprob for t, lp in entry.items()} for entry in event.logprobs] or None,
+        }
+
+
+async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    try:
+        async for event in events:
+            yield f"data: {json.dumps(event)}\n\n".encode()
+    except (NoWorkersError, InvalidRequestError) as error:
+        yield f"data: {json.dumps({'error': {'message': str(error), 'type': type(error).__name__}})}\n\n".encode()
+    except Exception:  # noqa: BLE001 - the stream already started: report, never a traceback
+        logger.exception("stream failed")
+        yield b'data: {"error": {"message": "internal error", "type": "internal_error"}}\n\n'
+    yield b"data: [DONE]\n\n"
+
+
+async def _collect(events: AsyncIterator[dict], request_id: str, num_prompt_tokens: int):
+    texts, tokens, logprobs, last = [], [], [], {}
+    try:
+        async for event in events:
+            texts.append(event["text"])
+            tokens.extend(event["token_ids"])
+            logprobs.extend(event["logprobs"] or [])
+            last = event
+    except NoWorkersError as error:
+        return error_response(503, str(error), "unavailable")
+    except InvalidRequestError as error:
+        return error_response(400, str(error), "invalid_request_error")
+    return {
+        "request_id": request_id,
+        "text": "".join(texts),
+        "token_ids": tokens,
+        "finish_reason": last.get("finish_reason"),
+        "stop_reason": last.get("stop_reason"),
+        "logprobs": logprobs or None,
+        "usage": {"prompt_tokens": num_prompt_tokens, "completion_tokens": len(tokens)},
+    }
+
+
+@asynccontextmanager
+async def router_state(
+    model: str, router: RouterConfig, coord: CoordConfig, transfer: TransferConfig, download_dir: str | None = None
+):
+    client = connect(coord)
+    watcher = RegistryWatcher(client, coord)
+    await watcher.start()
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, resolve_model_path(model, download_dir))
+    orchestrator = Orchestrator(model, router, transfer, watcher, PrefixLookup(client, coord))
+    try:
+        yield RouterState(model=model, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher)
+    finally:
+        await orchestrator.close()
+        await watcher.stop()
+        await client.aclose()
+
+
+async def serve_router(model: str, router: RouterConfig, coord: CoordConfig, transfer: TransferConfig) -> int:
+    async with router_state(model, router, coord, transfer) as state:
+        config = uvicorn.Config(build_app(state), host=router.host, port=router.port, log_level="warning")
+        server = uvicorn.Server(config)
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if task.done():
+            return 1
+        port = server.servers[0].sockets[0].getsockname()[1]
+        print("TANDEM_READY " + json.dumps({"role": "router", "address": f"http://{router.host}:{port}"}), flush=True)
+        started = time.monotonic()
+        await task
+        logger.info("router stopped after %.0f s", time.monotonic() - started)
+    return 0
+
+
+def main_router(args: argparse.Namespace) -> int:
+    """Entry point of `tandem router`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    router = RouterConfig(
+        host=args.host,
+        port=args.port,
+        weight_load=args.weight_load,
+        weight_free_blocks=args.weight_free_blocks,
+        weight_prefix_hits=args.weight_prefix_hits,
+        local_prefill_max_tokens=args.local_prefill_max_tokens,
+        max_retries=args.max_retries,
+    )
+    coord = CoordConfig(
+        redis_url=args.redis_url, namespace=args.namespace, heartbeat_s=args.heartbeat_s, ttl_s=args.ttl_s
+    )
+    transfer = TransferConfig(transport=args.transport)
+    return asyncio.run(serve_router(args.model, router, coord, transfer))

@@ -1,0 +1,200 @@
+"""What prefill and decode workers share: engine on its thread, gRPC server, registry heartbeat, drain.
+
+Lifecycle: load the engine -> start gRPC -> register in Redis -> print TANDEM_READY -> serve ->
+on SIGTERM: mark draining, deregister, finish in-flight work (bounded), stop gRPC, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common.config import (
+    CacheConfig,
+    CoordConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    TransferConfig,
+    WorkerConfig,
+)
+from common.coord.prefix_index import PrefixPublisher
+from common.coord.registry import WorkerRegistration, connect
+from common.coord.worker_info import WorkerInfo
+from common.engine.async_engine import AsyncEngine, EngineStats
+from common.engine.engine import LLMEngine
+from common.engine.llm import validate_engine_args
+from common.transfer.base import grpc_message_options
+from proto import worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything one worker process is configured with (from flags or environment)."""
+
+    engine: EngineConfig
+    worker: WorkerConfig
+    coord: CoordConfig
+    transfer: TransferConfig
+
+
+def settings_from_args(role: str, args: argparse.Namespace) -> WorkerSettings:
+    engine = EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                          load_format=args.load_format, download_dir=args.download_dir),
+        cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
+                          kv_cache_memory=args.kv_cache_memory),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
+    )
+    return WorkerSettings(
+        engine=engine,
+        worker=WorkerConfig(role=role, host=args.host, port=args.port, advertise_host=args.advertise_host,
+                            worker_id=args.worker_id, drain_timeout_s=args.drain_timeout_s),
+        coord=CoordConfig(redis_url=args.redis_url, namespace=args.namespace, heartbeat_s=args.heartbeat_s,
+                          ttl_s=args.ttl_s),
+        transfer=TransferConfig(transport=args.transport),
+    )
+
+
+class WorkerRuntime:
+    """One worker process: its engine, its identity, its live stats for heartbeats and the Status RPC."""
+
+    def __init__(self, settings: WorkerSettings, engine: LLMEngine) -> None:
+        self.settings = settings
+        self.role = settings.worker.role
+        self.engine = AsyncEngine(engine)
+        self.device = str(engine.device)
+        self.model_name = settings.engine.model.model
+        self.block_size = settings.engine.cache.block_size
+        self.worker_id = settings.worker.worker_id or f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        self.host_id = socket.gethostname()
+        self.started_at = time.time()
+        self.address = ""
+        self.draining = False
+        self.reservations = 0
+        self.stats = EngineStats(engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.pool.num_blocks,
+                                 0, 0, 0)
+        engine.kv_cache_manager.pool.track_cache_events = self.role == "prefill"
+
+    def info(self) -> WorkerInfo:
+        """The registry record, from the stats refreshed every heartbeat."""
+        return WorkerInfo(
+            worker_id=self.worker_id, role=self.role, model=self.model_name, grpc_address=self.address,
+            device=self.device, host_id=self.host_id, block_size=self.block_size,
+            total_blocks=self.stats.total_blocks, free_blocks=self.stats.free_blocks, running=self.stats.running,
+            waiting=self.stats.waiting, draining=self.draining, started_at=self.started_at,
+        )
+
+    async def refresh_stats(self, prefix: PrefixPublisher | None) -> None:
+        self.stats = await self.engine.stats()
+        if prefix is not None:
+            events = await self.engine.call(lambda e: e.kv_cache_manager.pool.take_cache_events())
+            prefix.record([h for h, cached in events if cached], [h for h, cached in events if not cached])
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Until no request or reservation is left (True), or the timeout passes (False)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            stats = await self.engine.stats()
+            if stats.num_requests == 0 and self.reservations == 0:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+
+def load_engine(settings: WorkerSettings) -> LLMEngine:
+    validate_engine_args(settings.engine)
+    return LLMEngine(settings.engine)
+
+
+async def serve_worker(settings: WorkerSettings, servicer_factory) -> int:
+    """Run one worker until SIGTERM/SIGINT; returns the process exit code."""
+    engine = await asyncio.to_thread(load_engine, settings)
+    runtime = WorkerRuntime(settings, engine)
+    server = grpc.aio.server(options=grpc_message_options(settings.transfer.grpc_chunk_bytes))
+    servicer = servicer_factory(runtime)
+    worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
+    if hasattr(servicer, "add_extra_services"):
+        servicer.add_extra_services(server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{settings.worker.host}:{settings.worker.port}")
+    await server.start()
+    runtime.address = f"{settings.worker.advertise_host or settings.worker.host}:{port}"
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return await _run_registered(runtime, server, health_servicer, servicer)
+
+
+async def _run_registered(runtime: WorkerRuntime, server: grpc.aio.Server, health_servicer, servicer) -> int:
+    settings = runtime.settings
+    client = connect(settings.coord)
+    prefix = PrefixPublisher(client, settings.coord, runtime.worker_id) if runtime.role == "prefill" else None
+    registration = WorkerRegistration(client, settings.coord, runtime.info, prefix=prefix)
+    stop = _stop_event()
+    stats_task = asyncio.create_task(_refresh_forever(runtime, prefix, settings.coord.heartbeat_s))
+    await runtime.refresh_stats(prefix)
+    await registration.start()
+    print("TANDEM_READY " + json.dumps({"role": runtime.role, "worker_id": runtime.worker_id,
+                                        "address": runtime.address}), flush=True)
+    logger.info("%s %s serving on %s (%s)", runtime.role, runtime.worker_id, runtime.address, runtime.device)
+    await stop.wait()
+    logger.info("%s %s draining", runtime.role, runtime.worker_id)
+    runtime.draining = True
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    await registration.set_draining()
+    await registration.stop()
+    drained = await runtime.wait_idle(settings.worker.drain_timeout_s)
+    stats_task.cancel()
+    await server.stop(grace=1.0)
+    if hasattr(servicer, "close"):
+        await servicer.close()
+    runtime.engine.shutdown()
+    await client.aclose()
+    logger.info("%s %s stopped (%s)", runtime.role, runtime.worker_id, "drained" if drained else "drain timed out")
+    return 0
+
+
+async def _refresh_forever(runtime: WorkerRuntime, prefix: PrefixPublisher | None, period_s: float) -> None:
+    while True:
+        await asyncio.sleep(period_s / 2)
+        try:
+            await runtime.refresh_stats(prefix)
+        except Exception:  # noqa: BLE001 - a missed refresh only delays the heartbeat's numbers
+            logger.exception("stats refresh failed")
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def main_worker(role: str, args: argparse.Namespace) -> int:
+    """Entry point of `tandem prefill` / `tandem decode`."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(role, args)
+    if role == "prefill":
+        from services.prefill.service import PrefillService as factory
+    elif role == "decode":
+        from services.decode.service import DecodeService as factory
+    else:
+        raise ValueError(f"role must be prefill or decode, got {role!r}")
+    return asyncio.run(serve_worker(settings, factory))
+
+
+def with_role(settings: WorkerSettings, role: str) -> WorkerSettings:
+    return replace(settings, worker=replace(settings.worker, role=role))
