@@ -4,10 +4,14 @@ Two processes (spawn): this one is the sender on GPU0, a child is the receiver o
 an N-token prompt of the Llama-3.1-8B shape (32 layers x 2 x tokens x 8 kv heads x 128 dim, bf16 = 128 KiB
 per token): 16, 64 and 256 MiB (= 2048 tokens) by default. For each size:
   (a) raw  : torch.distributed NCCL send/recv of the same bytes (init_process_group nccl), host-synced;
-  (b) nccl : NcclKVSender.send end to end (GPU checksum, RPC, recv, GPU verify, on_kv scatter into a
-             preallocated cache, device sync, ack);
+  (b) nccl : NcclKVSender.send end to end (RPC, send + in-band GPU checksum, recv, GPU verify, on_kv scatter
+             into a preallocated cache, device sync, ack);
+  (b') nccl_xfer: the same with an on_kv that does not scatter (the transport alone, still verified);
   (c) grpc : GrpcKVSender.send end to end (device->host copy, checksum, stream, verify, host->device, scatter).
 Median over --repeats after --warmup runs; prints a table and JSON (b/a = overhead of our NCCL path).
+Then, for the largest size: --inflight transfers at once (raw: queued sends, one sync; ours: asyncio.gather
+of sends to the one receiver, which serialize on the pair), and the checksum alone on GPU0 (Triton kernel vs
+the chunked torch reference).
 
     python benchmarks/kv_transfer.py                 # 2-GPU host
     python benchmarks/kv_transfer.py --grpc-only     # anywhere, CPU when fewer than 2 GPUs
@@ -39,6 +43,7 @@ from common.config import TransferConfig  # noqa: E402
 from common.transfer.base import KVSender, KVTransferHeader, grpc_message_options  # noqa: E402
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
+NO_SCATTER = "bench-noscatter"  # reservation id that tells the benchmark's on_kv to skip its scatter
 BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # bf16
 
 
@@ -54,6 +59,7 @@ class Plan:
     receiver_device: str
     chunk_bytes: int
     raw_port: int
+    inflight: int
 
     @property
     def rounds(self) -> int:
@@ -73,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--grpc-only", action="store_true", help="skip NCCL (a, b); runs on CPU-only machines")
     parser.add_argument("--chunk-mib", type=float, default=4.0, help="gRPC chunk size")
+    parser.add_argument("--inflight", type=int, default=4, help="transfers in flight for the pipelined run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
 
@@ -90,6 +97,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         receiver_device="cuda:1" if gpus else "cpu",
         chunk_bytes=int(args.chunk_mib * 2**20),
         raw_port=_free_port(),
+        inflight=args.inflight,
     )
 
 
@@ -125,6 +133,12 @@ def raw_receive(plan: Plan) -> None:
         for _ in range(plan.rounds):
             dist.recv(buffer, src=0)
             _sync(plan.receiver_device)
+    buffers = [torch.empty(kv_shape(max(plan.sizes_mib)), dtype=torch.bfloat16, device=plan.receiver_device)]
+    buffers *= plan.inflight
+    for _ in range(plan.rounds):
+        for buffer in buffers:
+            dist.recv(buffer, src=0)
+        _sync(plan.receiver_device)
     dist.destroy_process_group()
 
 
@@ -138,7 +152,9 @@ async def serve_receiver(plan: Plan, port_queue: Any, stop: Any) -> None:
     cache = torch.zeros(shape, dtype=torch.bfloat16, device=plan.receiver_device)
 
     async def on_kv(header: KVTransferHeader, kv: torch.Tensor) -> None:
-        ids = torch.tensor(header.block_ids, device=cache.device)
+        if header.reservation_id == NO_SCATTER:
+            return  # the transport alone: kv arrived and was verified
+        ids = torch.tensor(header.block_ids, dtype=torch.long, device=cache.device)
         cache[:, :, ids] = kv  # the decode worker's scatter into its reserved blocks
         await asyncio.to_thread(_sync, plan.receiver_device)
 
@@ -171,11 +187,21 @@ def raw_send(plan: Plan) -> dict[int, list[float]]:
             _sync(plan.sender_device)
             samples.append(time.perf_counter() - start)
         times[size] = samples[plan.warmup :]
+    data = torch.randn(kv_shape(max(plan.sizes_mib)), device=plan.sender_device).to(torch.bfloat16)
+    samples = []
+    for _ in range(plan.rounds):
+        _sync(plan.sender_device)
+        start = time.perf_counter()
+        for _ in range(plan.inflight):
+            dist.send(data, dst=1)
+        _sync(plan.sender_device)
+        samples.append(time.perf_counter() - start)
+    times[-1] = samples[plan.warmup :]  # key -1: the in-flight run of the largest size
     dist.destroy_process_group()
     return times
 
 
-async def time_sender(plan: Plan, sender: KVSender, address: str) -> dict[int, list[float]]:
+async def time_sender(plan: Plan, sender: KVSender, address: str, reservation: str = "bench") -> dict[int, list[float]]:
     """Seconds per end-to-end ``sender.send`` per size; every result must be ok."""
     times: dict[int, list[float]] = {}
     for size in plan.sizes_mib:
@@ -185,12 +211,63 @@ async def time_sender(plan: Plan, sender: KVSender, address: str) -> dict[int, l
         samples = []
         for index in range(plan.rounds):
             start = time.perf_counter()
-            result = await sender.send(address, f"req-{size}-{index}", "bench", block_ids, kv)
+            result = await sender.send(address, f"req-{size}-{index}", reservation, block_ids, kv)
             samples.append(time.perf_counter() - start)
             if not result.ok:
                 raise RuntimeError(f"transfer of {size} MiB failed: {result.error}")
         times[size] = samples[plan.warmup :]
     return times
+
+
+async def time_empty(plan: Plan, sender: KVSender, address: str) -> dict[int, list[float]]:
+    """Seconds per send of an empty KV (no NCCL op, no checksum): the RPC + handler overhead alone."""
+    kv = torch.empty((LAYERS, 2, 0, BLOCK_SIZE, KV_HEADS, HEAD_DIM), dtype=torch.bfloat16, device=plan.sender_device)
+    samples = []
+    for index in range(plan.rounds * 3):
+        start = time.perf_counter()
+        result = await sender.send(address, f"empty-{index}", NO_SCATTER, [], kv)
+        samples.append(time.perf_counter() - start)
+        if not result.ok:
+            raise RuntimeError(f"empty transfer failed: {result.error}")
+    return dict.fromkeys(plan.sizes_mib, samples[plan.warmup :])  # the same fixed cost, shown in every row
+
+
+async def time_inflight(plan: Plan, sender: KVSender, address: str) -> list[float]:
+    """Seconds for ``plan.inflight`` concurrent sends of the largest size (asyncio.gather); all must be ok."""
+    shape = kv_shape(max(plan.sizes_mib))
+    tensors = [(torch.randn(shape, device=plan.sender_device) + i).to(torch.bfloat16) for i in range(plan.inflight)]
+    block_ids = list(range(64, shape[2] + 64))
+    samples = []
+    for index in range(plan.rounds):
+        start = time.perf_counter()
+        sends = [sender.send(address, f"many-{index}-{i}", "bench", block_ids, t) for i, t in enumerate(tensors)]
+        results = await asyncio.gather(*sends)
+        samples.append(time.perf_counter() - start)
+        if not all(r.ok for r in results):
+            raise RuntimeError(f"in-flight transfers failed: {[r.error for r in results if not r.ok]}")
+    return samples[plan.warmup :]
+
+
+def time_checksum(plan: Plan) -> dict[str, float]:
+    """Median ms of the checksum sums of the largest size on GPU0: Triton kernel vs chunked torch reference."""
+    from common.transfer.checksum import _as_int32_words
+    from kernels.checksum import checksum_sums_reference, checksum_sums_triton
+
+    kv = torch.randn(kv_shape(max(plan.sizes_mib)), device=plan.sender_device).to(torch.bfloat16)
+    words = _as_int32_words(kv)
+    assert checksum_sums_triton(words).tolist() == checksum_sums_reference(words).tolist()
+    out = {}
+    for name, fn in (("triton", checksum_sums_triton), ("torch_ref", checksum_sums_reference)):
+        samples = []
+        for _ in range(plan.rounds + 10):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(words)
+            end.record()
+            end.synchronize()
+            samples.append(begin.elapsed_time(end))
+        out[f"checksum_{name}_ms"] = round(statistics.median(samples[plan.warmup :]), 4)
+    return out
 
 
 async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[float]]]:
@@ -203,6 +280,10 @@ async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[f
         sender = make_sender(kind, config, sender_id="bench-prefill", device=plan.sender_device)
         try:
             results[kind] = await time_sender(plan, sender, address)
+            if kind == "nccl":
+                results["nccl_xfer"] = await time_sender(plan, sender, address, NO_SCATTER)
+                results["rpc_only"] = await time_empty(plan, sender, address)
+                results["nccl"][-1] = await time_inflight(plan, sender, address)
         finally:
             await sender.close()
     return results
@@ -223,6 +304,18 @@ def summarize(plan: Plan, times: dict[str, dict[int, list[float]]]) -> list[dict
             row["nccl_over_raw"] = round(row["nccl_ms"] / row["raw_ms"], 2)
         rows.append(row)
     return rows
+
+
+def summarize_inflight(plan: Plan, times: dict[str, dict[int, list[float]]]) -> dict[str, Any]:
+    """Aggregate GB/s of the in-flight run (largest size x ``plan.inflight``), raw vs ours."""
+    total = max(plan.sizes_mib) * 2**20 * plan.inflight
+    row: dict[str, Any] = {"size_mib": max(plan.sizes_mib), "inflight": plan.inflight}
+    for kind in ("raw", "nccl"):
+        if -1 in times.get(kind, {}):
+            median = statistics.median(times[kind][-1])
+            row[f"{kind}_ms"] = round(median * 1e3, 3)
+            row[f"{kind}_gbps"] = round(total / median / 1e9, 2)
+    return row
 
 
 def print_table(rows: list[dict[str, Any]], kinds: list[str]) -> None:
@@ -251,10 +344,16 @@ def main() -> None:
         stop.set()
         child.join(60)
     rows = summarize(plan, times)
-    print_table(rows, list(times))
     report = {"plan": asdict(plan), "device": torch.cuda.get_device_name(0) if plan.sender_device != "cpu" else "cpu"}
     report["results"] = rows
+    if not plan.grpc_only:
+        report["inflight"] = summarize_inflight(plan, times)
+        report["checksum"] = time_checksum(plan)
     print(json.dumps(report, indent=2))
+    print_table(rows, list(times))
+    for key in ("inflight", "checksum"):
+        if key in report:
+            print(key, report[key])
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

@@ -14,7 +14,7 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -55,7 +55,8 @@ def settings_from_args(role: str, args: argparse.Namespace) -> WorkerSettings:
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                           load_format=args.load_format, download_dir=args.download_dir),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
-                          kv_cache_memory=args.kv_cache_memory),
+                          kv_cache_memory=args.kv_cache_memory,
+                          gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9)),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
     )
     return WorkerSettings(
@@ -194,7 +195,3 @@ def main_worker(role: str, args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"role must be prefill or decode, got {role!r}")
     return asyncio.run(serve_worker(settings, factory))
-
-
-def with_role(settings: WorkerSettings, role: str) -> WorkerSettings:
-    return replace(settings, worker=replace(settings.worker, role=role))

@@ -86,6 +86,19 @@ class KVTransferHeader:
         cls, request_id: str, reservation_id: str, block_ids: Sequence[int], kv: torch.Tensor, transport: str
     ) -> KVTransferHeader:
         """The header describing ``kv``; computes the checksum on ``kv``'s device (one device sync)."""
+        return cls.describe(request_id, reservation_id, block_ids, kv, transport, kv_checksum(kv))
+
+    @classmethod
+    def describe(
+        cls,
+        request_id: str,
+        reservation_id: str,
+        block_ids: Sequence[int],
+        kv: torch.Tensor,
+        transport: str,
+        checksum: int,
+    ) -> KVTransferHeader:
+        """The header describing ``kv`` with a given ``checksum`` (no device work; nccl passes 0, see there)."""
         header = cls(
             request_id=request_id,
             reservation_id=reservation_id,
@@ -93,7 +106,7 @@ class KVTransferHeader:
             shape=tuple(kv.shape),
             dtype=dtype_name(kv.dtype),
             num_bytes=kv.numel() * kv.element_size(),
-            checksum=kv_checksum(kv),
+            checksum=checksum,
             transport=transport,
         )
         header.validate()
@@ -190,7 +203,10 @@ class NcclReceiveSide(Protocol):
         ...
 
     async def receive(self, request: pb.NcclTransfer, header: KVTransferHeader) -> torch.Tensor:
-        """Receive the (validated) header's tensor on the joined pair; not yet checksum-verified."""
+        """Receive the (validated) header's tensor on the joined pair, checksum-verified (else TransferError).
+
+        The nccl transport carries the checksum in band (see ``nccl_transport``), so ``header.checksum`` is 0.
+        """
         ...
 
     async def close(self) -> None: ...
@@ -287,8 +303,7 @@ class KVReceiver(pb_grpc.KVTransferServicer):
             await self._nccl.join(request)
             header = KVTransferHeader.from_proto(request.header)
             header.validate(self._max_bytes)
-            kv = await self._nccl.receive(request, header)
-            await asyncio.to_thread(header.verify, kv)
+            kv = await self._nccl.receive(request, header)  # checksum-verified on the GPU
             await self._on_kv(header, kv)
         except ValueError as exc:
             return self._reject(header, exc, start)

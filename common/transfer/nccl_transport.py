@@ -6,11 +6,16 @@ rendezvouses under the store prefix ``tandem-kv/<pair_id>/<generation>``. The st
 Groups are ``ProcessGroupNCCL`` objects built directly from the store, so one process holds many independent
 pairs and no default process group exists.
 
-Per transfer: the sender checksums ``kv`` on its GPU, calls ``RecvNccl`` and posts ``send`` concurrently; the
-receiver posts ``recv`` into a fresh CUDA buffer, waits without blocking the event loop, and ``KVReceiver``
-verifies the checksum on the GPU before ``on_kv``. On a pair's first transfer of a generation both sides first
-exchange a one-element handshake, so NCCL's (blocking) communicator set-up is finished before any header
-check can refuse the data.
+Per transfer: the sender calls ``RecvNccl`` (header with ``checksum=0``) and at once posts two sends on the
+warm pair: ``kv``, then the 16-byte checksum sums ``[s1, s2]`` of ``kv`` (``kv_checksum_sums``), which a
+one-pass Triton kernel computes on the sender's stream while NCCL moves the data. The receiver posts the two
+matching recvs into fresh CUDA buffers, checksums the received bytes on its stream, and copies both pairs of
+sums to pinned host memory behind one CUDA event; a waiter thread blocks on that event (no polling) and
+``receive`` raises ``TransferError`` unless the sums match, so ``on_kv`` only ever sees verified bytes. The
+checksum thus travels in band, after the data, instead of in the header: the sender never syncs before the
+RPC. On a pair's first transfer of a generation both sides first exchange a one-element handshake, so
+NCCL's (blocking) communicator set-up is finished before any header check can refuse the data; later NCCL
+calls only enqueue work and are made on the event loop.
 
 Invariants: transfers on one pair are serialized by a lock on each side (so sends and recvs match in order);
 different pairs overlap freely. Only the receiver's ``ok`` ack proves the data arrived: NCCL may report a
@@ -41,14 +46,16 @@ import torch.distributed as dist
 
 from common.config import CoordConfig, TransferConfig
 from common.transfer.base import KVSender, KVTransferHeader, TransferError, TransferResult
+from common.transfer.checksum import kv_checksum_sums
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
 _TAG = 0
-_POLL_S = 0.0002  # completion polling interval; well under a 16 MiB NVLink transfer
-_EXECUTOR_THREADS = 8  # NCCL calls that may block (communicator set-up) run here, never on the loop
+# Blocking NCCL calls (communicator set-up) and CUDA event waits run here, never on the loop. A waiter of a
+# stuck transfer holds its thread until the pair is aborted, so keep a margin over the pairs in flight.
+_EXECUTOR_THREADS = 16
 T = TypeVar("T")
 
 
@@ -101,20 +108,40 @@ def _abort_group(group: dist.ProcessGroup | None) -> None:
         logger.exception("aborting an NCCL pair group failed")
 
 
-async def _wait_work(work: dist.Work, device: torch.device, deadline: float) -> None:
-    """Order ``device``'s current stream after ``work``, then wait (polling, loop never blocked) until it ran.
+def _event_after(works: Sequence[dist.Work], device: torch.device) -> torch.cuda.Event:
+    """Order ``device``'s current stream after ``works`` and return an event recorded behind them.
 
-    A CUDA event behind ``work.wait()`` is the completion signal: after it, any kernel on the current stream
-    (checksum, scatter) sees the transferred bytes.
+    After the event, any kernel on the current stream (checksum, scatter) sees the transferred bytes.
     """
     with torch.cuda.device(device):
-        work.wait()  # non-blocking for the host: the current stream waits for NCCL's
+        for work in works:
+            work.wait()  # non-blocking for the host: the current stream waits for NCCL's
         done = torch.cuda.Event()
         done.record()
-    while not done.query():
-        if time.monotonic() > deadline:
-            raise TimeoutError("nccl transfer timed out")
-        await asyncio.sleep(_POLL_S)
+    return done
+
+
+def _post_sends(group: dist.ProcessGroup, kv: torch.Tensor, sums_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Enqueue ``kv`` then its checksum sums on a warm pair; the checksum kernel overlaps the data send."""
+    with torch.cuda.device(kv.device):
+        data = group.send([kv], 1, _TAG)  # NCCL's stream waits for kv's producer first
+        sums = sums_of(kv)  # on the current stream, concurrent with the send (both only read kv)
+        tail = group.send([sums], 1, _TAG)  # ordered after the checksum kernel
+        return _event_after([data, tail], kv.device)
+
+
+def _post_recvs(group: dist.ProcessGroup, buffer: torch.Tensor) -> tuple[torch.cuda.Event, torch.Tensor]:
+    """Enqueue the recvs for data and sums, checksum the data, stage ``[remote s1, s2, local s1, s2]`` on host."""
+    with torch.cuda.device(buffer.device):
+        remote = torch.empty(2, dtype=torch.int64, device=buffer.device)
+        works = [group.recv([buffer], 0, _TAG), group.recv([remote], 0, _TAG)]
+        for work in works:
+            work.wait()
+        staged = torch.empty(4, dtype=torch.int64, pin_memory=True)
+        staged.copy_(torch.cat([remote, kv_checksum_sums(buffer)]), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    return done, staged
 
 
 class _PairRunner:
@@ -125,6 +152,14 @@ class _PairRunner:
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def wait(self, event: torch.cuda.Event, deadline: float) -> None:
+        """Block a pool thread (not the loop) on ``event``; ``TimeoutError`` past ``deadline``."""
+        waiter = asyncio.get_running_loop().run_in_executor(self._pool, event.synchronize)
+        try:
+            await asyncio.wait_for(waiter, max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            raise TimeoutError("nccl transfer timed out") from None
 
     def abort_later(self, group: dist.ProcessGroup | None) -> None:
         """Abort ``group`` off the event loop (an abort can take about 0.5 s); never raises."""
@@ -184,9 +219,8 @@ class NcclKVSender(KVSender):
         pair = self._pairs.setdefault(target_address, _SenderPair(f"{self._sender_id}->{target_address}"))
         try:
             self._check_tensor(kv)
-            header = await asyncio.to_thread(
-                KVTransferHeader.for_tensor, request_id, reservation_id, block_ids, kv, "nccl"
-            )
+            # checksum 0: the sums travel in band after the data (module docstring).
+            header = KVTransferHeader.describe(request_id, reservation_id, block_ids, kv, "nccl", 0)
             async with pair.lock:
                 ack = await self._transfer(pair, target_address, header, kv)
         except (TransferError, TimeoutError, grpc.aio.AioRpcError, RuntimeError) as exc:
@@ -214,7 +248,7 @@ class NcclKVSender(KVSender):
         fresh = await self._ensure_group(pair, target)
         request = self._request(pair, header)
         rpc = asyncio.ensure_future(self._stub(target).RecvNccl(request, timeout=self._config.timeout_s))
-        send = asyncio.ensure_future(self._post_sends(pair.group, pair.generation if fresh else None, kv))
+        send = asyncio.ensure_future(self._send(pair.group, pair.generation if fresh else None, kv))
         try:
             ack = await _ack_and_send(rpc, send, deadline)
         except BaseException:
@@ -224,14 +258,19 @@ class NcclKVSender(KVSender):
             self._reset(pair)
         return ack
 
-    async def _post_sends(self, group: dist.ProcessGroup, handshake: int | None, kv: torch.Tensor) -> None:
-        """Post (handshake +) data sends and wait until NCCL finished them."""
+    async def _send(self, group: dist.ProcessGroup, handshake: int | None, kv: torch.Tensor) -> None:
+        """Post (handshake +) data and checksum sends and wait until NCCL finished them."""
         deadline = time.monotonic() + self._config.timeout_s
-        if handshake is not None:
+        if handshake is not None:  # the first NCCL call of a generation blocks on communicator set-up
             token = torch.tensor([handshake], dtype=torch.int64, device=kv.device)
-            await _wait_work(await self._runner.call(group.send, [token], 1, _TAG), kv.device, deadline)
+            work = await self._runner.call(group.send, [token], 1, _TAG)
+            await self._runner.wait(_event_after([work], kv.device), deadline)
         if kv.numel():
-            await _wait_work(await self._runner.call(group.send, [kv], 1, _TAG), kv.device, deadline)
+            await self._runner.wait(_post_sends(group, kv, self._checksum_sums), deadline)
+
+    def _checksum_sums(self, kv: torch.Tensor) -> torch.Tensor:
+        """The in-band checksum sums of ``kv`` (a method so tests can send wrong ones)."""
+        return kv_checksum_sums(kv)
 
     async def _ensure_group(self, pair: _SenderPair, target: str) -> bool:
         """Make the pair's group if it has none (a new generation). Returns whether it is new."""
@@ -346,14 +385,16 @@ class NcclReceiver:
                 pair.joined = True
 
     async def receive(self, request: pb.NcclTransfer, header: KVTransferHeader) -> torch.Tensor:
-        """Receive the header's tensor from rank 0 into a fresh buffer on ``device`` (call ``join`` first)."""
+        """Receive and checksum-verify the header's tensor into a fresh buffer on ``device`` (``join`` first).
+
+        A checksum mismatch or NCCL failure drops the pair and raises ``TransferError``.
+        """
         pair = self._pairs.get(request.pair_id)
         if pair is None or pair.generation != request.generation:
             raise TransferError(f"nccl pair {request.pair_id} generation {request.generation} is not joined")
         buffer = torch.empty(header.shape, dtype=header.torch_dtype, device=self._device)
         if buffer.numel():
-            async with pair.lock:
-                await self._guarded(request.pair_id, pair, self._recv(pair.group, buffer))
+            await self._guarded(request.pair_id, pair, self._recv_verified(pair, buffer))
         return buffer
 
     async def close(self) -> None:
@@ -384,16 +425,34 @@ class NcclReceiver:
             raise TransferError(f"nccl handshake carried generation {int(token.item())}, expected {pair.generation}")
 
     async def _recv(self, group: dist.ProcessGroup, buffer: torch.Tensor) -> None:
+        """A blocking-safe recv (the handshake: the first call of a generation sets up the communicator)."""
         deadline = time.monotonic() + self._timeout_s
-        await _wait_work(await self._runner.call(group.recv, [buffer], 0, _TAG), buffer.device, deadline)
+        work = await self._runner.call(group.recv, [buffer], 0, _TAG)
+        await self._runner.wait(_event_after([work], buffer.device), deadline)
+
+    async def _recv_verified(self, pair: _ReceiverPair, buffer: torch.Tensor) -> None:
+        """Receive data + in-band sums on the warm pair and compare them with the sums of what arrived."""
+        deadline = time.monotonic() + self._timeout_s
+        async with pair.lock:  # recvs are posted in the sender's order
+            done, staged = _post_recvs(pair.group, buffer)
+        await self._runner.wait(done, deadline)
+        remote_s1, remote_s2, local_s1, local_s2 = staged.tolist()
+        if (remote_s1, remote_s2) != (local_s1, local_s2):
+            raise TransferError(
+                f"checksum mismatch: sender sums ({remote_s1:#x}, {remote_s2:#x}), "
+                f"received bytes ({local_s1:#x}, {local_s2:#x})"
+            )
 
     async def _guarded(self, pair_id: str, pair: _ReceiverPair, step: Awaitable[None]) -> None:
-        """Run an NCCL step; on failure drop the pair (its sends/recvs may be unmatched) and raise TransferError."""
+        """Run an NCCL step; on any failure drop the pair (its sends/recvs may be unmatched) and raise
+        TransferError."""
         try:
             await step
-        except (TimeoutError, RuntimeError) as exc:
+        except (TimeoutError, RuntimeError, TransferError) as exc:
             if self._pairs.get(pair_id) is pair:
                 self._drop(pair_id)
+            if isinstance(exc, TransferError):
+                raise
             raise TransferError(f"nccl receive failed: {_describe(exc)}") from exc
 
     def _drop(self, pair_id: str) -> None:

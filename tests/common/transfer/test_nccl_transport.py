@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import traceback
 from typing import Any
@@ -25,6 +26,10 @@ MAX_BYTES = 4 * 2**20
 TOO_BIG = (4, 2, 32, 16, 8, 128)  # 8 MiB of bf16: the receiver refuses it before any data moves
 
 
+def _digest(kv: torch.Tensor) -> str:
+    return hashlib.sha256(kv.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def _receiver(port_queue: Any, result_queue: Any, stop: Any) -> None:
     try:
         asyncio.run(_receive_until_stopped(port_queue, result_queue, stop))
@@ -42,7 +47,8 @@ async def _receive_until_stopped(port_queue: Any, result_queue: Any, stop: Any) 
     async def on_kv(header: KVTransferHeader, kv: torch.Tensor) -> None:
         if header.reservation_id == "unknown":
             raise ValueError("unknown reservation")
-        result_queue.put(("kv", header.request_id, kv.device.index, kv.cpu().view(torch.uint8).numpy().tobytes()))
+        # A digest, not the bytes: large queue items would block the child's exit until the parent reads them.
+        result_queue.put(("kv", header.request_id, kv.device.index, _digest(kv)))
 
     server = grpc.aio.server(options=grpc_message_options(CONFIG.grpc_chunk_bytes))
     nccl = NcclReceiver("cuda:1", CONFIG.timeout_s)
@@ -56,11 +62,23 @@ async def _receive_until_stopped(port_queue: Any, result_queue: Any, stop: Any) 
     await server.stop(grace=None)
 
 
-async def _send_all(address: str) -> list[Any]:
+def _corruptible_sender() -> Any:
+    """An NcclKVSender whose in-band checksum sums are off by one while ``corrupt`` is set."""
     from common.transfer.nccl_transport import NcclKVSender
 
+    class CorruptibleSender(NcclKVSender):
+        corrupt = False
+
+        def _checksum_sums(self, kv: torch.Tensor) -> torch.Tensor:
+            sums = super()._checksum_sums(kv)
+            return sums + 1 if self.corrupt else sums
+
+    return CorruptibleSender(CONFIG, "prefill-test", "cuda:0")
+
+
+async def _send_all(address: str) -> list[Any]:
     torch.cuda.set_device(0)
-    sender = NcclKVSender(CONFIG, "prefill-test", "cuda:0")
+    sender = _corruptible_sender()
     results = []
     try:
         for index, shape in enumerate(SHAPES):
@@ -72,6 +90,14 @@ async def _send_all(address: str) -> list[Any]:
         big = random_kv(TOO_BIG, torch.bfloat16).cuda(0)
         results.append(await sender.send(address, "big", "ok", list(range(TOO_BIG[2])), big))
         results.append(await sender.send(address, "recovered", "ok", list(range(SHAPES[0][2])), kv))
+        sender.corrupt = True
+        results.append(await sender.send(address, "corrupt", "ok", list(range(SHAPES[0][2])), kv))
+        sender.corrupt = False
+        results.append(await sender.send(address, "fixed", "ok", list(range(SHAPES[0][2])), kv))
+        many = [random_kv(SHAPES[1], torch.bfloat16, seed=50 + i).cuda(0) for i in range(4)]
+        results += await asyncio.gather(
+            *(sender.send(address, f"many{i}", "ok", list(range(SHAPES[1][2])), t) for i, t in enumerate(many))
+        )
     finally:
         await sender.close()
     return results
@@ -94,14 +120,18 @@ def test_nccl_round_trip_and_errors() -> None:
         item = result_queue.get()
         assert item[0] == "kv", item[1]
         received[item[1]] = item
-    assert [r.ok for r in results] == [True, True, False, True, False, True], results
+    assert [r.ok for r in results] == [True, True, False, True, False, True, False, True] + [True] * 4, results
     assert "unknown reservation" in results[2].error and "exceeds" in results[4].error
+    assert "checksum mismatch" in results[6].error
     for index, shape in enumerate(SHAPES):
         _, _, device_index, got = received[f"r{index}"]
         assert device_index == 1
         expected = random_kv(shape, torch.bfloat16, seed=index)
-        assert got == expected.view(torch.uint8).numpy().tobytes()
-    assert set(received) == {"r0", "r1", "after", "recovered"}
+        assert got == _digest(expected)
+    for i in range(4):
+        expected = random_kv(SHAPES[1], torch.bfloat16, seed=50 + i)
+        assert received[f"many{i}"][3] == _digest(expected)
+    assert set(received) == {"r0", "r1", "after", "recovered", "fixed"} | {f"many{i}" for i in range(4)}
 
 
 def test_checksum_identical_on_cpu_and_cuda() -> None:

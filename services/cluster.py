@@ -1,0 +1,560 @@
+"""`LocalCluster`: Redis + router + N prefill + M decode workers as real processes on this machine.
+
+Every child is ``python -m services.launch <role> ...`` configured by its command line only: the variables
+tandem flags read (TANDEM_*, REDIS_URL) are removed from its environment, so the parent's settings reach it
+only as the explicit flags we pass. A child is ready when it prints one ``TANDEM_READY {json}`` line on stdout.
+Its stdout and stderr are read to the end on two threads (a child never blocks on a full pipe) and written to
+``<run_dir>/<worker_id>.log``.
+
+GPUs: with two or more, prefill workers get the first GPUs and decode workers the rest (one GPU per process,
+via CUDA_VISIBLE_DEVICES); with one, everybody shares it; with none, CPU. Processes that share a GPU without a
+fixed ``--kv-cache-memory`` start one after another with rising ``--gpu-memory-utilization`` caps (the engine
+counts other processes' memory against its cap), so each gets an equal share.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from services.launch import known_env_vars
+
+log = logging.getLogger("tandem.cluster")
+
+READY_PREFIX = "TANDEM_READY "
+ROLES = ("prefill", "decode")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_READY_TIMEOUT_S = 120.0
+DEFAULT_STOP_TIMEOUT_S = 40.0  # workers drain for up to 30 s by default
+
+
+class ClusterError(RuntimeError):
+    """A child did not come up: it exited, printed a bad READY line, or was not ready in time."""
+
+
+# ---------------------------------------------------------------------------------------------------- READY line
+
+
+def parse_ready_line(line: str) -> dict[str, Any] | None:
+    """The JSON object of a ``TANDEM_READY {json}`` line, or None for any other line.
+
+    Raises ValueError for a READY line whose payload is not a JSON object with string ``role`` and ``address``.
+    """
+    text = line.strip()
+    if not text.startswith(READY_PREFIX.strip()):
+        return None
+    try:
+        info = json.loads(text[len(READY_PREFIX.strip()):])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"bad READY line {text!r}: {exc}") from None
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("role", "address")):
+        raise ValueError(f"bad READY line {text!r}: want a JSON object with string 'role' and 'address'")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------------- GPU plan
+
+
+def gpu_pools(gpu_count: int, num_prefill: int, num_decode: int) -> dict[str, list[int]]:
+    """GPU indices each role may use. Invariant: with >= 2 GPUs and both roles present the pools are disjoint,
+    non-empty and sized in proportion to the worker counts; with 1 GPU both pools are [0]; with 0, empty."""
+    every = list(range(gpu_count))
+    if gpu_count < 2 or num_prefill == 0 or num_decode == 0:
+        return {"prefill": every, "decode": every}
+    share = int(gpu_count * num_prefill / (num_prefill + num_decode) + 0.5)
+    k = min(max(share, 1), gpu_count - 1)
+    return {"prefill": every[:k], "decode": every[k:]}
+
+
+def gpu_for(role: str, index: int, pools: Mapping[str, Sequence[int]]) -> int | None:
+    """The GPU of the `index`-th worker of `role` (round robin over its pool), or None for CPU."""
+    pool = pools[role]
+    return pool[index % len(pool)] if pool else None
+
+
+def plan_gpus(
+    gpu_count: int, num_prefill: int, num_decode: int, gpu_ids: Sequence[str] | None = None
+) -> dict[str, str | None]:
+    """worker id ('prefill-0', 'decode-1', ...) -> its CUDA_VISIBLE_DEVICES, or None (CPU: leave it alone).
+
+    `gpu_ids` names the GPUs as CUDA_VISIBLE_DEVICES should (default '0'..'gpu_count-1'); pass the parent's own
+    CUDA_VISIBLE_DEVICES entries so a restricted parent hands out only its GPUs.
+    """
+    ids = list(gpu_ids) if gpu_ids is not None else [str(i) for i in range(gpu_count)]
+    if len(ids) != gpu_count:
+        raise ValueError(f"{len(ids)} gpu ids for {gpu_count} GPUs")
+    pools = gpu_pools(gpu_count, num_prefill, num_decode)
+    plan: dict[str, str | None] = {}
+    for role, count in (("prefill", num_prefill), ("decode", num_decode)):
+        for i in range(count):
+            gpu = gpu_for(role, i, pools)
+            plan[f"{role}-{i}"] = None if gpu is None else ids[gpu]
+    return plan
+
+
+def share_ranks(plan: Mapping[str, str | None]) -> dict[str, tuple[int, int]]:
+    """worker id -> (its rank among the processes on its GPU, how many share that GPU); CPU workers get (0, 1)."""
+    by_gpu: dict[str, list[str]] = {}
+    for worker_id, gpu in plan.items():
+        if gpu is not None:
+            by_gpu.setdefault(gpu, []).append(worker_id)
+    ranks = {worker_id: (0, 1) for worker_id in plan}
+    for ids in by_gpu.values():
+        ranks.update({worker_id: (rank, len(ids)) for rank, worker_id in enumerate(ids)})
+    return ranks
+
+
+def launch_waves(ranks: Mapping[str, tuple[int, int]], staggered: bool) -> list[list[str]]:
+    """Start order: wave k holds the k-th process of every GPU (all at once when not `staggered`)."""
+    if not staggered:
+        return [list(ranks)] if ranks else []
+    depth = max((rank for rank, _ in ranks.values()), default=-1) + 1
+    return [[w for w, (rank, _) in ranks.items() if rank == k] for k in range(depth)]
+
+
+def memory_cap(rank: int, sharers: int, base: float) -> float:
+    """The --gpu-memory-utilization for the rank-th of `sharers` processes started in turn on one GPU."""
+    return base * (rank + 1) / sharers
+
+
+def detect_gpu_ids(device: str, environ: Mapping[str, str]) -> list[str]:
+    """The GPUs children may use: none unless --device is auto/cuda and nvidia-smi exists; then torch's count,
+    named by the parent's CUDA_VISIBLE_DEVICES entries when set. Imports torch only in that case."""
+    if device not in ("auto", "cuda") or shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+    except Exception as exc:  # a broken CUDA install means CPU, as the engine's 'auto' would decide
+        log.warning("cannot count GPUs (%s); using CPU", exc)
+        return []
+    visible = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[:count] if visible else [str(i) for i in range(count)]
+
+
+def child_env(
+    environ: Mapping[str, str], cuda_visible_devices: str | None, strip: Iterable[str]
+) -> dict[str, str]:
+    """A child's environment: `environ` minus `strip`, NCCL NVLink multicast off, unbuffered output, this repo
+    importable, and CUDA_VISIBLE_DEVICES when given ('' hides every GPU)."""
+    env = {k: v for k, v in environ.items() if k not in set(strip)}
+    env["NCCL_NVLS_ENABLE"] = "0"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), environ.get("PYTHONPATH", "")) if p)
+    if cuda_visible_devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+    return env
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The last value given for `flag` in `argv` (as `--flag V` or `--flag=V`), or None."""
+    value = None
+    for i, word in enumerate(argv):
+        if word == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif word.startswith(flag + "="):
+            value = word.split("=", 1)[1]
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------- one child
+
+
+class OutputWatcher:
+    """Drains one child's stdout and stderr on two daemon threads until EOF.
+
+    Invariants: both streams are read to their end; every line is appended to `log_path` (stderr lines also to `echo`,
+    prefixed with the name); `ready` holds the first READY line's JSON; `settled` is set once a READY line
+    was seen or stdout ended, so a waiter never waits on a dead child; `tail()` is the last stderr lines.
+    """
+
+    def __init__(self, name: str, log_path: Path, echo: IO[str] | None = None, tail_lines: int = 40) -> None:
+        self.name = name
+        self.ready: dict[str, Any] | None = None
+        self.error: str | None = None
+        self.settled = threading.Event()
+        self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed by join() once both streams end
+        self._echo = echo
+        self._lock = threading.Lock()
+        self._tail: deque[str] = deque(maxlen=tail_lines)
+        self._threads: list[threading.Thread] = []
+
+    def start(self, stdout: IO[str], stderr: IO[str]) -> OutputWatcher:
+        for target, stream in ((self._read_stdout, stdout), (self._read_stderr, stderr)):
+            thread = threading.Thread(target=target, args=(stream,), name=f"{self.name}-{target.__name__}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def note(self, line: str) -> None:
+        """Append our own line (e.g. the command) to the log."""
+        self._write(line)
+
+    def tail(self) -> str:
+        with self._lock:
+            return "".join(self._tail).rstrip() or "(no stderr output)"
+
+    def join(self, timeout_s: float) -> None:
+        """Wait (bounded) for both readers to reach EOF, then close the log file."""
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            if not self._log.closed and not any(t.is_alive() for t in self._threads):
+                self._log.close()
+
+    def _read_stdout(self, stream: IO[str]) -> None:
+        try:
+            for line in stream:
+                self._write(line)
+                if not self.settled.is_set():
+                    self._check_ready(line)
+        finally:
+            self.settled.set()
+
+    def _check_ready(self, line: str) -> None:
+        try:
+            info = parse_ready_line(line)
+        except ValueError as exc:
+            self.error = str(exc)
+            self.settled.set()
+            return
+        if info is not None:
+            self.ready = info
+            self.settled.set()
+
+    def _read_stderr(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._write(line)
+            with self._lock:
+                self._tail.append(line)
+            if self._echo is not None:
+                self._echo.write(f"[{self.name}] {line}")
+                self._echo.flush()
+
+    def _write(self, line: str) -> None:
+        with self._lock:
+            if not self._log.closed:
+                self._log.write(line)
+                self._log.flush()
+
+
+@dataclass
+class WorkerProcess:
+    """One supervised child (a worker, or the router with worker_id 'router'); `address` is set once ready."""
+
+    role: str
+    worker_id: str
+    popen: subprocess.Popen[str]
+    log_path: Path
+    watcher: OutputWatcher = field(repr=False)
+    gpu: str | None = None
+    address: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+# ---------------------------------------------------------------------------------------------------- cluster
+
+
+class LocalCluster:
+    """Redis + router + workers as child processes on one machine; use as a context manager or start()/stop().
+
+    Invariants: after start() returns, every child printed READY (`address` set) and `router_url`/`redis_url`
+    are valid; stop() leaves no child or owned Redis running, is idempotent, and runs at interpreter exit if
+    the owner never called it. `workers` keeps exited workers too (check `.alive`).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        num_prefill: int,
+        num_decode: int,
+        router_port: int,
+        host: str = "127.0.0.1",
+        worker_args: Sequence[str] = (),
+        redis_url: str | None = None,
+        run_dir: Path | None = None,
+        *,
+        namespace: str = "tandem",
+        router_args: Sequence[str] = (),
+        ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
+        stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+        echo_stderr: bool = False,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.model, self.host, self.router_port, self.namespace = model, host, router_port, namespace
+        self.num_prefill, self.num_decode = num_prefill, num_decode
+        self.worker_args, self.router_args = list(worker_args), list(router_args)
+        self.redis_url = redis_url
+        self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tandem-run-"))
+        self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
+        self.workers: dict[str, WorkerProcess] = {}
+        self.router: WorkerProcess | None = None
+        self._environ = dict(os.environ if environ is None else environ)
+        self._echo = sys.stderr if echo_stderr else None
+        self._redis: Any = None  # common.coord.RedisServer when we started our own
+        self._next_index = dict.fromkeys(ROLES, 0)
+        self._reported: set[str] = set()
+        self._gpu_ids: list[str] = []
+        self._atexit_registered = False
+
+    # -- public API
+
+    @property
+    def router_url(self) -> str:
+        """http://host:port the router reported in its READY line."""
+        if self.router is None or self.router.address is None:
+            raise RuntimeError("the cluster is not started")
+        return self.router.address
+
+    def start(self) -> LocalCluster:
+        """Redis first, then the router and the workers (in GPU-sharing waves), each until READY.
+        On any failure (or KeyboardInterrupt) everything started so far is stopped before the error propagates."""
+        if self.router is not None:
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)
+        self._atexit_registered = True
+        try:
+            self._start_redis()
+            self._start_processes()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_worker(self, role: str) -> WorkerProcess:
+        """Start one more worker of `role` (next free id, next GPU of its pool) and wait for READY."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        index = self._next_index[role]
+        self._next_index[role] += 1
+        gpu = gpu_for(role, index, gpu_pools(len(self._gpu_ids), self.num_prefill, self.num_decode))
+        gpu_id = None if gpu is None else self._gpu_ids[gpu]
+        shared = gpu_id is not None and self._fraction_based() and self._gpu_in_use(gpu_id)
+        extra = ["--gpu-memory-utilization", str(self._base_memory_cap())] if shared else []
+        proc = self._spawn_worker(role, f"{role}-{index}", gpu_id, extra)
+        try:
+            self._await_ready([proc], self.ready_timeout_s)
+        except BaseException:
+            self._end(proc, timeout_s=0.0)
+            raise
+        self.workers[proc.worker_id] = proc
+        return proc
+
+    def kill(self, worker_id: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to a child (any signal, e.g. SIGSTOP to freeze it); for SIGKILL also reap it."""
+        proc = self._child(worker_id)
+        if proc.alive:
+            proc.popen.send_signal(sig)
+        if sig == signal.SIGKILL:
+            proc.popen.wait()
+
+    def terminate(self, worker_id: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int:
+        """SIGTERM (plus SIGCONT, in case it was stopped) and wait up to `timeout`; SIGKILL if it did not exit.
+        Returns the exit code (negative: killed by that signal)."""
+        return self._end(self._child(worker_id), timeout)
+
+    def newly_exited(self) -> list[WorkerProcess]:
+        """Children that exited since the last call (each reported once)."""
+        gone = [p for p in self._children() if not p.alive and p.worker_id not in self._reported]
+        self._reported.update(p.worker_id for p in gone)
+        return gone
+
+    def stop(self) -> None:
+        """SIGTERM the router, then the workers (each group waited up to stop_timeout_s, then SIGKILL), then stop
+        our Redis. Idempotent; safe before start()."""
+        if self.router is not None:
+            self._end_all([self.router])
+        self._end_all(list(self.workers.values()))
+        for proc in self._children():
+            proc.watcher.join(timeout_s=2.0)
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- starting
+
+    def _start_redis(self) -> None:
+        if self.redis_url is not None:
+            return
+        from common.coord.redis_server import RedisServer
+
+        self._redis = RedisServer(port=None).start()
+        self.redis_url = self._redis.url
+
+    def _start_processes(self) -> None:
+        device = _flag_value(self.worker_args, "--device") or "auto"
+        self._gpu_ids = detect_gpu_ids(device, self._environ)
+        plan = plan_gpus(len(self._gpu_ids), self.num_prefill, self.num_decode, self._gpu_ids)
+        ranks = share_ranks(plan)
+        self._next_index = {"prefill": self.num_prefill, "decode": self.num_decode}
+        staggered = self._fraction_based() and any(n > 1 for _, n in ranks.values())
+        self.router = self._spawn_router()
+        pending = [self.router]
+        for wave in launch_waves(ranks, staggered):
+            for worker_id in wave:
+                rank, sharers = ranks[worker_id]
+                extra = self._memory_args(rank, sharers) if staggered and sharers > 1 else []
+                role = worker_id.rsplit("-", 1)[0]
+                proc = self._spawn_worker(role, worker_id, plan[worker_id], extra)
+                self.workers[proc.worker_id] = proc
+                pending.append(proc)
+            self._await_ready(pending, self.ready_timeout_s)
+            pending = []
+        self._await_ready(pending, self.ready_timeout_s)
+
+    def _fraction_based(self) -> bool:
+        """True when workers size their KV cache as a fraction of GPU memory (no fixed --kv-cache-memory)."""
+        return _flag_value(self.worker_args, "--kv-cache-memory") is None
+
+    def _base_memory_cap(self) -> float:
+        return float(_flag_value(self.worker_args, "--gpu-memory-utilization") or 0.9)
+
+    def _memory_args(self, rank: int, sharers: int) -> list[str]:
+        return ["--gpu-memory-utilization", f"{memory_cap(rank, sharers, self._base_memory_cap()):.4f}"]
+
+    def _gpu_in_use(self, gpu: str) -> bool:
+        return any(p.alive and p.gpu == gpu for p in self.workers.values())
+
+    def _spawn_router(self) -> WorkerProcess:
+        argv = ["router", "--model", self.model, *self.router_args, *self._coord_args(),
+                "--host", self.host, "--port", str(self.router_port)]
+        hide_gpus = "" if self._gpu_ids else None  # the router tokenizes; it must not take GPU memory
+        return self._spawn("router", "router", argv, hide_gpus)
+
+    def _spawn_worker(self, role: str, worker_id: str, gpu: str | None, extra: Sequence[str]) -> WorkerProcess:
+        argv = [role, "--model", self.model, *self.worker_args, *extra, *self._coord_args(),
+                "--host", self.host, "--port", "0", "--worker-id", worker_id]
+        return self._spawn(role, worker_id, argv, gpu)
+
+    def _coord_args(self) -> list[str]:
+        assert self.redis_url is not None
+        return ["--redis-url", self.redis_url, "--namespace", self.namespace]
+
+    def _spawn(self, role: str, worker_id: str, argv: list[str], gpu: str | None) -> WorkerProcess:
+        """Start `python -m services.launch *argv` in its own session (Ctrl-C on our terminal does not reach it:
+        we stop it ourselves, in order)."""
+        log_path = self.run_dir / f"{worker_id}.log"
+        cmd = [sys.executable, "-m", "services.launch", *argv]
+        watcher = OutputWatcher(worker_id, log_path, self._echo)
+        watcher.note(f"$ CUDA_VISIBLE_DEVICES={gpu} {' '.join(cmd)}\n")
+        try:
+            popen = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                errors="replace", bufsize=1, env=child_env(self._environ, gpu, known_env_vars()),
+                start_new_session=True,
+            )
+        except OSError:
+            watcher.join(timeout_s=0.0)  # no reader threads yet: just closes the log
+            raise
+        watcher.start(popen.stdout, popen.stderr)
+        log.info("started %s (pid %d, gpu %s): %s", worker_id, popen.pid, gpu, log_path)
+        return WorkerProcess(role, worker_id, popen, log_path, watcher, gpu)
+
+    def _await_ready(self, procs: Sequence[WorkerProcess], timeout_s: float) -> None:
+        """Wait until every one of `procs` printed READY; raise ClusterError at the first that cannot."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(procs)
+        while pending:
+            for proc in [p for p in pending if p.watcher.settled.is_set()]:
+                self._accept_ready(proc)
+                pending.remove(proc)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(p.worker_id for p in pending)
+                raise ClusterError(f"not ready after {timeout_s:.0f} s: {names}; {self._explain(pending[0])}")
+            if pending:
+                pending[0].watcher.settled.wait(0.05)
+
+    def _accept_ready(self, proc: WorkerProcess) -> None:
+        """Check a settled child's READY line; raise ClusterError (with its stderr tail) if there is none."""
+        info = proc.watcher.ready
+        if info is None:
+            raise ClusterError(f"{proc.worker_id} {self._no_ready_reason(proc)}; {self._explain(proc)}")
+        expected_id = None if proc.role == "router" else proc.worker_id
+        if info["role"] != proc.role or info.get("worker_id", expected_id) != expected_id:
+            raise ClusterError(f"{proc.worker_id} reported READY as {info}; {self._explain(proc)}")
+        proc.address = info["address"]
+
+    @staticmethod
+    def _no_ready_reason(proc: WorkerProcess) -> str:
+        if proc.watcher.error is not None:
+            return proc.watcher.error
+        try:
+            code = proc.popen.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            return "closed its stdout without printing READY"
+        return f"exited with code {code} before READY"
+
+    def _explain(self, proc: WorkerProcess) -> str:
+        proc.watcher.join(timeout_s=0.0 if proc.alive else 1.0)
+        return f"log {proc.log_path}; stderr ends:\n{proc.watcher.tail()}"
+
+    # -- stopping
+
+    def _children(self) -> list[WorkerProcess]:
+        return ([self.router] if self.router is not None else []) + list(self.workers.values())
+
+    def _child(self, worker_id: str) -> WorkerProcess:
+        for proc in self._children():
+            if proc.worker_id == worker_id:
+                return proc
+        raise KeyError(f"no such process: {worker_id!r}")
+
+    def _end_all(self, procs: Sequence[WorkerProcess]) -> None:
+        """SIGTERM all of `procs` at once, wait for them together (bounded), SIGKILL whoever is left."""
+        for proc in procs:
+            _signal(proc, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout_s
+        for proc in procs:
+            self._end(proc, max(0.0, deadline - time.monotonic()), signalled=True)
+
+    def _end(self, proc: WorkerProcess, timeout_s: float, signalled: bool = False) -> int:
+        """SIGTERM `proc` (unless `signalled` already), wait up to `timeout_s`, then SIGKILL; the exit code."""
+        if not signalled:
+            _signal(proc, signal.SIGTERM)
+        try:
+            return proc.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            log.warning("%s (pid %d) did not exit %.0f s after SIGTERM; killing it", proc.worker_id,
+                        proc.popen.pid, timeout_s)
+            proc.popen.kill()
+            return proc.popen.wait()
+
+
+def _signal(proc: WorkerProcess, sig: int) -> None:
+    """Send `sig` (and SIGCONT, so a stopped child can act on it) unless the child already exited."""
+    if proc.popen.poll() is None:
+        proc.popen.send_signal(sig)
+        proc.popen.send_signal(signal.SIGCONT)

@@ -1,0 +1,175 @@
+"""LocalCluster's supervisor mechanics that need no service: READY lines, the GPU plan, output draining, stop().
+
+End-to-end cluster tests (real router and workers) live beside the services.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+
+from services.cluster import (
+    ClusterError,
+    LocalCluster,
+    OutputWatcher,
+    child_env,
+    gpu_pools,
+    launch_waves,
+    memory_cap,
+    parse_ready_line,
+    plan_gpus,
+    share_ranks,
+)
+
+# ---------------------------------------------------------------------------------------------------- READY line
+
+
+def test_ready_line_is_parsed():
+    line = 'TANDEM_READY {"role": "decode", "worker_id": "decode-0", "address": "127.0.0.1:50051"}\n'
+    assert parse_ready_line(line) == {"role": "decode", "worker_id": "decode-0", "address": "127.0.0.1:50051"}
+
+
+@pytest.mark.parametrize("line", ["", "\n", "INFO starting", "tandem_ready {}", "  TANDEM_READ {}"])
+def test_other_lines_are_not_ready(line):
+    assert parse_ready_line(line) is None
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["TANDEM_READY", "TANDEM_READY {not json", 'TANDEM_READY ["decode"]', 'TANDEM_READY {"role": "router"}',
+     'TANDEM_READY {"role": "router", "address": 8000}'],
+)
+def test_malformed_ready_line_raises(line):
+    with pytest.raises(ValueError, match="bad READY line"):
+        parse_ready_line(line)
+
+
+# ---------------------------------------------------------------------------------------------------- GPU plan
+
+PLANS = [
+    # gpus, prefill, decode -> CUDA_VISIBLE_DEVICES per worker
+    (0, 1, 1, {"prefill-0": None, "decode-0": None}),
+    (0, 2, 3, {"prefill-0": None, "prefill-1": None, "decode-0": None, "decode-1": None, "decode-2": None}),
+    (1, 1, 1, {"prefill-0": "0", "decode-0": "0"}),
+    (1, 2, 2, {"prefill-0": "0", "prefill-1": "0", "decode-0": "0", "decode-1": "0"}),
+    (2, 1, 1, {"prefill-0": "0", "decode-0": "1"}),
+    (2, 2, 2, {"prefill-0": "0", "prefill-1": "0", "decode-0": "1", "decode-1": "1"}),
+    (2, 1, 3, {"prefill-0": "0", "decode-0": "1", "decode-1": "1", "decode-2": "1"}),
+    (2, 0, 2, {"decode-0": "0", "decode-1": "1"}),
+    (2, 2, 0, {"prefill-0": "0", "prefill-1": "1"}),
+    (4, 1, 1, {"prefill-0": "0", "decode-0": "2"}),
+    (4, 1, 3, {"prefill-0": "0", "decode-0": "1", "decode-1": "2", "decode-2": "3"}),
+    (4, 2, 2, {"prefill-0": "0", "prefill-1": "1", "decode-0": "2", "decode-1": "3"}),
+    (4, 3, 1, {"prefill-0": "0", "prefill-1": "1", "prefill-2": "2", "decode-0": "3"}),
+    (4, 4, 4, {"prefill-0": "0", "prefill-1": "1", "prefill-2": "0", "prefill-3": "1",
+               "decode-0": "2", "decode-1": "3", "decode-2": "2", "decode-3": "3"}),
+]
+
+
+@pytest.mark.parametrize(("gpus", "num_prefill", "num_decode", "expected"), PLANS)
+def test_gpu_plan(gpus, num_prefill, num_decode, expected):
+    assert plan_gpus(gpus, num_prefill, num_decode) == expected
+
+
+@pytest.mark.parametrize("gpus", [2, 3, 4, 8])
+@pytest.mark.parametrize(("num_prefill", "num_decode"), [(1, 1), (1, 7), (7, 1), (3, 5)])
+def test_prefill_and_decode_never_share_a_gpu_when_there_are_two(gpus, num_prefill, num_decode):
+    pools = gpu_pools(gpus, num_prefill, num_decode)
+    assert pools["prefill"] and pools["decode"]
+    assert not set(pools["prefill"]) & set(pools["decode"])
+    assert sorted(pools["prefill"] + pools["decode"]) == list(range(gpus))
+
+
+def test_gpu_plan_uses_the_parents_visible_gpus():
+    assert plan_gpus(2, 1, 1, gpu_ids=["4", "6"]) == {"prefill-0": "4", "decode-0": "6"}
+    with pytest.raises(ValueError):
+        plan_gpus(2, 1, 1, gpu_ids=["4"])
+
+
+def test_one_shared_gpu_starts_in_waves_with_rising_memory_caps():
+    ranks = share_ranks(plan_gpus(1, 1, 2))
+    assert ranks == {"prefill-0": (0, 3), "decode-0": (1, 3), "decode-1": (2, 3)}
+    assert launch_waves(ranks, staggered=True) == [["prefill-0"], ["decode-0"], ["decode-1"]]
+    assert launch_waves(ranks, staggered=False) == [["prefill-0", "decode-0", "decode-1"]]
+    assert [memory_cap(rank, n, 0.9) for rank, n in ranks.values()] == pytest.approx([0.3, 0.6, 0.9])
+
+
+def test_own_gpus_start_together():
+    ranks = share_ranks(plan_gpus(2, 2, 2))
+    assert launch_waves(ranks, staggered=True) == [["prefill-0", "decode-0"], ["prefill-1", "decode-1"]]
+    cpu = share_ranks(plan_gpus(0, 2, 2))
+    assert set(cpu.values()) == {(0, 1)}
+    assert launch_waves(cpu, staggered=True) == [["prefill-0", "prefill-1", "decode-0", "decode-1"]]
+    assert launch_waves({}, staggered=True) == []
+
+
+# ---------------------------------------------------------------------------------------------------- children
+
+
+def test_child_env_strips_flag_variables_and_keeps_nvls_off():
+    parent = {"PATH": "/bin", "TANDEM_PORT": "9001", "REDIS_URL": "redis://x", "NCCL_NVLS_ENABLE": "1",
+              "CUDA_VISIBLE_DEVICES": "0,1", "HF_HOME": "/h"}
+    env = child_env(parent, "1", strip={"TANDEM_PORT", "REDIS_URL"})
+    assert "TANDEM_PORT" not in env and "REDIS_URL" not in env
+    assert (env["PATH"], env["HF_HOME"], env["NCCL_NVLS_ENABLE"], env["CUDA_VISIBLE_DEVICES"]) == ("/bin", "/h", "0",
+                                                                                                   "1")
+    assert child_env(parent, None, strip=())["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert child_env(parent, "", strip=())["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_output_watcher_finds_ready_and_logs_everything(tmp_path):
+    log_path, echo = tmp_path / "decode-0.log", io.StringIO()
+    stdout = io.StringIO('loading\nTANDEM_READY {"role": "decode", "address": "127.0.0.1:1"}\nTANDEM_READY {}\n')
+    stderr = io.StringIO("warming up\n" + "".join(f"line {i}\n" for i in range(50)))
+    watcher = OutputWatcher("decode-0", log_path, echo=echo, tail_lines=3).start(stdout, stderr)
+    assert watcher.settled.wait(5)
+    watcher.join(5)
+    assert watcher.ready == {"role": "decode", "address": "127.0.0.1:1"} and watcher.error is None
+    assert watcher.tail() == "line 47\nline 48\nline 49"
+    text = log_path.read_text()
+    assert "loading" in text and "warming up" in text and "line 49" in text
+    assert echo.getvalue().startswith("[decode-0] warming up\n")
+
+
+def test_output_watcher_settles_without_ready_when_stdout_ends(tmp_path):
+    watcher = OutputWatcher("p", tmp_path / "p.log").start(io.StringIO("bye\n"), io.StringIO("Traceback\n"))
+    assert watcher.settled.wait(5)
+    watcher.join(5)
+    assert watcher.ready is None and watcher.error is None and watcher.tail() == "Traceback"
+
+
+def test_output_watcher_reports_a_malformed_ready_line(tmp_path):
+    watcher = OutputWatcher("p", tmp_path / "p.log").start(io.StringIO("TANDEM_READY {\n"), io.StringIO(""))
+    assert watcher.settled.wait(5)
+    assert watcher.ready is None and "bad READY line" in watcher.error
+
+
+# ---------------------------------------------------------------------------------------------------- stop()
+
+
+def test_stop_without_children_is_idempotent(tmp_path):
+    cluster = LocalCluster("smollm2", 1, 1, 0, "127.0.0.1", [], "redis://127.0.0.1:1/0", tmp_path)
+    cluster.stop()
+    cluster.stop()
+    assert cluster.workers == {} and cluster.router is None
+    with pytest.raises(RuntimeError):
+        _ = cluster.router_url
+    with pytest.raises(KeyError):
+        cluster.terminate("decode-0", timeout=1)
+
+
+def test_a_child_that_exits_before_ready_fails_start_with_its_stderr(tmp_path):
+    """A real `tandem router` given a bad flag exits at once (usage error): start() must raise, not hang."""
+    cluster = LocalCluster("smollm2", 0, 0, 0, "127.0.0.1", [], "redis://127.0.0.1:1/0", tmp_path,
+                           router_args=["--max-retries", "many"], ready_timeout_s=60)
+    with pytest.raises(ClusterError) as exc:
+        cluster.start()
+    message = str(exc.value)
+    assert "router exited with code 2 before READY" in message and "--max-retries" in message
+    assert str(tmp_path / "router.log") in message
+    assert cluster.router is not None and not cluster.router.alive
+    assert "--max-retries" in (tmp_path / "router.log").read_text()
+    assert not [t for t in threading.enumerate() if t.name.startswith("router-") and t.is_alive()]
+    cluster.stop()
