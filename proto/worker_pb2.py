@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\rtandem.worker\"\x90\x04\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x41\n\nlogit_bias\x18\t \x03(\x0b\x32-.tandem.worker.SamplingOptions.LogitBiasEntry\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x11 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"m\n\x0cReserveReply\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"~\n\x0c\x44\x65\x63odeTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07host_id\x18\x06 \x01(\t\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\x05\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.tandem.worker.SamplingOptions\x12+\n\x06target\x18\x04 \x01(\x0b\x32\x1b.tandem.worker.DecodeTarget\x12\x15\n\rnum_generated\x18\x05 \x01(\x05\"B\n\rTransferStats\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xe2\x01\n\x0cPrefillReply\x12\x12\n\nnext_token\x18\x01 \x01(\x05\x12.\n\x08logprobs\x18\x02 \x01(\x0b\x32\x1c.tandem.worker.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12.\n\x08transfer\x18\x07 \x01(\x0b\x32\x1c.tandem.worker.TransferStats\"\xa3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tandem.worker.SamplingOptions\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\"\x99\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12.\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1c.tandem.worker.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xc3\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x14\n\x0creservations\x18\x08 \x01(\x05\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t2\xf3\x03\n\x06Worker\x12\x45\n\x07Reserve\x12\x1d.tandem.worker.ReserveRequest\x1a\x1b.tandem.worker.ReserveReply\x12\x45\n\x07Release\x12\x1d.tandem.worker.ReleaseRequest\x1a\x1b.tandem.worker.ReleaseReply\x12\x45\n\x07Prefill\x12\x1d.tandem.worker.PrefillRequest\x1a\x1b.tandem.worker.PrefillReply\x12J\n\x08Generate\x12\x1e.tandem.worker.GenerateRequest\x1a\x1c.tandem.worker.GenerateChunk0\x01\x12?\n\x05\x41\x62ort\x12\x1b.tandem.worker.AbortRequest\x1a\x19.tandem.worker.AbortReply\x12\x43\n\x06Status\x12\x1c.tandem.worker.StatusRequest\x1a\x1b.tandem.worker.WorkerStatus\x12\x42\n\x05\x44rain\x12\x1c.tandem.worker.StatusRequest\x1a\x1b.tandem.worker.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cworker.proto\x12\rtandem.worker\"\x90\x04\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x08 \x01(\x02\x12\x41\n\nlogit_bias\x18\t \x03(\x0b\x32-.tandem.worker.SamplingOptions.LogitBiasEntry\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x17\n\nmax_tokens\x18\x0e \x01(\x05H\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x0f \x01(\x05\x12\x15\n\x08logprobs\x18\x10 \x01(\x05H\x02\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x11 \x01(\x08\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"m\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x15\n\rtop_token_ids\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"I\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x0f\n\x07lease_s\x18\x03 \x01(\x01\"\x7f\n\x0cReserveReply\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x11\n\tworker_id\x18\x05 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x06 \x01(\t\"(\n\x0eReleaseRequest\x12\x16\n\x0ereservation_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x90\x01\n\x0c\x44\x65\x63odeTarget\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0ereservation_id\x18\x03 \x01(\t\x12\x11\n\tblock_ids\x18\x04 \x03(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07host_id\x18\x06 \x01(\t\x12\x10\n\x08gpu_uuid\x18\x07 \x01(\t\"\xb5\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11\x63ontext_token_ids\x18\x02 \x03(\x05\x12\x30\n\x08sampling\x18\x03 \x01(\x0b\x32\x1e.tandem.worker.SamplingOptions\x12+\n\x06target\x18\x04 \x01(\x0b\x32\x1b.tandem.worker.DecodeTarget\x12\x15\n\rnum_generated\x18\x05 \x01(\x05\"B\n\rTransferStats\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\r\n\x05\x62ytes\x18\x02 \x01(\x03\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\"\xe2\x01\n\x0cPrefillReply\x12\x12\n\nnext_token\x18\x01 \x01(\x05\x12.\n\x08logprobs\x18\x02 \x01(\x0b\x32\x1c.tandem.worker.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12\x17\n\x0fprefill_seconds\x18\x06 \x01(\x01\x12.\n\x08transfer\x18\x07 \x01(\x0b\x32\x1c.tandem.worker.TransferStats\"\xa3\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x18\n\x10output_token_ids\x18\x03 \x03(\x05\x12\x30\n\x08sampling\x18\x04 \x01(\x0b\x32\x1e.tandem.worker.SamplingOptions\x12\x16\n\x0ereservation_id\x18\x05 \x01(\t\"\x99\x01\n\rGenerateChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12.\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1c.tandem.worker.TokenLogprobs\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1d\n\nAbortReply\x12\x0f\n\x07\x61\x62orted\x18\x01 \x01(\x08\"\x0f\n\rStatusRequest\"\xc3\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x0ctotal_blocks\x18\x04 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x0f\n\x07waiting\x18\x07 \x01(\x05\x12\x14\n\x0creservations\x18\x08 \x01(\x05\x12\x10\n\x08\x64raining\x18\t \x01(\x08\x12\x0e\n\x06\x64\x65vice\x18\n \x01(\t2\xf3\x03\n\x06Worker\x12\x45\n\x07Reserve\x12\x1d.tandem.worker.ReserveRequest\x1a\x1b.tandem.worker.ReserveReply\x12\x45\n\x07Release\x12\x1d.tandem.worker.ReleaseRequest\x1a\x1b.tandem.worker.ReleaseReply\x12\x45\n\x07Prefill\x12\x1d.tandem.worker.PrefillRequest\x1a\x1b.tandem.worker.PrefillReply\x12J\n\x08Generate\x12\x1e.tandem.worker.GenerateRequest\x1a\x1c.tandem.worker.GenerateChunk0\x01\x12?\n\x05\x41\x62ort\x12\x1b.tandem.worker.AbortRequest\x1a\x19.tandem.worker.AbortReply\x12\x43\n\x06Status\x12\x1c.tandem.worker.StatusRequest\x1a\x1b.tandem.worker.WorkerStatus\x12\x42\n\x05\x44rain\x12\x1c.tandem.worker.StatusRequest\x1a\x1b.tandem.worker.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,31 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESERVEREQUEST']._serialized_start=673
   _globals['_RESERVEREQUEST']._serialized_end=746
   _globals['_RESERVEREPLY']._serialized_start=748
-  _globals['_RESERVEREPLY']._serialized_end=857
-  _globals['_RELEASEREQUEST']._serialized_start=859
-  _globals['_RELEASEREQUEST']._serialized_end=899
-  _globals['_RELEASEREPLY']._serialized_start=901
-  _globals['_RELEASEREPLY']._serialized_end=933
-  _globals['_DECODETARGET']._serialized_start=935
-  _globals['_DECODETARGET']._serialized_end=1061
-  _globals['_PREFILLREQUEST']._serialized_start=1064
-  _globals['_PREFILLREQUEST']._serialized_end=1245
-  _globals['_TRANSFERSTATS']._serialized_start=1247
-  _globals['_TRANSFERSTATS']._serialized_end=1313
-  _globals['_PREFILLREPLY']._serialized_start=1316
-  _globals['_PREFILLREPLY']._serialized_end=1542
-  _globals['_GENERATEREQUEST']._serialized_start=1545
-  _globals['_GENERATEREQUEST']._serialized_end=1708
-  _globals['_GENERATECHUNK']._serialized_start=1711
-  _globals['_GENERATECHUNK']._serialized_end=1864
-  _globals['_ABORTREQUEST']._serialized_start=1866
-  _globals['_ABORTREQUEST']._serialized_end=1900
-  _globals['_ABORTREPLY']._serialized_start=1902
-  _globals['_ABORTREPLY']._serialized_end=1931
-  _globals['_STATUSREQUEST']._serialized_start=1933
-  _globals['_STATUSREQUEST']._serialized_end=1948
-  _globals['_WORKERSTATUS']._serialized_start=1951
-  _globals['_WORKERSTATUS']._serialized_end=2146
-  _globals['_WORKER']._serialized_start=2149
-  _globals['_WORKER']._serialized_end=2648
+  _globals['_RESERVEREPLY']._serialized_end=875
+  _globals['_RELEASEREQUEST']._serialized_start=877
+  _globals['_RELEASEREQUEST']._serialized_end=917
+  _globals['_RELEASEREPLY']._serialized_start=919
+  _globals['_RELEASEREPLY']._serialized_end=951
+  _globals['_DECODETARGET']._serialized_start=954
+  _globals['_DECODETARGET']._serialized_end=1098
+  _globals['_PREFILLREQUEST']._serialized_start=1101
+  _globals['_PREFILLREQUEST']._serialized_end=1282
+  _globals['_TRANSFERSTATS']._serialized_start=1284
+  _globals['_TRANSFERSTATS']._serialized_end=1350
+  _globals['_PREFILLREPLY']._serialized_start=1353
+  _globals['_PREFILLREPLY']._serialized_end=1579
+  _globals['_GENERATEREQUEST']._serialized_start=1582
+  _globals['_GENERATEREQUEST']._serialized_end=1745
+  _globals['_GENERATECHUNK']._serialized_start=1748
+  _globals['_GENERATECHUNK']._serialized_end=1901
+  _globals['_ABORTREQUEST']._serialized_start=1903
+  _globals['_ABORTREQUEST']._serialized_end=1937
+  _globals['_ABORTREPLY']._serialized_start=1939
+  _globals['_ABORTREPLY']._serialized_end=1968
+  _globals['_STATUSREQUEST']._serialized_start=1970
+  _globals['_STATUSREQUEST']._serialized_end=1985
+  _globals['_WORKERSTATUS']._serialized_start=1988
+  _globals['_WORKERSTATUS']._serialized_end=2183
+  _globals['_WORKER']._serialized_start=2186
+  _globals['_WORKER']._serialized_end=2685
 # @@protoc_insertion_point(module_scope)

@@ -76,18 +76,20 @@ class ReserveRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., lease_s: _Optional[float] = ...) -> None: ...
 
 class ReserveReply(_message.Message):
-    __slots__ = ("reservation_id", "block_ids", "device", "host_id", "worker_id")
+    __slots__ = ("reservation_id", "block_ids", "device", "host_id", "worker_id", "gpu_uuid")
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
     reservation_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     device: str
     host_id: str
     worker_id: str
-    def __init__(self, reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., host_id: _Optional[str] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    gpu_uuid: str
+    def __init__(self, reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., host_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., gpu_uuid: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("reservation_id",)
@@ -102,20 +104,22 @@ class ReleaseReply(_message.Message):
     def __init__(self, released: _Optional[bool] = ...) -> None: ...
 
 class DecodeTarget(_message.Message):
-    __slots__ = ("worker_id", "address", "reservation_id", "block_ids", "device", "host_id")
+    __slots__ = ("worker_id", "address", "reservation_id", "block_ids", "device", "host_id", "gpu_uuid")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    GPU_UUID_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     reservation_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     device: str
     host_id: str
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., host_id: _Optional[str] = ...) -> None: ...
+    gpu_uuid: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., device: _Optional[str] = ..., host_id: _Optional[str] = ..., gpu_uuid: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "context_token_ids", "sampling", "target", "num_generated")

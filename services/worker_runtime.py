@@ -81,6 +81,7 @@ class WorkerRuntime:
         self.block_size = settings.engine.cache.block_size
         self.worker_id = settings.worker.worker_id or f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.host_id = socket.gethostname()
+        self.gpu_uuid = gpu_uuid(engine.device)
         self.started_at = time.time()
         self.address = ""
         self.draining = False
@@ -113,6 +114,15 @@ class WorkerRuntime:
                 return True
             await asyncio.sleep(0.05)
         return False
+
+
+def gpu_uuid(device) -> str:
+    """The physical GPU's UUID ('' on CPU): decides whether two workers can pair over NCCL."""
+    if device.type != "cuda":
+        return ""
+    import torch
+
+    return str(torch.cuda.get_device_properties(device).uuid)
 
 
 def load_engine(settings: WorkerSettings) -> LLMEngine:

@@ -27,9 +27,13 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` -> the current CUDA device when there is one, else CPU; CUDA always gets an explicit index."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved
 
 
 class LLMEngine:

@@ -60,7 +60,8 @@ class DecodeService(BaseWorkerService):
         self.runtime.reservations = len(self.reservations)
         runtime = self.runtime
         return worker_pb2.ReserveReply(reservation_id=reservation_id, block_ids=block_ids, device=runtime.device,
-                                       host_id=runtime.host_id, worker_id=runtime.worker_id)
+                                       host_id=runtime.host_id, worker_id=runtime.worker_id,
+                                       gpu_uuid=runtime.gpu_uuid)
 
     async def Release(self, request: worker_pb2.ReleaseRequest, context) -> worker_pb2.ReleaseReply:  # noqa: N802
         return worker_pb2.ReleaseReply(released=await self._release(request.reservation_id))

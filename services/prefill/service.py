@@ -94,7 +94,10 @@ class PrefillService(BaseWorkerService):
         sender = self._sender(target)
         block_ids = list(target.block_ids)[: kv.shape[2]]
         result = await sender.send(target.address, request.request_id, target.reservation_id, block_ids, kv)
-        if not result.ok:
+        if result.ok:
+            logger.debug("shipped KV of %s to %s: %d bytes via %s in %.2f ms", request.request_id, target.worker_id,
+                        result.bytes, sender.transport, result.seconds * 1e3)
+        else:
             logger.warning("KV transfer of %s to %s failed: %s", request.request_id, target.worker_id, result.error)
             await context.abort(grpc.StatusCode.DATA_LOSS, f"kv transfer failed: {result.error}")
         return worker_pb2.TransferStats(transport=sender.transport, bytes=result.bytes, seconds=result.seconds)
@@ -103,8 +106,10 @@ class PrefillService(BaseWorkerService):
         from common.transfer.base import choose_transport
 
         settings = self.runtime.settings
+        known = bool(target.gpu_uuid and self.runtime.gpu_uuid)
         kind = choose_transport(settings.transfer.transport, self.runtime.device, target.device,
-                                same_host=target.host_id == self.runtime.host_id)
+                                same_host=target.host_id == self.runtime.host_id,
+                                same_gpu=target.gpu_uuid == self.runtime.gpu_uuid if known else None)
         if kind not in self.senders:
             self.senders[kind] = make_sender(kind, settings.transfer, sender_id=self.runtime.worker_id,
                                              device=self.runtime.device, store_host=settings.worker.host,

@@ -200,7 +200,9 @@ class Orchestrator:
             )
             outputs = [*attempt.delivered, reply.next_token]
             return event, self._generate_request(attempt, outputs, reservation.reservation_id)
-        raise _WorkerFailed(decode, RuntimeError("KV transfers into this worker keep failing"))
+        logger.warning("request %s: KV transfers into %s keep failing; it prefills locally", attempt.request_id,
+                       decode.worker_id)
+        return None
 
     async def _prefill_with_retries(self, decode: WorkerInfo, reservation, attempt: _Attempt):
         tried: set[str] = set()
@@ -242,6 +244,7 @@ class Orchestrator:
             block_ids=reservation.block_ids,
             device=reservation.device,
             host_id=reservation.host_id,
+            gpu_uuid=reservation.gpu_uuid,
         )
         return worker_pb2.PrefillRequest(
             request_id=attempt.request_id,
