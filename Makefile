@@ -21,7 +21,7 @@ TEST_ENV := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 .PHONY: help install lint fmt test test-gpu serve bench clean distclean
 
 help:
-	@echo "make serve   - install if needed, then chat with MODEL=$(MODEL) on stdin (ARGS='...' passes flags)"
+	@echo "make serve   - install if needed, then run the local cluster (Redis, router, prefill, decode) for MODEL=$(MODEL); ARGS='--prefill 2' passes flags"
 	@echo "make test    - install if needed, lint, run the test suite (GPU tests skip without CUDA)"
 	@echo "make test-gpu, lint, fmt, bench, clean, distclean"
 

@@ -50,7 +50,7 @@ _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 EXIT_WORDS = frozenset({"exit", "quit", "/exit", "/quit"})
 RESET_WORDS = frozenset({"/reset", "/clear"})
-EXAMPLE_BODY = '{"prompt": "What is the capital of France?", "max_tokens": 32, "stream": true}'
+EXAMPLE_BODY = '{"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, "stream": true}'
 
 
 # ---------------------------------------------------------------------------------------------------- values
@@ -449,6 +449,10 @@ def _supervise(cluster: LocalCluster, poll_s: float = 0.5) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the local cluster until SIGINT/SIGTERM; then stop every process (bounded) and return 0."""
+    from common.models.loader import resolve_model_path
+
+    # Resolve (convert/download) once here, so the processes do not all convert the same GGUF at once.
+    print(f"tandem: model {args.model} -> {resolve_model_path(args.model, args.download_dir)}", file=sys.stderr)
     cluster = _cluster_from_args(args)
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import AutoTokenizer
 
 from common.config import CoordConfig, RouterConfig, TransferConfig
@@ -101,8 +101,13 @@ def build_app(state: RouterState) -> FastAPI:
     async def workers() -> dict:
         return {"workers": [info.__dict__ for info in state.watcher.alive()]}
 
-    @app.post("/generate")
-    async def generate(body: GenerateBody, request: Request):
+    @app.post("/generate", openapi_extra=_json_body_schema(GenerateBody))
+    async def generate(request: Request):
+        """JSON body whatever the Content-Type (``curl -d`` sends form encoding by default)."""
+        try:
+            body = GenerateBody.model_validate_json(await request.body())
+        except ValidationError as error:
+            return error_response(400, _validation_message(error), "invalid_request_error")
         try:
             params = body.sampling_params()
             prompt_ids = _prompt_ids(state, body)
@@ -115,6 +120,16 @@ def build_app(state: RouterState) -> FastAPI:
         return await _collect(events, request_id, len(prompt_ids))
 
     return app
+
+
+def _json_body_schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+def _validation_message(error: ValidationError) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first.get("loc", ())) or "body"
+    return f"{location}: {first.get('msg', 'invalid')}"
 
 
 def _prompt_ids(state: RouterState, body: GenerateBody) -> list[int]:
