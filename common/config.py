@@ -98,3 +98,9 @@ class RouterConfig:
     weight_prefix_hits: float = 2.0
     local_prefill_max_tokens: int = 32  # shorter uncached prompts are prefilled on the decode worker
     max_retries: int = 3
+    served_model_name: str | None = None  # the id clients send as `model`; defaults to the --model value
+    api_keys: tuple[str, ...] = ()  # empty = no authentication
+    rate_limit_rpm: int | None = None  # per API key, enforced across router replicas through Redis
+    rate_limit_tpm: int | None = None
+    max_running: int = 1024  # requests this router streams at once
+    max_waiting: int = 1024  # admission queue length; beyond it: 429

@@ -281,6 +281,14 @@ def _add_router_command(sub: Any, env: EnvDefaults, common: list[argparse.Argume
                help="default: %(default)s")
     add_option(g, env, "--weight-prefix-hits", type=float, default=RouterConfig.weight_prefix_hits,
                help="default: %(default)s")
+    add_option(g, env, "--served-model-name", help="model id clients send (default: --model)")
+    add_option(g, env, "--api-keys", default="", help="comma-separated accepted API keys (default: none = open)")
+    add_option(g, env, "--rate-limit-rpm", type=int, help="requests per minute per API key (default: unlimited)")
+    add_option(g, env, "--rate-limit-tpm", type=int, help="tokens per minute per API key (default: unlimited)")
+    add_option(g, env, "--max-running", type=int, default=RouterConfig.max_running,
+               help="requests streamed at once by this router (default: %(default)s)")
+    add_option(g, env, "--max-waiting", type=int, default=RouterConfig.max_waiting,
+               help="admission queue length; beyond it requests get 429 (default: %(default)s)")
     cmd.set_defaults(func=cmd_router)
 
 
@@ -376,9 +384,15 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 
 
 def router_config(args: argparse.Namespace) -> RouterConfig:
+    keys = tuple(key.strip() for key in (getattr(args, "api_keys", "") or "").split(",") if key.strip())
     return RouterConfig(host=args.host, port=args.port, weight_load=args.weight_load,
                         weight_free_blocks=args.weight_free_blocks, weight_prefix_hits=args.weight_prefix_hits,
-                        local_prefill_max_tokens=args.local_prefill_max_tokens, max_retries=args.max_retries)
+                        local_prefill_max_tokens=args.local_prefill_max_tokens, max_retries=args.max_retries,
+                        served_model_name=getattr(args, "served_model_name", None), api_keys=keys,
+                        rate_limit_rpm=getattr(args, "rate_limit_rpm", None),
+                        rate_limit_tpm=getattr(args, "rate_limit_tpm", None),
+                        max_running=getattr(args, "max_running", RouterConfig.max_running),
+                        max_waiting=getattr(args, "max_waiting", RouterConfig.max_waiting))
 
 
 # ---------------------------------------------------------------------------------------------------- services

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -94,6 +94,7 @@ class Orchestrator:
         watcher: RegistryWatcher,
         prefix_lookup: PrefixLookup | None,
         block_size: int = 16,
+        on_retry: Callable[[bool], None] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -106,6 +107,7 @@ class Orchestrator:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.num_retries = 0
         self.num_migrations = 0
+        self.on_retry = on_retry  # metrics hook: called with True for a migration, False for a retry
 
     async def generate(
         self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -127,6 +129,8 @@ class Orchestrator:
                 self._note_failure(attempt, failure)
                 if attempt.delivered:
                     self.num_migrations += 1
+                    if self.on_retry is not None:
+                        self.on_retry(True)
         raise NoWorkersError(
             f"no decode worker could serve request {attempt.request_id} "
             f"(failed: {sorted(attempt.failed) or 'none'}; alive: {len(self._alive('decode'))})"
@@ -311,6 +315,8 @@ class Orchestrator:
         attempt.failed.add(failure.worker.worker_id)
         self.watcher.mark_failed(failure.worker.worker_id)
         self.num_retries += 1
+        if self.on_retry is not None:
+            self.on_retry(False)
 
     def _classify(self, worker: WorkerInfo, error: grpc.aio.AioRpcError) -> Exception:
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT:

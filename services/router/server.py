@@ -18,8 +18,11 @@ from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
 
 from common.config import CoordConfig, RouterConfig, TransferConfig
@@ -27,7 +30,11 @@ from common.coord.prefix_index import PrefixLookup
 from common.coord.registry import connect
 from common.coord.watcher import RegistryWatcher
 from common.engine.sampling_params import SamplingParams
+from common.metrics import RouterMetrics
 from common.models.loader import resolve_model_path
+from services.router import openai_api, protocol
+from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
+from services.router.openai_api import Gateway
 from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator
 from services.router.text import TextAssembler
 
@@ -71,6 +78,7 @@ class RouterState:
     tokenizer: object
     orchestrator: Orchestrator
     watcher: RegistryWatcher
+    gateway: Gateway
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
@@ -80,11 +88,19 @@ def error_response(status: int, message: str, kind: str) -> JSONResponse:
 
 
 def build_app(state: RouterState) -> FastAPI:
-    app = FastAPI(title="Tandem router")
+    app = FastAPI(title="Tandem router", version="0.1.0",
+                  description="OpenAI-compatible gateway of a disaggregated prefill/decode cluster")
+    _add_error_handlers(app, state)
+    _add_openai_routes(app, state)
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        _refresh_gauges(state)
+        return Response(generate_latest(state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready():
@@ -120,6 +136,49 @@ def build_app(state: RouterState) -> FastAPI:
         return await _collect(events, request_id, len(prompt_ids))
 
     return app
+
+
+def _add_openai_routes(app: FastAPI, state: RouterState) -> None:
+    gateway = state.gateway
+
+    @app.post("/v1/chat/completions", openapi_extra=_json_body_schema(protocol.ChatCompletionRequest))
+    async def chat(request: Request) -> Response:
+        """OpenAI chat completions (streaming with ``stream: true``)."""
+        return await openai_api.chat_completions(gateway, request)
+
+    @app.post("/v1/completions", openapi_extra=_json_body_schema(protocol.CompletionRequest))
+    async def completions(request: Request) -> Response:
+        """OpenAI (legacy) completions."""
+        return await openai_api.completions(gateway, request)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return openai_api.list_models(gateway)
+
+
+def _add_error_handlers(app: FastAPI, state: RouterState) -> None:
+    """No traceback ever reaches a client: unknown paths and crashes get the OpenAI envelope."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(protocol.error_for_status(error.status_code, str(error.detail)),
+                            status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse(protocol.error_for_status(400, str(error.errors()[:1])), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, error: Exception) -> JSONResponse:
+        logger.exception("request %s crashed", request.headers.get("x-request-id", "-"))
+        return JSONResponse(protocol.error_for_status(500), status_code=500)
+
+
+def _refresh_gauges(state: RouterState) -> None:
+    metrics = state.gateway.metrics
+    for role in ("prefill", "decode"):
+        metrics.workers.labels(model=state.model, role=role).set(len(state.watcher.alive(role=role, model=state.model)))
+    metrics.waiting.labels(model=state.model).set(state.gateway.queue.stats().waiting)
 
 
 def _json_body_schema(model: type[BaseModel]) -> dict:
@@ -204,9 +263,23 @@ async def router_state(
     watcher = RegistryWatcher(client, coord)
     await watcher.start()
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, resolve_model_path(model, download_dir))
-    orchestrator = Orchestrator(model, router, transfer, watcher, PrefixLookup(client, coord))
+    served = router.served_model_name or model
+    metrics = RouterMetrics.create(served)
+
+    def count_retry(migration: bool) -> None:
+        (metrics.migrations if migration else metrics.retries).labels(model=served).inc()
+
+    orchestrator = Orchestrator(model, router, transfer, watcher, PrefixLookup(client, coord), on_retry=count_retry)
+    limiter = None
+    if router.rate_limit_rpm or router.rate_limit_tpm:
+        limiter = RateLimiter(client, coord.namespace, router.rate_limit_rpm, router.rate_limit_tpm)
+    gateway = Gateway(model_id=served, tokenizer=tokenizer, orchestrator=orchestrator,
+                      keys=ApiKeys.load(router.api_keys), limiter=limiter,
+                      queue=AdmissionQueue(router.max_running, router.max_waiting),
+                      metrics=metrics)
     try:
-        yield RouterState(model=model, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher)
+        yield RouterState(model=model, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher,
+                          gateway=gateway)
     finally:
         await orchestrator.close()
         await watcher.stop()
@@ -232,18 +305,8 @@ async def serve_router(model: str, router: RouterConfig, coord: CoordConfig, tra
 
 def main_router(args: argparse.Namespace) -> int:
     """Entry point of `tandem router`."""
+    from services.launch import coord_config, router_config
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
-    router = RouterConfig(
-        host=args.host,
-        port=args.port,
-        weight_load=args.weight_load,
-        weight_free_blocks=args.weight_free_blocks,
-        weight_prefix_hits=args.weight_prefix_hits,
-        local_prefill_max_tokens=args.local_prefill_max_tokens,
-        max_retries=args.max_retries,
-    )
-    coord = CoordConfig(
-        redis_url=args.redis_url, namespace=args.namespace, heartbeat_s=args.heartbeat_s, ttl_s=args.ttl_s
-    )
     transfer = TransferConfig(transport=args.transport)
-    return asyncio.run(serve_router(args.model, router, coord, transfer))
+    return asyncio.run(serve_router(args.model, router_config(args), coord_config(args), transfer))

@@ -1,0 +1,397 @@
+"""The OpenAI-compatible surface: /v1/chat/completions, /v1/completions, /v1/models.
+
+Every request: authenticate -> parse and validate -> rate limit -> admission slot -> one orchestrator
+stream per choice (n choices per prompt) -> OpenAI-shaped JSON or SSE. Errors use the OpenAI envelope and
+never carry a traceback. A client that disconnects (while queued or mid-stream) cancels its streams,
+which aborts the request on every worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from common.engine.sampling_params import SamplingParams
+from common.metrics import RouterMetrics
+from services.router import protocol
+from services.router.admission import AdmissionError, AdmissionQueue, ApiKeys, RateLimiter
+from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator, TokenEvent
+from services.router.streams import merge_streams, until_disconnected
+from services.router.text import TextAssembler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Gateway:
+    """What the OpenAI handlers share; built once at startup and passed explicitly."""
+
+    model_id: str
+    tokenizer: object
+    orchestrator: Orchestrator
+    keys: ApiKeys
+    limiter: RateLimiter | None
+    queue: AdmissionQueue
+    metrics: RouterMetrics
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+@dataclass
+class Job:
+    """One HTTP request after validation: its prompts (token ids), params and bookkeeping."""
+
+    endpoint: str  # "chat" | "completion"
+    response_id: str
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    echo: bool = False
+    num_logprobs: int | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
+
+
+@dataclass
+class ChoiceState:
+    """One choice as it streams: its text, tokens and logprobs so far."""
+
+    index: int
+    prompt_index: int
+    text: TextAssembler
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[protocol.TokenLogprob] = field(default_factory=list)
+    full_text: str = ""
+    finish_reason: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+async def chat_completions(gateway: Gateway, request: Request) -> Response:
+    return await _handle(gateway, request, "chat")
+
+
+async def completions(gateway: Gateway, request: Request) -> Response:
+    return await _handle(gateway, request, "completion")
+
+
+def list_models(gateway: Gateway) -> dict:
+    return protocol.models_list([gateway.model_id], gateway.created)
+
+
+async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response:
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    headers = {"X-Request-Id": request_id}
+    try:
+        key_id = gateway.keys.check(request.headers.get("authorization"))
+        job = _build_job(gateway, endpoint, await request.body(), request_id)
+        if gateway.limiter is not None:
+            await gateway.limiter.acquire(key_id, sum(map(len, job.prompts)) + (job.params.max_tokens or 0))
+    except (protocol.ProtocolError, AdmissionError) as error:
+        return _error_response(gateway, error, headers)
+    gateway.metrics.prompt_tokens.labels(model=gateway.model_id).inc(sum(map(len, job.prompts)))
+    if job.stream:
+        return await _stream_response(gateway, request, job, headers)
+    result = await until_disconnected(request.is_disconnected, _complete(gateway, job))
+    if result is None:  # client gone: its streams were cancelled and aborted on the workers
+        return Response(status_code=499, headers=headers)
+    return result if isinstance(result, Response) else JSONResponse(result, headers=headers)
+
+
+def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) -> Job:
+    parsed = protocol.parse_chat(body) if endpoint == "chat" else protocol.parse_completion(body)
+    if parsed.model != gateway.model_id:
+        raise protocol.model_not_found(parsed.model)
+    params = parsed.sampling_params()
+    _check_vocab(gateway, params)
+    if endpoint == "chat":
+        texts = [_render_chat(gateway, parsed)]
+        prompts = [gateway.tokenizer.encode(texts[0], add_special_tokens=False)]
+        num_logprobs = (parsed.top_logprobs or 0) if parsed.logprobs else None
+        echo = False
+    else:
+        prompts, texts = _completion_prompts(gateway, parsed)
+        num_logprobs = parsed.logprobs
+        echo = parsed.echo
+        if echo and num_logprobs is not None:
+            raise protocol.ProtocolError("echo with logprobs is not supported yet", param="echo")
+    return Job(endpoint=endpoint, response_id=protocol.new_id(endpoint), request_id=request_id,
+               model=gateway.model_id, prompts=prompts, prompt_texts=texts, params=params, stream=parsed.stream,
+               include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs)
+
+
+def _render_chat(gateway: Gateway, parsed: protocol.ChatCompletionRequest) -> str:
+    try:
+        return gateway.tokenizer.apply_chat_template(protocol.messages_for_template(parsed), tokenize=False,
+                                                     add_generation_prompt=True)
+    except Exception as error:  # noqa: BLE001 - templates raise anything (jinja errors on bad roles/order)
+        raise protocol.ProtocolError(f"messages: the chat template rejected them: {error}", param="messages") from error
+
+
+def _completion_prompts(gateway: Gateway, parsed: protocol.CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    prompts, texts = [], []
+    vocab = len(gateway.tokenizer)
+    for prompt in protocol.prompts_of(parsed):
+        if isinstance(prompt, str):
+            prompts.append(gateway.tokenizer.encode(prompt))
+            texts.append(prompt)
+        else:
+            if any(t < 0 or t >= vocab for t in prompt):
+                raise protocol.ProtocolError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
+            prompts.append(list(prompt))
+            texts.append(gateway.tokenizer.decode(prompt))
+    return prompts, texts
+
+
+def _check_vocab(gateway: Gateway, params: SamplingParams) -> None:
+    try:
+        params.check_token_ids(len(gateway.tokenizer))
+    except ValueError as error:
+        raise protocol.ProtocolError(str(error), param="logit_bias") from error
+
+
+# ---------------------------------------------------------------------------------------------- running choices
+def _choice_streams(gateway: Gateway, job: Job) -> tuple[list[ChoiceState], list[AsyncIterator[TokenEvent]]]:
+    states, streams = [], []
+    for prompt_index, prompt in enumerate(job.prompts):
+        for sample in range(job.params.n):
+            index = prompt_index * job.params.n + sample
+            params = job.params.replace(n=1, seed=None if job.params.seed is None else job.params.seed + sample)
+            states.append(ChoiceState(index, prompt_index, TextAssembler(gateway.tokenizer, prompt, params)))
+            streams.append(gateway.orchestrator.generate(prompt, params, f"{job.request_id}-{index}"))
+    return states, streams
+
+
+async def _admitted_events(gateway: Gateway, job: Job) -> AsyncIterator[tuple[ChoiceState, TokenEvent]]:
+    """Hold an admission slot while the choices stream; yield (choice, event) as tokens arrive."""
+    waited = time.perf_counter()
+    async with gateway.queue.slot():
+        gateway.metrics.queue_time.labels(model=job.model).observe(time.perf_counter() - waited)
+        states, streams = _choice_streams(gateway, job)
+        gateway.metrics.running.labels(model=job.model).inc()
+        try:
+            async for index, event in merge_streams(streams):
+                yield states[index], event
+        finally:
+            gateway.metrics.running.labels(model=job.model).dec()
+
+
+def _apply(gateway: Gateway, job: Job, state: ChoiceState, event: TokenEvent) -> tuple[str, list]:
+    """Fold one event into its choice; return the new text and logprob entries to send."""
+    finished = event.finish_reason is not None
+    text = state.text.add(event.token_ids, finished)
+    state.token_ids.extend(event.token_ids)
+    state.full_text += text
+    entries = []
+    if job.num_logprobs is not None:
+        decode = _token_text(gateway)
+        entries = [protocol.token_logprob(t, lp, decode, job.num_logprobs)
+                   for t, lp in zip(event.token_ids, event.logprobs, strict=False)]
+        state.logprobs.extend(entries)
+    if finished:
+        state.finish_reason = "length" if event.finish_reason == "length" else "stop"
+    return text, entries
+
+
+def _token_text(gateway: Gateway) -> Callable[[int], str]:
+    return lambda token_id: gateway.tokenizer.decode([token_id])
+
+
+class _Timing:
+    """Router-side latency metrics for one request (the client's view)."""
+
+    def __init__(self, gateway: Gateway, job: Job) -> None:
+        self.metrics, self.model, self.start = gateway.metrics, job.model, job.arrival
+        self.first: float | None = None
+        self.last: float | None = None
+        self.tokens = 0
+
+    def on_event(self, event: TokenEvent) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+            self.metrics.ttft.labels(model=self.model).observe(now - self.start)
+        elif self.last is not None and event.token_ids:
+            self.metrics.itl.labels(model=self.model).observe((now - self.last) / len(event.token_ids))
+        self.last = now
+        self.tokens += len(event.token_ids)
+
+    def finish(self, outcome: str, endpoint: str) -> None:
+        now = time.perf_counter()
+        labels = {"model": self.model}
+        self.metrics.e2e.labels(**labels).observe(now - self.start)
+        self.metrics.generation_tokens.labels(**labels).inc(self.tokens)
+        if self.first is not None and self.tokens > 1:
+            self.metrics.tpot.labels(**labels).observe((now - self.first) / (self.tokens - 1))
+        self.metrics.requests.labels(model=self.model, endpoint=endpoint, outcome=outcome).inc()
+
+
+# ---------------------------------------------------------------------------------------------- non-streaming
+async def _complete(gateway: Gateway, job: Job) -> dict | Response:
+    timing = _Timing(gateway, job)
+    try:
+        states = None
+        async for state, event in _admitted_events(gateway, job):
+            timing.on_event(event)
+            _apply(gateway, job, state, event)
+            states = states or {}
+            states[state.index] = state
+    except (AdmissionError, NoWorkersError, InvalidRequestError) as error:
+        timing.finish(type(error).__name__, job.endpoint)
+        return _error_response(gateway, error, {"X-Request-Id": job.request_id})
+    timing.finish("ok", job.endpoint)
+    ordered = [states[i] for i in sorted(states)]
+    return _final_body(gateway, job, ordered)
+
+
+def _final_body(gateway: Gateway, job: Job, states: Sequence[ChoiceState]) -> dict:
+    choices = []
+    for state in states:
+        text = job.prompt_texts[state.prompt_index] + state.full_text if job.echo else state.full_text
+        logprobs = tuple(state.logprobs) if job.num_logprobs is not None else None
+        choices.append(protocol.ChoiceResult(state.index, text, state.finish_reason or "stop",
+                                             tuple(state.token_ids), logprobs))
+    usage = protocol.usage(_prompt_tokens(job), sum(len(s.token_ids) for s in states))
+    build = protocol.chat_completion if job.endpoint == "chat" else protocol.completion
+    return build(job.response_id, job.model, gateway.created, choices, usage)
+
+
+def _prompt_tokens(job: Job) -> int:
+    """As OpenAI counts: each prompt once, however many choices it has."""
+    return sum(len(p) for p in job.prompts)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+async def _stream_response(gateway: Gateway, request: Request, job: Job, headers: dict) -> Response:
+    """Wait for the first event before answering, so errors that happen before any token get real statuses."""
+    events = _admitted_events(gateway, job)
+    timing = _Timing(gateway, job)
+    try:
+        first = await until_disconnected(request.is_disconnected, anext(events))
+    except (AdmissionError, NoWorkersError, InvalidRequestError) as error:
+        await events.aclose()
+        timing.finish(type(error).__name__, job.endpoint)
+        return _error_response(gateway, error, headers)
+    except StopAsyncIteration:
+        first = None
+    if first is None:
+        await events.aclose()
+        return Response(status_code=499, headers=headers)
+    body = _sse_body(gateway, job, first, events, timing)
+    return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
+
+
+async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) -> AsyncIterator[bytes]:
+    chunks = _Chunks(gateway, job)
+    outcome = "cancelled"
+    try:
+        for index in range(job.num_choices):
+            yield chunks.opening(index)
+        state, event = first
+        timing.on_event(event)
+        yield chunks.delta(state, event)
+        async for state, event in events:
+            timing.on_event(event)
+            yield chunks.delta(state, event)
+        if job.include_usage:
+            yield protocol.sse(protocol.usage_chunk(job.response_id, job.model, gateway.created,
+                                                    protocol.usage(_prompt_tokens(job), timing.tokens),
+                                                    endpoint=job.endpoint))
+        outcome = "ok"
+    except (NoWorkersError, InvalidRequestError, AdmissionError) as error:
+        outcome = type(error).__name__
+        yield protocol.sse(_error_body(error))
+    except Exception:  # noqa: BLE001 - the stream already started: report it as an event, never a traceback
+        outcome = "internal_error"
+        logger.exception("request %s failed mid-stream", job.request_id)
+        yield protocol.sse(protocol.error_for_status(500))
+    finally:
+        await events.aclose()
+        timing.finish(outcome, job.endpoint)
+    yield protocol.DONE
+
+
+class _Chunks:
+    """SSE chunk builder for one streamed request."""
+
+    def __init__(self, gateway: Gateway, job: Job) -> None:
+        self.gateway, self.job = gateway, job
+        self.sent_chars: dict[int, int] = {}
+
+    def opening(self, index: int) -> bytes:
+        job, created = self.job, self.gateway.created
+        if job.endpoint == "chat":
+            return protocol.sse(protocol.chat_chunk_role(job.response_id, job.model, created, index,
+                                                         job.include_usage))
+        if job.echo:
+            text = job.prompt_texts[index // job.params.n]
+            self.sent_chars[index] = len(text)
+            return protocol.sse(protocol.completion_chunk(job.response_id, job.model, created, index, text,
+                                                          include_usage=job.include_usage))
+        return b""
+
+    def delta(self, state: ChoiceState, event: TokenEvent) -> bytes:
+        text, entries = _apply(self.gateway, self.job, state, event)
+        if not text and state.finish_reason is None and not entries:
+            return b""
+        job, created = self.job, self.gateway.created
+        logprobs = entries if job.num_logprobs is not None else None
+        if job.endpoint == "chat":
+            chunk = protocol.chat_chunk_delta(job.response_id, job.model, created, state.index, text, logprobs,
+                                              state.finish_reason, job.include_usage)
+        else:
+            offset = self.sent_chars.get(state.index, 0)
+            self.sent_chars[state.index] = offset + len(text)
+            chunk = protocol.completion_chunk(job.response_id, job.model, created, state.index, text, logprobs,
+                                              state.finish_reason, offset, job.include_usage)
+        return protocol.sse(chunk)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _error_body(error: Exception) -> dict:
+    if isinstance(error, protocol.ProtocolError):
+        return error.body()
+    if isinstance(error, AdmissionError):
+        return protocol.error_for_status(error.status, error.message, None, error.code)
+    if isinstance(error, NoWorkersError):
+        return protocol.error_for_status(503, str(error))
+    if isinstance(error, InvalidRequestError):
+        return protocol.error_for_status(400, str(error), _param_of(str(error)))
+    return protocol.error_for_status(500)
+
+
+def _status_of(error: Exception) -> int:
+    if isinstance(error, protocol.ProtocolError | AdmissionError):
+        return error.status
+    if isinstance(error, NoWorkersError):
+        return 503
+    if isinstance(error, InvalidRequestError):
+        return 400
+    return 500
+
+
+def _param_of(message: str) -> str | None:
+    head = message.split(":", 1)[0].strip()
+    return head if head and " " not in head else None
+
+
+def _error_response(gateway: Gateway, error: Exception, headers: dict) -> JSONResponse:
+    status = _status_of(error)
+    gateway.metrics.request_errors.labels(model=gateway.model_id, status=str(status)).inc()
+    if status >= 500:
+        logger.warning("request %s: %d %s", headers.get("X-Request-Id"), status, error)
+    retry_after = getattr(error, "retry_after_s", None)
+    if retry_after is not None:
+        headers = {**headers, "Retry-After": str(max(1, int(retry_after + 0.999)))}
+    return JSONResponse(_error_body(error), status_code=status, headers=headers)

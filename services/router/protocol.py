@@ -1,0 +1,796 @@
+"""The OpenAI wire protocol for the router: request parsing/validation and response building, no I/O.
+
+Requests (``parse_chat``, ``parse_completion``) become pydantic models or raise ``ProtocolError`` (HTTP status,
+OpenAI error envelope, ``param`` naming the offending field in OpenAI's ``messages[0].content[1].type`` style).
+Responses are plain dicts in the layout of api.openai.com (checked in the tests against the ``openai`` package's
+types), so handlers only add transport: ``JSONResponse(chat_completion(...))`` or ``sse(chat_chunk_delta(...))``.
+
+Rules shared by both endpoints:
+
+- A JSON ``null`` means "absent" (the field's default) for every top-level field except ``max_tokens``, where it
+  means "up to the context" as in vLLM.
+- An unknown field is a 400 ("Unrecognized request argument supplied: foo", as OpenAI says); a known OpenAI field
+  we cannot honour (``tools``, ``response_format`` other than text, ...) is a 400 "<field> is not supported yet",
+  unless its value is the no-op one (``tool_choice: "none"``, ``response_format: {"type": "text"}``,
+  ``service_tier: "auto"``, ``store: false``, ...), which is accepted and dropped.
+- Types are strict (no "3" for 3, no 1 for true); ranges follow OpenAI where it is stricter than vLLM
+  (temperature <= 2, n <= 128) and vLLM for its extras (top_k, min_p, repetition_penalty, min_tokens, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from common.engine.outputs import Logprob
+from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+
+# -- constants ---------------------------------------------------------------------------------------------
+
+MAX_N = 128
+MAX_STOP = 16
+MAX_TOP_LOGPROBS = MAX_LOGPROBS
+MIN_LOGPROB = -9999.0
+"""Stand-in for -inf, which JSON cannot carry (OpenAI's and vLLM's choice)."""
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FINISH_REASONS = ("stop", "length")
+CHAT_OBJECT, CHAT_CHUNK_OBJECT, COMPLETION_OBJECT = "chat.completion", "chat.completion.chunk", "text_completion"
+OWNED_BY = "tandem"
+DONE = b"data: [DONE]\n\n"
+INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+
+ERROR_TYPES: dict[int, tuple[str, str | None]] = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", None),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", "internal_error"),
+    503: ("server_error", "service_unavailable"),
+}
+"""HTTP status -> (error type, default code), as api.openai.com answers (not vLLM's "BadRequestError"/int codes).
+
+OpenAI reports bad keys and unknown models as ``invalid_request_error`` with codes ``invalid_api_key`` /
+``model_not_found``, rate limits as type ``requests`` (or ``tokens``) with ``rate_limit_exceeded``, and its own
+failures as ``server_error``. Clients (the ``openai`` package included) branch on the HTTP status, not on these.
+"""
+
+# Known OpenAI fields we do not implement: name -> the values that are a no-op (accepted and dropped).
+_Accepts = Callable[[Any], bool]
+_NONE: _Accepts = lambda value: value is None
+_CHAT_UNSUPPORTED: dict[str, _Accepts] = {
+    "tools": _NONE,
+    "tool_choice": lambda value: value in (None, "none"),
+    "functions": _NONE,
+    "function_call": lambda value: value in (None, "none"),
+    "response_format": lambda value: value is None or value == {"type": "text"},
+    "parallel_tool_calls": _NONE,
+    "audio": _NONE,
+    "modalities": lambda value: value is None or value == ["text"],
+    "prediction": _NONE,
+    "web_search_options": _NONE,
+    "service_tier": lambda value: value in (None, "auto", "default"),
+    "store": lambda value: value in (None, False),
+    "reasoning_effort": _NONE,
+    "verbosity": _NONE,
+    "moderation": _NONE,
+    "prompt_cache_retention": _NONE,
+    "prompt_cache_options": _NONE,
+}
+_COMPLETION_UNSUPPORTED: dict[str, _Accepts] = {
+    "suffix": lambda value: value in (None, ""),
+    "service_tier": _CHAT_UNSUPPORTED["service_tier"],
+}
+_MESSAGE_UNSUPPORTED: dict[str, _Accepts] = {
+    "tool_calls": lambda value: value in (None, []),
+    "function_call": _NONE,
+    "audio": _NONE,
+}
+_NULL_MEANS_NULL = frozenset({"max_tokens"})
+_CONTENT_PART_KEYS = frozenset({"type", "text"})
+
+
+# -- errors ------------------------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A request the router refuses. Invariant: ``message`` is one line, safe to show the client."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.status = status
+        self.code = code
+
+    def body(self) -> dict:
+        """The OpenAI error envelope for this error."""
+        return error_for_status(self.status, self.message, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    """OpenAI's error envelope ``{"error": {"message", "type", "param", "code"}}``, taken as given."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_for_status(
+    status: int, message: str | None = None, param: str | None = None, code: str | None = None
+) -> dict:
+    """The envelope for an HTTP status, with ``ERROR_TYPES``' type and default code.
+
+    Invariants: a 500 always carries ``INTERNAL_ERROR_MESSAGE`` (whatever was passed, so no exception text or
+    traceback leaks); other messages are cut to their first line. Unlisted statuses map to
+    ``invalid_request_error`` (4xx) or ``server_error`` (5xx).
+    """
+    kind, default_code = ERROR_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    first_line = (message or "").strip().split("\n", 1)[0].strip()
+    if status == 500 or not first_line:
+        first_line = INTERNAL_ERROR_MESSAGE if status >= 500 else "Invalid request."
+    return error_body(first_line, kind, param, code if code is not None else default_code)
+
+
+def model_not_found(model: str) -> ProtocolError:
+    """OpenAI's 404 for a model this router does not serve."""
+    message = f"The model `{model}` does not exist or you do not have access to it."
+    return ProtocolError(message, param="model", status=404, code="model_not_found")
+
+
+def context_length_error(max_model_len: int, prompt_tokens: int, param: str = "messages") -> ProtocolError:
+    """OpenAI's 400 for a prompt that does not fit the model (``code="context_length_exceeded"``)."""
+    message = (
+        f"This model's maximum context length is {max_model_len} tokens. However, your {param} resulted in "
+        f"{prompt_tokens} tokens. Please reduce the length of the {param}."
+    )
+    return ProtocolError(message, param=param, code="context_length_exceeded")
+
+
+# -- request models ----------------------------------------------------------------------------------------
+
+
+def _stop_list(value: Any) -> Any:
+    """OpenAI's ``stop`` is a string or a list of strings; keep one shape (a list)."""
+    return [value] if isinstance(value, str) else value
+
+
+def _check_logit_bias_keys(bias: dict[str, float] | None) -> dict[str, float] | None:
+    for key in bias or {}:
+        if not key.isdigit():
+            raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+    return bias
+
+
+def _prompt_list(value: Any) -> list[str | list[int]]:
+    """Normalize the four OpenAI prompt shapes into one list of prompts (text or token ids).
+
+    Raises ValueError (surfacing as a 400 on ``prompt``) for an empty prompt, an empty list or element, negative
+    or non-int ids (booleans included), and mixed lists.
+    """
+    shape = "must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str):
+        value = [value] if value else []
+    elif not isinstance(value, list):
+        raise ValueError(shape)
+    if not value:
+        raise ValueError("must not be empty")
+    if all(_is_token_id(item) for item in value):
+        return [list(value)]
+    if all(isinstance(item, str) for item in value) or all(isinstance(item, list) for item in value):
+        for item in value:
+            if not item:
+                raise ValueError("must not contain an empty prompt")
+            if isinstance(item, list) and not all(_is_token_id(token) for token in item):
+                raise ValueError("token ids must be non-negative integers")
+        return list(value)
+    raise ValueError(shape)
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _drop_nulls(data: dict) -> dict:
+    """``null`` means absent, except for the fields in ``_NULL_MEANS_NULL``."""
+    return {key: value for key, value in data.items() if value is not None or key in _NULL_MEANS_NULL}
+
+
+def _drop_unsupported(data: dict, table: Mapping[str, _Accepts], prefix: str = "") -> dict:
+    """Remove no-op values of known-unsupported fields; raise ProtocolError naming the first real one."""
+    for name, accepts in table.items():
+        if name in data:
+            if not accepts(data[name]):
+                raise ProtocolError(f"{prefix}{name} is not supported yet", param=f"{prefix}{name}")
+            data = {key: value for key, value in data.items() if key != name}
+    return data
+
+
+def _require_object(data: Any) -> dict:
+    if not isinstance(data, dict):
+        raise ProtocolError("The request body must be a JSON object.")
+    return data
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    """A ``{"type": "text", "text": ...}`` content part, the only kind supported."""
+
+    type: Literal["text"]
+    text: str
+
+
+class StreamOptions(_Strict):
+    """``stream_options``; ``include_obfuscation`` is accepted and ignored (we add no padding)."""
+
+    include_usage: bool = False
+    include_obfuscation: bool | None = None
+
+
+class ChatMessage(_Strict):
+    """One chat message. Invariant (checked by the request): only assistant messages may lack content."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    refusal: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string: text parts joined with newlines, None as ''."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+StopList = Annotated[list[str] | None, BeforeValidator(_stop_list), Field(max_length=MAX_STOP)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None, AfterValidator(_check_logit_bias_keys)
+]
+
+
+class _SamplingRequest(_Strict):
+    """Fields both endpoints share: OpenAI's sampling fields plus vLLM's extras."""
+
+    model: str
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: StopList = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM extras
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    @property
+    def include_usage(self) -> bool:
+        """True when a streamed response must end with a usage chunk (and carry ``usage: null`` before)."""
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def _check_stream_options(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ProtocolError(
+                "stream_options: Stream options can only be defined when `stream=True`.", param="stream_options"
+            )
+
+    def _engine_fields(self, max_tokens: int | None) -> dict[str, Any]:
+        """SamplingParams keyword arguments common to both endpoints."""
+        return {
+            "n": self.n,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "seed": self.seed,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "logit_bias": self.logit_bias,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "ignore_eos": self.ignore_eos,
+            "max_tokens": max_tokens,
+            "min_tokens": self.min_tokens,
+            "skip_special_tokens": self.skip_special_tokens,
+            "spaces_between_special_tokens": self.spaces_between_special_tokens,
+        }
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``. Invariants after validation: messages is non-empty; every non-assistant
+    message has content and no content list is empty; ``top_logprobs > 0`` implies ``logprobs``;
+    ``stream_options`` implies ``stream``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    metadata: dict[str, str] | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen(cls, data: Any) -> Any:
+        data = _drop_unsupported(_drop_nulls(_require_object(data)), _CHAT_UNSUPPORTED)
+        if isinstance(data.get("messages"), list):
+            data["messages"] = [_screen_message(i, message) for i, message in enumerate(data["messages"])]
+        return data
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ChatCompletionRequest:
+        for i, message in enumerate(self.messages):
+            if message.content is None and message.role != "assistant":
+                raise ProtocolError(
+                    f"messages[{i}].content: Field required for role '{message.role}'", param=f"messages[{i}].content"
+                )
+            if isinstance(message.content, list) and not message.content:
+                raise ProtocolError(
+                    f"messages[{i}].content: List should have at least 1 item", param=f"messages[{i}].content"
+                )
+        if self.top_logprobs and not self.logprobs:
+            raise ProtocolError(
+                "top_logprobs: when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs"
+            )
+        self._check_stream_options()
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` if given, else ``max_tokens`` (OpenAI deprecated the latter), else None."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
+        """The engine's settings. No max tokens in the request -> ``default_max_tokens`` (None: up to the context).
+
+        ``logprobs: true`` asks the engine for ``top_logprobs`` alternatives (0 when absent: the chosen token only).
+        """
+        max_tokens = self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens
+        fields = self._engine_fields(max_tokens)
+        fields["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        max_name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        return _build_params(fields, {"max_tokens": max_name, "logprobs": "top_logprobs"})
+
+
+def _screen_message(i: int, message: Any) -> Any:
+    """Reject unsupported message fields and content parts with OpenAI-style paths; leave typing to pydantic."""
+    if not isinstance(message, dict):
+        return message
+    message = _drop_unsupported(message, _MESSAGE_UNSUPPORTED, prefix=f"messages[{i}].")
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return message
+    path = f"messages[{i}].content"
+    if not isinstance(content, list):
+        raise ProtocolError(f"{path}: Input should be a string or a list of content parts", param=path)
+    for j, part in enumerate(content):
+        _screen_part(f"{path}[{j}]", part)
+    return message
+
+
+def _screen_part(path: str, part: Any) -> None:
+    if not isinstance(part, dict):
+        raise ProtocolError(f"{path}: Input should be an object", param=path)
+    kind = part.get("type")
+    if kind != "text":
+        shown = kind if isinstance(kind, str) else json.dumps(kind)
+        raise ProtocolError(f"{path}.type: content parts of type {shown} are not supported yet", param=f"{path}.type")
+    if not isinstance(part.get("text"), str):
+        raise ProtocolError(f"{path}.text: Input should be a valid string", param=f"{path}.text")
+    extra = sorted(set(part) - _CONTENT_PART_KEYS)
+    if extra:
+        raise ProtocolError(f"Unrecognized request argument supplied: {path}.{extra[0]}", param=f"{path}.{extra[0]}")
+
+
+class CompletionRequest(_SamplingRequest):
+    """``POST /v1/completions`` (legacy). Invariants after validation: ``prompt`` is a non-empty list of non-empty
+    prompts, all text or all token ids; ``best_of`` (if given) equals ``n``; ``stream_options`` implies ``stream``.
+    """
+
+    prompt: Annotated[list[str | list[int]], BeforeValidator(_prompt_list)]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen(cls, data: Any) -> Any:
+        return _drop_unsupported(_drop_nulls(_require_object(data)), _COMPLETION_UNSUPPORTED)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ProtocolError("best_of: best_of must be greater than or equal to n", param="best_of")
+        if self.best_of is not None and self.best_of > self.n:
+            raise ProtocolError("best_of greater than n is not supported yet", param="best_of")
+        self._check_stream_options()
+        return self
+
+    def sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
+        """The engine's settings. ``max_tokens`` absent -> 16 (OpenAI); ``null`` -> ``default_max_tokens``.
+
+        ``logprobs=k`` asks for k alternatives per generated token, and with ``echo`` per prompt token too.
+        """
+        max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
+        fields = self._engine_fields(max_tokens)
+        fields["logprobs"] = self.logprobs
+        fields["prompt_logprobs"] = self.logprobs if self.echo else None
+        return _build_params(fields, {"prompt_logprobs": "logprobs"})
+
+
+def _build_params(fields: dict[str, Any], renames: Mapping[str, str]) -> SamplingParams:
+    """SamplingParams(**fields), its ValueError (whose first word names the field) turned into a ProtocolError."""
+    try:
+        return SamplingParams(**fields)
+    except ValueError as error:
+        message = str(error)
+        first = message.split(" ", 1)[0]
+        param = renames.get(first, first) if first in fields else None
+        if param is not None and param != first:
+            message = f"{param}: {message}"
+        raise ProtocolError(message, param=param) from None
+
+
+# -- parsing -----------------------------------------------------------------------------------------------
+
+
+def parse_chat(body: bytes | str | Mapping[str, Any]) -> ChatCompletionRequest:
+    """Decode and validate a chat completions body; every failure is a ProtocolError (400)."""
+    return _parse(ChatCompletionRequest, body)
+
+
+def parse_completion(body: bytes | str | Mapping[str, Any]) -> CompletionRequest:
+    """Decode and validate a completions body; every failure is a ProtocolError (400)."""
+    return _parse(CompletionRequest, body)
+
+
+def _parse(model: type[_SamplingRequest], body: bytes | str | Mapping[str, Any]) -> Any:
+    data = _decode_json(body) if isinstance(body, bytes | bytearray | str) else body
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise _protocol_error(error) from None
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _decode_json(body: bytes | bytearray | str) -> Any:
+    """JSON (UTF-8, no NaN/Infinity) or a ProtocolError worded like OpenAI's."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ProtocolError(
+            "We could not parse the JSON body of your request. The API expects a JSON payload, "
+            "but what was sent was not valid JSON."
+        ) from None
+
+
+def _protocol_error(error: ValidationError) -> ProtocolError:
+    """The first error (an unknown field before anything else), as ``"<path>: <message>"`` with param=path."""
+    errors = error.errors(include_url=False)
+    first = next((item for item in errors if item["type"] == "extra_forbidden"), errors[0])
+    path = _path(first["loc"])
+    if first["type"] == "extra_forbidden":
+        return ProtocolError(f"Unrecognized request argument supplied: {path}", param=path)
+    message = first["msg"].removeprefix("Value error, ")
+    return ProtocolError(f"{path}: {message}" if path else message, param=path or None)
+
+
+def _path(loc: Iterable[str | int]) -> str:
+    """pydantic's ``("messages", 0, "role")`` as OpenAI's ``messages[0].role``."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def prompts_of(request: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts, each text or token ids (non-empty, in request order)."""
+    return [list(prompt) if isinstance(prompt, list) else prompt for prompt in request.prompt]
+
+
+def messages_for_template(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """Messages for ``tokenizer.apply_chat_template``: content as one string (text parts joined with "\\n",
+    None as ""), ``developer`` mapped to ``system``; ``name`` and ``tool_call_id`` kept when given."""
+    out = []
+    for message in request.messages:
+        item = {"role": "system" if message.role == "developer" else message.role, "content": message.text}
+        if message.name is not None:
+            item["name"] = message.name
+        if message.tool_call_id is not None:
+            item["tool_call_id"] = message.tool_call_id
+        out.append(item)
+    return out
+
+
+# -- response inputs ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One alternative at a position. ``bytes`` None -> the UTF-8 encoding of ``token``."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The chosen token at a position and its top alternatives (best first, the chosen one among them or not).
+
+    ``logprob`` is None only for the first prompt token of an echoed completion (nothing precedes it).
+    """
+
+    token_id: int
+    token: str
+    logprob: float | None
+    top: tuple[TopLogprob, ...] = ()
+    bytes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One finished choice. Invariant: ``finish_reason`` is "stop" or "length" (an aborted request has no choice)."""
+
+    index: int
+    text: str
+    finish_reason: str
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_finish_reason(self.finish_reason)
+
+
+def _check_finish_reason(reason: str | None) -> None:
+    if reason is not None and reason not in FINISH_REASONS:
+        raise ValueError(f"finish_reason must be one of {FINISH_REASONS}, got {reason!r}")
+
+
+def token_logprob(
+    token_id: int, entry: Mapping[int, Logprob] | None, decode: Callable[[int], str], num_top: int
+) -> TokenLogprob:
+    """A TokenLogprob from the engine's per-position dict (chosen token plus ranked alternatives).
+
+    ``entry`` None (the first prompt position) gives ``logprob=None``. ``top`` keeps the ``num_top`` entries of
+    rank 1..num_top in rank order, the chosen token included when it ranks that high.
+    """
+    if entry is None:
+        return TokenLogprob(token_id, decode(token_id), None)
+    ranked = sorted(
+        (item for item in entry.items() if item[1].rank is not None and item[1].rank <= num_top),
+        key=lambda item: item[1].rank,
+    )
+    top = tuple(TopLogprob(decode(tid), lp.logprob) for tid, lp in ranked[:num_top])
+    return TokenLogprob(token_id, decode(token_id), entry[token_id].logprob, top)
+
+
+# -- response builders -------------------------------------------------------------------------------------
+
+
+def new_id(kind: Literal["chat", "completion"]) -> str:
+    """A fresh response id: ``chatcmpl-<32 hex>`` or ``cmpl-<32 hex>``."""
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` only when ``cached_tokens`` is given."""
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
+
+
+def _clamp(logprob: float) -> float:
+    return MIN_LOGPROB if math.isnan(logprob) else max(float(logprob), MIN_LOGPROB)
+
+
+def _utf8(token: str, given: tuple[int, ...] | None) -> list[int]:
+    return list(given) if given is not None else list(token.encode("utf-8", errors="replace"))
+
+
+def _chat_logprobs(entries: Sequence[TokenLogprob] | None) -> dict | None:
+    """Chat layout ``{"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}``."""
+    if entries is None:
+        return None
+    content = []
+    for entry in entries:
+        if entry.logprob is None:
+            raise ValueError("chat logprobs need a logprob for every token")
+        top = [{"token": t.token, "logprob": _clamp(t.logprob), "bytes": _utf8(t.token, t.bytes)} for t in entry.top]
+        content.append(
+            {
+                "token": entry.token,
+                "logprob": _clamp(entry.logprob),
+                "bytes": _utf8(entry.token, entry.bytes),
+                "top_logprobs": top,
+            }
+        )
+    return {"content": content}
+
+
+def _legacy_logprobs(entries: Sequence[TokenLogprob] | None, text_offset: int = 0) -> dict | None:
+    """Completions layout, as vLLM builds it: ``text_offset`` counts characters of the token strings from
+    ``text_offset``; ``top_logprobs[i]`` maps the chosen token and then the alternatives to logprobs (up to k+1
+    entries; the first text wins on a clash); a position without a logprob has None in both lists."""
+    if entries is None:
+        return None
+    offsets, token_logprobs, tokens, tops = [], [], [], []
+    for entry in entries:
+        offsets.append(text_offset)
+        text_offset += len(entry.token)
+        tokens.append(entry.token)
+        if entry.logprob is None:
+            token_logprobs.append(None)
+            tops.append(None)
+            continue
+        token_logprobs.append(_clamp(entry.logprob))
+        top = {entry.token: _clamp(entry.logprob)}
+        for alternative in entry.top:
+            top.setdefault(alternative.token, _clamp(alternative.logprob))
+        tops.append(top)
+    return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": tops}
+
+
+def _envelope(request_id: str, kind: str, model: str, created: int, choices: list[dict]) -> dict:
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(created),
+        "model": model,
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+
+
+def chat_completion(request_id: str, model: str, created: int, choices: Sequence[ChoiceResult], usage: dict) -> dict:
+    """A whole ``chat.completion`` object (choices in the given order)."""
+    body = _envelope(
+        request_id,
+        CHAT_OBJECT,
+        model,
+        created,
+        [
+            {
+                "index": choice.index,
+                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "logprobs": _chat_logprobs(choice.logprobs),
+                "finish_reason": choice.finish_reason,
+            }
+            for choice in choices
+        ],
+    )
+    body["usage"] = usage
+    return body
+
+
+def completion(request_id: str, model: str, created: int, choices: Sequence[ChoiceResult], usage: dict) -> dict:
+    """A whole ``text_completion`` object. With echo, ``text`` and ``logprobs`` already include the prompt."""
+    body = _envelope(
+        request_id,
+        COMPLETION_OBJECT,
+        model,
+        created,
+        [
+            {
+                "index": choice.index,
+                "text": choice.text,
+                "logprobs": _legacy_logprobs(choice.logprobs),
+                "finish_reason": choice.finish_reason,
+            }
+            for choice in choices
+        ],
+    )
+    body["usage"] = usage
+    return body
+
+
+def _with_usage_null(body: dict, include_usage: bool) -> dict:
+    """With ``stream_options.include_usage`` OpenAI puts ``"usage": null`` on every chunk but the last."""
+    if include_usage:
+        body["usage"] = None
+    return body
+
+
+def chat_chunk_role(request_id: str, model: str, created: int, index: int, include_usage: bool = False) -> dict:
+    """The first chunk of a streamed choice: ``delta: {"role": "assistant", "content": ""}``."""
+    choice = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    return _with_usage_null(_envelope(request_id, CHAT_CHUNK_OBJECT, model, created, [choice]), include_usage)
+
+
+def chat_chunk_delta(
+    request_id: str,
+    model: str,
+    created: int,
+    index: int,
+    text: str,
+    logprobs: Sequence[TokenLogprob] | None = None,
+    finish_reason: str | None = None,
+    include_usage: bool = False,
+) -> dict:
+    """A content chunk; the final one carries ``finish_reason`` (and ``delta: {}`` when it adds no text)."""
+    _check_finish_reason(finish_reason)
+    delta = {} if finish_reason is not None and not text else {"content": text}
+    choice = {"index": index, "delta": delta, "logprobs": _chat_logprobs(logprobs), "finish_reason": finish_reason}
+    return _with_usage_null(_envelope(request_id, CHAT_CHUNK_OBJECT, model, created, [choice]), include_usage)
+
+
+def completion_chunk(
+    request_id: str,
+    model: str,
+    created: int,
+    index: int,
+    text: str,
+    logprobs: Sequence[TokenLogprob] | None = None,
+    finish_reason: str | None = None,
+    text_offset: int = 0,
+    include_usage: bool = False,
+) -> dict:
+    """A streamed completions chunk; ``text_offset`` is the length of the choice's text sent before it."""
+    _check_finish_reason(finish_reason)
+    choice = {
+        "index": index,
+        "text": text,
+        "logprobs": _legacy_logprobs(logprobs, text_offset),
+        "finish_reason": finish_reason,
+    }
+    return _with_usage_null(_envelope(request_id, COMPLETION_OBJECT, model, created, [choice]), include_usage)
+
+
+def usage_chunk(
+    request_id: str, model: str, created: int, usage: dict, endpoint: Literal["chat", "completion"] = "chat"
+) -> dict:
+    """The last chunk before ``[DONE]`` when ``include_usage``: no choices, the whole request's usage."""
+    body = _envelope(request_id, CHAT_CHUNK_OBJECT if endpoint == "chat" else COMPLETION_OBJECT, model, created, [])
+    body["usage"] = usage
+    return body
+
+
+def sse(data: Mapping[str, Any] | str) -> bytes:
+    """One server-sent event: ``data: <compact JSON, UTF-8>\\n\\n`` (a str goes as is, one data line per line)."""
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return ("".join(f"data: {line}\n" for line in payload.split("\n")) + "\n").encode()
+
+
+def model_card(model_id: str, created: int) -> dict:
+    """``GET /v1/models/{id}``."""
+    return {"id": model_id, "object": "model", "created": int(created), "owned_by": OWNED_BY}
+
+
+def models_list(model_ids: Iterable[str], created: int) -> dict:
+    """``GET /v1/models``."""
+    return {"object": "list", "data": [model_card(model_id, created) for model_id in model_ids]}
