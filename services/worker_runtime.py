@@ -79,6 +79,7 @@ class WorkerRuntime:
         self.device = str(engine.device)
         self.model_name = settings.engine.model.model
         self.block_size = settings.engine.cache.block_size
+        self.max_model_len = engine.max_model_len
         self.worker_id = settings.worker.worker_id or f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.host_id = socket.gethostname()
         self.gpu_uuid = gpu_uuid(engine.device)
@@ -95,6 +96,7 @@ class WorkerRuntime:
         return WorkerInfo(
             worker_id=self.worker_id, role=self.role, model=self.model_name, grpc_address=self.address,
             device=self.device, host_id=self.host_id, block_size=self.block_size,
+            max_model_len=self.max_model_len,
             total_blocks=self.stats.total_blocks, free_blocks=self.stats.free_blocks, running=self.stats.running,
             waiting=self.stats.waiting, draining=self.draining, started_at=self.started_at,
         )

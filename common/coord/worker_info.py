@@ -19,6 +19,7 @@ class WorkerInfo:
     device: str = "cpu"  # cpu | cuda:N
     host_id: str = ""  # machine identity: nccl needs both ends on one host (or a reachable fabric)
     block_size: int = 16
+    max_model_len: int = 0  # 0 = unknown (older worker)
     total_blocks: int = 0
     free_blocks: int = 0
     running: int = 0

@@ -30,18 +30,6 @@ from services.wire import logprobs_from_proto, sampling_to_proto
 
 logger = logging.getLogger(__name__)
 
-# Codes that mean "this worker is gone or unusable", as opposed to "this request is invalid".
-WORKER_FAILURE_CODES = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-
-
 class NoWorkersError(RuntimeError):
     """No worker can take the request now (none registered, all failed, or all full): a 503."""
 
@@ -114,6 +102,7 @@ class Orchestrator:
     ) -> AsyncIterator[TokenEvent]:
         """Stream the request's tokens; raises NoWorkersError / InvalidRequestError with a clear message."""
         attempt = _Attempt(request_id or f"req-{uuid.uuid4().hex[:12]}", list(prompt), params)
+        self._check_context_length(len(attempt.prompt))
         for _ in range(self.config.max_retries + 1):
             decode = self._pick_decode(attempt)
             if decode is None:
@@ -184,6 +173,8 @@ class Orchestrator:
         attempt.prefix_hits = await self._prefix_hits(attempt)
         for _ in range(self.config.max_retries + 1):
             reservation = await self._reserve(stub, decode, attempt.request_id, len(attempt.context))
+            if reservation is None:
+                return None
             try:
                 reply = await self._prefill_with_retries(decode, reservation, attempt)
             except BaseException:  # transfer failed, request invalid, or client gone: free the blocks now
@@ -259,6 +250,7 @@ class Orchestrator:
         )
 
     async def _reserve(self, stub, decode: WorkerInfo, request_id: str, num_tokens: int):
+        """A reservation, or None when the worker is full right now (it then prefills itself, queued)."""
         try:
             return await stub.Reserve(
                 worker_pb2.ReserveRequest(
@@ -266,6 +258,8 @@ class Orchestrator:
                 )
             )
         except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                return None
             raise self._classify(decode, error) from error
 
     async def _release(self, stub, reservation) -> None:
@@ -290,8 +284,19 @@ class Orchestrator:
             exclude=frozenset(exclude),
         )
 
+    def _check_context_length(self, num_tokens: int) -> None:
+        """A prompt no decode worker can hold is the client's error (400), not a missing worker (503)."""
+        limits = [w.max_model_len for w in self._alive("decode") if w.max_model_len > 0]
+        if limits and num_tokens >= max(limits):
+            raise InvalidRequestError(f"prompt: {num_tokens} tokens is too long for max_model_len {max(limits)} "
+                                      "(it must leave room for at least one generated token)")
+
     def _pick_decode(self, attempt: _Attempt) -> WorkerInfo | None:
-        return self.policy.pick_decode(self._alive("decode"), self._routing_request(attempt, attempt.failed))
+        """The best decode worker with room; when all are full, the best one anyway (its engine queues)."""
+        workers = self._alive("decode")
+        request = self._routing_request(attempt, attempt.failed)
+        return self.policy.pick_decode(workers, request) or self.policy.pick_decode(
+            workers, replace(request, num_blocks_needed=0))
 
     def _pick_prefill(self, attempt: _Attempt, tried: set[str]) -> WorkerInfo | None:
         request = self._routing_request(attempt, attempt.failed | tried)
