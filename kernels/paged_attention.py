@@ -55,21 +55,57 @@ def paged_attention_reference(
     attn_metadata: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Plain-torch reference: loop over sequences, gather K/V through block tables, run SDPA.
+    """Plain-torch reference: decodes in one padded batch, prefill chunks one sequence at a time.
 
     ``q`` is ``[num_tokens, num_heads, head_dim]``; returns the same shape. Uses only the host
     tuples ``query_lens_cpu``/``seq_lens_cpu`` for control flow, so it never syncs the device.
     Rows not owned by any sequence (trailing padding) are zero.
     """
     out = torch.zeros_like(q)
+    decode_seqs, decode_rows = [], []
     start = 0
     for i, (q_len, seq_len) in enumerate(zip(attn_metadata.query_lens_cpu, attn_metadata.seq_lens_cpu)):
-        block_table = attn_metadata.block_tables[i]
-        k = gather_context(k_cache, block_table, seq_len)
-        v = gather_context(v_cache, block_table, seq_len)
-        out[start : start + q_len] = causal_attention(q[start : start + q_len], k, v, scale)
+        if q_len == 1:
+            decode_seqs.append(i)
+            decode_rows.append(start)
+        else:
+            block_table = attn_metadata.block_tables[i]
+            k = gather_context(k_cache, block_table, seq_len)
+            v = gather_context(v_cache, block_table, seq_len)
+            out[start : start + q_len] = causal_attention(q[start : start + q_len], k, v, scale)
         start += q_len
+    if decode_seqs:
+        rows = torch.tensor(decode_rows, device=q.device)
+        out[rows] = batched_decode_attention(q.index_select(0, rows), k_cache, v_cache, attn_metadata, decode_seqs,
+                                             scale)
     return out
+
+
+def batched_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, attn_metadata: AttentionMetadata,
+    seqs: list[int], scale: float,
+) -> torch.Tensor:
+    """One query per sequence over its whole context, all sequences in one masked SDPA call.
+
+    Contexts are gathered padded to the longest; positions at or past a sequence's length are masked out,
+    so whatever the padding blocks hold is never used. ``q``: ``[len(seqs), num_heads, dim]``.
+    """
+    block_size = k_cache.shape[1]
+    max_len = max(attn_metadata.seq_lens_cpu[i] for i in seqs)
+    num_blocks = -(-max_len // block_size)
+    index = torch.tensor(seqs, device=q.device)
+    tables = attn_metadata.block_tables.index_select(0, index)[:, :num_blocks].long()
+    lengths = torch.tensor([attn_metadata.seq_lens_cpu[i] for i in seqs], device=q.device)
+    compute_dtype = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
+    k = k_cache[tables].flatten(1, 2).transpose(1, 2).to(compute_dtype)  # [B, kv_heads, L, dim]
+    v = v_cache[tables].flatten(1, 2).transpose(1, 2).to(compute_dtype)
+    mask = torch.arange(num_blocks * block_size, device=q.device)[None, :] < lengths[:, None]
+    # Padding rows may hold anything (even NaN): zero them so 0-weight x garbage cannot poison the sum.
+    hidden = ~mask[:, None, :, None]
+    k, v = k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)
+    qb = q.to(compute_dtype)[:, :, None, :]  # [B, heads, 1, dim]
+    result = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    return result[:, :, 0, :].to(q.dtype)
 
 
 def paged_attention(

@@ -288,7 +288,8 @@ async def router_state(
 
 async def serve_router(model: str, router: RouterConfig, coord: CoordConfig, transfer: TransferConfig) -> int:
     async with router_state(model, router, coord, transfer) as state:
-        config = uvicorn.Config(build_app(state), host=router.host, port=router.port, log_level="warning")
+        config = uvicorn.Config(build_app(state), host=router.host, port=router.port, log_level="warning",
+                                timeout_keep_alive=75)  # clients keep pooled connections open between requests
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
