@@ -464,6 +464,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+OVERHEAD_METRIC = "tandem_router_added_latency_seconds_bucket"
+
+
+def overhead_buckets(metrics_text: str) -> dict[float, float]:
+    """Cumulative bucket counts of the router's own added-latency histogram from a /metrics page."""
+    buckets: dict[float, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith(OVERHEAD_METRIC + "{"):
+            labels, value = line.rsplit(" ", 1)
+            bound = labels.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if bound == "+Inf" else float(bound)] = float(value)
+    return buckets
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """Prometheus-style quantile (linear inside the bucket) of the observations between two scrapes."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank, lower, below = q * counts[-1], 0.0, 0.0
+    for bound, cumulative in zip(bounds, counts):
+        if cumulative >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = cumulative - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, cumulative
+    return None
+
+
+def _scrape(router_url: str) -> dict[float, float]:
+    import httpx
+
+    return overhead_buckets(httpx.get(f"{router_url}/metrics", timeout=30).text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.client_procs < 1 or args.concurrency < 1 or args.num_requests < 1:
@@ -511,9 +548,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     bad = [r.error for r in records if not r.ok]
                     if bad:
                         print(f"{name} warm-up: {len(bad)} failed, e.g. {bad[0]}", file=sys.stderr)
+                scraped = _scrape(router_url)
                 records, cpu, late = run_phase(kind, name, args, targets[kind], model, prompts, args.concurrency,
                                                executor, meter)
                 summary = summarize_phase(name, kind, records, cpu)
+                if kind == ROUTER:  # the router's own share of TTFT, from its histogram (engine queueing excluded)
+                    after = _scrape(router_url)
+                    for q in (0.5, 0.9, 0.99):
+                        value = histogram_quantile(scraped, after, q)
+                        summary[f"router_added_p{int(q * 100)}_ms"] = None if value is None else value * 1e3
                 summary["late_start_s"] = late
                 summary["requests"] = request_rows(records)
                 phases.append(summary)
@@ -527,6 +570,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             executor.shutdown(cancel_futures=True)
     comparison = compare(phases)
     print(format_report(phases, comparison))
+    for phase in phases:
+        if phase["kind"] == ROUTER:
+            added = {q: phase.get(f"router_added_p{q}_ms") for q in (50, 90, 99)}
+            print(f"{phase['phase']}: router-added latency in TTFT p50 {added[50]} ms, p90 {added[90]} ms, "
+                  f"p99 {added[99]} ms (from tandem_router_added_latency_seconds; target p50 < 2 ms)")
     if any(p["late_start_s"] > 0.5 for p in phases):
         print("WARNING: a client process started over 0.5 s late (raise --start-margin-s)", file=sys.stderr)
     if args.json:

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # TTFT and end-to-end from 1 ms to minutes; inter-token latency from 1 ms to seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
                    120.0, 300.0)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0,
                          2.5, 5.0)
 
@@ -31,6 +32,7 @@ class RouterMetrics:
     tpot: Histogram
     e2e: Histogram
     queue_time: Histogram
+    router_overhead: Histogram
     prompt_tokens: Counter
     generation_tokens: Counter
     retries: Counter
@@ -65,6 +67,10 @@ class RouterMetrics:
                           LATENCY_BUCKETS),
             queue_time=histogram("tandem_request_queue_time_seconds", "Time waiting for admission at the router",
                                  LATENCY_BUCKETS),
+            router_overhead=histogram("tandem_router_added_latency_seconds",
+                                      "Router time in a streamed request's TTFT: parse, tokenize, route and "
+                                      "dispatch, plus first-event-to-first-byte (admission wait excluded)",
+                                      OVERHEAD_BUCKETS),
             prompt_tokens=Counter("tandem_prompt_tokens_total", "Prompt tokens of admitted requests", labels,
                                   registry=registry),
             generation_tokens=Counter("tandem_generation_tokens_total", "Tokens generated and delivered", labels,

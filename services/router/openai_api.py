@@ -8,6 +8,7 @@ which aborts the request on every worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -58,6 +59,8 @@ class Job:
     echo: bool = False
     num_logprobs: int | None = None
     arrival: float = field(default_factory=time.perf_counter)
+    queue_wait: float = 0.0  # seconds waiting for an admission slot (backpressure, not overhead)
+    dispatched: float | None = None  # choice streams created: the worker RPCs start now
 
     @property
     def num_choices(self) -> int:
@@ -177,12 +180,19 @@ async def _admitted_events(gateway: Gateway, job: Job) -> AsyncIterator[tuple[Ch
     """Hold an admission slot while the choices stream; yield (choice, event) as tokens arrive."""
     waited = time.perf_counter()
     async with gateway.queue.slot():
-        gateway.metrics.queue_time.labels(model=job.model).observe(time.perf_counter() - waited)
+        job.queue_wait = time.perf_counter() - waited
+        gateway.metrics.queue_time.labels(model=job.model).observe(job.queue_wait)
         states, streams = _choice_streams(gateway, job)
+        job.dispatched = time.perf_counter()
         gateway.metrics.running.labels(model=job.model).inc()
         try:
-            async for index, event in merge_streams(streams):
-                yield states[index], event
+            if len(streams) == 1:  # the common case: no merge task, one less event-loop hop per token
+                async with contextlib.aclosing(streams[0]) as stream:  # closing it cancels the worker RPCs
+                    async for event in stream:
+                        yield states[0], event
+            else:
+                async for index, event in merge_streams(streams):
+                    yield states[index], event
         finally:
             gateway.metrics.running.labels(model=job.model).dec()
 
@@ -212,7 +222,7 @@ class _Timing:
     """Router-side latency metrics for one request (the client's view)."""
 
     def __init__(self, gateway: Gateway, job: Job) -> None:
-        self.metrics, self.model, self.start = gateway.metrics, job.model, job.arrival
+        self.metrics, self.model, self.start, self.job = gateway.metrics, job.model, job.arrival, job
         self.first: float | None = None
         self.last: float | None = None
         self.tokens = 0
@@ -226,6 +236,15 @@ class _Timing:
             self.metrics.itl.labels(model=self.model).observe((now - self.last) / len(event.token_ids))
         self.last = now
         self.tokens += len(event.token_ids)
+
+    def first_sent(self) -> None:
+        """The first token's bytes are written: record what the router itself added to this TTFT."""
+        job = self.job
+        if self.first is None or job.dispatched is None:
+            return
+        before = job.dispatched - job.arrival - job.queue_wait  # parse, tokenize, rate limit, route
+        after = time.perf_counter() - self.first  # first event -> detokenize -> SSE bytes handed to the server
+        self.metrics.router_overhead.labels(model=self.model).observe(max(0.0, before) + after)
 
     def finish(self, outcome: str, endpoint: str) -> None:
         now = time.perf_counter()
@@ -301,6 +320,7 @@ async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) 
         state, event = first
         timing.on_event(event)
         yield chunks.delta(state, event)
+        timing.first_sent()
         async for state, event in events:
             timing.on_event(event)
             yield chunks.delta(state, event)
