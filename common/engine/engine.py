@@ -94,20 +94,7 @@ class LLMEngine:
         token_ids = self.validate_prompt(prompt, prompt_token_ids, params)
         self._validate_resume(token_ids, output_token_ids, params, export_kv)
         request_id = request_id or f"req-{next(self._request_counter)}"
-        if request_id in self.groups:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        head = Request(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            sampling_params=params,
-            eos_token_ids=self.eos_token_ids,
-            block_size=self.config.cache.block_size,
-            generator=self._seeded_generator(params, 0),
-            prompt=prompt,
-            pending_forks=params.n - 1,
-            fork_generators=[self._seeded_generator(params, i) for i in range(1, params.n)],
-            output_token_ids=list(output_token_ids),
-        )
+        head = self._new_request(request_id, token_ids, params, output_token_ids, prompt)
         self.groups[request_id] = RequestGroup(head, self.tokenizer, export_kv=export_kv)
         self.scheduler.add_request(head)
         return request_id
@@ -176,21 +163,26 @@ class LLMEngine:
         if not output_token_ids:
             raise ValueError("output_token_ids: a prefilled request needs its first sampled token")
         self._validate_resume(token_ids, output_token_ids[:-1], sampling_params, False)
-        if request_id in self.groups:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        head = Request(
-            request_id=request_id,
-            prompt_token_ids=token_ids,
-            sampling_params=sampling_params,
-            eos_token_ids=self.eos_token_ids,
-            block_size=self.config.cache.block_size,
-            generator=self._seeded_generator(sampling_params, 0),
-            output_token_ids=list(output_token_ids),
-        )
+        head = self._new_request(request_id, token_ids, sampling_params, output_token_ids)
         self.kv_cache_manager.adopt(reservation_id, head)
         self.groups[request_id] = RequestGroup(head, self.tokenizer)
         self.scheduler.add_running(head)
         return request_id
+
+    def _new_request(
+        self, request_id: str, token_ids: list[int], params: SamplingParams, output_token_ids: Sequence[int],
+        prompt: str | None = None,
+    ) -> Request:
+        """A request's first sample (its forks come later) under a request id not yet in use."""
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        return Request(
+            request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
+            eos_token_ids=self.eos_token_ids, block_size=self.config.cache.block_size,
+            generator=self._seeded_generator(params, 0), prompt=prompt, pending_forks=params.n - 1,
+            fork_generators=[self._seeded_generator(params, i) for i in range(1, params.n)],
+            output_token_ids=list(output_token_ids),
+        )
 
     def validate_prompt(
         self, prompt: str | None, prompt_token_ids: Sequence[int] | None, params: SamplingParams
