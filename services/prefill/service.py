@@ -15,7 +15,7 @@ import time
 import grpc
 
 from common.engine.sampling_params import SamplingParams
-from common.transfer import GrpcKVSender, make_sender
+from common.transfer import GrpcKVSender, choose_transport, make_sender
 from proto import worker_pb2
 from services.wire import logprobs_to_proto, sampling_from_proto
 from services.worker_runtime import WorkerRuntime
@@ -103,8 +103,6 @@ class PrefillService(BaseWorkerService):
         return worker_pb2.TransferStats(transport=sender.transport, bytes=result.bytes, seconds=result.seconds)
 
     def _sender(self, target: worker_pb2.DecodeTarget):
-        from common.transfer.base import choose_transport
-
         settings = self.runtime.settings
         known = bool(target.gpu_uuid and self.runtime.gpu_uuid)
         kind = choose_transport(settings.transfer.transport, self.runtime.device, target.device,

@@ -331,7 +331,7 @@ async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) 
         outcome = "ok"
     except (NoWorkersError, InvalidRequestError, AdmissionError) as error:
         outcome = type(error).__name__
-        yield protocol.sse(_error_body(error))
+        yield protocol.sse(error_status_and_body(error)[1])
     except Exception:  # noqa: BLE001 - the stream already started: report it as an event, never a traceback
         outcome = "internal_error"
         logger.exception("request %s failed mid-stream", job.request_id)
@@ -379,26 +379,17 @@ class _Chunks:
 
 
 # ---------------------------------------------------------------------------------------------- errors
-def _error_body(error: Exception) -> dict:
+def error_status_and_body(error: Exception) -> tuple[int, dict]:
+    """The HTTP status and OpenAI error envelope for any error a request can end with (500: no details)."""
     if isinstance(error, protocol.ProtocolError):
-        return error.body()
+        return error.status, error.body()
     if isinstance(error, AdmissionError):
-        return protocol.error_for_status(error.status, error.message, None, error.code)
+        return error.status, protocol.error_for_status(error.status, error.message, None, error.code)
     if isinstance(error, NoWorkersError):
-        return protocol.error_for_status(503, str(error))
+        return 503, protocol.error_for_status(503, str(error))
     if isinstance(error, InvalidRequestError):
-        return protocol.error_for_status(400, str(error), _param_of(str(error)))
-    return protocol.error_for_status(500)
-
-
-def _status_of(error: Exception) -> int:
-    if isinstance(error, protocol.ProtocolError | AdmissionError):
-        return error.status
-    if isinstance(error, NoWorkersError):
-        return 503
-    if isinstance(error, InvalidRequestError):
-        return 400
-    return 500
+        return 400, protocol.error_for_status(400, str(error), _param_of(str(error)))
+    return 500, protocol.error_for_status(500)
 
 
 def _param_of(message: str) -> str | None:
@@ -407,11 +398,11 @@ def _param_of(message: str) -> str | None:
 
 
 def _error_response(gateway: Gateway, error: Exception, headers: dict) -> JSONResponse:
-    status = _status_of(error)
+    status, body = error_status_and_body(error)
     gateway.metrics.request_errors.labels(model=gateway.model_id, status=str(status)).inc()
     if status >= 500:
         logger.warning("request %s: %d %s", headers.get("X-Request-Id"), status, error)
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         headers = {**headers, "Retry-After": str(max(1, int(retry_after + 0.999)))}
-    return JSONResponse(_error_body(error), status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=headers)

@@ -177,10 +177,11 @@ class Orchestrator:
                 return None
             try:
                 reply = await self._prefill_with_retries(decode, reservation, attempt)
-            except BaseException:  # transfer failed, request invalid, or client gone: free the blocks now
+            except _TransferFailed:  # the KV arrived damaged: free the blocks, reserve again, prefill again
                 await self._release(stub, reservation)
-                if isinstance(_current_error(), _TransferFailed):
-                    continue
+                continue
+            except BaseException:  # request invalid or client gone: free the blocks now
+                await self._release(stub, reservation)
                 raise
             if reply is None or reply.finish_reason:
                 await self._release(stub, reservation)
@@ -338,9 +339,3 @@ class Orchestrator:
 
 class _TransferFailed(Exception):
     """The KV arrived corrupted or short: the reservation is released and the prompt prefilled again."""
-
-
-def _current_error() -> BaseException | None:
-    import sys
-
-    return sys.exc_info()[1]

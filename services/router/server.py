@@ -34,7 +34,7 @@ from common.metrics import RouterMetrics
 from common.models.loader import resolve_model_path
 from services.router import openai_api, protocol
 from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
-from services.router.openai_api import Gateway
+from services.router.openai_api import Gateway, error_status_and_body
 from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator
 from services.router.text import TextAssembler
 
@@ -81,10 +81,8 @@ class RouterState:
     gateway: Gateway
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": status}}, status_code=status
-    )
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse(protocol.error_for_status(status, message), status_code=status)
 
 
 def build_app(state: RouterState) -> FastAPI:
@@ -106,7 +104,7 @@ def build_app(state: RouterState) -> FastAPI:
     async def ready():
         decodes = state.watcher.alive(role="decode", model=state.model)
         if not decodes:
-            return error_response(503, "no decode worker registered", "unavailable")
+            return error_response(503, "no decode worker registered")
         return {
             "status": "ready",
             "decode_workers": len(decodes),
@@ -123,12 +121,12 @@ def build_app(state: RouterState) -> FastAPI:
         try:
             body = GenerateBody.model_validate_json(await request.body())
         except ValidationError as error:
-            return error_response(400, _validation_message(error), "invalid_request_error")
+            return error_response(400, _validation_message(error))
         try:
             params = body.sampling_params()
             prompt_ids = _prompt_ids(state, body)
         except ValueError as error:
-            return error_response(400, str(error), "invalid_request_error")
+            return error_response(400, str(error))
         request_id = request.headers.get("x-request-id") or f"gen-{uuid.uuid4().hex[:16]}"
         events = _text_events(state, prompt_ids, params, request_id)
         if body.stream:
@@ -224,11 +222,10 @@ async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield f"data: {json.dumps(event)}\n\n".encode()
-    except (NoWorkersError, InvalidRequestError) as error:
-        yield f"data: {json.dumps({'error': {'message': str(error), 'type': type(error).__name__}})}\n\n".encode()
-    except Exception:  # noqa: BLE001 - the stream already started: report, never a traceback
-        logger.exception("stream failed")
-        yield b'data: {"error": {"message": "internal error", "type": "internal_error"}}\n\n'
+    except Exception as error:  # noqa: BLE001 - the stream already started: report it, never a traceback
+        if not isinstance(error, NoWorkersError | InvalidRequestError):
+            logger.exception("stream failed")
+        yield protocol.sse(error_status_and_body(error)[1])
     yield b"data: [DONE]\n\n"
 
 
@@ -240,10 +237,9 @@ async def _collect(events: AsyncIterator[dict], request_id: str, num_prompt_toke
             tokens.extend(event["token_ids"])
             logprobs.extend(event["logprobs"] or [])
             last = event
-    except NoWorkersError as error:
-        return error_response(503, str(error), "unavailable")
-    except InvalidRequestError as error:
-        return error_response(400, str(error), "invalid_request_error")
+    except (NoWorkersError, InvalidRequestError) as error:
+        status, body = error_status_and_body(error)
+        return JSONResponse(body, status_code=status)
     return {
         "request_id": request_id,
         "text": "".join(texts),
