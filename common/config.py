@@ -23,6 +23,7 @@ class ModelConfig:
     seed: int = 0
     skip_tokenizer_init: bool = False
     download_dir: str | None = None  # model conversion/download cache; default ~/.cache/tandem
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, profiling)
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,7 @@ def engine_parser(env: EnvDefaults) -> argparse.ArgumentParser:
     add_option(g, env, "--block-size", type=int, default=CacheConfig.block_size,
                help="KV block size in tokens (default: %(default)s)")
     add_switch(g, env, "--no-prefix-caching", help="turn the prefix cache off")
+    add_switch(g, env, "--enforce-eager", help="no CUDA graphs for decode steps")
     add_option(g, env, "--load-format", default="auto", choices=["auto", "dummy"],
                help="dummy = random weights from the model's config (default: %(default)s)")
     return p
@@ -360,7 +361,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The engine part of parsed worker / chat / generate flags."""
     return EngineConfig(
         model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                          load_format=args.load_format, download_dir=args.download_dir),
+                          load_format=args.load_format, download_dir=args.download_dir,
+                          enforce_eager=args.enforce_eager),
         cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
                           kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),

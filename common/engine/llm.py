@@ -40,6 +40,7 @@ class LLM:
         load_format: str = "auto",
         skip_tokenizer_init: bool = False,
         download_dir: str | None = None,
+        enforce_eager: bool = False,
     ) -> None:
         self.config = EngineConfig(
             model=ModelConfig(
@@ -52,6 +53,7 @@ class LLM:
                 seed=seed,
                 skip_tokenizer_init=skip_tokenizer_init,
                 download_dir=download_dir,
+                enforce_eager=enforce_eager,
             ),
             cache=CacheConfig(
                 block_size=block_size,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from common.engine.outputs import TokenLogprobs
 from common.engine.request import Request
 from common.engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
@@ -49,27 +50,63 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         sampler: Sampler,
+        decode_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
+        self.decode_graphs = decode_graphs
 
     @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
         self._apply_block_copies(step)
+        if self._can_replay(step):
+            return self._execute_graph(step)
         plan = self._plan(step.scheduled)
         input_ids, positions, metadata = self._to_tensors(plan)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         output = RunnerOutput()
         if plan.sample_rows:
-            self._sample(hidden, plan.sample_rows, output)
+            row_index = torch.tensor([row for _, row in plan.sample_rows], device=hidden.device)
+            self._sample(hidden[row_index], [request for request, _ in plan.sample_rows], output)
         for request, rows, targets in plan.prompt_rows:
             logits = self.model.compute_logits(hidden[rows])
             k = request.sampling_params.prompt_logprobs or 0
             output.prompt_logprobs[request.request_id] = compute_prompt_logprobs(logits, targets, k)
         return output
+
+    def _can_replay(self, step: SchedulerOutput) -> bool:
+        """Pure decode (one new token per sequence, no prompt logprobs) within the captured batch sizes."""
+        graphs = self.decode_graphs
+        if graphs is None or len(step.scheduled) > graphs.max_batch:
+            return False
+        return all(
+            item.num_new_tokens == 1 and item.completes_sequence and not item.request.wants_prompt_logprobs
+            for item in step.scheduled
+        )
+
+    def _execute_graph(self, step: SchedulerOutput) -> RunnerOutput:
+        batch = self._decode_batch(step.scheduled)
+        hidden = self.decode_graphs.run(batch)
+        output = RunnerOutput()
+        self._sample(hidden, [item.request for item in step.scheduled], output)
+        return output
+
+    def _decode_batch(self, scheduled: tuple[ScheduledRequest, ...]) -> DecodeBatch:
+        """One token per sequence: the last known token, at position num_computed_tokens."""
+        size, block_size = len(scheduled), self.block_size
+        token_ids = np.empty(size, dtype=np.int64)
+        positions = np.empty(size, dtype=np.int64)
+        slots = np.empty(size, dtype=np.int64)
+        for row, item in enumerate(scheduled):
+            position = item.num_computed_tokens
+            token_ids[row] = item.request.all_token_ids[position]
+            positions[row] = position
+            slots[row] = item.block_ids[position // block_size] * block_size + position % block_size
+        seq_lens = (positions + 1).astype(np.int32)
+        return DecodeBatch(token_ids, positions, slots, seq_lens, [item.block_ids for item in scheduled])
 
     def _apply_block_copies(self, step: SchedulerOutput) -> None:
         for copy in step.block_copies:
@@ -129,12 +166,11 @@ class ModelRunner:
         )
         return as_tensor(plan.token_ids), as_tensor(plan.positions), metadata
 
-    def _sample(self, hidden: torch.Tensor, sample_rows: list[tuple[Request, int]], output: RunnerOutput) -> None:
-        """Sample every completed row; a request about to fork samples once per sample from one row."""
-        row_index = torch.tensor([row for _, row in sample_rows], device=hidden.device)
-        logits = self.model.compute_logits(hidden[row_index])
+    def _sample(self, hidden: torch.Tensor, requests: list[Request], output: RunnerOutput) -> None:
+        """Sample each request from its row of ``hidden``; a request about to fork samples once per sample."""
+        logits = self.model.compute_logits(hidden)
         expanded, rows, owners = [], [], []
-        for logit_row, (request, _) in enumerate(sample_rows):
+        for logit_row, request in enumerate(requests):
             for generator in [request.generator, *request.fork_generators[: request.pending_forks]]:
                 expanded.append(logit_row)
                 rows.append(
@@ -147,7 +183,7 @@ class ModelRunner:
                     )
                 )
                 owners.append(request.request_id)
-        if len(expanded) != len(sample_rows):
+        if len(expanded) != len(requests):
             logits = logits[torch.tensor(expanded, device=logits.device)]
         result = self.sampler(logits, rows)
         for owner, token, logprobs in zip(owners, result.token_ids, result.logprobs, strict=True):

@@ -28,6 +28,9 @@ class AttentionMetadata:
     query_lens_cpu: tuple[int, ...]  # host copies so reference paths never sync
     seq_lens_cpu: tuple[int, ...]
     block_size: int
+    # Split-KV decode: how many splits per sequence; fixed when a CUDA graph is captured, else None
+    # (the kernel picks from the batch shape).
+    num_decode_splits: int | None = None
 
     @property
     def num_seqs(self) -> int:

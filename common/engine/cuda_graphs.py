@@ -1,0 +1,171 @@
+"""CUDA graphs of the model's forward for pure-decode steps, one per batch-size bucket.
+
+A decode step of B sequences runs the graph captured for the smallest bucket >= B, with padding rows
+that write no KV (slot -1) and attend over nothing (seq_len 0). Inputs live in static device buffers that
+are filled from pinned host staging buffers, so a replay costs one launch and a few async copies and the
+host never waits for the device until the sampled token ids are read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.models.attention_metadata import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def decode_splits(batch: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 32) -> int:
+    """Enough (sequence, kv head, split) programs for about two waves over the SMs; a graph keeps its count."""
+    programs = batch * num_kv_heads
+    return max(1, min(max_splits, -(-2 * num_sms // programs)))
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then steps of 16 to 256, then steps of 32: at most ~12% padding past 16 rows."""
+    sizes = [1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32)]
+    kept = [size for size in sizes if size < max_batch]
+    return (*kept, max_batch)
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    """Host arrays of one pure-decode step (one query token per sequence)."""
+
+    token_ids: np.ndarray  # [B] int64
+    positions: np.ndarray  # [B] int64
+    slots: np.ndarray  # [B] int64
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: list[tuple[int, ...]]
+
+
+class _StaticInputs:
+    """Device buffers the graphs read, and the pinned host copies they are filled from."""
+
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
+        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.zeros(shape, dtype=dtype).pin_memory(), torch.zeros(shape, dtype=dtype, device=device)
+
+        self.host_ids, self.input_ids = pair((max_batch,), torch.int64)
+        self.host_positions, self.positions = pair((max_batch,), torch.int64)
+        self.host_slots, self.slot_mapping = pair((max_batch,), torch.int64)
+        self.host_seq_lens, self.seq_lens = pair((max_batch,), torch.int32)
+        self.host_tables, self.block_tables = pair((max_batch, max_blocks_per_seq), torch.int32)
+        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+
+    def fill(self, batch: DecodeBatch, bucket: int) -> None:
+        """Copy one step's rows in and pad rows [B, bucket) so they write and read nothing."""
+        size = len(batch.token_ids)
+        width = max(len(table) for table in batch.block_tables)
+        ids, positions, slots, seq_lens = (
+            self.host_ids.numpy(),
+            self.host_positions.numpy(),
+            self.host_slots.numpy(),
+            self.host_seq_lens.numpy(),
+        )
+        ids[:size], positions[:size], slots[:size], seq_lens[:size] = (
+            batch.token_ids,
+            batch.positions,
+            batch.slots,
+            batch.seq_lens,
+        )
+        ids[size:bucket], positions[size:bucket], slots[size:bucket], seq_lens[size:bucket] = 0, 0, -1, 0
+        tables = self.host_tables.numpy()
+        for row, table in enumerate(batch.block_tables):
+            tables[row, : len(table)] = table
+        for host, device in (
+            (self.host_ids, self.input_ids),
+            (self.host_positions, self.positions),
+            (self.host_slots, self.slot_mapping),
+            (self.host_seq_lens, self.seq_lens),
+        ):
+            device[:bucket].copy_(host[:bucket], non_blocking=True)
+        # Columns past a row's length are stale but never read: kernels stop at ceil(seq_len / block_size).
+        self.block_tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+
+    def metadata(self, bucket: int, block_size: int, num_kv_heads: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bucket],
+            query_start_loc=self.query_start_loc[: bucket + 1],
+            seq_lens=self.seq_lens[:bucket],
+            block_tables=self.block_tables[:bucket],
+            query_lens_cpu=(1,) * bucket,
+            seq_lens_cpu=(1,) * bucket,  # unused by the decode kernel, which reads seq_lens on the device
+            block_size=block_size,
+            num_decode_splits=decode_splits(bucket, num_kv_heads),
+        )
+
+
+class DecodeGraphs:
+    """Captures the forward once per bucket; ``run`` replays the right one.
+
+    Invariant: a pending step's host staging buffers are not refilled before its graph has been replayed
+    and its outputs read (the caller reads the sampled ids, which waits for the device), so the async
+    host-to-device copies never race the next fill.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: torch.Tensor,
+        block_size: int,
+        max_batch: int,
+        max_blocks_per_seq: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_size = block_size
+        self.buckets = batch_buckets(max_batch)
+        self.inputs = _StaticInputs(self.buckets[-1], max_blocks_per_seq, device)
+        self.device = device
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first so the smaller ones reuse its memory pool."""
+        started = time.perf_counter()
+        before = torch.cuda.mem_get_info(self.device)[0]
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(self.device)
+        for bucket in reversed(self.buckets):
+            self.inputs.seq_lens[:bucket].fill_(1)  # warm-up reads one (garbage) position; writes go nowhere
+            self.inputs.slot_mapping[:bucket].fill_(-1)
+            metadata = self.inputs.metadata(bucket, self.block_size, self.model.num_kv_heads)
+            args = (self.inputs.input_ids[:bucket], self.inputs.positions[:bucket], self.kv_cache, metadata)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self.model(*args)  # compiles kernels and sets up cuBLAS outside the capture
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                hidden = self.model(*args)
+            self._graphs[bucket] = (graph, hidden)
+        torch.cuda.synchronize(self.device)
+        used = before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info(
+            "captured %d decode CUDA graphs (batch 1..%d) in %.1fs using %.0f MiB",
+            len(self.buckets),
+            self.max_batch,
+            time.perf_counter() - started,
+            used / 2**20,
+        )
+
+    def run(self, batch: DecodeBatch) -> torch.Tensor:
+        """Hidden states ``[B, hidden]`` of one pure-decode step (a view into the graph's output)."""
+        size = len(batch.token_ids)
+        bucket = self.buckets[bisect.bisect_left(self.buckets, size)]
+        self.inputs.fill(batch, bucket)
+        graph, hidden = self._graphs[bucket]
+        graph.replay()
+        return hidden[:size]
