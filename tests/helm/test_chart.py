@@ -12,6 +12,7 @@ import ast
 import base64
 import json
 import shutil
+import tarfile
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -554,6 +555,17 @@ def test_real_rules_become_the_prometheus_rule() -> None:
         pytest.skip("deploy/prometheus/rules has no rules file yet")
     (rule,) = render().of_kind("PrometheusRule")
     assert rule["spec"]["groups"] == [g for path in files for g in yaml.safe_load(path.read_text())["groups"]]
+
+
+def test_packaged_chart_carries_the_linked_files(tmp_path: Path) -> None:
+    """`helm package` follows the symlinks, so a chart from a repository has the dashboards and rules too."""
+    result = run_helm("package", "{chart}", "--destination", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    (package,) = tmp_path.glob("tandem-*.tgz")
+    with tarfile.open(package) as archive:
+        packaged = {Path(name).name for name in archive.getnames() if "/files/" in name}
+    linked = {p.name for sub in ("dashboards", "rules") for p in (CHART / "files" / sub).iterdir()}
+    assert packaged == linked
 
 
 # ---------------------------------------------------------------------------------------------------- NOTES.txt
