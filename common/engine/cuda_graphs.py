@@ -28,8 +28,8 @@ def decode_splits(batch: int, num_kv_heads: int, num_sms: int = 132, max_splits:
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
-    """1, 2, 4, 8, then steps of 16 to 256, then steps of 32: at most ~12% padding past 16 rows."""
-    sizes = [1, 2, 4, 8, *range(16, 257, 16), *range(288, 1025, 32)]
+    """1, 2, 4, then steps of 8 to 256, then steps of 16: under 8 padded rows to 256, under 6% past it."""
+    sizes = [1, 2, 4, *range(8, 257, 8), *range(272, 1025, 16)]
     kept = [size for size in sizes if size < max_batch]
     return (*kept, max_batch)
 

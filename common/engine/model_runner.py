@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs
+from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs, batch_buckets, decode_splits
 from common.engine.outputs import TokenLogprobs
 from common.engine.request import Request
 from common.engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
@@ -163,8 +163,18 @@ class ModelRunner:
             query_lens_cpu=tuple(plan.query_lens),
             seq_lens_cpu=tuple(plan.seq_lens),
             block_size=self.block_size,
+            num_decode_splits=self._decode_splits(plan),
         )
         return as_tensor(plan.token_ids), as_tensor(plan.positions), metadata
+
+    def _decode_splits(self, plan: _BatchPlan) -> int | None:
+        """The split count a graph of this batch's bucket uses, so eager and replayed steps sum alike."""
+        if max(plan.query_lens) != 1:
+            return None
+        buckets = self.decode_graphs.buckets if self.decode_graphs else batch_buckets(512)
+        size = len(plan.query_lens)
+        bucket = next((b for b in buckets if b >= size), size)
+        return decode_splits(bucket, self.model.num_kv_heads)
 
     def _sample(self, hidden: torch.Tensor, requests: list[Request], output: RunnerOutput) -> None:
         """Sample each request from its row of ``hidden``; a request about to fork samples once per sample."""

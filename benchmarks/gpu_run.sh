@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU session's work in one call: bash benchmarks/gpu_run.sh STAGE... (logs and JSON under $OUT).
+# Stages: tests (gpu-marked kernel + engine tests), kernels (attention micro-benchmark), w1 | w2 | latency |
+# prefill | preempt (throughput.py on the 8B shape), small (SmolLM2 shape W1+W2), hf (HF baseline on W1),
+# vllm (the peer, after the bundle is unpacked to /tmp/vllm-site), gateway (router vs direct gRPC streams). A stage that fails is reported and the next one still runs.
+set -uo pipefail
+source benchmarks/gpu_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+summary=()
+run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, keep the last lines for the summary
+  local name=$1 limit=$2; shift 2
+  local started=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("== $name rc=$rc $((SECONDS - started))s")
+  echo "== $name rc=$rc $((SECONDS - started))s"; tail -n 25 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+for stage in "$@"; do
+  case $stage in
+    tests) run tests 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels tests/common/engine/test_gpu_path.py ;;
+    kernels) run kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json" ;;
+    w1|w2|latency|prefill|preempt)
+      wl=$(echo "$stage" | sed 's/^w/W/')
+      run "$stage" 480 python3 -m benchmarks.throughput --shape llama8b --workloads "$wl" --json "$OUT/$stage.json" ;;
+    fast) run fast 560 python3 -m benchmarks.throughput --shape llama8b --workloads W1,latency,prefill --json "$OUT/fast.json" ;;
+    small) run small 300 python3 -m benchmarks.throughput --shape smollm2 --workloads W1,W2 --json "$OUT/small.json" ;;
+    vllm) run vllm 560 env PYTHONPATH="/tmp/vllm-site:$PYTHONPATH" VLLM_USE_FLASHINFER_SAMPLER=0 \
+            python3 -m benchmarks.vllm_peer --shape llama8b --json "$OUT/vllm.json" ;;
+    hf) run hf 560 python3 -m benchmarks.hf_baseline --shape llama8b --json "$OUT/hf.json" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+printf '%s\n' "${summary[@]}"
