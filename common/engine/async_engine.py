@@ -11,25 +11,14 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from common.engine.engine import LLMEngine
 from common.engine.outputs import RequestOutput
+from common.engine.stats import EngineStats
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """What the registry heartbeat and the health RPC report."""
-
-    total_blocks: int
-    free_blocks: int
-    running: int
-    waiting: int
-    num_requests: int
 
 
 class EngineClosedError(RuntimeError):
@@ -90,7 +79,7 @@ class AsyncEngine:
                 self._submit(lambda: self.engine.abort_request(request_id))
 
     async def stats(self) -> EngineStats:
-        return await self.call(_stats)
+        return await self.call(LLMEngine.stats)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stopping = True
@@ -145,14 +134,6 @@ class AsyncEngine:
             if target is not None:
                 loop, stream = target
                 loop.call_soon_threadsafe(stream.put_nowait, output)
-
-
-def _stats(engine: LLMEngine) -> EngineStats:
-    pool = engine.kv_cache_manager.pool
-    scheduler = engine.scheduler
-    return EngineStats(total_blocks=pool.num_blocks, free_blocks=pool.num_free_blocks,
-                       running=len(scheduler.running), waiting=len(scheduler.waiting),
-                       num_requests=len(engine.groups))
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:

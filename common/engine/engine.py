@@ -21,6 +21,7 @@ from common.engine.request import Request, RequestStatus
 from common.engine.sampler import Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler, SchedulerOutput
+from common.engine.stats import EngineStats, EngineStatsRecorder
 from common.models.loader import load_model, resolve_dtype, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, kv_cache, config.cache.block_size, self.device, Sampler(self.generator))
         self.groups: dict[str, RequestGroup] = {}
         self._request_counter = itertools.count()
+        self.stats_recorder = EngineStatsRecorder()
         self.load_seconds = time.perf_counter() - started
         logger.info(
             "engine ready in %.2fs: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
@@ -216,9 +218,21 @@ class LLMEngine:
         for sample in group.samples:
             if not sample.is_finished:
                 self.scheduler.finish(sample, RequestStatus.FINISHED_ABORTED)
+                self.stats_recorder.on_finish(sample)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.groups)
+
+    def stats(self) -> EngineStats:
+        """A snapshot of load, KV-cache occupancy and the cumulative counters (engine thread only)."""
+        pool, kv, recorder = self.kv_cache_manager.pool, self.kv_cache_manager, self.stats_recorder
+        return EngineStats(
+            total_blocks=pool.num_blocks, free_blocks=pool.num_free_blocks, running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting), num_requests=len(self.groups),
+            num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=kv.num_queries,
+            prefix_cache_hits=kv.num_hits, prefill_tokens=recorder.prefill_tokens,
+            generation_tokens=recorder.generation_tokens,
+        )
 
     # ----------------------------------------------------------------- stepping
     def step(self) -> list[RequestOutput]:
@@ -226,9 +240,12 @@ class LLMEngine:
         step = self.scheduler.schedule()
         if step.is_empty:
             return []
+        started = time.monotonic()
         result = self.runner.execute(step)
         self.scheduler.on_step_done(step)
-        return self._process(step, result)
+        outputs = self._process(step, result)
+        self.stats_recorder.on_step(step, result, started)
+        return outputs
 
     def _process(self, step: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
         touched: dict[str, RequestGroup] = {}

@@ -1,0 +1,121 @@
+"""Typed engine statistics: a snapshot of gauges and cumulative counters, plus per-request phase timings.
+
+The engine only counts; services turn these records into Prometheus metrics (the engine never imports
+prometheus). Everything here runs on the engine thread, like the scheduler it watches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.engine.model_runner import RunnerOutput
+    from common.engine.request import Request
+    from common.engine.scheduler import ScheduledRequest, SchedulerOutput
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine at one instant. Counters (``num_*`` past the first five) only grow over the engine's life."""
+
+    total_blocks: int
+    free_blocks: int
+    running: int
+    waiting: int
+    num_requests: int
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found cached
+    prefill_tokens: int = 0  # tokens computed by prefill (prompt or recomputed context); cache hits excluded
+    generation_tokens: int = 0  # tokens sampled
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of KV blocks held by requests or reservations (free cached blocks count as free)."""
+        return 1.0 - self.free_blocks / self.total_blocks if self.total_blocks else 0.0
+
+
+@dataclass(frozen=True)
+class FinishedRequest:
+    """Phase timings of one finished sequence, as this engine saw it (seconds).
+
+    ``prefill_s`` is None when it never got a token here (aborted while queued), ``decode_s`` likewise.
+    """
+
+    finish_reason: str  # stop | length | abort
+    queue_s: float  # arrival -> first scheduled (or -> finish when never scheduled)
+    prefill_s: float | None  # first scheduled -> first token sampled here
+    decode_s: float | None  # first token sampled here -> finish
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class _Phases:
+    first_scheduled: float
+    first_token: float | None = None
+
+
+class EngineStatsRecorder:
+    """Counts tokens per step and times each request's phases.
+
+    Finished-request records accumulate only while ``collect_finished`` is set (a worker drains them with
+    ``take_finished``), in a bounded queue, so the offline API never grows memory for records nobody reads.
+    """
+
+    def __init__(self, max_finished: int = 100_000) -> None:
+        self.prefill_tokens = 0
+        self.generation_tokens = 0
+        self.collect_finished = False
+        self._phases: dict[str, _Phases] = {}
+        self._finished: deque[FinishedRequest] = deque(maxlen=max_finished)
+
+    def on_step(self, step: SchedulerOutput, result: RunnerOutput, started: float) -> None:
+        """After a step (begun at ``started``, monotonic) ran and its tokens were appended: count tokens, start
+        and end phase clocks."""
+        now = time.monotonic()
+        for item in step.scheduled:
+            request = item.request
+            if not _is_decode(item):
+                self.prefill_tokens += item.num_new_tokens
+            phases = self._phases.setdefault(request.request_id, _Phases(first_scheduled=started))
+            if phases.first_token is None and result.sampled.get(request.request_id):
+                phases.first_token = now
+            if request.is_finished:
+                self.on_finish(request, now)
+        self.generation_tokens += sum(len(tokens) for tokens in result.sampled.values())
+
+    def on_finish(self, request: Request, now: float | None = None) -> None:
+        """A sequence ended (by a token, a limit or an abort): close its record."""
+        now = time.monotonic() if now is None else now
+        phases = self._phases.pop(request.request_id, None)
+        if not self.collect_finished:
+            return
+        started = phases.first_scheduled if phases is not None else now
+        first_token = phases.first_token if phases is not None else None
+        self._finished.append(
+            FinishedRequest(
+                finish_reason=request.status.value,
+                queue_s=max(0.0, started - request.arrival_time),
+                prefill_s=None if first_token is None else first_token - started,
+                decode_s=None if first_token is None else now - first_token,
+                num_prompt_tokens=request.num_prompt_tokens,
+                num_output_tokens=request.num_output_tokens,
+            )
+        )
+
+    def take_finished(self) -> list[FinishedRequest]:
+        """Records of sequences finished since the last call, oldest first."""
+        taken = list(self._finished)
+        self._finished.clear()
+        return taken
+
+
+def _is_decode(item: ScheduledRequest) -> bool:
+    """One new token past the prompt: a decode step. Holds before and after the step's tokens are appended;
+    a prompt or recomputed context runs as prefill (a lone last chunk token of a resumed context counts as decode).
+    """
+    return item.num_new_tokens == 1 and item.num_computed_tokens + 1 > item.request.num_prompt_tokens
