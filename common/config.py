@@ -86,6 +86,7 @@ class WorkerConfig:
     advertise_host: str | None = None  # address others dial; defaults to host
     worker_id: str | None = None
     drain_timeout_s: float = 30.0
+    metrics_port: int = 0  # HTTP /metrics, /health, /ready on host; 0 = pick a free port
 
 
 @dataclass(frozen=True)

@@ -258,7 +258,8 @@ class OutputWatcher:
 
 @dataclass
 class WorkerProcess:
-    """One supervised child (a worker, or the router with worker_id 'router'); `address` is set once ready."""
+    """One supervised child (a worker, or the router with worker_id 'router'); `address` is set once ready, and
+    for a worker `metrics_port` (its /metrics, /health, /ready) too."""
 
     role: str
     worker_id: str
@@ -267,10 +268,22 @@ class WorkerProcess:
     watcher: OutputWatcher = field(repr=False)
     gpu: str | None = None
     address: str | None = None
+    metrics_port: int | None = None
 
     @property
     def alive(self) -> bool:
         return self.popen.poll() is None
+
+    @property
+    def metrics_url(self) -> str:
+        """http://host:port serving /metrics: the router's own address, a worker's metrics port on its host."""
+        if self.address is None:
+            raise RuntimeError(f"{self.worker_id} is not ready")
+        if self.role == "router":
+            return self.address
+        if not self.metrics_port:
+            raise RuntimeError(f"{self.worker_id} reported no metrics_port")
+        return f"http://{self.address.rsplit(':', 1)[0]}:{self.metrics_port}"
 
 
 # ---------------------------------------------------------------------------------------------------- cluster
@@ -506,6 +519,8 @@ class LocalCluster:
         if info["role"] != proc.role or info.get("worker_id", expected_id) != expected_id:
             raise ClusterError(f"{proc.worker_id} reported READY as {info}; {self._explain(proc)}")
         proc.address = info["address"]
+        if isinstance(info.get("metrics_port"), int):
+            proc.metrics_port = info["metrics_port"]
 
     @staticmethod
     def _no_ready_reason(proc: WorkerProcess) -> str:

@@ -264,6 +264,8 @@ def _add_worker_command(sub: Any, env: EnvDefaults, role: str, common: list[argp
     _liveness_args(g, env)
     add_option(g, env, "--drain-timeout-s", type=float, default=WorkerConfig.drain_timeout_s,
                help="on SIGTERM, how long in-flight work may take (default: %(default)s)")
+    add_option(g, env, "--metrics-port", type=int, default=WorkerConfig.metrics_port,
+               help="HTTP port on --host for /metrics, /health and /ready (0 = any free port; default: %(default)s)")
     cmd.set_defaults(func=cmd_worker, role=role)
 
 
@@ -382,7 +384,8 @@ def transfer_config(args: argparse.Namespace) -> TransferConfig:
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The worker's own settings from parsed `prefill` / `decode` flags (role included)."""
     return WorkerConfig(role=args.role, host=args.host, port=args.port, advertise_host=args.advertise_host,
-                        worker_id=args.worker_id, drain_timeout_s=args.drain_timeout_s)
+                        worker_id=args.worker_id, drain_timeout_s=args.drain_timeout_s,
+                        metrics_port=args.metrics_port)
 
 
 def router_config(args: argparse.Namespace) -> RouterConfig:

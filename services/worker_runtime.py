@@ -1,7 +1,8 @@
 """What prefill and decode workers share: engine on its thread, gRPC server, registry heartbeat, drain.
 
-Lifecycle: load the engine -> start gRPC -> register in Redis -> print TANDEM_READY -> serve ->
-on SIGTERM: mark draining, deregister, finish in-flight work (bounded), stop gRPC, exit 0.
+Lifecycle: start the HTTP side (/metrics, /health, /ready) -> load the engine -> start gRPC -> register in
+Redis -> print TANDEM_READY -> serve -> on SIGTERM: mark draining (/ready turns 503), deregister, finish
+in-flight work (bounded), stop gRPC, exit 0.
 """
 
 from __future__ import annotations
@@ -14,28 +15,23 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import (
-    CacheConfig,
-    CoordConfig,
-    EngineConfig,
-    ModelConfig,
-    SchedulerConfig,
-    TransferConfig,
-    WorkerConfig,
-)
+from common.config import CoordConfig, EngineConfig, TransferConfig, WorkerConfig
 from common.coord.prefix_index import PrefixPublisher
 from common.coord.registry import WorkerRegistration, connect
 from common.coord.worker_info import WorkerInfo
-from common.engine.async_engine import AsyncEngine, EngineStats
+from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
 from common.engine.llm import validate_engine_args
+from common.engine.stats import EngineStats, FinishedRequest
+from common.metrics import WorkerMetrics
 from common.transfer.base import grpc_message_options
 from proto import worker_pb2_grpc
+from services.worker_http import WorkerHealth, WorkerHttpServer
 
 logger = logging.getLogger(__name__)
 
@@ -51,28 +47,27 @@ class WorkerSettings:
 
 
 def settings_from_args(role: str, args: argparse.Namespace) -> WorkerSettings:
-    engine = EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                          load_format=args.load_format, download_dir=args.download_dir),
-        cache=CacheConfig(block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
-                          kv_cache_memory=args.kv_cache_memory,
-                          gpu_memory_utilization=getattr(args, "gpu_memory_utilization", 0.9)),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-    )
+    from services.launch import coord_config, engine_config, transfer_config, worker_config
+
     return WorkerSettings(
-        engine=engine,
-        worker=WorkerConfig(role=role, host=args.host, port=args.port, advertise_host=args.advertise_host,
-                            worker_id=args.worker_id, drain_timeout_s=args.drain_timeout_s),
-        coord=CoordConfig(redis_url=args.redis_url, namespace=args.namespace, heartbeat_s=args.heartbeat_s,
-                          ttl_s=args.ttl_s),
-        transfer=TransferConfig(transport=args.transport),
+        engine=engine_config(args),
+        worker=replace(worker_config(args), role=role),
+        coord=coord_config(args),
+        transfer=transfer_config(args),
     )
 
 
 class WorkerRuntime:
-    """One worker process: its engine, its identity, its live stats for heartbeats and the Status RPC."""
+    """One worker process: its engine, its identity, its live stats for heartbeats, the Status RPC and metrics."""
 
-    def __init__(self, settings: WorkerSettings, engine: LLMEngine) -> None:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        engine: LLMEngine,
+        metrics: WorkerMetrics | None = None,
+        health: WorkerHealth | None = None,
+        metrics_port: int = 0,
+    ) -> None:
         self.settings = settings
         self.role = settings.worker.role
         self.engine = AsyncEngine(engine)
@@ -85,24 +80,48 @@ class WorkerRuntime:
         self.gpu_uuid = gpu_uuid(engine.device)
         self.started_at = time.time()
         self.address = ""
-        self.draining = False
         self.reservations = 0
-        self.stats = EngineStats(engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.pool.num_blocks,
-                                 0, 0, 0)
+        self.stats = EngineStats(
+            engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.pool.num_blocks, 0, 0, 0
+        )
+        self.metrics = metrics or WorkerMetrics(self.model_name, self.role)
+        self.health = health or WorkerHealth()
+        self.metrics_port = metrics_port
         engine.kv_cache_manager.pool.track_cache_events = self.role == "prefill"
+        engine.stats_recorder.collect_finished = True
+
+    @property
+    def draining(self) -> bool:
+        """Set on SIGTERM or by the Drain RPC; /ready answers 503 from then on."""
+        return self.health.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.health.draining = value
 
     def info(self) -> WorkerInfo:
         """The registry record, from the stats refreshed every heartbeat."""
         return WorkerInfo(
-            worker_id=self.worker_id, role=self.role, model=self.model_name, grpc_address=self.address,
-            device=self.device, host_id=self.host_id, block_size=self.block_size,
+            worker_id=self.worker_id,
+            role=self.role,
+            model=self.model_name,
+            grpc_address=self.address,
+            metrics_port=self.metrics_port,
+            device=self.device,
+            host_id=self.host_id,
+            block_size=self.block_size,
             max_model_len=self.max_model_len,
-            total_blocks=self.stats.total_blocks, free_blocks=self.stats.free_blocks, running=self.stats.running,
-            waiting=self.stats.waiting, draining=self.draining, started_at=self.started_at,
+            total_blocks=self.stats.total_blocks,
+            free_blocks=self.stats.free_blocks,
+            running=self.stats.running,
+            waiting=self.stats.waiting,
+            draining=self.draining,
+            started_at=self.started_at,
         )
 
     async def refresh_stats(self, prefix: PrefixPublisher | None) -> None:
-        self.stats = await self.engine.stats()
+        self.stats, finished = await self.engine.call(_stats_and_finished)
+        self.metrics.update(self.stats, finished, self.reservations)
         if prefix is not None:
             events = await self.engine.call(lambda e: e.kv_cache_manager.pool.take_cache_events())
             prefix.record([h for h, cached in events if cached], [h for h, cached in events if not cached])
@@ -116,6 +135,10 @@ class WorkerRuntime:
                 return True
             await asyncio.sleep(0.05)
         return False
+
+
+def _stats_and_finished(engine: LLMEngine) -> tuple[EngineStats, list[FinishedRequest]]:
+    return engine.stats(), engine.stats_recorder.take_finished()
 
 
 def gpu_uuid(device) -> str:
@@ -133,9 +156,22 @@ def load_engine(settings: WorkerSettings) -> LLMEngine:
 
 
 async def serve_worker(settings: WorkerSettings, servicer_factory) -> int:
-    """Run one worker until SIGTERM/SIGINT; returns the process exit code."""
-    engine = await asyncio.to_thread(load_engine, settings)
-    runtime = WorkerRuntime(settings, engine)
+    """Run one worker until SIGTERM/SIGINT; returns the process exit code.
+
+    The HTTP side starts first, so liveness probes and scrapes work while the model loads."""
+    worker = settings.worker
+    metrics, health = WorkerMetrics(settings.engine.model.model, worker.role), WorkerHealth()
+    http = WorkerHttpServer(worker.host, worker.metrics_port, metrics.registry, health).start()
+    try:
+        engine = await asyncio.to_thread(load_engine, settings)
+        health.loaded = True
+        return await _serve_loaded(WorkerRuntime(settings, engine, metrics, health, http.port), servicer_factory)
+    finally:
+        http.stop()
+
+
+async def _serve_loaded(runtime: WorkerRuntime, servicer_factory) -> int:
+    settings = runtime.settings
     server = grpc.aio.server(options=grpc_message_options(settings.transfer.grpc_chunk_bytes))
     servicer = servicer_factory(runtime)
     worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
@@ -159,9 +195,27 @@ async def _run_registered(runtime: WorkerRuntime, server: grpc.aio.Server, healt
     stats_task = asyncio.create_task(_refresh_forever(runtime, prefix, settings.coord.heartbeat_s))
     await runtime.refresh_stats(prefix)
     await registration.start()
-    print("TANDEM_READY " + json.dumps({"role": runtime.role, "worker_id": runtime.worker_id,
-                                        "address": runtime.address}), flush=True)
-    logger.info("%s %s serving on %s (%s)", runtime.role, runtime.worker_id, runtime.address, runtime.device)
+    runtime.health.registered = True
+    print(
+        "TANDEM_READY "
+        + json.dumps(
+            {
+                "role": runtime.role,
+                "worker_id": runtime.worker_id,
+                "address": runtime.address,
+                "metrics_port": runtime.metrics_port,
+            }
+        ),
+        flush=True,
+    )
+    logger.info(
+        "%s %s serving on %s (%s); metrics on port %d",
+        runtime.role,
+        runtime.worker_id,
+        runtime.address,
+        runtime.device,
+        runtime.metrics_port,
+    )
     await stop.wait()
     logger.info("%s %s draining", runtime.role, runtime.worker_id)
     runtime.draining = True

@@ -16,6 +16,7 @@ class WorkerInfo:
     role: Role
     model: str
     grpc_address: str  # host:port of the worker's gRPC server (worker RPCs + KV transfer service)
+    metrics_port: int = 0  # HTTP /metrics, /health, /ready on the grpc_address host; 0 = none (older worker)
     device: str = "cpu"  # cpu | cuda:N
     host_id: str = ""  # machine identity: nccl needs both ends on one host (or a reachable fabric)
     block_size: int = 16

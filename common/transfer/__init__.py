@@ -12,11 +12,14 @@ import torch
 
 from common.config import CoordConfig, TransferConfig
 from common.transfer.base import (
+    ChecksumMismatchError,
     KVReceiver,
     KVSender,
     KVTransferHeader,
     OnKV,
+    OnOutcome,
     TransferError,
+    TransferOutcome,
     TransferResult,
     choose_transport,
     grpc_message_options,
@@ -25,12 +28,15 @@ from common.transfer.checksum import kv_checksum
 from common.transfer.grpc_transport import ChunkFilter, GrpcKVSender
 
 __all__ = [
+    "ChecksumMismatchError",
     "ChunkFilter",
     "GrpcKVSender",
     "KVReceiver",
     "KVSender",
     "KVTransferHeader",
+    "OnOutcome",
     "TransferError",
+    "TransferOutcome",
     "TransferResult",
     "choose_transport",
     "grpc_message_options",
@@ -63,13 +69,18 @@ def make_sender(
 
 
 def make_receiver(
-    on_kv: OnKV, config: TransferConfig, device: torch.device | str, max_bytes: int | None = None
+    on_kv: OnKV,
+    config: TransferConfig,
+    device: torch.device | str,
+    max_bytes: int | None = None,
+    on_outcome: OnOutcome | None = None,
 ) -> KVReceiver:
-    """The decode-side servicer; it also accepts nccl transfers when ``device`` is CUDA and NCCL is available."""
+    """The decode-side servicer; it also accepts nccl transfers when ``device`` is CUDA and NCCL is available.
+    ``on_outcome`` hears of every transfer (metrics)."""
     device = torch.device(device)
     nccl = None
     if device.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_nccl_available():
         from common.transfer.nccl_transport import NcclReceiver
 
         nccl = NcclReceiver(device, config.timeout_s)
-    return KVReceiver(on_kv, device=device, nccl=nccl, max_bytes=max_bytes)
+    return KVReceiver(on_kv, device=device, nccl=nccl, max_bytes=max_bytes, on_outcome=on_outcome)

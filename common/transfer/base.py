@@ -48,6 +48,10 @@ class TransferError(ValueError):
     """A transfer that failed verification or was rejected; its message goes back in ``KVAck.error``."""
 
 
+class ChecksumMismatchError(TransferError):
+    """The received bytes do not match the sender's checksum: corrupted on the way (counted apart in metrics)."""
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (the wire name)."""
     name = str(dtype).removeprefix("torch.")
@@ -134,7 +138,7 @@ class KVTransferHeader:
             raise TransferError(f"tensor {tuple(kv.shape)} {kv.dtype} != header {self.shape} {self.dtype}")
         got = kv_checksum(kv)
         if got != self.checksum:
-            raise TransferError(f"checksum mismatch: header {self.checksum:#018x}, received {got:#018x}")
+            raise ChecksumMismatchError(f"checksum mismatch: header {self.checksum:#018x}, received {got:#018x}")
 
     def to_proto(self) -> pb.KVHeader:
         return pb.KVHeader(
@@ -172,7 +176,19 @@ class TransferResult:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class TransferOutcome:
+    """One transfer as the receiver saw it, for metrics: ``bytes`` counts verified bytes (0 when rejected)."""
+
+    transport: str
+    ok: bool
+    bytes: int
+    seconds: float
+    checksum_mismatch: bool = False
+
+
 OnKV = Callable[[KVTransferHeader, torch.Tensor], Awaitable[None]]
+OnOutcome = Callable[[TransferOutcome], None]
 
 
 class KVSender(ABC):
@@ -260,7 +276,8 @@ class KVReceiver(pb_grpc.KVTransferServicer):
     ``on_kv(header, kv)`` gets ``kv`` on ``device``; raising ``ValueError`` (e.g. unknown reservation) turns
     into ``KVAck(ok=false, error=str(exc))``. Transfers are independent: a slow ``on_kv`` for one request does
     not delay another's. The hosting server must admit messages of the sender's chunk size
-    (``grpc_message_options``). NCCL transfers are refused unless ``nccl`` is given.
+    (``grpc_message_options``). NCCL transfers are refused unless ``nccl`` is given. ``on_outcome``, when given,
+    hears of every transfer, accepted or rejected (metrics); it must not raise.
     """
 
     def __init__(
@@ -269,11 +286,13 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         device: torch.device | str = "cpu",
         nccl: NcclReceiveSide | None = None,
         max_bytes: int | None = None,
+        on_outcome: OnOutcome | None = None,
     ) -> None:
         self._on_kv = on_kv
         self._device = torch.device(device)
         self._nccl = nccl
         self._max_bytes = max_bytes
+        self._on_outcome = on_outcome
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         pb_grpc.add_KVTransferServicer_to_server(self, server)
@@ -290,8 +309,8 @@ class KVReceiver(pb_grpc.KVTransferServicer):
             kv = await asyncio.to_thread(_tensor_from_buffer, header, buffer, self._device)
             await self._on_kv(header, kv)
         except ValueError as exc:  # TransferError included
-            return self._reject(header, exc, start)
-        return pb.KVAck(ok=True, bytes=header.num_bytes, seconds=time.perf_counter() - start)
+            return self._reject("grpc", header, exc, start)
+        return self._accept("grpc", header, start)
 
     async def RecvNccl(self, request: pb.NcclTransfer, context: grpc.aio.ServicerContext) -> pb.KVAck:
         start = time.perf_counter()
@@ -306,14 +325,24 @@ class KVReceiver(pb_grpc.KVTransferServicer):
             kv = await self._nccl.receive(request, header)  # checksum-verified on the GPU
             await self._on_kv(header, kv)
         except ValueError as exc:
-            return self._reject(header, exc, start)
-        return pb.KVAck(ok=True, bytes=header.num_bytes, seconds=time.perf_counter() - start)
+            return self._reject("nccl", header, exc, start)
+        return self._accept("nccl", header, start)
 
-    @staticmethod
-    def _reject(header: KVTransferHeader | None, exc: Exception, start: float) -> pb.KVAck:
+    def _accept(self, transport: str, header: KVTransferHeader, start: float) -> pb.KVAck:
+        seconds = time.perf_counter() - start
+        self._report(TransferOutcome(transport, True, header.num_bytes, seconds))
+        return pb.KVAck(ok=True, bytes=header.num_bytes, seconds=seconds)
+
+    def _reject(self, transport: str, header: KVTransferHeader | None, exc: Exception, start: float) -> pb.KVAck:
         request_id = header.request_id if header is not None else "?"
         logger.warning("KV transfer for request %s rejected: %s", request_id, exc)
-        return pb.KVAck(ok=False, error=str(exc) or type(exc).__name__, seconds=time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._report(TransferOutcome(transport, False, 0, seconds, isinstance(exc, ChecksumMismatchError)))
+        return pb.KVAck(ok=False, error=str(exc) or type(exc).__name__, seconds=seconds)
+
+    def _report(self, outcome: TransferOutcome) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(outcome)
 
 
 async def _assemble_stream(

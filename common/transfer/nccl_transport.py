@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from common.config import CoordConfig, TransferConfig
-from common.transfer.base import KVSender, KVTransferHeader, TransferError, TransferResult
+from common.transfer.base import ChecksumMismatchError, KVSender, KVTransferHeader, TransferError, TransferResult
 from common.transfer.checksum import kv_checksum_sums
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
@@ -438,7 +438,7 @@ class NcclReceiver:
         await self._runner.wait(done, deadline)
         remote_s1, remote_s2, local_s1, local_s2 = staged.tolist()
         if (remote_s1, remote_s2) != (local_s1, local_s2):
-            raise TransferError(
+            raise ChecksumMismatchError(
                 f"checksum mismatch: sender sums ({remote_s1:#x}, {remote_s2:#x}), "
                 f"received bytes ({local_s1:#x}, {local_s2:#x})"
             )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from common.transfer import make_receiver
+from common.transfer import TransferOutcome, make_receiver
 from common.transfer.base import KVTransferHeader
 from proto import worker_pb2
 from services.wire import logprobs_to_proto, sampling_from_proto
@@ -35,7 +35,9 @@ class DecodeService(BaseWorkerService):
     def __init__(self, runtime: WorkerRuntime) -> None:
         super().__init__(runtime)
         self.reservations: dict[str, Reservation] = {}
-        self.receiver = make_receiver(self.on_kv, runtime.settings.transfer, runtime.device)
+        self.receiver = make_receiver(
+            self.on_kv, runtime.settings.transfer, runtime.device, on_outcome=self._on_transfer
+        )
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_forever())
 
     def add_extra_services(self, server: grpc.aio.Server) -> None:
@@ -59,9 +61,14 @@ class DecodeService(BaseWorkerService):
         self.reservations[reservation_id] = Reservation(reservation_id, tuple(block_ids), time.monotonic() + lease)
         self.runtime.reservations = len(self.reservations)
         runtime = self.runtime
-        return worker_pb2.ReserveReply(reservation_id=reservation_id, block_ids=block_ids, device=runtime.device,
-                                       host_id=runtime.host_id, worker_id=runtime.worker_id,
-                                       gpu_uuid=runtime.gpu_uuid)
+        return worker_pb2.ReserveReply(
+            reservation_id=reservation_id,
+            block_ids=block_ids,
+            device=runtime.device,
+            host_id=runtime.host_id,
+            worker_id=runtime.worker_id,
+            gpu_uuid=runtime.gpu_uuid,
+        )
 
     async def Release(self, request: worker_pb2.ReleaseRequest, context) -> worker_pb2.ReleaseReply:  # noqa: N802
         return worker_pb2.ReleaseReply(released=await self._release(request.reservation_id))
@@ -76,6 +83,9 @@ class DecodeService(BaseWorkerService):
         await self.runtime.engine.call(lambda e: e.import_kv(header.reservation_id, kv))
         reservation.filled = True
 
+    def _on_transfer(self, outcome: TransferOutcome) -> None:
+        self.runtime.metrics.observe_transfer(outcome.transport, outcome, outcome.checksum_mismatch)
+
     async def _release(self, reservation_id: str) -> bool:
         reservation = self.reservations.pop(reservation_id, None)
         self.runtime.reservations = len(self.reservations)
@@ -89,8 +99,11 @@ class DecodeService(BaseWorkerService):
             await asyncio.sleep(0.5)
             now = time.monotonic()
             for reservation in [r for r in self.reservations.values() if r.deadline < now]:
-                logger.warning("reservation %s expired unused; freeing %d blocks", reservation.reservation_id,
-                               len(reservation.block_ids))
+                logger.warning(
+                    "reservation %s expired unused; freeing %d blocks",
+                    reservation.reservation_id,
+                    len(reservation.block_ids),
+                )
                 await self._release(reservation.reservation_id)
 
     # ----------------------------------------------------------------- generation
@@ -114,8 +127,9 @@ class DecodeService(BaseWorkerService):
         prompt, outputs = list(request.prompt_token_ids), list(request.output_token_ids)
         request_id, reservation_id = request.request_id, request.reservation_id
         if not reservation_id:
-            return lambda e: e.add_request(prompt_token_ids=prompt, sampling_params=params, request_id=request_id,
-                                           output_token_ids=outputs)
+            return lambda e: e.add_request(
+                prompt_token_ids=prompt, sampling_params=params, request_id=request_id, output_token_ids=outputs
+            )
         reservation = self.reservations.get(reservation_id)
         if reservation is None or not reservation.filled:
             raise ValueError(f"reservation_id {reservation_id!r} is unknown, expired or not filled")
@@ -130,8 +144,9 @@ def _chunk(output, sent: int) -> tuple[worker_pb2.GenerateChunk | None, int]:
     new_tokens = completion.token_ids[sent:]
     if not new_tokens and not output.finished:
         return None, sent
-    chunk = worker_pb2.GenerateChunk(token_ids=new_tokens, finish_reason=completion.finish_reason or "",
-                                     num_cached_tokens=output.num_cached_tokens)
+    chunk = worker_pb2.GenerateChunk(
+        token_ids=new_tokens, finish_reason=completion.finish_reason or "", num_cached_tokens=output.num_cached_tokens
+    )
     if completion.stop_reason is not None:
         chunk.stop_reason = str(completion.stop_reason)
     if completion.logprobs is not None:

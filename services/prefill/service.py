@@ -60,10 +60,15 @@ class PrefillService(BaseWorkerService):
         completion = output.outputs[0]
         token = completion.token_ids[-1]
         reply = worker_pb2.PrefillReply(
-            next_token=token, num_cached_tokens=output.num_cached_tokens,
+            next_token=token,
+            num_cached_tokens=output.num_cached_tokens,
             prefill_seconds=time.perf_counter() - started,
-            finish_reason=final_reason(completion.finish_reason, params, request.num_generated + 1,
-                                       len(request.context_token_ids) + 1 >= self.runtime.engine.engine.max_model_len),
+            finish_reason=final_reason(
+                completion.finish_reason,
+                params,
+                request.num_generated + 1,
+                len(request.context_token_ids) + 1 >= self.runtime.engine.engine.max_model_len,
+            ),
             stop_reason="" if completion.stop_reason is None else str(completion.stop_reason),
         )
         if completion.logprobs:
@@ -77,8 +82,9 @@ class PrefillService(BaseWorkerService):
         request_id = request.request_id
 
         def start(engine) -> str:
-            return engine.add_request(prompt_token_ids=context_ids, sampling_params=params,
-                                      request_id=request_id, export_kv=True)
+            return engine.add_request(
+                prompt_token_ids=context_ids, sampling_params=params, request_id=request_id, export_kv=True
+            )
 
         last = None
         try:
@@ -94,9 +100,16 @@ class PrefillService(BaseWorkerService):
         sender = self._sender(target)
         block_ids = list(target.block_ids)[: kv.shape[2]]
         result = await sender.send(target.address, request.request_id, target.reservation_id, block_ids, kv)
+        self.runtime.metrics.observe_transfer(sender.transport, result)
         if result.ok:
-            logger.debug("shipped KV of %s to %s: %d bytes via %s in %.2f ms", request.request_id, target.worker_id,
-                        result.bytes, sender.transport, result.seconds * 1e3)
+            logger.debug(
+                "shipped KV of %s to %s: %d bytes via %s in %.2f ms",
+                request.request_id,
+                target.worker_id,
+                result.bytes,
+                sender.transport,
+                result.seconds * 1e3,
+            )
         else:
             logger.warning("KV transfer of %s to %s failed: %s", request.request_id, target.worker_id, result.error)
             await context.abort(grpc.StatusCode.DATA_LOSS, f"kv transfer failed: {result.error}")
@@ -105,13 +118,22 @@ class PrefillService(BaseWorkerService):
     def _sender(self, target: worker_pb2.DecodeTarget):
         settings = self.runtime.settings
         known = bool(target.gpu_uuid and self.runtime.gpu_uuid)
-        kind = choose_transport(settings.transfer.transport, self.runtime.device, target.device,
-                                same_host=target.host_id == self.runtime.host_id,
-                                same_gpu=target.gpu_uuid == self.runtime.gpu_uuid if known else None)
+        kind = choose_transport(
+            settings.transfer.transport,
+            self.runtime.device,
+            target.device,
+            same_host=target.host_id == self.runtime.host_id,
+            same_gpu=target.gpu_uuid == self.runtime.gpu_uuid if known else None,
+        )
         if kind not in self.senders:
-            self.senders[kind] = make_sender(kind, settings.transfer, sender_id=self.runtime.worker_id,
-                                             device=self.runtime.device, store_host=settings.worker.host,
-                                             coord=settings.coord)
+            self.senders[kind] = make_sender(
+                kind,
+                settings.transfer,
+                sender_id=self.runtime.worker_id,
+                device=self.runtime.device,
+                store_host=settings.worker.host,
+                coord=settings.coord,
+            )
         return self.senders[kind]
 
     async def close(self) -> None:

@@ -96,6 +96,7 @@ def list_models(gateway: Gateway) -> dict:
 async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response:
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     headers = {"X-Request-Id": request_id}
+    gateway.metrics.count_request(endpoint)
     try:
         key_id = gateway.keys.check(request.headers.get("authorization"))
         job = _build_job(gateway, endpoint, await request.body(), request_id)
@@ -103,7 +104,7 @@ async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response
             await gateway.limiter.acquire(key_id, sum(map(len, job.prompts)) + (job.params.max_tokens or 0))
     except (protocol.ProtocolError, AdmissionError) as error:
         return _error_response(gateway, error, headers)
-    gateway.metrics.prompt_tokens.labels(model=gateway.model_id).inc(sum(map(len, job.prompts)))
+    gateway.metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
     if job.stream:
         return await _stream_response(gateway, request, job, headers)
     result = await until_disconnected(request.is_disconnected, _complete(gateway, job))
@@ -181,10 +182,10 @@ async def _admitted_events(gateway: Gateway, job: Job) -> AsyncIterator[tuple[Ch
     waited = time.perf_counter()
     async with gateway.queue.slot():
         job.queue_wait = time.perf_counter() - waited
-        gateway.metrics.queue_time.labels(model=job.model).observe(job.queue_wait)
+        gateway.metrics.queue_time.observe(job.queue_wait)
         states, streams = _choice_streams(gateway, job)
         job.dispatched = time.perf_counter()
-        gateway.metrics.running.labels(model=job.model).inc()
+        gateway.metrics.running.inc()
         try:
             if len(streams) == 1:  # the common case: no merge task, one less event-loop hop per token
                 async with contextlib.aclosing(streams[0]) as stream:  # closing it cancels the worker RPCs
@@ -194,7 +195,7 @@ async def _admitted_events(gateway: Gateway, job: Job) -> AsyncIterator[tuple[Ch
                 async for index, event in merge_streams(streams):
                     yield states[index], event
         finally:
-            gateway.metrics.running.labels(model=job.model).dec()
+            gateway.metrics.running.dec()
 
 
 def _apply(gateway: Gateway, job: Job, state: ChoiceState, event: TokenEvent) -> tuple[str, list]:
@@ -222,20 +223,23 @@ class _Timing:
     """Router-side latency metrics for one request (the client's view)."""
 
     def __init__(self, gateway: Gateway, job: Job) -> None:
-        self.metrics, self.model, self.start, self.job = gateway.metrics, job.model, job.arrival, job
+        self.metrics, self.start, self.job = gateway.metrics, job.arrival, job
         self.first: float | None = None
         self.last: float | None = None
         self.tokens = 0
+        self.finish_reason = "stop"  # what a normal end reports: "length" once any choice hit its limit
 
     def on_event(self, event: TokenEvent) -> None:
         now = time.perf_counter()
         if self.first is None:
             self.first = now
-            self.metrics.ttft.labels(model=self.model).observe(now - self.start)
+            self.metrics.ttft.observe(now - self.start)
         elif self.last is not None and event.token_ids:
-            self.metrics.itl.labels(model=self.model).observe((now - self.last) / len(event.token_ids))
+            self.metrics.itl.observe((now - self.last) / len(event.token_ids))
         self.last = now
         self.tokens += len(event.token_ids)
+        if event.finish_reason == "length":
+            self.finish_reason = "length"
 
     def first_sent(self) -> None:
         """The first token's bytes are written: record what the router itself added to this TTFT."""
@@ -244,21 +248,26 @@ class _Timing:
             return
         before = job.dispatched - job.arrival - job.queue_wait  # parse, tokenize, rate limit, route
         after = time.perf_counter() - self.first  # first event -> detokenize -> SSE bytes handed to the server
-        self.metrics.router_overhead.labels(model=self.model).observe(max(0.0, before) + after)
+        self.metrics.router_overhead.observe(max(0.0, before) + after)
 
-    def finish(self, outcome: str, endpoint: str) -> None:
+    def finish(self, reason: str) -> None:
+        """``reason``: stop | length for a normal end (latencies and goodput count), abort (client gone), error."""
         now = time.perf_counter()
-        labels = {"model": self.model}
-        self.metrics.e2e.labels(**labels).observe(now - self.start)
-        self.metrics.generation_tokens.labels(**labels).inc(self.tokens)
-        if self.first is not None and self.tokens > 1:
-            self.metrics.tpot.labels(**labels).observe((now - self.first) / (self.tokens - 1))
-        self.metrics.requests.labels(model=self.model, endpoint=endpoint, outcome=outcome).inc()
+        metrics = self.metrics
+        metrics.generation_tokens.inc(self.tokens)
+        tpot = None
+        if reason in ("stop", "length"):
+            metrics.e2e.observe(now - self.start)
+            if self.first is not None and self.tokens > 1:
+                tpot = (now - self.first) / (self.tokens - 1)
+                metrics.tpot.observe(tpot)
+        metrics.finish_request(reason, None if self.first is None else self.first - self.start, tpot)
 
 
 # ---------------------------------------------------------------------------------------------- non-streaming
 async def _complete(gateway: Gateway, job: Job) -> dict | Response:
     timing = _Timing(gateway, job)
+    reason = "abort"  # unless set below: the client left and this task was cancelled
     try:
         states = None
         async for state, event in _admitted_events(gateway, job):
@@ -266,10 +275,15 @@ async def _complete(gateway: Gateway, job: Job) -> dict | Response:
             _apply(gateway, job, state, event)
             states = states or {}
             states[state.index] = state
+        reason = timing.finish_reason
     except (AdmissionError, NoWorkersError, InvalidRequestError) as error:
-        timing.finish(type(error).__name__, job.endpoint)
+        reason = "error"
         return _error_response(gateway, error, {"X-Request-Id": job.request_id})
-    timing.finish("ok", job.endpoint)
+    except Exception:
+        reason = "error"
+        raise
+    finally:
+        timing.finish(reason)
     ordered = [states[i] for i in sorted(states)]
     return _final_body(gateway, job, ordered)
 
@@ -300,12 +314,13 @@ async def _stream_response(gateway: Gateway, request: Request, job: Job, headers
         first = await until_disconnected(request.is_disconnected, anext(events))
     except (AdmissionError, NoWorkersError, InvalidRequestError) as error:
         await events.aclose()
-        timing.finish(type(error).__name__, job.endpoint)
+        timing.finish("error")
         return _error_response(gateway, error, headers)
     except StopAsyncIteration:
         first = None
     if first is None:
         await events.aclose()
+        timing.finish("abort")
         return Response(status_code=499, headers=headers)
     body = _sse_body(gateway, job, first, events, timing)
     return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
@@ -313,7 +328,7 @@ async def _stream_response(gateway: Gateway, request: Request, job: Job, headers
 
 async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) -> AsyncIterator[bytes]:
     chunks = _Chunks(gateway, job)
-    outcome = "cancelled"
+    reason = "abort"  # unless set below: the client left mid-stream
     try:
         for index in range(job.num_choices):
             yield chunks.opening(index)
@@ -328,17 +343,20 @@ async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) 
             yield protocol.sse(protocol.usage_chunk(job.response_id, job.model, gateway.created,
                                                     protocol.usage(_prompt_tokens(job), timing.tokens),
                                                     endpoint=job.endpoint))
-        outcome = "ok"
+        reason = timing.finish_reason
     except (NoWorkersError, InvalidRequestError, AdmissionError) as error:
-        outcome = type(error).__name__
-        yield protocol.sse(error_status_and_body(error)[1])
+        reason = "error"
+        status, body = error_status_and_body(error)
+        gateway.metrics.count_error(status)
+        yield protocol.sse(body)
     except Exception:  # noqa: BLE001 - the stream already started: report it as an event, never a traceback
-        outcome = "internal_error"
+        reason = "error"
+        gateway.metrics.count_error(500)
         logger.exception("request %s failed mid-stream", job.request_id)
         yield protocol.sse(protocol.error_for_status(500))
     finally:
         await events.aclose()
-        timing.finish(outcome, job.endpoint)
+        timing.finish(reason)
     yield protocol.DONE
 
 
@@ -399,7 +417,7 @@ def _param_of(message: str) -> str | None:
 
 def _error_response(gateway: Gateway, error: Exception, headers: dict) -> JSONResponse:
     status, body = error_status_and_body(error)
-    gateway.metrics.request_errors.labels(model=gateway.model_id, status=str(status)).inc()
+    gateway.metrics.count_error(status)
     if status >= 500:
         logger.warning("request %s: %d %s", headers.get("X-Request-Id"), status, error)
     retry_after = getattr(error, "retry_after_s", None)

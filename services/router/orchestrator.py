@@ -82,7 +82,7 @@ class Orchestrator:
         watcher: RegistryWatcher,
         prefix_lookup: PrefixLookup | None,
         block_size: int = 16,
-        on_retry: Callable[[bool], None] | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -95,7 +95,8 @@ class Orchestrator:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self.num_retries = 0
         self.num_migrations = 0
-        self.on_retry = on_retry  # metrics hook: called with True for a migration, False for a retry
+        # metrics hook: "migration", or what failed: "prefill_failed" | "decode_failed" | "kv_transfer_failed"
+        self.on_retry = on_retry
 
     async def generate(
         self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -118,8 +119,7 @@ class Orchestrator:
                 self._note_failure(attempt, failure)
                 if attempt.delivered:
                     self.num_migrations += 1
-                    if self.on_retry is not None:
-                        self.on_retry(True)
+                    self._report_retry("migration")
         raise NoWorkersError(
             f"no decode worker could serve request {attempt.request_id} "
             f"(failed: {sorted(attempt.failed) or 'none'}; alive: {len(self._alive('decode'))})"
@@ -178,6 +178,7 @@ class Orchestrator:
             try:
                 reply = await self._prefill_with_retries(decode, reservation, attempt)
             except _TransferFailed:  # the KV arrived damaged: free the blocks, reserve again, prefill again
+                self._report_retry("kv_transfer_failed")
                 await self._release(stub, reservation)
                 continue
             except BaseException:  # request invalid or client gone: free the blocks now
@@ -321,8 +322,11 @@ class Orchestrator:
         attempt.failed.add(failure.worker.worker_id)
         self.watcher.mark_failed(failure.worker.worker_id)
         self.num_retries += 1
+        self._report_retry(f"{failure.worker.role}_failed")
+
+    def _report_retry(self, reason: str) -> None:
         if self.on_retry is not None:
-            self.on_retry(False)
+            self.on_retry(reason)
 
     def _classify(self, worker: WorkerInfo, error: grpc.aio.AioRpcError) -> Exception:
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT:

@@ -30,7 +30,7 @@ from common.coord.prefix_index import PrefixLookup
 from common.coord.registry import connect
 from common.coord.watcher import RegistryWatcher
 from common.engine.sampling_params import SamplingParams
-from common.metrics import RouterMetrics
+from common.metrics import RouterMetrics, prometheus_sd
 from common.models.loader import resolve_model_path
 from services.router import openai_api, protocol
 from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
@@ -115,6 +115,11 @@ def build_app(state: RouterState) -> FastAPI:
     async def workers() -> dict:
         return {"workers": [info.__dict__ for info in state.watcher.alive()]}
 
+    @app.get("/prometheus/targets", include_in_schema=False)
+    async def prometheus_targets() -> list[dict]:
+        """Prometheus HTTP service discovery of the workers' /metrics (deploy/prometheus/prometheus-local.yml)."""
+        return prometheus_sd(state.watcher.alive())
+
     @app.post("/generate", openapi_extra=_json_body_schema(GenerateBody))
     async def generate(request: Request):
         """JSON body whatever the Content-Type (``curl -d`` sends form encoding by default)."""
@@ -175,8 +180,8 @@ def _add_error_handlers(app: FastAPI, state: RouterState) -> None:
 def _refresh_gauges(state: RouterState) -> None:
     metrics = state.gateway.metrics
     for role in ("prefill", "decode"):
-        metrics.workers.labels(model=state.model, role=role).set(len(state.watcher.alive(role=role, model=state.model)))
-    metrics.waiting.labels(model=state.model).set(state.gateway.queue.stats().waiting)
+        metrics.set_workers(role, len(state.watcher.alive(role=role, model=state.model)))
+    metrics.waiting.set(state.gateway.queue.stats().waiting)
 
 
 def _json_body_schema(model: type[BaseModel]) -> dict:
@@ -262,10 +267,8 @@ async def router_state(
     served = router.served_model_name or model
     metrics = RouterMetrics.create(served)
 
-    def count_retry(migration: bool) -> None:
-        (metrics.migrations if migration else metrics.retries).labels(model=served).inc()
-
-    orchestrator = Orchestrator(model, router, transfer, watcher, PrefixLookup(client, coord), on_retry=count_retry)
+    orchestrator = Orchestrator(model, router, transfer, watcher, PrefixLookup(client, coord),
+                                on_retry=metrics.count_retry)
     limiter = None
     if router.rate_limit_rpm or router.rate_limit_tpm:
         limiter = RateLimiter(client, coord.namespace, router.rate_limit_rpm, router.rate_limit_tpm)

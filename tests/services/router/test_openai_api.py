@@ -255,7 +255,8 @@ def test_openapi_schema_is_served(cluster):
 def test_metrics_count_requests(cluster, client):
     client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
     text = httpx.get(f"{cluster.router_url}/metrics").text
-    assert "tandem_time_to_first_token_seconds_bucket" in text and 'outcome="ok"' in text
+    assert "tandem_time_to_first_token_seconds_bucket" in text and 'endpoint="completion"' in text
+    assert 'tandem_requests_finished_total{finish_reason="length",model="smollm2",role="router"} 0.0' not in text
 
 
 # ------------------------------------------------------------------------------------------------ fuzzing
