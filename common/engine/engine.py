@@ -6,12 +6,14 @@ import itertools
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from common.config import EngineConfig
 from common.engine.block_pool import BlockPool
+from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.kv_cache_manager import KVCacheManager
 from common.engine.kv_cache_sizing import allocate_kv_cache
 from common.engine.model_runner import ModelRunner, RunnerOutput
@@ -37,6 +39,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+@dataclass(frozen=True)
+class MemoryReport:
+    """Device memory the engine holds, as reported at startup."""
+
+    weight_bytes: int
+    kv_cache_bytes: int
+    num_kv_blocks: int
+    kv_cache_tokens: int
+
+
 class LLMEngine:
     """Continuous-batching engine over one model on one device.
 
@@ -60,20 +72,34 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(pool, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
         self.generator = torch.Generator().manual_seed(config.model.seed)
-        self.runner = ModelRunner(self.model, kv_cache, config.cache.block_size, self.device, Sampler(self.generator))
+        decode_graphs = self._capture_decode_graphs(kv_cache)
+        self.runner = ModelRunner(
+            self.model, kv_cache, config.cache.block_size, self.device, Sampler(self.generator), decode_graphs
+        )
+        self.memory = MemoryReport(
+            weight_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            kv_cache_bytes=kv_cache.numel() * kv_cache.element_size(),
+            num_kv_blocks=num_blocks,
+            kv_cache_tokens=num_blocks * config.cache.block_size,
+        )
         self.groups: dict[str, RequestGroup] = {}
         self._request_counter = itertools.count()
         self.stats_recorder = EngineStatsRecorder()
         self.load_seconds = time.perf_counter() - started
         logger.info(
-            "engine ready in %.2fs: %s on %s (%s), %d KV blocks of %d tokens, max_model_len %d",
+            "engine ready in %.2fs: %s on %s (%s); weights %.2f GiB, KV cache %.2f GiB = %d blocks of %d tokens "
+            "(%d tokens); max_model_len %d; decode CUDA graphs %s",
             self.load_seconds,
             self.model_path.name,
             self.device,
             self.dtype,
+            self.memory.weight_bytes / 2**30,
+            self.memory.kv_cache_bytes / 2**30,
             num_blocks,
             config.cache.block_size,
+            self.memory.kv_cache_tokens,
             self.max_model_len,
+            f"up to batch {decode_graphs.max_batch}" if decode_graphs else "off",
         )
 
     # ----------------------------------------------------------------- requests
@@ -312,6 +338,22 @@ class LLMEngine:
         return None
 
     # ----------------------------------------------------------------- setup helpers
+    def _capture_decode_graphs(self, kv_cache: torch.Tensor) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps up to min(max_num_seqs, 512) sequences; None on CPU or when eager."""
+        if self.device.type != "cuda" or self.config.model.enforce_eager:
+            return None
+        block_size = self.config.cache.block_size
+        graphs = DecodeGraphs(
+            self.model,
+            kv_cache,
+            block_size,
+            max_batch=min(self.config.scheduler.max_num_seqs, 512),
+            max_blocks_per_seq=-(-self.max_model_len // block_size),
+            device=self.device,
+        )
+        graphs.capture()
+        return graphs
+
     def _load_tokenizer(self):
         if self.config.model.skip_tokenizer_init:
             return None
