@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels.triton_import import HAS_TRITON, tl, triton
+
 
 def write_kv_reference(
     k: torch.Tensor,
@@ -38,10 +40,66 @@ def write_kv(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write this step's K/V into their slots (skipping slot -1); dispatches to the best implementation.
+    """Write this step's K/V into their slots (skipping slot -1): the Triton kernel on CUDA, else the reference.
 
     Invariant: after the call, every slot ``s = slot_mapping[i] >= 0`` holds ``k[i]``/``v[i]``;
     no other slot changes.
     """
-    # A Triton kernel for CUDA tensors goes here (chosen by k.is_cuda); until then, the reference.
+    if k.is_cuda and HAS_TRITON:
+        with torch.cuda.device(k.device):  # Triton launches on the current device
+            write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        return
     write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+def write_kv_triton(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Same contract as ``write_kv_reference`` in one launch (one program per token, all its heads).
+
+    Any strides (``k``/``v`` may be views into a fused qkv output; the caches views of a bigger tensor);
+    addresses are int64, so caches past 2**31 elements are fine. CUDA-graph capturable.
+    """
+    num_tokens, num_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    heads_pad, dim_pad = triton.next_power_of_2(num_heads), triton.next_power_of_2(head_dim)
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.stride(3),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), v_cache.stride(3),
+        k_cache.shape[1],
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, HEADS_PAD=heads_pad, DIM_PAD=dim_pad,
+        num_warps=4 if heads_pad * dim_pad >= 1024 else 1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _write_kv_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_kd, stride_vt, stride_vh, stride_vd,
+    stride_kcb, stride_kcs, stride_kch, stride_kcd, stride_vcb, stride_vcs, stride_vch, stride_vcd,
+    block_size,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_PAD: tl.constexpr, DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    """Program = one token: copy its ``[NUM_HEADS, HEAD_DIM]`` K and V into the slot, cast to the cache dtype."""
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:
+        return
+    block = slot // block_size
+    offset = slot % block_size
+    heads = tl.arange(0, HEADS_PAD)[:, None]
+    dims = tl.arange(0, DIM_PAD)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < HEAD_DIM)
+    k = tl.load(k_ptr + token * stride_kt + heads * stride_kh + dims * stride_kd, mask=mask)
+    v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims * stride_vd, mask=mask)
+    k_dst = k_cache_ptr + block * stride_kcb + offset * stride_kcs + heads * stride_kch + dims * stride_kcd
+    v_dst = v_cache_ptr + block * stride_vcb + offset * stride_vcs + heads * stride_vch + dims * stride_vcd
+    tl.store(k_dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)

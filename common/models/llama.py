@@ -17,6 +17,7 @@ from torch import nn
 from common.models.attention import PagedAttention
 from common.models.attention_metadata import AttentionMetadata
 from common.models.rotary import RotaryEmbedding, rope_parameters
+from kernels.rms_norm import fused_add_rms_norm, rms_norm
 
 # HF checkpoint names that carry no weights for us.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -33,17 +34,24 @@ class LlamaVariant:
 
 
 class RMSNorm(nn.Module):
-    """HF-exact RMSNorm: normalize in float32, cast back, then scale by the weight."""
+    """HF-exact RMSNorm: normalize in float32, cast back, then scale by the weight.
+
+    ``forward(x)`` returns the normed ``x``; ``forward(x, residual)`` first adds the residual (rounded to the
+    activation dtype, as HF's ``residual + hidden``) and returns ``(normed, x + residual)``. A fused Triton
+    kernel on CUDA (``kernels.rms_norm``), HF's torch code elsewhere.
+    """
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -101,7 +109,12 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``, with the residual carried separately.
+
+    ``forward`` takes the previous layer's un-added output and the residual stream (None for the first
+    layer) and returns the same pair, so each residual add is fused into the norm that follows it (vLLM
+    style). The sums and their rounding are HF's: ``residual + hidden`` in the activation dtype.
+    """
 
     def __init__(self, hf_config: Any, variant: LlamaVariant) -> None:
         super().__init__()
@@ -114,16 +127,22 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         positions: torch.Tensor,
-        x: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, attn_metadata)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    """Embedding, decoder layers, final norm."""
+    """Embedding, decoder layers, final norm (which also adds the last layer's output to the residual)."""
 
     def __init__(self, hf_config: Any, variant: LlamaVariant) -> None:
         super().__init__()
@@ -139,10 +158,13 @@ class LlamaModel(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            x = layer(positions, x, kv_cache[i], attn_metadata)
-        return self.norm(x)
+            hidden, residual = layer(positions, hidden, residual, kv_cache[i], attn_metadata)
+        if residual is None:  # a model without layers
+            return self.norm(hidden)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
 
 
 class LlamaForCausalLM(nn.Module):

@@ -1,7 +1,8 @@
 """Rotary position embedding (neox / HF-Llama "rotate half" style) with Llama-3 and linear scaling.
 
 Frequencies are computed exactly as HF transformers does (float32, ``position * inv_freq``), so
-cos/sin match HF bit for bit in float32.
+cos/sin match HF bit for bit in float32. The rotation itself is ``kernels.rotary.apply_rope``: a Triton
+kernel on CUDA (in place), HF's torch code elsewhere.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kernels.rotary import apply_rope
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -58,12 +61,6 @@ def compute_inv_freq(head_dim: int, params: dict[str, Any]) -> torch.Tensor:
     raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {SUPPORTED_ROPE_TYPES}")
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """``[x1, x2] -> [-x2, x1]`` on the last dim (neox style: halves, not interleaved pairs)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RotaryEmbedding(nn.Module):
     """Applies rope to q and k at arbitrary (per-token) positions; no position limit, no cos/sin table."""
 
@@ -76,14 +73,8 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", compute_inv_freq(head_dim, params), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]`` by their token's position ``[T]``."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq.float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D], broadcast over heads
-        cos, sin = emb.cos(), emb.sin()
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        """Rotate ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]`` by their token's position ``[T]``.
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # Same dtype handling as HF: cos/sin cast to the activation dtype before the multiply.
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+        On CUDA the given tensors are rotated in place; use the returned ones.
+        """
+        return apply_rope(positions, q, k, self.inv_freq)
