@@ -17,14 +17,9 @@ import numpy as np
 import torch
 
 from common.models.attention_metadata import AttentionMetadata
+from kernels.paged_attention import choose_decode_splits
 
 logger = logging.getLogger(__name__)
-
-
-def decode_splits(batch: int, num_kv_heads: int, num_sms: int = 132, max_splits: int = 32) -> int:
-    """Enough (sequence, kv head, split) programs for about two waves over the SMs; a graph keeps its count."""
-    programs = batch * num_kv_heads
-    return max(1, min(max_splits, -(-2 * num_sms // programs)))
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -89,7 +84,7 @@ class _StaticInputs:
         # Columns past a row's length are stale but never read: kernels stop at ceil(seq_len / block_size).
         self.block_tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
 
-    def metadata(self, bucket: int, block_size: int, num_kv_heads: int) -> AttentionMetadata:
+    def metadata(self, bucket: int, block_size: int, num_decode_splits: int) -> AttentionMetadata:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bucket],
             query_start_loc=self.query_start_loc[: bucket + 1],
@@ -98,7 +93,7 @@ class _StaticInputs:
             query_lens_cpu=(1,) * bucket,
             seq_lens_cpu=(1,) * bucket,  # unused by the decode kernel, which reads seq_lens on the device
             block_size=block_size,
-            num_decode_splits=decode_splits(bucket, num_kv_heads),
+            num_decode_splits=num_decode_splits,
         )
 
 
@@ -123,6 +118,7 @@ class DecodeGraphs:
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.buckets = batch_buckets(max_batch)
+        self.max_blocks_per_seq = max_blocks_per_seq
         self.inputs = _StaticInputs(self.buckets[-1], max_blocks_per_seq, device)
         self.device = device
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -130,6 +126,13 @@ class DecodeGraphs:
     @property
     def max_batch(self) -> int:
         return self.buckets[-1]
+
+    def bucket_for(self, size: int) -> int:
+        return self.buckets[bisect.bisect_left(self.buckets, size)]
+
+    def splits_for(self, bucket: int) -> int:
+        """Split-KV count of a bucket's graph: sized for the longest context the engine allows."""
+        return choose_decode_splits(bucket, self.model.num_kv_heads, self.max_blocks_per_seq * self.block_size)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -141,7 +144,7 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):
             self.inputs.seq_lens[:bucket].fill_(1)  # warm-up reads one (garbage) position; writes go nowhere
             self.inputs.slot_mapping[:bucket].fill_(-1)
-            metadata = self.inputs.metadata(bucket, self.block_size, self.model.num_kv_heads)
+            metadata = self.inputs.metadata(bucket, self.block_size, self.splits_for(bucket))
             args = (self.inputs.input_ids[:bucket], self.inputs.positions[:bucket], self.kv_cache, metadata)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -164,7 +167,7 @@ class DecodeGraphs:
     def run(self, batch: DecodeBatch) -> torch.Tensor:
         """Hidden states ``[B, hidden]`` of one pure-decode step (a view into the graph's output)."""
         size = len(batch.token_ids)
-        bucket = self.buckets[bisect.bisect_left(self.buckets, size)]
+        bucket = self.bucket_for(size)
         self.inputs.fill(batch, bucket)
         graph, hidden = self._graphs[bucket]
         graph.replay()

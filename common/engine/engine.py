@@ -198,16 +198,25 @@ class LLMEngine:
         return request_id
 
     def _new_request(
-        self, request_id: str, token_ids: list[int], params: SamplingParams, output_token_ids: Sequence[int],
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        output_token_ids: Sequence[int],
         prompt: str | None = None,
     ) -> Request:
         """A request's first sample (its forks come later) under a request id not yet in use."""
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
         return Request(
-            request_id=request_id, prompt_token_ids=token_ids, sampling_params=params,
-            eos_token_ids=self.eos_token_ids, block_size=self.config.cache.block_size,
-            generator=self._seeded_generator(params, 0), prompt=prompt, pending_forks=params.n - 1,
+            request_id=request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            block_size=self.config.cache.block_size,
+            generator=self._seeded_generator(params, 0),
+            prompt=prompt,
+            pending_forks=params.n - 1,
             fork_generators=[self._seeded_generator(params, i) for i in range(1, params.n)],
             output_token_ids=list(output_token_ids),
         )
@@ -253,10 +262,15 @@ class LLMEngine:
         """A snapshot of load, KV-cache occupancy and the cumulative counters (engine thread only)."""
         pool, kv, recorder = self.kv_cache_manager.pool, self.kv_cache_manager, self.stats_recorder
         return EngineStats(
-            total_blocks=pool.num_blocks, free_blocks=pool.num_free_blocks, running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting), num_requests=len(self.groups),
-            num_preemptions=self.scheduler.num_preemptions, prefix_cache_queries=kv.num_queries,
-            prefix_cache_hits=kv.num_hits, prefill_tokens=recorder.prefill_tokens,
+            total_blocks=pool.num_blocks,
+            free_blocks=pool.num_free_blocks,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            num_requests=len(self.groups),
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=kv.num_queries,
+            prefix_cache_hits=kv.num_hits,
+            prefill_tokens=recorder.prefill_tokens,
             generation_tokens=recorder.generation_tokens,
         )
 

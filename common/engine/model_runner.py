@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs, batch_buckets, decode_splits
+from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from common.engine.outputs import TokenLogprobs
 from common.engine.request import Request
 from common.engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
@@ -168,13 +168,13 @@ class ModelRunner:
         return as_tensor(plan.token_ids), as_tensor(plan.positions), metadata
 
     def _decode_splits(self, plan: _BatchPlan) -> int | None:
-        """The split count a graph of this batch's bucket uses, so eager and replayed steps sum alike."""
-        if max(plan.query_lens) != 1:
-            return None
-        buckets = self.decode_graphs.buckets if self.decode_graphs else batch_buckets(512)
+        """With graphs, eager decode steps use their bucket's split count so both paths sum alike."""
+        if self.decode_graphs is None or max(plan.query_lens) != 1:
+            return None  # the kernel picks from the batch shape
         size = len(plan.query_lens)
-        bucket = next((b for b in buckets if b >= size), size)
-        return decode_splits(bucket, self.model.num_kv_heads)
+        if size > self.decode_graphs.max_batch:
+            return None
+        return self.decode_graphs.splits_for(self.decode_graphs.bucket_for(size))
 
     def _sample(self, hidden: torch.Tensor, requests: list[Request], output: RunnerOutput) -> None:
         """Sample each request from its row of ``hidden``; a request about to fork samples once per sample."""

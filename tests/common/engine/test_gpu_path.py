@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.engine import LLM, SamplingParams
-from common.engine.cuda_graphs import batch_buckets, decode_splits
+from common.engine.cuda_graphs import batch_buckets
 from tests.common.engine.test_llm import PROMPTS
 
 NUM_TOKENS = 32
@@ -20,12 +20,6 @@ def test_batch_buckets_cover_every_size_up_to_the_max():
     for size in range(1, 301):  # padding: under 8 rows, or under 1/16 of the bucket
         bucket = next(b for b in buckets if b >= size)
         assert bucket - size <= max(7, bucket // 16)
-
-
-def test_decode_splits_fill_the_gpu_for_small_batches_only():
-    assert decode_splits(1, 8) == 32
-    assert decode_splits(256, 8) == 1
-    assert all(1 <= decode_splits(b, h) <= 32 for b in range(1, 600, 7) for h in (1, 2, 8, 32))
 
 
 def _greedy(llm: LLM, prompts: list[str], num_tokens: int) -> list[list[int]]:
