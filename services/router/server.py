@@ -174,6 +174,7 @@ def _add_error_handlers(app: FastAPI, state: RouterState) -> None:
     @app.exception_handler(Exception)
     async def crashed(request: Request, error: Exception) -> JSONResponse:
         logger.exception("request %s crashed", request.headers.get("x-request-id", "-"))
+        state.gateway.metrics.count_error(500)
         return JSONResponse(protocol.error_for_status(500), status_code=500)
 
 
