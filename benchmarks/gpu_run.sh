@@ -19,6 +19,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 for stage in "$@"; do
   case $stage in
     tests) run tests 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels tests/common/engine/test_gpu_path.py ;;
+    gpupath) run gpupath 300 python3 -m pytest -q -s -p no:cacheprovider tests/common/engine/test_gpu_path.py ;;
+    breakdown) run breakdown 300 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown --json "$OUT/breakdown.json" ;;
     kernels) run kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json" ;;
     w1|w2|latency|prefill|preempt)
       wl=$(echo "$stage" | sed 's/^w/W/')

@@ -60,6 +60,61 @@ def decode_ms_per_token(llm: LLM, context: int, new_tokens: int = 128) -> float:
     return (many - one) / (new_tokens - 1) * 1e3
 
 
+class StepBreakdown:
+    """Wall time per engine phase over one workload, by wrapping the engine's methods (this run only)."""
+
+    PHASES = (("scheduler", "schedule"), ("runner", "execute"), ("engine", "_process"))
+
+    def __init__(self, llm: LLM) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        engine = llm.engine
+        self._restore = []
+        for owner_name, method in self.PHASES:
+            owner = engine if owner_name == "engine" else getattr(engine, owner_name)
+            self._wrap(owner, method, f"{owner_name}.{method}")
+        graphs = engine.runner.decode_graphs
+        if graphs is not None:
+            self._wrap(graphs, "run", "graphs.run (fill + launch)")
+        self._wrap(engine.runner, "_sample", "runner._sample (logits, argmax, sync)")
+
+    def _wrap(self, owner, method: str, label: str) -> None:
+        original = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - started
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(owner, method, timed)
+        self._restore.append((owner, method))
+
+    def close(self) -> dict:
+        for owner, method in self._restore:
+            delattr(owner, method)  # back to the class attribute
+        return {label: {"seconds": round(s, 3), "calls": self.calls[label]} for label, s in self.seconds.items()}
+
+
+def graph_replay_ms(llm: LLM, batch: int) -> float | None:
+    """GPU time of one captured decode step at ``batch`` (its last inputs), median of 20 replays."""
+    graphs = llm.engine.runner.decode_graphs
+    if graphs is None:
+        return None
+    graph, _ = graphs._graphs[graphs.bucket_for(batch)]
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times[5:])[10]
+
+
 def matmul_tflops(size: int = 8192) -> float:
     """bf16 ``size^3`` matmul rate through cuBLAS: the FLOP/s ceiling for this run (median of 20)."""
     a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -145,6 +200,15 @@ def main() -> None:
                 ms = decode_ms_per_token(llm, context)
                 report["runs"].append({"workload": f"batch-1 decode @ctx {context}", "ms_per_token": round(ms, 2)})
                 print(report["runs"][-1], flush=True)
+            continue
+        if name.endswith("-breakdown"):
+            breakdown = StepBreakdown(llm)
+            result = run_workload(llm, workload(name.removesuffix("-breakdown"), vocab))
+            result["workload"] = name
+            result["phases"] = breakdown.close()
+            result["graph_replay_ms_b256"] = graph_replay_ms(llm, 256)
+            report["runs"].append(result)
+            print(json.dumps(result), flush=True)
             continue
         result = run_workload(llm, workload(name, vocab))
         if name == "prefill":

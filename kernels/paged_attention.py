@@ -141,12 +141,49 @@ def paged_attention(
             if num_splits is None:
                 num_splits = choose_decode_splits(md.num_seqs, k_cache.shape[2], md.max_seq_len)
             return paged_decode_attention(q, k_cache, v_cache, md.seq_lens, md.block_tables, scale, num_splits)
-        out = paged_prefill_attention(
-            q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, md.max_query_len, scale
-        )
-    num_tokens = sum(md.query_lens_cpu)
+        if 0 < md.num_leading_decodes < md.num_seqs:
+            out = _decodes_then_prefill(q, k_cache, v_cache, md, scale)
+        else:
+            out = paged_prefill_attention(
+                q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, md.max_query_len, scale
+            )
+    num_tokens = md.num_tokens
     if num_tokens < out.shape[0]:
         out[num_tokens:] = 0  # trailing padding rows, as the reference leaves them
+    return out
+
+
+def _decodes_then_prefill(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """A mixed batch: its leading decode rows through the split-KV decode kernel, the rest (prefill chunks)
+    through the prefill kernel. In the prefill kernel a decode row would fill a whole query tile with one
+    token and make every tile of its context cost a full matmul."""
+    decodes = md.num_leading_decodes
+    out = torch.empty_like(q)
+    splits = choose_decode_splits(decodes, k_cache.shape[2], md.max_seq_len)
+    paged_decode_attention(
+        q[:decodes],
+        k_cache,
+        v_cache,
+        md.seq_lens[:decodes],
+        md.block_tables[:decodes],
+        scale,
+        splits,
+        out=out[:decodes],
+    )
+    rest_lens = md.query_lens_cpu[decodes:]
+    paged_prefill_attention(
+        q[decodes:],
+        k_cache,
+        v_cache,
+        md.query_start_loc[decodes:] - decodes,
+        md.seq_lens[decodes:],
+        md.block_tables[decodes:],
+        max(rest_lens),
+        scale,
+        out=out[decodes:],
+    )
     return out
 
 

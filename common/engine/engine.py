@@ -275,19 +275,23 @@ class LLMEngine:
         )
 
     # ----------------------------------------------------------------- stepping
-    def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; return the current output of each request that changed."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one scheduled step; return the current output of each request that changed.
+
+        ``only_finished``: only requests that finished this step (offline callers that do not stream skip
+        building a cumulative output per request per step).
+        """
         step = self.scheduler.schedule()
         if step.is_empty:
             return []
         started = time.monotonic()
         result = self.runner.execute(step)
         self.scheduler.on_step_done(step)
-        outputs = self._process(step, result)
+        outputs = self._process(step, result, only_finished)
         self.stats_recorder.on_step(step, result, started)
         return outputs
 
-    def _process(self, step: SchedulerOutput, result: RunnerOutput) -> list[RequestOutput]:
+    def _process(self, step: SchedulerOutput, result: RunnerOutput, only_finished: bool) -> list[RequestOutput]:
         touched: dict[str, RequestGroup] = {}
         for item in step.scheduled:
             request = item.request
@@ -297,7 +301,7 @@ class LLMEngine:
             for sample, (token, logprobs) in self._samples_for(request, result):
                 self._append_token(group, sample, token, logprobs)
             touched[group.request_id] = group
-        outputs = [group.to_output() for group in touched.values()]
+        outputs = [group.to_output() for group in touched.values() if group.finished or not only_finished]
         for group in touched.values():
             if group.finished:
                 del self.groups[group.request_id]

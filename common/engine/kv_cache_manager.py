@@ -31,9 +31,27 @@ class KVCacheManager:
         self.pending_copies: list[BlockCopy] = []
         self.num_queries = 0  # prefix-cache lookups in tokens
         self.num_hits = 0
+        self._id_tuples: dict[str, tuple[int, ...]] = {}  # block_id_tuple's cache; dropped when a table goes
 
     def block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self.tables.get(request_id, ())]
+
+    def block_id_tuple(self, request_id: str) -> tuple[int, ...]:
+        """The table's block ids, built incrementally: a live table only grows at its end or swaps its last
+        block (copy-on-write), so the cached prefix is reused when its last id still matches."""
+        table = self.tables.get(request_id)
+        if not table:
+            return ()
+        cached = self._id_tuples.get(request_id, ())
+        kept = len(cached)
+        if kept and kept <= len(table) and cached[-1] == table[kept - 1].block_id:
+            if kept == len(table):
+                return cached
+            ids = cached + tuple(block.block_id for block in table[kept:])
+        else:
+            ids = tuple(block.block_id for block in table)
+        self._id_tuples[request_id] = ids
+        return ids
 
     def find_cached_prefix(self, request: Request) -> list[KVBlock]:
         """Longest run of cached full blocks at the start of the request, leaving >= 1 token to compute."""
@@ -79,16 +97,20 @@ class KVCacheManager:
         num_blocks = cdiv(num_tokens, self.block_size)
         if num_blocks > self.pool.num_free_blocks:
             raise ValueError(f"num_tokens: {num_blocks} blocks needed, {self.pool.num_free_blocks} free")
+        self._id_tuples.pop(reservation_id, None)
         self.tables[reservation_id] = self.pool.allocate(num_blocks)
         return self.block_ids(reservation_id)
 
     def release(self, reservation_id: str) -> None:
         """Free a reservation that never became a request; a no-op for unknown ids."""
+        self._id_tuples.pop(reservation_id, None)
         self.pool.free(reversed(self.tables.pop(reservation_id, [])))
 
     def adopt(self, reservation_id: str, request: Request) -> None:
         """Hand a filled reservation to ``request``: its tokens but the last are computed from now on."""
         table = self.tables.pop(reservation_id, None)
+        self._id_tuples.pop(reservation_id, None)
+        self._id_tuples.pop(request.request_id, None)
         if table is None:
             raise ValueError(f"reservation_id {reservation_id!r} is unknown or expired")
         request.num_computed_tokens = request.num_tokens - 1
@@ -110,6 +132,7 @@ class KVCacheManager:
         """Return all of a request's blocks; the tail goes first so shared prefixes are evicted last."""
         table = self.tables.pop(request.request_id, [])
         self._num_cached_blocks.pop(request.request_id, None)
+        self._id_tuples.pop(request.request_id, None)
         self.pool.free(reversed(table))
 
     def take_pending_copies(self) -> list[BlockCopy]:

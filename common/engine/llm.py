@@ -111,7 +111,7 @@ class LLM:
         finished: dict[str, RequestOutput] = {}
         try:
             while pending:
-                for output in self.engine.step():
+                for output in self.engine.step(only_finished=True):
                     if output.finished and output.request_id in pending:
                         finished[output.request_id] = output
                         pending.discard(output.request_id)

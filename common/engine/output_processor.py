@@ -85,7 +85,7 @@ class RequestGroup:
         return RequestOutput(
             request_id=self.request_id,
             prompt=head.prompt,
-            prompt_token_ids=list(head.prompt_token_ids),
+            prompt_token_ids=head.prompt_token_ids,  # never changes after admission: shared, not copied
             prompt_logprobs=self._prompt_logprobs(),
             outputs=[self._completion(s) for s in self.samples],
             finished=self.finished,

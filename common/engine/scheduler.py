@@ -162,5 +162,5 @@ class Scheduler:
             request=request,
             num_computed_tokens=request.num_computed_tokens,
             num_new_tokens=num_new,
-            block_ids=tuple(self.kv_cache.block_ids(request.request_id)),
+            block_ids=self.kv_cache.block_id_tuple(request.request_id),
         )

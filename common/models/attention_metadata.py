@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -32,18 +33,33 @@ class AttentionMetadata:
     # (the kernel picks from the batch shape).
     num_decode_splits: int | None = None
 
+    # Cached: every layer of a step asks, and these walk the host tuples.
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
 
-    @property
+    @cached_property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens_cpu)
+
+    @cached_property
     def max_query_len(self) -> int:
         return max(self.query_lens_cpu, default=0)
 
-    @property
+    @cached_property
     def max_seq_len(self) -> int:
         return max(self.seq_lens_cpu, default=0)
 
     @property
     def is_pure_decode(self) -> bool:
         return self.max_query_len == 1
+
+    @cached_property
+    def num_leading_decodes(self) -> int:
+        """How many sequences at the front of the batch have query length 1 (decodes come first)."""
+        count = 0
+        for query_len in self.query_lens_cpu:
+            if query_len != 1:
+                break
+            count += 1
+        return count

@@ -9,6 +9,7 @@ import torch
 
 from common.models.attention_metadata import AttentionMetadata
 from kernels.paged_attention import (
+    _decodes_then_prefill,
     causal_attention,
     choose_decode_splits,
     gather_context,
@@ -341,11 +342,26 @@ def test_cache_offsets_past_2_pow_31(gen):
     assert_close_rel(out, sampled_reference(decode_q, kv[0], kv[1], decode_md, 0.1, range(3)), torch.bfloat16)
 
 
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_leading_decodes_take_the_decode_kernel_and_the_rest_the_prefill_kernel(dtype, gen):
+    """A mixed batch split in two launches equals the reference on every row (decodes first, then a chunk
+    over a cached prefix, a fresh prompt and one more decode that stays in the prefill launch)."""
+    query_lens, seq_lens = [1, 1, 1, 9, 17, 1], [40, 1, 77, 30, 17, 20]
+    batch = make_paged_batch(query_lens, seq_lens, 16, 32, gen)
+    md = on_device(batch.metadata, DEVICE)
+    assert md.num_leading_decodes == 3
+    k_cache, v_cache = poisoned_cache(batch, 32, 2, 64, dtype, gen)
+    q = torch.randn(sum(query_lens), 8, 64, generator=gen).to(DEVICE, dtype)
+    out = _decodes_then_prefill(q, k_cache, v_cache, md, 0.125)
+    assert_close_rel(out, reference_out(q, k_cache, v_cache, md, 0.125), dtype)
+
+
 @pytest.mark.gpu
 def test_dispatch_on_cuda_matches_reference(gen):
     """paged_attention picks the prefill kernel for mixed batches and the decode kernel for pure decodes
     (with or without a fixed split count), and zeroes trailing rows like the reference."""
-    for query_lens, seq_lens in (([37, 20, 1], [37, 70, 45]), ([1, 1, 1], [300, 1, 65])):
+    for query_lens, seq_lens in (([37, 20, 1], [37, 70, 45]), ([1, 1, 1], [300, 1, 65]), ([1, 1, 30], [90, 5, 30])):
         batch = make_paged_batch(query_lens, seq_lens, 16, 64, gen)
         k_cache, v_cache = poisoned_cache(batch, 64, 2, 64, torch.bfloat16, gen)
         q = torch.randn(sum(query_lens), 8, 64, generator=gen).to("cuda", torch.bfloat16)

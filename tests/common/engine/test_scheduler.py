@@ -157,6 +157,8 @@ def check_invariants(sched: Scheduler) -> None:
         assert (block.ref_cnt == 0) == (block.block_id in free_ids), "block both free and owned"
     for block_hash, block in pool.cached.items():
         assert block.block_hash == block_hash
+    for request_id in sched.kv_cache.tables:  # the incremental id cache never goes stale
+        assert sched.kv_cache.block_id_tuple(request_id) == tuple(sched.kv_cache.block_ids(request_id))
 
 
 def test_randomized_operations_keep_invariants_and_return_every_block():
