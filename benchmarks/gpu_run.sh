@@ -23,12 +23,15 @@ for stage in "$@"; do
     breakdown) run breakdown 300 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown --json "$OUT/breakdown.json" ;;
     kernels) run kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json" ;;
     w1|w2|latency|prefill|preempt)
-      wl=$(echo "$stage" | sed 's/^w/W/')
+      wl=$(echo "$stage" | sed "s/^w/W/")-breakdown
       run "$stage" 480 python3 -m benchmarks.throughput --shape llama8b --workloads "$wl" --json "$OUT/$stage.json" ;;
-    fast) run fast 560 python3 -m benchmarks.throughput --shape llama8b --workloads W1,latency,prefill --json "$OUT/fast.json" ;;
+    fast) run fast 560 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown,latency,prefill --json "$OUT/fast.json" ;;
     small) run small 300 python3 -m benchmarks.throughput --shape smollm2 --workloads W1,W2 --json "$OUT/small.json" ;;
     vllm) run vllm 560 env PYTHONPATH="/tmp/vllm-site:$PYTHONPATH" VLLM_USE_FLASHINFER_SAMPLER=0 \
             python3 -m benchmarks.vllm_peer --shape llama8b --json "$OUT/vllm.json" ;;
+    gateway) run gateway 560 python3 benchmarks/gateway_overhead.py --model /tmp/carry/.gpu_model/smollm2 \
+               --load-format dummy --dtype bfloat16 --num-requests 800 --concurrency 200 --input-len 128 \
+               --output-len 128 --warmup 8 --client-procs 2 --json "$OUT/gateway.json" ;;
     hf) run hf 560 python3 -m benchmarks.hf_baseline --shape llama8b --json "$OUT/hf.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -12,9 +12,10 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -204,6 +205,9 @@ def _prompt_ids(state: RouterState, body: GenerateBody) -> list[int]:
         raise ValueError("prompt: give prompt or prompt_token_ids")
     if not ids:
         raise ValueError("prompt: the prompt is empty")
+    vocab = len(state.tokenizer)
+    if any(not 0 <= token < vocab for token in ids):
+        raise ValueError(f"prompt_token_ids: token ids must be in [0, {vocab})")
     return ids
 
 
@@ -286,8 +290,10 @@ async def router_state(
         await client.aclose()
 
 
-async def serve_router(model: str, router: RouterConfig, coord: CoordConfig, transfer: TransferConfig) -> int:
-    async with router_state(model, router, coord, transfer) as state:
+async def serve_router(
+    model: str, router: RouterConfig, coord: CoordConfig, transfer: TransferConfig, download_dir: str | None = None
+) -> int:
+    async with router_state(model, router, coord, transfer, download_dir) as state:
         config = uvicorn.Config(build_app(state), host=router.host, port=router.port, log_level="warning",
                                 timeout_keep_alive=75)  # clients keep pooled connections open between requests
         server = uvicorn.Server(config)
@@ -310,4 +316,15 @@ def main_router(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     transfer = TransferConfig(transport=args.transport)
-    return asyncio.run(serve_router(args.model, router_config(args), coord_config(args), transfer))
+    serving = serve_router(args.model, router_config(args), coord_config(args), transfer, args.download_dir)
+    return run_event_loop(serving)
+
+
+def run_event_loop(main: Coroutine[Any, Any, int]) -> int:
+    """uvloop when installed: every token of every stream crosses this loop, and uvloop's transports and
+    scheduling cost a fraction of asyncio's (uvicorn likewise picks httptools over h11 when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
