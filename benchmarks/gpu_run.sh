@@ -23,7 +23,7 @@ for stage in "$@"; do
     breakdown) run breakdown 300 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown --json "$OUT/breakdown.json" ;;
     kernels) run kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json" ;;
     w1|w2|latency|prefill|preempt)
-      wl=$(echo "$stage" | sed "s/^w/W/")-breakdown
+      wl=$stage; case $stage in w1|w2) wl=$(echo "$stage" | sed "s/^w/W/")-breakdown ;; esac
       run "$stage" 480 python3 -m benchmarks.throughput --shape llama8b --workloads "$wl" --json "$OUT/$stage.json" ;;
     fast) run fast 560 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown,latency,prefill --json "$OUT/fast.json" ;;
     small) run small 300 python3 -m benchmarks.throughput --shape smollm2 --workloads W1,W2 --json "$OUT/small.json" ;;
