@@ -106,3 +106,5 @@ class RouterConfig:
     rate_limit_tpm: int | None = None
     max_running: int = 1024  # requests this router streams at once
     max_waiting: int = 1024  # admission queue length; beyond it: 429
+    processes: int = 1  # router processes sharing the port (SO_REUSEPORT); queue limits are per process
+    reuse_port: bool = False  # bind with SO_REUSEPORT (set for the children of --processes N)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -112,6 +113,16 @@ SHARED_HELP = {
 }
 
 
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The /metrics body: this process's registry, or, under prometheus_client's multiprocess mode
+    (PROMETHEUS_MULTIPROC_DIR set, as for `tandem router --processes N`), every process's values combined."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return generate_latest(combined)
+    return generate_latest(registry)
+
+
 def label_value(bound: float) -> str:
     """A threshold as Prometheus writes bucket bounds (1.0 -> "1.0", inf -> "+Inf"), so `le` and grid labels match."""
     return floatToGoString(bound)
@@ -151,8 +162,8 @@ class RouterMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, tuple(labels), buckets=buckets, registry=registry).labels(**labels)
 
-        def single(kind, name: str, doc: str):
-            return kind(name, doc, tuple(labels), registry=registry).labels(**labels)
+        def single(kind, name: str, doc: str, **kwargs):
+            return kind(name, doc, tuple(labels), registry=registry, **kwargs).labels(**labels)
 
         def family(kind, name: str, doc: str, *extra: str):
             return kind(name, doc, (*labels, *extra), registry=registry)
@@ -173,8 +184,11 @@ class RouterMetrics:
         metrics = cls(
             registry=registry,
             model=model,
-            running=single(Gauge, "tandem_requests_running", SHARED_HELP["tandem_requests_running"]),
-            waiting=single(Gauge, "tandem_requests_waiting", SHARED_HELP["tandem_requests_waiting"]),
+            # multiprocess_mode: how `tandem router --processes N` adds up its processes' values.
+            running=single(Gauge, "tandem_requests_running", SHARED_HELP["tandem_requests_running"],
+                           multiprocess_mode="livesum"),
+            waiting=single(Gauge, "tandem_requests_waiting", SHARED_HELP["tandem_requests_waiting"],
+                           multiprocess_mode="livesum"),
             ttft=histogram("tandem_time_to_first_token_seconds", "Time to first token, at the router", LATENCY_BUCKETS),
             itl=histogram(
                 "tandem_inter_token_latency_seconds",
@@ -230,6 +244,7 @@ class RouterMetrics:
                 "Live workers the router sees, by pool (role = the pool counted)",
                 ("model", "role"),
                 registry=registry,
+                multiprocess_mode="livemax",  # every process watches the same registry
             ),
             slo_met=slo_met,
             slo_cells=cells,

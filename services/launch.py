@@ -292,6 +292,10 @@ def _add_router_command(sub: Any, env: EnvDefaults, common: list[argparse.Argume
                help="requests streamed at once by this router (default: %(default)s)")
     add_option(g, env, "--max-waiting", type=int, default=RouterConfig.max_waiting,
                help="admission queue length; beyond it requests get 429 (default: %(default)s)")
+    add_option(g, env, "--processes", type=int, default=RouterConfig.processes,
+               help="router processes sharing --port (each a core's worth of streaming; queue limits are per "
+                    "process) (default: %(default)s)")
+    add_switch(g, env, "--reuse-port", help="bind with SO_REUSEPORT so other processes can share the port")
     cmd.set_defaults(func=cmd_router)
 
 
@@ -397,7 +401,9 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
                         rate_limit_rpm=getattr(args, "rate_limit_rpm", None),
                         rate_limit_tpm=getattr(args, "rate_limit_tpm", None),
                         max_running=getattr(args, "max_running", RouterConfig.max_running),
-                        max_waiting=getattr(args, "max_waiting", RouterConfig.max_waiting))
+                        max_waiting=getattr(args, "max_waiting", RouterConfig.max_waiting),
+                        processes=getattr(args, "processes", RouterConfig.processes),
+                        reuse_port=getattr(args, "reuse_port", RouterConfig.reuse_port))
 
 
 # ---------------------------------------------------------------------------------------------------- services

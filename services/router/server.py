@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
@@ -21,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
@@ -31,12 +32,13 @@ from common.coord.prefix_index import PrefixLookup
 from common.coord.registry import connect
 from common.coord.watcher import RegistryWatcher
 from common.engine.sampling_params import SamplingParams
-from common.metrics import RouterMetrics, prometheus_sd
+from common.metrics import RouterMetrics, exposition, prometheus_sd
 from common.models.loader import resolve_model_path
 from services.router import openai_api, protocol
 from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
 from services.router.openai_api import Gateway, error_status_and_body
 from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator
+from services.router.processes import reuse_port_socket, supervise
 from services.router.text import TextAssembler
 
 logger = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ def build_app(state: RouterState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         _refresh_gauges(state)
-        return Response(generate_latest(state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(exposition(state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready():
@@ -297,7 +299,8 @@ async def serve_router(
         config = uvicorn.Config(build_app(state), host=router.host, port=router.port, log_level="warning",
                                 timeout_keep_alive=75)  # clients keep pooled connections open between requests
         server = uvicorn.Server(config)
-        task = asyncio.create_task(server.serve())
+        sockets = [reuse_port_socket(router.host, router.port)] if router.reuse_port else None
+        task = asyncio.create_task(server.serve(sockets=sockets))
         while not server.started and not task.done():
             await asyncio.sleep(0.05)
         if task.done():
@@ -315,8 +318,13 @@ def main_router(args: argparse.Namespace) -> int:
     from services.launch import coord_config, router_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    router = router_config(args)
+    if router.processes < 1:
+        raise SystemExit(f"tandem router: --processes must be >= 1, got {router.processes}")
+    if router.processes > 1:
+        return supervise(sys.argv[1:], router.host, router.port, router.processes)
     transfer = TransferConfig(transport=args.transport)
-    serving = serve_router(args.model, router_config(args), coord_config(args), transfer, args.download_dir)
+    serving = serve_router(args.model, router, coord_config(args), transfer, args.download_dir)
     return run_event_loop(serving)
 
 

@@ -66,8 +66,12 @@ def test_gpu_bf16_agrees_with_hf_transformers_on_most_prompts():
 
 @pytest.mark.gpu
 def test_graph_replay_matches_eager_for_many_batch_sizes():
-    """Requests finish at different steps, so decode batches shrink through many buckets (and padding)."""
-    kwargs = dict(dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3, load_format="auto")
+    """Requests finish at different steps, so decode batches shrink through many buckets (and padding).
+
+    float32: in bf16 the padded rows change cuBLAS's choice of GEMM kernel for the bucket, so a replayed row
+    may round differently from the same row computed eagerly (seen: one of 37 requests drifted after 60 tokens).
+    """
+    kwargs = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.3, load_format="auto")
     prompts = [f"{PROMPTS[i % len(PROMPTS)]} {i}" for i in range(37)]
     params = [SamplingParams(temperature=0.0, max_tokens=4 + 3 * i, ignore_eos=True) for i in range(37)]
     results = []
