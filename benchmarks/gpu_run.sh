@@ -31,7 +31,8 @@ for stage in "$@"; do
             python3 -m benchmarks.vllm_peer --shape llama8b --json "$OUT/vllm.json" ;;
     gateway) run gateway 560 python3 benchmarks/gateway_overhead.py --model /tmp/carry/.gpu_model/smollm2 \
                --load-format dummy --dtype bfloat16 --num-requests 800 --concurrency 200 --input-len 128 \
-               --output-len 128 --warmup 8 --client-procs 2 --json "$OUT/gateway.json" ;;
+               --output-len 128 --warmup 8 --client-procs 2 --router-arg=--processes --router-arg="${ROUTER_PROCESSES:-1}" \
+               --json "$OUT/gateway.json" ;;
     hf) run hf 560 python3 -m benchmarks.hf_baseline --shape llama8b --json "$OUT/hf.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
