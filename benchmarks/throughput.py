@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from benchmarks.attention_kernels import copy_bandwidth, matmul_rate
 from benchmarks.workloads import Workload, random_prompts, workload, write_shape_config
 from common.engine import LLM, SamplingParams
 
@@ -115,35 +116,6 @@ def graph_replay_ms(llm: LLM, batch: int) -> float | None:
     return sorted(times[5:])[10]
 
 
-def matmul_tflops(size: int = 8192) -> float:
-    """bf16 ``size^3`` matmul rate through cuBLAS: the FLOP/s ceiling for this run (median of 20)."""
-    a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        torch.mm(a, b)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / sorted(times[5:])[len(times[5:]) // 2] / 1e12
-
-
-def copy_gb_s(num_bytes: int = 2**31) -> float:
-    """Device-to-device copy bandwidth (bytes read + written), median of 20: the HBM ceiling for this run."""
-    src = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(25):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return 2 * num_bytes / sorted(times[5:])[len(times[5:]) // 2] / 1e9
-
-
 def model_flops_per_token(llm: LLM) -> float:
     """2 x parameters touched per token (embedding lookup excluded): the matmul work of one token."""
     params = sum(p.numel() for name, p in llm.engine.model.named_parameters() if "embed_tokens" not in name)
@@ -163,7 +135,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/throughput.py needs a CUDA GPU")
 
-    limits = {"copy_GB_s": round(copy_gb_s(), 1), "matmul_TFLOP_s": round(matmul_tflops(), 1)}
+    # The ceilings, measured the same way as in attention_kernels.py (do_bench medians).
+    limits = {"copy_GB_s": round(copy_bandwidth().rate * 1e3, 1), "matmul_TFLOP_s": round(matmul_rate().rate, 1)}
     torch.cuda.empty_cache()
     started = time.perf_counter()
     llm = LLM(

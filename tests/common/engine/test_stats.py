@@ -10,6 +10,7 @@ from common.engine import LLM, SamplingParams
 from common.engine.model_runner import RunnerOutput
 from common.engine.request import RequestStatus
 from common.engine.stats import EngineStats, EngineStatsRecorder
+from tests.common.engine.test_llm_tiny_models import COMMON
 from tests.common.engine.test_scheduler import make_request, make_scheduler
 
 
@@ -65,15 +66,7 @@ def test_kv_cache_usage_fraction():
 def tiny_llm(tmp_path_factory) -> LLM:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
+    config = LlamaConfig(**COMMON)
     LlamaForCausalLM(config).save_pretrained(path)
     return LLM(
         str(path), device="cpu", dtype="float32", skip_tokenizer_init=True, max_num_batched_tokens=64, block_size=16
