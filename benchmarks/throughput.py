@@ -18,7 +18,7 @@ import time
 import torch
 
 from benchmarks.attention_kernels import copy_bandwidth, matmul_rate
-from benchmarks.workloads import Workload, random_prompts, workload, write_shape_config
+from benchmarks.workloads import Workload, decode_ms_per_token, random_prompts, workload, write_shape_config
 from common.engine import LLM, SamplingParams
 
 
@@ -43,22 +43,15 @@ def run_workload(llm: LLM, load: Workload) -> dict:
     }
 
 
-def decode_ms_per_token(llm: LLM, context: int, new_tokens: int = 128) -> float:
-    """Batch-1: (time for prompt + N tokens - time for prompt + 1 token) / (N - 1), fresh prompts each time."""
-    vocab = llm.engine.hf_config.vocab_size
+def generate_one(llm: LLM):
+    """One greedy request to completion, EOS ignored (what decode_ms_per_token times)."""
 
-    def timed(max_tokens: int, seed: int) -> float:
-        prompt = random_prompts([context], vocab, seed)[0]
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        llm.generate({"prompt_token_ids": prompt}, params)
-        return time.perf_counter() - started
+    def run(prompt: list[int], max_tokens: int) -> None:
+        llm.generate(
+            {"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        )
 
-    timed(new_tokens, seed=100 + context)  # warm-up at this context length
-    one = min(timed(1, seed=200 + context + i) for i in range(3))
-    many = min(timed(new_tokens, seed=300 + context + i) for i in range(2))
-    return (many - one) / (new_tokens - 1) * 1e3
+    return run
 
 
 class StepBreakdown:
@@ -170,7 +163,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         if name == "latency":
             for context in (512, 4096):
-                ms = decode_ms_per_token(llm, context)
+                ms = decode_ms_per_token(generate_one(llm), vocab, context)
                 report["runs"].append({"workload": f"batch-1 decode @ctx {context}", "ms_per_token": round(ms, 2)})
                 print(report["runs"][-1], flush=True)
             continue

@@ -13,7 +13,7 @@ import argparse
 import json
 import time
 
-from benchmarks.workloads import SHAPES, Workload, random_prompts, workload, write_shape_config
+from benchmarks.workloads import SHAPES, Workload, decode_ms_per_token, random_prompts, workload, write_shape_config
 
 
 def run_workload(llm, load: Workload) -> dict:
@@ -34,20 +34,15 @@ def run_workload(llm, load: Workload) -> dict:
     }
 
 
-def decode_ms_per_token(llm, vocab: int, context: int, new_tokens: int = 128) -> float:
+def generate_one(llm):
+    """One greedy request to completion, EOS ignored (what decode_ms_per_token times)."""
     from vllm import SamplingParams
 
-    def timed(max_tokens: int, seed: int) -> float:
-        prompt = random_prompts([context], vocab, seed)[0]
+    def run(prompt: list[int], max_tokens: int) -> None:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        started = time.perf_counter()
         llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
-        return time.perf_counter() - started
 
-    timed(new_tokens, seed=100 + context)
-    one = min(timed(1, seed=200 + context + i) for i in range(3))
-    many = min(timed(new_tokens, seed=300 + context + i) for i in range(2))
-    return (many - one) / (new_tokens - 1) * 1e3
+    return run
 
 
 def main() -> None:
@@ -75,7 +70,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         if name == "latency":
             for context in (512, 4096):
-                ms = decode_ms_per_token(llm, vocab, context)
+                ms = decode_ms_per_token(generate_one(llm), vocab, context)
                 report["runs"].append({"workload": f"batch-1 decode @ctx {context}", "ms_per_token": round(ms, 2)})
                 print(report["runs"][-1], flush=True)
             continue

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +104,21 @@ def workload(name: str, vocab_size: int, seed: int = 0) -> Workload:
     else:
         raise ValueError(f"unknown workload {name!r}")
     return Workload(name, random_prompts(prompt_lens, vocab_size, seed + 1), output_lens)
+
+
+def decode_ms_per_token(
+    generate_one: Callable[[list[int], int], None], vocab_size: int, context: int, new_tokens: int = 128
+) -> float:
+    """Batch-1 decode: (time for prompt + N tokens - time for prompt + 1 token) / (N - 1), fresh prompts each
+    time. ``generate_one(prompt_ids, max_tokens)`` runs one greedy request to completion on the engine."""
+
+    def timed(max_tokens: int, seed: int) -> float:
+        prompt = random_prompts([context], vocab_size, seed)[0]
+        started = time.perf_counter()
+        generate_one(prompt, max_tokens)
+        return time.perf_counter() - started
+
+    timed(new_tokens, seed=100 + context)  # warm-up at this context length
+    one = min(timed(1, seed=200 + context + i) for i in range(3))
+    many = min(timed(new_tokens, seed=300 + context + i) for i in range(2))
+    return (many - one) / (new_tokens - 1) * 1e3
