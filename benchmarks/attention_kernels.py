@@ -58,7 +58,7 @@ def matmul_rate() -> Row:
 
 def paged_batch(seq_lens: list[int], query_lens: list[int], seed: int):  # noqa: ANN201 - (metadata, k, v)
     """Random K/V in a cache just big enough, each sequence's blocks a random permutation of the pool."""
-    from common.models.attention_metadata import AttentionMetadata
+    from kernels.attention_metadata import AttentionMetadata
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     blocks = [-(-s // BLOCK_SIZE) for s in seq_lens]

@@ -1,11 +1,16 @@
-"""One frozen, composed configuration for the engine and (later) the services.
+"""One frozen, composed configuration for the engine and the services: the settings table.
 
-Every component receives the part of this config it needs; nothing reads globals.
+Every field is declared once here with ``setting(default, help=...)`` (see ``common.settings``); the ``tandem``
+flags, their ``TANDEM_*`` environment variables and the keyword arguments of ``LLM(...)`` are derived from these
+declarations. Every component receives the part of this config it needs; nothing reads globals.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from common.settings import parse_bytes, parse_csv, setting
 
 DEFAULT_MODEL = "smollm2"
 
@@ -14,37 +19,47 @@ DEFAULT_MODEL = "smollm2"
 class ModelConfig:
     """What to load and how: model id/path, numeric type, device, length limit."""
 
-    model: str = DEFAULT_MODEL
-    tokenizer: str | None = None  # defaults to the model's own folder
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
-    load_format: str = "auto"  # auto | dummy (random weights from config, for benchmarks)
-    seed: int = 0
-    skip_tokenizer_init: bool = False
-    download_dir: str | None = None  # model conversion/download cache; default ~/.cache/tandem
-    enforce_eager: bool = False  # True: no CUDA graphs for decode steps (debugging, profiling)
+    model: str = setting(DEFAULT_MODEL, help="name, HF folder, GGUF file or HF id (default: %(default)s)")
+    tokenizer: str | None = setting(None, help="tokenizer folder (default: the model's own)", cli=False)
+    dtype: str = setting("auto", help="default: %(default)s", choices=("auto", "float32", "float16", "bfloat16"))
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+    max_model_len: int | None = setting(None, help="context limit (default: the model's)")
+    load_format: str = setting("auto", choices=("auto", "dummy"),
+                               help="dummy = random weights from the model's config (default: %(default)s)")
+    seed: int = setting(0, help="seed of dummy weights and of unseeded sampling", cli=False)
+    skip_tokenizer_init: bool = setting(False, help="token ids in and out only", cli=False)
+    download_dir: str | None = setting(None, help="model conversion/download cache (default: ~/.cache/tandem)")
+    enforce_eager: bool = setting(False, help="no CUDA graphs for decode steps")
 
 
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache sizing: a byte budget on CPU, a fraction of GPU memory on CUDA."""
 
-    block_size: int = 16
-    enable_prefix_caching: bool = True
-    kv_cache_memory: int | None = None  # bytes; wins over gpu_memory_utilization when set
-    gpu_memory_utilization: float = 0.9
-    num_gpu_blocks_override: int | None = None  # exact block count (tests)
-    cpu_kv_cache_memory_default: int = 512 * 1024 * 1024
+    block_size: int = setting(16, help="KV block size in tokens (default: %(default)s)")
+    enable_prefix_caching: bool = setting(True, flag="--no-prefix-caching", negated=True,
+                                          help="turn the prefix cache off")
+    kv_cache_memory: int | None = setting(None, parse=parse_bytes, metavar="BYTES",
+                                          help="KV cache budget, e.g. 536870912 or 512MiB (default: engine's choice)")
+    gpu_memory_utilization: float = setting(0.9, metavar="FRACTION",
+                                            help="cap on this GPU's memory in use, counting other processes "
+                                                 "(default: %(default)s; --kv-cache-memory wins)")
+    num_gpu_blocks_override: int | None = setting(None, help="exact KV block count (tests)", cli=False)
+    cpu_kv_cache_memory_default: int = setting(512 * 1024 * 1024, parse=parse_bytes, cli=False,
+                                               help="KV budget on CPU when --kv-cache-memory is not set")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Iteration-level batching limits."""
 
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
+    max_num_seqs: int = setting(256, help="default: %(default)s")
+    max_num_batched_tokens: int = setting(2048, help="token budget of one step (default: %(default)s)")
+    enable_chunked_prefill: bool = setting(True, help="split long prompts over steps", cli=False)
+
+
+# The engine's three parts, in the order the command line lists their flags.
+ENGINE_PARTS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
 
 
 @dataclass(frozen=True)
@@ -55,56 +70,96 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    @classmethod
+    def from_kwargs(cls, **settings: Any) -> EngineConfig:
+        """``LLM(...)``'s flat keyword arguments (any field of the three parts) -> the composed config."""
+        parts: dict[str, dict[str, Any]] = {name: {} for name in ENGINE_PARTS}
+        owner = {f.name: part for part, part_cls in ENGINE_PARTS.items() for f in fields(part_cls)}
+        for name, value in settings.items():
+            if name not in owner:
+                raise TypeError(f"unknown engine setting {name!r}; the settings are: {', '.join(sorted(owner))}")
+            parts[owner[name]][name] = value
+        return cls(**{part: ENGINE_PARTS[part](**values) for part, values in parts.items()})
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The inverse of ``from_kwargs``: every engine setting by its field name."""
+        return {f.name: getattr(getattr(self, part), f.name) for part, cls in ENGINE_PARTS.items() for f in fields(cls)}
+
 
 @dataclass(frozen=True)
 class CoordConfig:
     """Redis coordination: registry keys live under ``<namespace>:``; a worker is alive iff its key exists."""
 
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    namespace: str = "tandem"
-    heartbeat_s: float = 1.0
-    ttl_s: float = 5.0
+    redis_url: str = setting("redis://127.0.0.1:6379/0", env_aliases=("REDIS_URL",), help="default: %(default)s")
+    namespace: str = setting("tandem", help="Redis key prefix (default: %(default)s)")
+    heartbeat_s: float = setting(1.0, help="default: %(default)s")
+    ttl_s: float = setting(5.0, help="registry key lifetime without a heartbeat (default: %(default)s)")
 
 
 @dataclass(frozen=True)
 class TransferConfig:
     """KV shipping between pools: ``auto`` picks nccl for CUDA->CUDA on different GPUs, grpc otherwise."""
 
-    transport: str = "auto"  # auto | grpc | nccl
-    grpc_chunk_bytes: int = 4 * 1024 * 1024
-    timeout_s: float = 60.0
-    reservation_lease_s: float = 30.0
+    transport: str = setting("auto", choices=("auto", "grpc", "nccl"),
+                             help="KV transport between the pools (default: %(default)s)")
+    grpc_chunk_bytes: int = setting(4 * 1024 * 1024, parse=parse_bytes, cli=False, help="gRPC KV message size")
+    timeout_s: float = setting(60.0, cli=False, help="one KV transfer's time limit")
+    reservation_lease_s: float = setting(30.0, cli=False, help="how long reserved KV blocks wait for their transfer")
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     """One prefill or decode worker process."""
 
-    role: str = "decode"  # prefill | decode
-    host: str = "127.0.0.1"
-    port: int = 0  # 0 = pick a free port
-    advertise_host: str | None = None  # address others dial; defaults to host
-    worker_id: str | None = None
-    drain_timeout_s: float = 30.0
-    metrics_port: int = 0  # HTTP /metrics, /health, /ready on host; 0 = pick a free port
+    role: str = setting("decode", help="prefill | decode (the subcommand)", cli=False)
+    host: str = setting("127.0.0.1", help="bind address (default: %(default)s)")
+    port: int = setting(0, help="gRPC port; 0 = any free port (default: %(default)s)")
+    advertise_host: str | None = setting(None, help="address other processes dial (default: --host)")
+    worker_id: str | None = setting(None, help="registry id (default: generated)")
+    drain_timeout_s: float = setting(30.0, help="on SIGTERM, how long in-flight work may take (default: %(default)s)")
+    metrics_port: int = setting(0, help="HTTP port on --host for /metrics, /health and /ready (0 = any free port; "
+                                        "default: %(default)s)")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything one worker process is configured with (from flags or environment)."""
+
+    engine: EngineConfig
+    worker: WorkerConfig
+    coord: CoordConfig
+    transfer: TransferConfig
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """The router: where it listens and how it weighs workers (scores in [0, 1])."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    weight_load: float = 1.0
-    weight_free_blocks: float = 1.0
-    weight_prefix_hits: float = 2.0
-    local_prefill_max_tokens: int = 32  # shorter uncached prompts are prefilled on the decode worker
-    max_retries: int = 3
-    served_model_name: str | None = None  # the id clients send as `model`; defaults to the --model value
-    api_keys: tuple[str, ...] = ()  # empty = no authentication
-    rate_limit_rpm: int | None = None  # per API key, enforced across router replicas through Redis
-    rate_limit_tpm: int | None = None
-    max_running: int = 1024  # requests this router streams at once
-    max_waiting: int = 1024  # admission queue length; beyond it: 429
-    processes: int = 1  # router processes sharing the port (SO_REUSEPORT); queue limits are per process
-    reuse_port: bool = False  # bind with SO_REUSEPORT (set for the children of --processes N)
+    host: str = setting("127.0.0.1", help="bind address (default: %(default)s)")
+    port: int = setting(8000, help="default: %(default)s")
+    weight_load: float = setting(1.0, help="default: %(default)s")
+    weight_free_blocks: float = setting(1.0, help="default: %(default)s")
+    weight_prefix_hits: float = setting(2.0, help="default: %(default)s")
+    local_prefill_max_tokens: int = setting(
+        32, help="shorter uncached prompts are prefilled on the decode worker (default: %(default)s)")
+    max_retries: int = setting(3, help="default: %(default)s")
+    served_model_name: str | None = setting(None, help="model id clients send (default: --model)")
+    api_keys: tuple[str, ...] = setting((), parse=parse_csv,
+                                        help="comma-separated accepted API keys (default: none = open)")
+    rate_limit_rpm: int | None = setting(None, help="requests per minute per API key (default: unlimited)")
+    rate_limit_tpm: int | None = setting(None, help="tokens per minute per API key (default: unlimited)")
+    max_running: int = setting(1024, help="requests streamed at once by this router (default: %(default)s)")
+    max_waiting: int = setting(1024, help="admission queue length; beyond it requests get 429 (default: %(default)s)")
+    processes: int = setting(1, help="router processes sharing --port (each a core's worth of streaming; queue "
+                                     "limits are per process) (default: %(default)s)")
+    reuse_port: bool = setting(False, help="bind with SO_REUSEPORT so other processes can share the port")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`tandem serve`: the local cluster's shape (its router and engine settings come from the tables above)."""
+
+    prefill: int = setting(1, metavar="N", help="prefill workers (default: %(default)s)")
+    decode: int = setting(1, metavar="M", help="decode workers (default: %(default)s)")
+    ready_timeout_s: float = setting(120.0, help="how long each process may take to come up (default: %(default)s)")
+    log_dir: str | None = setting(None, help="folder for the processes' logs (default: a new temporary folder)")

@@ -2,22 +2,19 @@
 
 Cache layout (per layer, per K or V): ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 Sequence i's context position p lives in block ``block_tables[i, p // block_size]`` at offset
-``p % block_size``. See ``common.models.attention_metadata.AttentionMetadata`` for the batch layout.
+``p % block_size``. See ``kernels.attention_metadata.AttentionMetadata`` for the batch layout.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from kernels.attention_metadata import AttentionMetadata
 from kernels.triton_import import HAS_TRITON, tl, triton
-
-if TYPE_CHECKING:  # type-only: kernels must not import the model package (it imports kernels)
-    from common.models.attention_metadata import AttentionMetadata
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

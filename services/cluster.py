@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from services.launch import known_env_vars
+from services.flags import known_env_vars
 
 log = logging.getLogger("tandem.cluster")
 

@@ -7,7 +7,6 @@ in-flight work (bounded), stop gRPC, exit 0.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -15,14 +14,14 @@ import signal
 import socket
 import time
 import uuid
-from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import CoordConfig, EngineConfig, TransferConfig, WorkerConfig
+from common.config import WorkerSettings
 from common.coord.prefix_index import PrefixPublisher
-from common.coord.registry import WorkerRegistration, connect
+from common.coord.redis_client import connect
+from common.coord.registry import WorkerRegistration
 from common.coord.worker_info import WorkerInfo
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
@@ -34,27 +33,6 @@ from proto import worker_pb2_grpc
 from services.worker_http import WorkerHealth, WorkerHttpServer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Everything one worker process is configured with (from flags or environment)."""
-
-    engine: EngineConfig
-    worker: WorkerConfig
-    coord: CoordConfig
-    transfer: TransferConfig
-
-
-def settings_from_args(role: str, args: argparse.Namespace) -> WorkerSettings:
-    from services.launch import coord_config, engine_config, transfer_config, worker_config
-
-    return WorkerSettings(
-        engine=engine_config(args),
-        worker=replace(worker_config(args), role=role),
-        coord=coord_config(args),
-        transfer=transfer_config(args),
-    )
 
 
 class WorkerRuntime:
@@ -248,16 +226,3 @@ def _stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
-
-
-def main_worker(role: str, args: argparse.Namespace) -> int:
-    """Entry point of `tandem prefill` / `tandem decode`."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
-    settings = settings_from_args(role, args)
-    if role == "prefill":
-        from services.prefill.service import PrefillService as factory
-    elif role == "decode":
-        from services.decode.service import DecodeService as factory
-    else:
-        raise ValueError(f"role must be prefill or decode, got {role!r}")
-    return asyncio.run(serve_worker(settings, factory))

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 import redis.asyncio as aioredis
 
 from common.config import CoordConfig
-from common.coord.registry import REDIS_ERRORS, OutageLog, prefix_key
+from common.coord.redis_client import REDIS_ERRORS, OutageLog, prefix_key
 
 logger = logging.getLogger(__name__)
 

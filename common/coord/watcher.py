@@ -16,7 +16,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from common.config import CoordConfig
-from common.coord.registry import REDIS_ERRORS, OutageLog, events_channel, worker_key, worker_pattern
+from common.coord.redis_client import REDIS_ERRORS, OutageLog, events_channel, worker_key, worker_pattern
 from common.coord.worker_info import WorkerInfo
 
 logger = logging.getLogger(__name__)

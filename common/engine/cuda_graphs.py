@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.models.attention_metadata import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 from kernels.paged_attention import choose_decode_splits
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from common.config import CacheConfig, SchedulerConfig
-from common.models.attention_metadata import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from common.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from common.config import DEFAULT_MODEL, EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.outputs import RequestOutput
 from common.engine.sampling_params import SamplingParams
@@ -20,54 +20,10 @@ DEFAULT_SAMPLING_PARAMS = SamplingParams(temperature=0.0, max_tokens=256)
 class LLM:
     """Load a model once and run batches of prompts through the continuous-batching engine."""
 
-    def __init__(
-        self,
-        model: str = DEFAULT_MODEL,
-        *,
-        tokenizer: str | None = None,
-        dtype: str = "auto",
-        device: str = "auto",
-        block_size: int = 16,
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        enable_prefix_caching: bool = True,
-        enable_chunked_prefill: bool = True,
-        kv_cache_memory: int | None = None,
-        gpu_memory_utilization: float = 0.9,
-        num_gpu_blocks_override: int | None = None,
-        seed: int = 0,
-        load_format: str = "auto",
-        skip_tokenizer_init: bool = False,
-        download_dir: str | None = None,
-        enforce_eager: bool = False,
-    ) -> None:
-        self.config = EngineConfig(
-            model=ModelConfig(
-                model=model,
-                tokenizer=tokenizer,
-                dtype=dtype,
-                device=device,
-                max_model_len=max_model_len,
-                load_format=load_format,
-                seed=seed,
-                skip_tokenizer_init=skip_tokenizer_init,
-                download_dir=download_dir,
-                enforce_eager=enforce_eager,
-            ),
-            cache=CacheConfig(
-                block_size=block_size,
-                enable_prefix_caching=enable_prefix_caching,
-                kv_cache_memory=kv_cache_memory,
-                gpu_memory_utilization=gpu_memory_utilization,
-                num_gpu_blocks_override=num_gpu_blocks_override,
-            ),
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                enable_chunked_prefill=enable_chunked_prefill,
-            ),
-        )
+    def __init__(self, model: str = DEFAULT_MODEL, **settings: Any) -> None:
+        """``settings``: any engine setting of ``common.config`` by its field name (``dtype=``, ``max_model_len=``,
+        ``kv_cache_memory=`` in bytes, ``enforce_eager=``, ...); an unknown name is a TypeError listing them all."""
+        self.config = EngineConfig.from_kwargs(model=model, **settings)
         validate_engine_args(self.config)
         self.engine = LLMEngine(self.config)
 

@@ -15,7 +15,7 @@ from common.engine.outputs import TokenLogprobs
 from common.engine.request import Request
 from common.engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
 from common.engine.scheduler import ScheduledRequest, SchedulerOutput
-from common.models.attention_metadata import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 
 
 @dataclass

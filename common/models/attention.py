@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common.models.attention_metadata import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 from kernels.kv_cache import write_kv
 from kernels.paged_attention import paged_attention
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.models.attention import PagedAttention
-from common.models.attention_metadata import AttentionMetadata
 from common.models.rotary import RotaryEmbedding, rope_parameters
+from kernels.attention_metadata import AttentionMetadata
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
 
 # HF checkpoint names that carry no weights for us.

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import redis.asyncio as aioredis
 
-from common.coord.registry import REDIS_ERRORS, OutageLog
+from common.coord.redis_client import REDIS_ERRORS, OutageLog
 
 logger = logging.getLogger(__name__)
 

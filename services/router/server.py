@@ -6,7 +6,6 @@ surface (/v1/...) is built on the same Orchestrator by the gateway issue.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -29,7 +28,7 @@ from transformers import AutoTokenizer
 
 from common.config import CoordConfig, RouterConfig, TransferConfig
 from common.coord.prefix_index import PrefixLookup
-from common.coord.registry import connect
+from common.coord.redis_client import connect
 from common.coord.watcher import RegistryWatcher
 from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics, exposition, prometheus_sd
@@ -313,19 +312,16 @@ async def serve_router(
     return 0
 
 
-def main_router(args: argparse.Namespace) -> int:
-    """Entry point of `tandem router`."""
-    from services.launch import coord_config, router_config
-
+def main_router(
+    model: str, router: RouterConfig, coord: CoordConfig, transfer: TransferConfig, download_dir: str | None = None
+) -> int:
+    """Entry point of `tandem router` (configured by the command line)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
-    router = router_config(args)
     if router.processes < 1:
         raise SystemExit(f"tandem router: --processes must be >= 1, got {router.processes}")
     if router.processes > 1:
         return supervise(sys.argv[1:], router.host, router.port, router.processes)
-    transfer = TransferConfig(transport=args.transport)
-    serving = serve_router(args.model, router, coord_config(args), transfer, args.download_dir)
-    return run_event_loop(serving)
+    return run_event_loop(serve_router(model, router, coord, transfer, download_dir))
 
 
 def run_event_loop(main: Coroutine[Any, Any, int]) -> int:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from common.models.attention_metadata import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 
 CUDA = torch.cuda.is_available()
 # Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter (tests/conftest.py turns it on).

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from common.models.attention_metadata import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 from kernels.paged_attention import (
     _decodes_then_prefill,
     causal_attention,

@@ -11,8 +11,8 @@ import redis.asyncio as aioredis
 from common.config import CoordConfig
 from common.coord import PrefixLookup, PrefixPublisher, WorkerRegistration, connect
 from common.coord.prefix_index import MAX_LOOKUP_BLOCKS, encode_hash
+from common.coord.redis_client import prefix_key
 from common.coord.redis_server import free_port
-from common.coord.registry import prefix_key
 from tests.common.coord.fakes import FakeWorker, eventually
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]

@@ -10,8 +10,8 @@ import redis.asyncio as aioredis
 
 from common.config import CoordConfig
 from common.coord import WorkerInfo, WorkerRegistration, connect
+from common.coord.redis_client import events_channel, worker_key
 from common.coord.redis_server import free_port
-from common.coord.registry import events_channel, worker_key
 from tests.common.coord.fakes import FakeWorker, eventually
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(10)]

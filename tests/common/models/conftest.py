@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.models.attention_metadata import AttentionMetadata
+from kernels.attention_metadata import AttentionMetadata
 
 
 class PagedRunner:

@@ -1,0 +1,75 @@
+"""The settings table: one declaration per setting, from which flags, env vars and LLM(...) arguments derive."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from common.config import (
+    ENGINE_PARTS,
+    CacheConfig,
+    CoordConfig,
+    EngineConfig,
+    ModelConfig,
+    RouterConfig,
+    SchedulerConfig,
+    ServeConfig,
+    TransferConfig,
+    WorkerConfig,
+)
+from common.settings import SettingValueError, parse_csv, setting_field, setting_fields
+from services.flags import build_parser, engine_config, router_config
+
+CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, CoordConfig, TransferConfig, WorkerConfig, RouterConfig,
+           ServeConfig)
+# Flags that are per-invocation inputs or CLI behaviour, not settings of a component.
+NOT_SETTINGS = {"--help", "--verbose", "--max-tokens", "--temperature", "--prompt", "--chat"}
+
+
+@pytest.mark.parametrize("config_cls", CONFIGS)
+def test_every_field_is_a_documented_setting(config_cls):
+    declared = {f.name for f in setting_fields(config_cls)}
+    assert declared == {f.name for f in dataclasses.fields(config_cls)}
+    assert all(f.info.help for f in setting_fields(config_cls))
+
+
+def test_every_flag_comes_from_the_table():
+    table = {f.flag for cls in CONFIGS for f in setting_fields(cls) if f.info.cli}
+    parser = build_parser({})
+    flags = set()
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        flags |= {action.option_strings[-1] for action in sub._actions if action.option_strings}
+    assert flags - NOT_SETTINGS == table
+
+
+def test_defaults_of_flags_are_the_declared_ones():
+    args = build_parser({}).parse_args(["decode"])
+    assert engine_config(args) == EngineConfig()
+    assert router_config(build_parser({}).parse_args(["router"])) == RouterConfig()
+
+
+def test_llm_keywords_cover_every_engine_setting():
+    config = EngineConfig.from_kwargs(model="m", max_num_seqs=3, kv_cache_memory=1 << 20, enforce_eager=True,
+                                      enable_chunked_prefill=False)
+    assert (config.model.model, config.scheduler.max_num_seqs, config.cache.kv_cache_memory) == ("m", 3, 1 << 20)
+    assert config.model.enforce_eager and not config.scheduler.enable_chunked_prefill
+    assert EngineConfig.from_kwargs(**config.to_kwargs()) == config
+    names = {f.name for cls in ENGINE_PARTS.values() for f in dataclasses.fields(cls)}
+    assert set(config.to_kwargs()) == names
+
+
+def test_unknown_llm_keyword_names_the_settings():
+    with pytest.raises(TypeError, match="unknown engine setting 'max_seqs'.*max_num_seqs"):
+        EngineConfig.from_kwargs(max_seqs=3)
+
+
+def test_negated_switch_and_parsers():
+    field = setting_field(CacheConfig, "enable_prefix_caching")
+    assert (field.flag, field.is_switch, field.value_from_flag(True)) == ("--no-prefix-caching", True, False)
+    assert setting_field(CacheConfig, "kv_cache_memory").parse("2G") == 2 << 30
+    with pytest.raises(SettingValueError, match="byte size"):
+        setting_field(CacheConfig, "kv_cache_memory").parse("lots")
+    assert parse_csv(" a, b,,c ") == ("a", "b", "c")
+    args = build_parser({"TANDEM_API_KEYS": "k1,k2"}).parse_args(["router"])
+    assert router_config(args).api_keys == ("k1", "k2")
