@@ -16,7 +16,9 @@ rate and default rates.
 Layouts (LAYOUTS below; one entry each, so the router's automatic mode is one more line once it exists):
 Tandem 1 prefill + 1 decode (every prompt prefilled on the prefill worker, KV shipped to the decode worker),
 Tandem 0 prefill + 2 decode, and vLLM data-parallel 2 (`vllm serve --data-parallel-size 2`, its defaults).
-Each layout is started, driven with every rate of the workload, and torn down before the next one starts.
+Each layout is started, driven with every rate of the workload, and torn down before the next one starts
+(Tandem layouts first, then the engine-step measurement, then vLLM). The JSON is rewritten after every layout, so
+a run cut short keeps what it measured; `--markdown-from FILE` prints the tables of such a file.
 
 Per rate the load is benchmarks/serve.py's: `rate x duration` prompts of random token ids (seeded: every layout
 sees the same prompts and the same Poisson arrival times), EOS ignored, streamed over /v1/completions. Printed per
@@ -603,12 +605,25 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
                               "model_dir": model_dir, "shape": opts.shape, "run_dir": str(run_dir), "workloads": []}
     for load, rates, duration in plans:
         loads = build_loads(load, rates, duration, model_dir, opts.seed)
-        results = [run_layout(layout, model_dir, load, loads, opts, run_dir) for layout in layouts]
-        if opts.engine_step:
-            add_engine_steps(results, model_dir, load, opts)
+        results: list[dict[str, Any]] = []
         report["workloads"].append({"workload": {**asdict(load), "slo_ms": dict(load.slo_ms)},
                                     "duration_s": duration, "layouts": results})
+        tandem = [layout for layout in layouts if layout.kind == "tandem"]
+        for layout in tandem:
+            results.append(run_layout(layout, model_dir, load, loads, opts, run_dir))
+            save(report, opts.result_json)  # a run cut short by a time limit keeps what it measured
+        if opts.engine_step:  # while the GPUs are free, before the peers
+            add_engine_steps(results, model_dir, load, opts)
+        for layout in (layout for layout in layouts if layout.kind != "tandem"):
+            results.append(run_layout(layout, model_dir, load, loads, opts, run_dir))
+            save(report, opts.result_json)
+    save(report, opts.result_json)
     return report
+
+
+def save(report: Mapping[str, Any], path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=1, default=_json_default))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure the engine's own decode step at the batches seen (default: on with a GPU)")
     add("--engine-step-timeout-s", type=float, default=300.0)
     add("--engine-step-spec", default=None, help=argparse.SUPPRESS)  # internal: the measuring child
+    add("--markdown-from", default=None, help="print the tables of a saved --result-json and exit")
     add("--run-dir", default=None, help="logs of every server (default: a new temporary folder)")
     add("--result-json", default=None)
     return parser
@@ -653,12 +669,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts.engine_step_spec:
         print(json.dumps(measure_engine_steps(json.loads(opts.engine_step_spec))), flush=True)
         return 0
+    if opts.markdown_from:
+        print(markdown(json.loads(Path(opts.markdown_from).read_text())))
+        return 0
     opts.argv = argv
     if opts.engine_step is None:
         opts.engine_step = has_gpu()
     report = run(opts)
-    if opts.result_json:
-        Path(opts.result_json).write_text(json.dumps(report, indent=1, default=_json_default))
     print(markdown(report))
     ran = [rate for entry in report["workloads"] for layout in entry["layouts"] for rate in layout.get("rates", [])]
     return 0 if ran else 1
