@@ -77,7 +77,7 @@ from benchmarks.serve import (  # noqa: E402
     send_request,
 )
 from benchmarks.serve import build_parser as serve_parser  # noqa: E402
-from benchmarks.workloads import SERVING_WORKLOADS, ServingWorkload, shape_model_folder  # noqa: E402
+from benchmarks.workloads import SERVING_WORKLOADS, SHAPES, ServingWorkload, shape_model_folder  # noqa: E402
 
 PERCENTILES = (50.0, 90.0, 99.0)
 GOODPUT_SHARE = 0.9
@@ -637,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--duration-s", type=float, default=None, help="seconds per rate (default: the workload's; S1 30, S2 20)")
     add("--scale", type=float, default=1.0, help="multiply the workload's lengths (toy runs, e.g. 0.01)")
     add("--model", default="smollm2", help="model (--shape none) or tokenizer source (default: %(default)s)")
-    add("--shape", default="llama8b", choices=["llama8b", "smollm2", "none"],
+    add("--shape", default="llama8b", choices=[*sorted(SHAPES), "none"],
         help="config shape with random weights, or none to serve --model itself (default: %(default)s)")
     add("--load-format", default="dummy", choices=["auto", "dummy"])
     add("--dtype", default="bfloat16")
