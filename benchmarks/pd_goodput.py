@@ -1,10 +1,15 @@
 """Goodput of disaggregated vs colocated serving: each layout in turn, the same seeded load, a sweep of rates.
 
 On the 2xH200 machine (after `source benchmarks/gpu_env.sh`; vLLM only when its bundle is unpacked in
-/tmp/vllm-site; `bash benchmarks/pd_goodput.sh` wraps this for one GPU session):
+/tmp/vllm-site), the full sweeps (S1 about 16 minutes, S2 about 13, as the estimate printed at the start counts):
 
     python3 benchmarks/pd_goodput.py --workloads S1 --layouts 1p1d,0p2d,vllm-dp2 --result-json /tmp/out/pd_s1.json
     python3 benchmarks/pd_goodput.py --workloads S2 --result-json /tmp/out/pd_s2.json
+
+and within one ~9-minute device call (3 rates of 15 s; PD_RATES / PD_DURATION_S / PD_LAYOUTS override):
+
+    OUT=/tmp/out bash benchmarks/gpu_run.sh goodput      # S1: --rates 8,16,24 --duration-s 15
+    OUT=/tmp/out bash benchmarks/gpu_run.sh goodput-s2   # S2: --rates 2,4,6 --duration-s 15
 
 Model: `--shape llama8b` (default) writes a folder with the 8B shape's config (random bf16 weights,
 `--load-format dummy`) and the tokenizer of `--model` (default SmolLM2, resolved like the engine does: the
