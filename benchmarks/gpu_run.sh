@@ -37,8 +37,8 @@ for stage in "$@"; do
                --output-len 128 --warmup 8 --client-procs 2 --router-arg=--processes --router-arg="${ROUTER_PROCESSES:-1}" \
                --json "$OUT/gateway.json" ;;
     goodput|goodput-s2)
-      wl=S1; rates=${PD_RATES:-8,16,24}; duration=${PD_DURATION_S:-15}
-      [ "$stage" = goodput-s2 ] && { wl=S2; rates=${PD_RATES:-2,4,6}; duration=${PD_DURATION_S:-15}; }
+      wl=S1; rates=${PD_RATES:-8,16,24}; duration=${PD_DURATION_S:-12}
+      [ "$stage" = goodput-s2 ] && { wl=S2; rates=${PD_RATES:-2,4,6}; duration=${PD_DURATION_S:-12}; }
       model=smollm2; [ -d /tmp/carry/.gpu_model/smollm2 ] && model=/tmp/carry/.gpu_model/smollm2
       echo "pd_goodput $wl: rates $rates, ${duration}s each, layouts ${PD_LAYOUTS:-1p1d,0p2d,vllm-dp2}"
       run "$stage" 570 python3 benchmarks/pd_goodput.py --workloads "$wl" --rates "$rates" --duration-s "$duration" \

@@ -6,10 +6,10 @@ On the 2xH200 machine (after `source benchmarks/gpu_env.sh`; vLLM only when its 
     python3 benchmarks/pd_goodput.py --workloads S1 --layouts 1p1d,0p2d,vllm-dp2 --result-json /tmp/out/pd_s1.json
     python3 benchmarks/pd_goodput.py --workloads S2 --result-json /tmp/out/pd_s2.json
 
-and within one ~9-minute device call (3 rates of 15 s; PD_RATES / PD_DURATION_S / PD_LAYOUTS override):
+and within one ~9-minute device call (3 rates of 12 s; PD_RATES / PD_DURATION_S / PD_LAYOUTS override):
 
-    OUT=/tmp/out bash benchmarks/gpu_run.sh goodput      # S1: --rates 8,16,24 --duration-s 15
-    OUT=/tmp/out bash benchmarks/gpu_run.sh goodput-s2   # S2: --rates 2,4,6 --duration-s 15
+    OUT=/tmp/out bash benchmarks/gpu_run.sh goodput      # S1: --rates 8,16,24 --duration-s 12
+    OUT=/tmp/out bash benchmarks/gpu_run.sh goodput-s2   # S2: --rates 2,4,6 --duration-s 12
 
 Model: `--shape llama8b` (default) writes a folder with the 8B shape's config (random bf16 weights,
 `--load-format dummy`) and the tokenizer of `--model` (default SmolLM2, resolved like the engine does: the
@@ -90,6 +90,7 @@ VLLM_SITE = Path("/tmp/vllm-site")
 SAMPLE_PERIOD_S = 0.5
 STARTUP_ESTIMATE_S = {"tandem": 90.0, "vllm": 150.0}  # 8B dummy weights on an H200, for the runtime estimate
 DRAIN_ESTIMATE_S = 10.0
+ENGINE_STEP_ESTIMATE_S = 60.0  # load the engine once, a few seconds per batch
 
 
 # ---------------------------------------------------------------------------------------------------- layouts
@@ -571,10 +572,13 @@ def chosen_layouts(names: str) -> list[Layout]:
     return chosen
 
 
-def estimate_s(layouts: Sequence[Layout], plans: Sequence[tuple[ServingWorkload, list[float], float]]) -> float:
-    """Rough wall time: startups, then rate x (duration + drain) for every layout and workload."""
+def estimate_s(layouts: Sequence[Layout], plans: Sequence[tuple[ServingWorkload, list[float], float]],
+               engine_step: bool = False) -> float:
+    """Rough wall time: startups, then rate x (duration + drain) for every layout and workload, plus the
+    engine-step measurement once per workload."""
     per_workload = [len(rates) * (duration + DRAIN_ESTIMATE_S) for _, rates, duration in plans]
-    return sum(STARTUP_ESTIMATE_S[layout.kind] + sweep for layout in layouts for sweep in per_workload)
+    serving = sum(STARTUP_ESTIMATE_S[layout.kind] + sweep for layout in layouts for sweep in per_workload)
+    return serving + (ENGINE_STEP_ESTIMATE_S * len(plans) if engine_step else 0.0)
 
 
 def model_folder(opts: argparse.Namespace) -> str:
@@ -601,7 +605,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Every workload x layout x rate; the report --result-json holds (and the Markdown is made of)."""
     layouts = chosen_layouts(opts.layouts)
     plans = workload_plans(opts)
-    print(f"estimated runtime: {estimate_s(layouts, plans) / 60:.1f} min (startups assumed "
+    print(f"estimated runtime: {estimate_s(layouts, plans, opts.engine_step) / 60:.1f} min (startups assumed "
           f"{STARTUP_ESTIMATE_S['tandem']:.0f} s Tandem, {STARTUP_ESTIMATE_S['vllm']:.0f} s vLLM)",
           file=sys.stderr, flush=True)
     model_dir = model_folder(opts)
