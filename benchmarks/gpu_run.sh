@@ -2,7 +2,10 @@
 # One GPU session's work in one call: bash benchmarks/gpu_run.sh STAGE... (logs and JSON under $OUT).
 # Stages: tests (gpu-marked kernel + engine tests), kernels (attention micro-benchmark), w1 | w2 | latency |
 # prefill | preempt (throughput.py on the 8B shape), small (SmolLM2 shape W1+W2), hf (HF baseline on W1),
-# vllm (the peer, after the bundle is unpacked to /tmp/vllm-site), gateway (router vs direct gRPC streams). A stage that fails is reported and the next one still runs.
+# vllm (the peer, after the bundle is unpacked to /tmp/vllm-site), gateway (router vs direct gRPC streams),
+# goodput | goodput-s2 (benchmarks/pd_goodput.py on S1 | S2: Tandem 1P1D, 0P2D and vLLM DP2 when /tmp/vllm-site is
+# there; PD_RATES, PD_DURATION_S, PD_LAYOUTS override; the S1 defaults fit one ~9-minute call).
+# A stage that fails is reported and the next one still runs.
 set -uo pipefail
 source benchmarks/gpu_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -33,6 +36,15 @@ for stage in "$@"; do
                --load-format dummy --dtype bfloat16 --num-requests 800 --concurrency 200 --input-len 128 \
                --output-len 128 --warmup 8 --client-procs 2 --router-arg=--processes --router-arg="${ROUTER_PROCESSES:-1}" \
                --json "$OUT/gateway.json" ;;
+    goodput|goodput-s2)
+      wl=S1; rates=${PD_RATES:-8,16,24}; duration=${PD_DURATION_S:-12}
+      [ "$stage" = goodput-s2 ] && { wl=S2; rates=${PD_RATES:-2,4,6}; duration=${PD_DURATION_S:-12}; }
+      model=smollm2; [ -d /tmp/carry/.gpu_model/smollm2 ] && model=/tmp/carry/.gpu_model/smollm2
+      echo "pd_goodput $wl: rates $rates, ${duration}s each, layouts ${PD_LAYOUTS:-1p1d,0p2d,vllm-dp2}"
+      run "$stage" 570 python3 benchmarks/pd_goodput.py --workloads "$wl" --rates "$rates" --duration-s "$duration" \
+        --layouts "${PD_LAYOUTS:-1p1d,0p2d,vllm-dp2}" --model "$model" --run-dir "$OUT/$stage-logs" \
+        --result-json "$OUT/$stage.json"
+      grep -m1 "estimated runtime" "$OUT/$stage.log" ;;
     hf) run hf 560 python3 -m benchmarks.hf_baseline --shape llama8b --json "$OUT/hf.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

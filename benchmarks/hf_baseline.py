@@ -63,7 +63,7 @@ def continuous_batching(model, prompts: list[list[int]], output_len: int) -> flo
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="llama8b", choices=["llama8b", "smollm2"])
+    parser.add_argument("--shape", default="llama8b", choices=sorted(SHAPES))
     parser.add_argument("--modes", default="static64,static256,cb")
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -4,6 +4,10 @@
         --ignore-eos --tokenizer /path/to/hf-folder --goodput ttft:500 tpot:50 --result-json out.json
     .venv/bin/python benchmarks/serve.py --endpoint chat --dataset file --dataset-path prompts.jsonl \\
         --max-concurrency 16
+    .venv/bin/python benchmarks/serve.py --workload S1 --request-rate 8 --num-prompts 240 --tokenizer DIR
+
+`--workload S1|S2` takes lengths, range ratios, SLOs and --ignore-eos from benchmarks/workloads.py
+SERVING_WORKLOADS (the definitions benchmarks/pd_goodput.py sweeps); flags given explicitly still win.
 
 Streams every request with raw httpx (one SSE line at a time) and measures, per request: TTFT (send -> first
 event that carries content), ITL (gap between consecutive content events, split over the tokens the event
@@ -29,6 +33,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repo importable (benchmarks/ is not installed)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.workloads import SERVING_WORKLOADS, length_bounds  # noqa: E402
 
 ENDPOINT_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 SLO_METRICS = ("ttft", "tpot", "e2el")  # goodput thresholds, all in ms
@@ -381,10 +390,7 @@ def arrival_offsets(num: int, rate: float, seed: int, burstiness: float = 1.0) -
 
 def sample_lengths(num: int, length: int, range_ratio: float, rng: np.random.Generator) -> list[int]:
     """Uniform integer lengths in [floor(L*(1-r)), ceil(L*(1+r))], at least 1."""
-    if not 0.0 <= range_ratio < 1.0:
-        raise ValueError("--range-ratio must be in [0, 1)")
-    low = max(1, math.floor(length * (1.0 - range_ratio)))
-    high = max(low, math.ceil(length * (1.0 + range_ratio)))
+    low, high = length_bounds(length, range_ratio)
     return rng.integers(low, high + 1, size=num).tolist()
 
 
@@ -419,7 +425,8 @@ def random_requests(args: argparse.Namespace, tokenizer: Any | None) -> list[Ben
     """--dataset random: prompts of --input-len tokens (or words without --tokenizer), --output-len each."""
     rng = np.random.default_rng(args.seed)
     input_lens = sample_lengths(args.num_prompts, args.input_len, args.range_ratio, rng)
-    output_lens = sample_lengths(args.num_prompts, args.output_len, args.range_ratio, rng)
+    output_ratio = args.range_ratio if getattr(args, "output_range_ratio", None) is None else args.output_range_ratio
+    output_lens = sample_lengths(args.num_prompts, args.output_len, output_ratio, rng)
     requests = []
     for input_len, output_len in zip(input_lens, output_lens):
         if tokenizer is not None:
@@ -608,6 +615,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--input-len", type=int, default=1024)
     add("--output-len", type=int, default=128)
     add("--range-ratio", type=float, default=0.0, help="lengths uniform in [L*(1-r), L*(1+r)]")
+    add("--output-range-ratio", type=float, default=None, help="for output lengths (default: --range-ratio)")
+    add("--workload", choices=sorted(SERVING_WORKLOADS), default=None,
+        help="lengths, range ratios, SLOs and --ignore-eos from benchmarks/workloads.py (explicit flags win)")
     add("--tokenizer", default=None, help="HF folder: random prompts from random token ids (else random words)")
     add("--ignore-eos", action="store_true", help="send ignore_eos=true (vLLM extension) for fixed output lengths")
     add("--continuous-usage", action="store_true",
@@ -621,6 +631,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--timeout", type=float, default=6 * 3600, help="seconds per request, whole stream")
     add("--no-test-request", action="store_true", help="skip the single request sent (and checked) first")
     return parser
+
+
+def apply_workload(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Fill the flags --workload defines wherever the command line left them at their defaults."""
+    if args.workload is None:
+        return args
+    load = SERVING_WORKLOADS[args.workload]
+    preset = {"input_len": load.input_len, "range_ratio": load.input_range_ratio, "output_len": load.output_len,
+              "output_range_ratio": load.output_range_ratio, "ignore_eos": True,
+              "goodput": [f"{name}:{ms:g}" for name, ms in load.slo_ms.items()]}
+    for name, value in preset.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+    return args
 
 
 def load_requests(args: argparse.Namespace) -> tuple[list[BenchRequest], Callable[[str], int] | None]:
@@ -688,7 +712,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = apply_workload(parser.parse_args(argv), parser)
     return asyncio.run(main_async(args))
 
 

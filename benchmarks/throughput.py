@@ -18,7 +18,14 @@ import time
 import torch
 
 from benchmarks.attention_kernels import copy_bandwidth, matmul_rate
-from benchmarks.workloads import Workload, decode_ms_per_token, random_prompts, workload, write_shape_config
+from benchmarks.workloads import (
+    SHAPES,
+    Workload,
+    decode_ms_per_token,
+    random_prompts,
+    workload,
+    write_shape_config,
+)
 from common.engine import LLM, SamplingParams
 
 
@@ -117,7 +124,7 @@ def model_flops_per_token(llm: LLM) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="llama8b", choices=["llama8b", "smollm2"])
+    parser.add_argument("--shape", default="llama8b", choices=sorted(SHAPES))
     parser.add_argument("--workloads", default="W1,W2,prefill,latency,preempt")
     parser.add_argument("--max-num-seqs", type=int, default=1024)  # vLLM's default on an H100
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
