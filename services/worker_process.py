@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 
 from common.config import WorkerSettings
 from services.decode.service import DecodeService
@@ -11,6 +12,9 @@ from services.prefill.service import PrefillService
 from services.worker_runtime import serve_worker
 
 SERVICES = {"prefill": PrefillService, "decode": DecodeService}
+# The engine thread gives the GIL up at every torch call and must win it back from the gRPC thread; at
+# CPython's default 5 ms switch interval one decode step (~5 ms of GPU time) could wait that long several times.
+ENGINE_GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 def run_worker(settings: WorkerSettings) -> int:
@@ -19,4 +23,5 @@ def run_worker(settings: WorkerSettings) -> int:
     if role not in SERVICES:
         raise ValueError(f"role must be prefill or decode, got {role!r}")
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    sys.setswitchinterval(ENGINE_GIL_SWITCH_INTERVAL_S)
     return asyncio.run(serve_worker(settings, SERVICES[role]))

@@ -129,11 +129,21 @@ class AsyncEngine:
             command()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand one step's outputs over with one wake-up per event loop, not one per request (each wake-up is a
+        syscall and a GIL hand-off that the next step would otherwise wait behind)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for output in outputs:
             target = self._streams.get(output.request_id)
             if target is not None:
                 loop, stream = target
-                loop.call_soon_threadsafe(stream.put_nowait, output)
+                batches.setdefault(loop, []).append((stream, output))
+        for loop, batch in batches.items():
+            loop.call_soon_threadsafe(_put_all, batch)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, output in batch:
+        stream.put_nowait(output)
 
 
 def _set_result(future: asyncio.Future, result: Any) -> None:
