@@ -232,7 +232,7 @@ def worker_figures(before: Mapping[str, dict], after: Mapping[str, dict],
     for worker_id, now in after.items():
         role = worker_id.rsplit("-", 1)[0]
         sums = roles.setdefault(role, {"decode_s": 0.0, "decode_n": 0.0, "tokens": 0.0, "kv_s": 0.0, "kv_n": 0.0,
-                                       "kv_bytes": 0.0})
+                                       "kv_bytes": 0.0, "step_s": 0.0, "steps": 0.0, "step_requests": 0.0})
         then = before.get(worker_id, {})
         sums["decode_s"] += delta(then, now, "tandem_request_decode_time_seconds_sum")
         sums["decode_n"] += delta(then, now, "tandem_request_decode_time_seconds_count")
@@ -240,6 +240,9 @@ def worker_figures(before: Mapping[str, dict], after: Mapping[str, dict],
         sums["kv_s"] += delta(then, now, "tandem_kv_transfer_duration_seconds_sum")
         sums["kv_n"] += delta(then, now, "tandem_kv_transfer_duration_seconds_count")
         sums["kv_bytes"] += delta(then, now, "tandem_kv_transfer_bytes_total")
+        sums["step_s"] += delta(then, now, "tandem_engine_step_seconds_total")
+        sums["steps"] += delta(then, now, "tandem_engine_steps_total")
+        sums["step_requests"] += delta(then, now, "tandem_engine_step_requests_total")
     return {role: role_figures(sums, running_samples, role) for role, sums in roles.items()}
 
 
@@ -255,6 +258,9 @@ def role_figures(sums: Mapping[str, float], running_samples: Mapping[str, list[f
         "kv_transfers": int(sums["kv_n"]),
         "kv_mean_ms": sums["kv_s"] / sums["kv_n"] * 1e3 if sums["kv_n"] else None,
         "kv_mean_mb": sums["kv_bytes"] / sums["kv_n"] / 1e6 if sums["kv_n"] else None,
+        # the engine's own step, timed on its thread in this same run (tandem_engine_step_*)
+        "run_step_ms": sums["step_s"] / sums["steps"] * 1e3 if sums["steps"] else None,
+        "run_step_batch": sums["step_requests"] / sums["steps"] if sums["steps"] else None,
     }
 
 
@@ -518,8 +524,9 @@ def goodput_table(entry: Mapping[str, Any]) -> list[str]:
 
 
 def worker_table(entry: Mapping[str, Any]) -> list[str]:
-    lines = ["| Tandem layout | req/s | client TPOT p50 ms | decode worker ms/token | engine step ms (batch) | "
-             "decode batch mean / max | KV transfers | KV mean ms | KV mean MB |", "|---" * 9 + "|"]
+    lines = ["| Tandem layout | req/s | client TPOT p50 ms | decode worker ms/token | engine step ms in this run "
+             "(mean batch) | engine step ms offline (batch) | decode batch mean / max | KV transfers | KV mean ms | "
+             "KV mean MB |", "|---" * 10 + "|"]
     for layout in entry["layouts"]:
         for rate in layout.get("rates", []):
             decode = rate["workers"].get("decode")
@@ -528,10 +535,12 @@ def worker_table(entry: Mapping[str, Any]) -> list[str]:
             kv = rate["workers"].get("prefill") or decode  # the sender's view when there is one
             step = decode.get("engine_step_ms")
             engine = f"{step:.1f} ({decode['engine_batch']})" if step is not None else "n/a"
+            in_run = decode.get("run_step_ms")
+            in_run = f"{in_run:.2f} ({decode['run_step_batch']:.1f})" if in_run is not None else "n/a"
             lines.append(f"| {layout['label']} | {rate['rate']:g} | {_ms(rate['metrics']['tpot']['p50_ms'])} | "
-                         f"{_ms(decode['worker_ms_per_token'])} | {engine} | {_ms(decode['mean_running'])} / "
-                         f"{_ms(decode['max_running'])} | {kv['kv_transfers']} | {_ms(kv['kv_mean_ms'])} | "
-                         f"{_ms(kv['kv_mean_mb'])} |")
+                         f"{_ms(decode['worker_ms_per_token'])} | {in_run} | {engine} | "
+                         f"{_ms(decode['mean_running'])} / {_ms(decode['max_running'])} | {kv['kv_transfers']} | "
+                         f"{_ms(kv['kv_mean_ms'])} | {_ms(kv['kv_mean_mb'])} |")
     return lines
 
 

@@ -28,7 +28,7 @@ from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from common.coord.worker_info import WorkerInfo
-    from common.engine.stats import EngineStats, FinishedRequest
+    from common.engine.stats import EngineStats, FinishedRequest, StepClock
 
 # TTFT, end-to-end, queue and phase times from 1 ms to minutes; inter-token latency from 1 ms to seconds.
 LATENCY_BUCKETS = (
@@ -386,9 +386,10 @@ class WorkerMetrics:
             ):
                 family.labels(**self._labels(), transport=transport)
 
-    def update(self, stats: EngineStats, finished: Iterable[FinishedRequest], reservations: int = 0) -> None:
-        """A fresh engine snapshot and the sequences finished since the last one."""
-        self.engine.latest = (stats, reservations)
+    def update(self, stats: EngineStats, finished: Iterable[FinishedRequest], reservations: int = 0,
+               steps: StepClock | None = None) -> None:
+        """A fresh engine snapshot (and its step clock) and the sequences finished since the last one."""
+        self.engine.latest = (stats, reservations, steps)
         for record in finished:
             self.observe_finished(record)
 
@@ -416,7 +417,7 @@ class EngineCollector(Collector):
 
     def __init__(self, model: str, role: str) -> None:
         self.model, self.role = model, role
-        self.latest: tuple[EngineStats, int] | None = None  # (snapshot, open KV reservations); replaced whole
+        self.latest: tuple[EngineStats, int, StepClock | None] | None = None  # (snapshot, reservations, steps)
 
     def describe(self) -> Iterator[Metric]:
         return iter(self._families(None))
@@ -424,7 +425,7 @@ class EngineCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         return iter(self._families(self.latest))
 
-    def _families(self, latest: tuple[EngineStats, int] | None) -> list[Metric]:
+    def _families(self, latest: tuple[EngineStats, int, StepClock | None] | None) -> list[Metric]:
         labels = ("model", "role")
         values = _engine_values(*latest) if latest is not None else {}
         families: list[Metric] = []
@@ -448,11 +449,18 @@ ENGINE_METRICS: dict[str, tuple[str, str]] = {
     "tandem_prefix_cache_hits_total": ("counter", "Prompt tokens found in the prefix cache"),
     "tandem_prefill_tokens_total": ("counter", "Tokens computed by prefill here (prefix-cache hits excluded)"),
     "tandem_generation_tokens_total": ("counter", SHARED_HELP["tandem_generation_tokens_total"]),
+    "tandem_engine_steps_total": ("counter", "Engine steps that produced output"),
+    "tandem_engine_step_seconds_total": ("counter", "Wall time of those steps on the engine thread (schedule, run, "
+                                                    "outputs); per step, compare with the TPOT clients see"),
+    "tandem_engine_step_requests_total": ("counter", "Requests with output, summed over steps (/ steps = mean batch)"),
 }
 
 
-def _engine_values(stats: EngineStats, reservations: int) -> dict[str, float]:
+def _engine_values(stats: EngineStats, reservations: int, steps: StepClock | None = None) -> dict[str, float]:
     return {
+        "tandem_engine_steps_total": steps.steps if steps else 0,
+        "tandem_engine_step_seconds_total": steps.seconds if steps else 0.0,
+        "tandem_engine_step_requests_total": steps.requests if steps else 0,
         "tandem_requests_running": stats.running,
         "tandem_requests_waiting": stats.waiting,
         "tandem_kv_cache_usage_ratio": stats.kv_cache_usage,

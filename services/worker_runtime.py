@@ -99,7 +99,7 @@ class WorkerRuntime:
 
     async def refresh_stats(self, prefix: PrefixPublisher | None) -> None:
         self.stats, finished = await self.engine.call(_stats_and_finished)
-        self.metrics.update(self.stats, finished, self.reservations)
+        self.metrics.update(self.stats, finished, self.reservations, self.engine.step_clock.snapshot())
         if prefix is not None:
             events = await self.engine.call(lambda e: e.kv_cache_manager.pool.take_cache_events())
             prefix.record([h for h, cached in events if cached], [h for h, cached in events if not cached])

@@ -10,12 +10,13 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from common.engine.engine import LLMEngine
 from common.engine.outputs import RequestOutput
-from common.engine.stats import EngineStats
+from common.engine.stats import EngineStats, StepClock
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +36,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stopping = False
         self._error: BaseException | None = None
+        self.step_clock = StepClock()  # written by the engine thread only; read a snapshot()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -106,7 +108,10 @@ class AsyncEngine:
             while not self._stopping:
                 self._drain_commands()
                 if self.engine.has_unfinished_requests():
+                    started = time.perf_counter()
                     outputs = self.engine.step()
+                    if outputs:
+                        self.step_clock.record(time.perf_counter() - started, len(outputs))
                     self._deliver(outputs)
                     if not outputs:  # nothing schedulable now (e.g. blocks pinned by reservations)
                         self._wake.wait(timeout=0.005)

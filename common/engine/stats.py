@@ -119,3 +119,24 @@ def _is_decode(item: ScheduledRequest) -> bool:
     a prompt or recomputed context runs as prefill (a lone last chunk token of a resumed context counts as decode).
     """
     return item.num_new_tokens == 1 and item.num_computed_tokens + 1 > item.request.num_prompt_tokens
+
+
+@dataclass
+class StepClock:
+    """Cumulative wall time of the engine's steps on its thread, for comparing with the TPOT clients see.
+
+    ``seconds / steps`` is the engine's own time per step; ``requests / steps`` the mean batch that got output.
+    The gap between a stream's time per token and this is the serving overhead around the engine.
+    """
+
+    steps: int = 0
+    seconds: float = 0.0
+    requests: int = 0
+
+    def record(self, seconds: float, num_requests: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.requests += num_requests
+
+    def snapshot(self) -> StepClock:
+        return StepClock(self.steps, self.seconds, self.requests)

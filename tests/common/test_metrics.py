@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from common.coord.worker_info import WorkerInfo
-from common.engine.stats import EngineStats, FinishedRequest
+from common.engine.stats import EngineStats, FinishedRequest, StepClock
 from common.metrics import (
     LATENCY_BUCKETS,
     ROLES,
@@ -207,3 +207,15 @@ def test_prometheus_service_discovery_lists_workers_with_a_metrics_port():
         WorkerInfo("old", "decode", "m", "10.0.0.6:50051"),
     ]
     assert prometheus_sd(workers) == [{"targets": ["10.0.0.5:9400"], "labels": {"worker_id": "p0"}}]
+
+
+def test_worker_exports_the_engine_step_clock():
+    metrics = WorkerMetrics("m", "decode")
+    clock = StepClock()
+    for _ in range(4):
+        clock.record(0.005, 32)
+    metrics.update(EngineStats(100, 25, 3, 2, 5, 1, 64, 32, 640, 80), [], steps=clock.snapshot())
+    text = generate_latest(metrics.registry).decode()
+    assert 'tandem_engine_steps_total{model="m",role="decode"} 4.0' in text
+    assert 'tandem_engine_step_requests_total{model="m",role="decode"} 128.0' in text
+    assert re.search(r'tandem_engine_step_seconds_total\{model="m",role="decode"\} 0\.02', text)
