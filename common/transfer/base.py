@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import grpc
 import numpy as np
@@ -189,6 +189,9 @@ class TransferOutcome:
 
 OnKV = Callable[[KVTransferHeader, torch.Tensor], Awaitable[None]]
 OnOutcome = Callable[[TransferOutcome], None]
+# The receiver's verdict on one transfer: (header, awaitable of the verified tensor, start) -> its ack.
+Deliver = Callable[[KVTransferHeader, Awaitable[torch.Tensor], float], Awaitable[pb.KVAck]]
+WriteAck = Callable[[pb.ControlAck], Awaitable[None]]
 
 
 class KVSender(ABC):
@@ -212,17 +215,13 @@ class KVSender(ABC):
 
 
 class NcclReceiveSide(Protocol):
-    """The decode side of the NCCL transport (see ``nccl_transport.NcclReceiver``)."""
+    """The decode side of the pair transport (see ``nccl_transport.NcclReceiver``)."""
 
-    async def join(self, request: pb.NcclTransfer) -> None:
-        """Become rank 1 of the request's pair generation; always called before any header check."""
-        ...
-
-    async def receive(self, request: pb.NcclTransfer, header: KVTransferHeader) -> torch.Tensor:
-        """Receive the (validated) header's tensor on the joined pair, checksum-verified (else TransferError).
-
-        The nccl transport carries the checksum in band (see ``nccl_transport``), so ``header.checksum`` is 0.
-        """
+    async def serve(
+        self, messages: AsyncIterator[pb.ControlMessage], write: WriteAck, deliver: Deliver, max_bytes: int | None
+    ) -> None:
+        """Run one ``Control`` stream: join the pair, receive each described transfer (checksum-verified, else
+        the awaitable raises ``TransferError``), ``deliver`` it and write its ack."""
         ...
 
     async def close(self) -> None: ...
@@ -312,17 +311,26 @@ class KVReceiver(pb_grpc.KVTransferServicer):
             return self._reject("grpc", header, exc, start)
         return self._accept("grpc", header, start)
 
-    async def RecvNccl(self, request: pb.NcclTransfer, context: grpc.aio.ServicerContext) -> pb.KVAck:
-        start = time.perf_counter()
-        header: KVTransferHeader | None = None
+    async def Control(
+        self, request_iterator: AsyncIterator[pb.ControlMessage], context: grpc.aio.ServicerContext
+    ) -> None:
+        if self._nccl is None:
+            error = "this receiver does not accept nccl transfers"
+            await context.write(pb.ControlAck(transfer_id=0, ack=pb.KVAck(ok=False, error=error)))
+            return
+        lock = asyncio.Lock()
+
+        async def write(ack: pb.ControlAck) -> None:
+            async with lock:  # acks come from one task per transfer
+                await context.write(ack)
+
+        await self._nccl.serve(_read_all(context), write, self._deliver_nccl, self._max_bytes)
+
+    async def _deliver_nccl(
+        self, header: KVTransferHeader, received: Awaitable[torch.Tensor], start: float
+    ) -> pb.KVAck:
         try:
-            if self._nccl is None:
-                raise TransferError("this receiver does not accept nccl transfers")
-            # Join first: the sender's communicator set-up blocks until rank 1 joins, even if we then refuse.
-            await self._nccl.join(request)
-            header = KVTransferHeader.from_proto(request.header)
-            header.validate(self._max_bytes)
-            kv = await self._nccl.receive(request, header)  # checksum-verified on the GPU
+            kv = await received  # checksum-verified on the GPU
             await self._on_kv(header, kv)
         except ValueError as exc:
             return self._reject("nccl", header, exc, start)
@@ -343,6 +351,12 @@ class KVReceiver(pb_grpc.KVTransferServicer):
     def _report(self, outcome: TransferOutcome) -> None:
         if self._on_outcome is not None:
             self._on_outcome(outcome)
+
+
+async def _read_all(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """The request messages via ``context.read`` (gRPC forbids mixing the request iterator with ``write``)."""
+    while (message := await context.read()) is not grpc.aio.EOF:
+        yield message
 
 
 async def _assemble_stream(
