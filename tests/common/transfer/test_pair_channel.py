@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
+import pytest
 import torch
 
 from common.config import TransferConfig
@@ -166,3 +167,35 @@ def test_receiver_dying_fails_every_in_flight_transfer_then_recovers() -> None:
         assert torch.equal(sink.received["again"], kv(9))
 
     run(scenario(), timeout=60)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_nccl_in_one_process_many_in_flight_and_a_refusal() -> None:
+    """The production backend: rank 0 on cuda:0, rank 1 on cuda:1 of one process, 4 in flight + a refusal."""
+    from common.transfer.pair_backend import NcclBackend
+
+    async def scenario() -> None:
+        sink = Sink()
+        server = grpc.aio.server()
+        nccl = NcclReceiver("cuda:1", CONFIG.timeout_s, backend=NcclBackend(torch.device("cuda:1"), True))
+        KVReceiver(sink, device="cuda:1", nccl=nccl).add_to_server(server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        tx = NcclKVSender(CONFIG, "prefill-gpu", "cuda:0")
+        try:
+            sends = [tx.send(address, f"r{i}", "ok", ids(), kv(i).cuda(0)) for i in range(4)]
+            sends.append(tx.send(address, "refused", "unknown", ids(), kv(9).cuda(0)))
+            results = await asyncio.gather(*sends)
+            generation = tx._pairs[address].generation
+        finally:
+            await tx.close()
+            await server.stop(grace=None)
+            await nccl.close()
+        assert [r.ok for r in results] == [True] * 4 + [False], results
+        assert generation == 1
+        for i in range(4):
+            assert sink.received[f"r{i}"].device == torch.device("cuda:1")
+            assert torch.equal(sink.received[f"r{i}"].cpu(), kv(i))
+
+    run(scenario(), timeout=120)
