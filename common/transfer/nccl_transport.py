@@ -24,6 +24,17 @@ Invariants:
   A broken channel fails every in-flight transfer on the sender (``ok=False``), aborts the group, and the
   next send opens generation + 1; the receiver drops an older generation when it sees a newer one.
 - Only an ok ack proves the data arrived; ``on_kv`` only ever sees checksum-verified bytes.
+Not yet done (issue 11, deliverable 3): chunk-/layer-wise pipelining, and recv straight into the reserved
+blocks. Design: a descriptor may describe one slice ``(layer range, block range)`` of a request's KV; the
+reservation is filled when the slices cover it (the receiver tracks coverage per reservation and verifies
+each slice's in-band sums). Prefill side, chunk-wise: the engine exposes per-step "blocks completed" for an
+``export_kv`` request (block ids full after this step), and ``_ship`` posts a slice per chunk on the same
+channel while the next chunk computes; layer-wise: the model runner records a CUDA event after each layer's
+KV write and ``post_send`` for layer l makes the NCCL stream wait on it. Decode side: the cache layout
+``[L, 2, blocks, ...]`` makes any block range 2L strided pieces, so a direct recv is 2L ops per slice
+(``cache[l, k, b0:b0+n]``, contiguous when the reserved ids form a run) issued inside one NCCL group
+(``ProcessGroupNCCL._start_coalescing/_end_coalescing``) with the checksum taken over the pieces; blocks are
+marked filled only after the verify, so a corrupt transfer never reaches an adopted request.
 NVLink multicast (NVLS) is always disabled (``pair_backend``), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING``
 defaults to 2 (abort the failed communicator, keep the process alive): a dead peer must not kill a worker.
 """
