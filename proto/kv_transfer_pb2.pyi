@@ -34,19 +34,43 @@ class KVChunk(_message.Message):
     data: bytes
     def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
-class NcclTransfer(_message.Message):
-    __slots__ = ("header", "store_host", "store_port", "pair_id", "generation")
-    HEADER_FIELD_NUMBER: _ClassVar[int]
+class ChannelOpen(_message.Message):
+    __slots__ = ("store_host", "store_port", "pair_id", "generation")
     STORE_HOST_FIELD_NUMBER: _ClassVar[int]
     STORE_PORT_FIELD_NUMBER: _ClassVar[int]
     PAIR_ID_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
-    header: KVHeader
     store_host: str
     store_port: int
     pair_id: str
     generation: int
-    def __init__(self, header: _Optional[_Union[KVHeader, _Mapping]] = ..., store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., pair_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., pair_id: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class TransferDescriptor(_message.Message):
+    __slots__ = ("transfer_id", "header")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: int
+    header: KVHeader
+    def __init__(self, transfer_id: _Optional[int] = ..., header: _Optional[_Union[KVHeader, _Mapping]] = ...) -> None: ...
+
+class ControlMessage(_message.Message):
+    __slots__ = ("open", "transfer")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    open: ChannelOpen
+    transfer: TransferDescriptor
+    def __init__(self, open: _Optional[_Union[ChannelOpen, _Mapping]] = ..., transfer: _Optional[_Union[TransferDescriptor, _Mapping]] = ...) -> None: ...
+
+class ControlAck(_message.Message):
+    __slots__ = ("transfer_id", "ack", "closing")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    CLOSING_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: int
+    ack: KVAck
+    closing: bool
+    def __init__(self, transfer_id: _Optional[int] = ..., ack: _Optional[_Union[KVAck, _Mapping]] = ..., closing: _Optional[bool] = ...) -> None: ...
 
 class KVAck(_message.Message):
     __slots__ = ("ok", "error", "bytes", "seconds")

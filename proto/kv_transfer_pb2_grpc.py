@@ -39,10 +39,10 @@ class KVTransferStub:
                 request_serializer=kv__transfer__pb2.KVChunk.SerializeToString,
                 response_deserializer=kv__transfer__pb2.KVAck.FromString,
                 _registered_method=True)
-        self.RecvNccl = channel.unary_unary(
-                '/tandem.kv.KVTransfer/RecvNccl',
-                request_serializer=kv__transfer__pb2.NcclTransfer.SerializeToString,
-                response_deserializer=kv__transfer__pb2.KVAck.FromString,
+        self.Control = channel.stream_stream(
+                '/tandem.kv.KVTransfer/Control',
+                request_serializer=kv__transfer__pb2.ControlMessage.SerializeToString,
+                response_deserializer=kv__transfer__pb2.ControlAck.FromString,
                 _registered_method=True)
 
 
@@ -55,8 +55,10 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RecvNccl(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Control(self, request_iterator, context):
+        """One long-lived stream per (prefill, decode) pair carries every NCCL transfer's descriptor and ack;
+        several transfers may be in flight, acked in any order.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -69,10 +71,10 @@ def add_KVTransferServicer_to_server(servicer, server):
                     request_deserializer=kv__transfer__pb2.KVChunk.FromString,
                     response_serializer=kv__transfer__pb2.KVAck.SerializeToString,
             ),
-            'RecvNccl': grpc.unary_unary_rpc_method_handler(
-                    servicer.RecvNccl,
-                    request_deserializer=kv__transfer__pb2.NcclTransfer.FromString,
-                    response_serializer=kv__transfer__pb2.KVAck.SerializeToString,
+            'Control': grpc.stream_stream_rpc_method_handler(
+                    servicer.Control,
+                    request_deserializer=kv__transfer__pb2.ControlMessage.FromString,
+                    response_serializer=kv__transfer__pb2.ControlAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -113,7 +115,7 @@ class KVTransfer:
             _registered_method=True)
 
     @staticmethod
-    def RecvNccl(request,
+    def Control(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -123,12 +125,12 @@ class KVTransfer:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
-            '/tandem.kv.KVTransfer/RecvNccl',
-            kv__transfer__pb2.NcclTransfer.SerializeToString,
-            kv__transfer__pb2.KVAck.FromString,
+            '/tandem.kv.KVTransfer/Control',
+            kv__transfer__pb2.ControlMessage.SerializeToString,
+            kv__transfer__pb2.ControlAck.FromString,
             options,
             channel_credentials,
             insecure,

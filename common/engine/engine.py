@@ -160,6 +160,12 @@ class LLMEngine:
         """Return an unused reservation's blocks (lease expired, transfer failed, request aborted)."""
         self.kv_cache_manager.release(reservation_id)
 
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The KV cache [layers, 2, blocks, block_size, kv_heads, head_dim]. Off the engine thread, write only
+        blocks you own (an unadopted reservation's: see ``common.transfer.block_writer``)."""
+        return self.runner.kv_cache
+
     def import_kv(self, reservation_id: str, kv: torch.Tensor) -> None:
         """Write verified KV ([layers, 2, blocks, block_size, heads, dim]) into a reservation's blocks."""
         block_ids = self.kv_cache_manager.block_ids(reservation_id)

@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import grpc
 import numpy as np
@@ -189,6 +189,9 @@ class TransferOutcome:
 
 OnKV = Callable[[KVTransferHeader, torch.Tensor], Awaitable[None]]
 OnOutcome = Callable[[TransferOutcome], None]
+# The receiver's verdict on one transfer: (header, awaitable of the verified tensor, start) -> its ack.
+Deliver = Callable[[KVTransferHeader, Awaitable[torch.Tensor], float], Awaitable[pb.KVAck]]
+WriteAck = Callable[[pb.ControlAck], Awaitable[None]]
 
 
 class KVSender(ABC):
@@ -212,17 +215,13 @@ class KVSender(ABC):
 
 
 class NcclReceiveSide(Protocol):
-    """The decode side of the NCCL transport (see ``nccl_transport.NcclReceiver``)."""
+    """The decode side of the pair transport (see ``nccl_transport.NcclReceiver``)."""
 
-    async def join(self, request: pb.NcclTransfer) -> None:
-        """Become rank 1 of the request's pair generation; always called before any header check."""
-        ...
-
-    async def receive(self, request: pb.NcclTransfer, header: KVTransferHeader) -> torch.Tensor:
-        """Receive the (validated) header's tensor on the joined pair, checksum-verified (else TransferError).
-
-        The nccl transport carries the checksum in band (see ``nccl_transport``), so ``header.checksum`` is 0.
-        """
+    async def serve(
+        self, messages: AsyncIterator[pb.ControlMessage], write: WriteAck, deliver: Deliver, max_bytes: int | None
+    ) -> None:
+        """Run one ``Control`` stream: join the pair, receive each described transfer (checksum-verified, else
+        the awaitable raises ``TransferError``), ``deliver`` it and write its ack."""
         ...
 
     async def close(self) -> None: ...
@@ -305,24 +304,34 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         start = time.perf_counter()
         header: KVTransferHeader | None = None
         try:
-            header, buffer = await _assemble_stream(request_iterator, self._max_bytes)
+            pinned = self._device.type == "cuda"
+            header, buffer = await _assemble_stream(request_iterator, self._max_bytes, pinned)
             kv = await asyncio.to_thread(_tensor_from_buffer, header, buffer, self._device)
             await self._on_kv(header, kv)
         except ValueError as exc:  # TransferError included
             return self._reject("grpc", header, exc, start)
         return self._accept("grpc", header, start)
 
-    async def RecvNccl(self, request: pb.NcclTransfer, context: grpc.aio.ServicerContext) -> pb.KVAck:
-        start = time.perf_counter()
-        header: KVTransferHeader | None = None
+    async def Control(
+        self, request_iterator: AsyncIterator[pb.ControlMessage], context: grpc.aio.ServicerContext
+    ) -> None:
+        if self._nccl is None:
+            error = "this receiver does not accept nccl transfers"
+            await context.write(pb.ControlAck(transfer_id=0, ack=pb.KVAck(ok=False, error=error)))
+            return
+        lock = asyncio.Lock()
+
+        async def write(ack: pb.ControlAck) -> None:
+            async with lock:  # acks come from one task per transfer
+                await context.write(ack)
+
+        await self._nccl.serve(_read_all(context), write, self._deliver_nccl, self._max_bytes)
+
+    async def _deliver_nccl(
+        self, header: KVTransferHeader, received: Awaitable[torch.Tensor], start: float
+    ) -> pb.KVAck:
         try:
-            if self._nccl is None:
-                raise TransferError("this receiver does not accept nccl transfers")
-            # Join first: the sender's communicator set-up blocks until rank 1 joins, even if we then refuse.
-            await self._nccl.join(request)
-            header = KVTransferHeader.from_proto(request.header)
-            header.validate(self._max_bytes)
-            kv = await self._nccl.receive(request, header)  # checksum-verified on the GPU
+            kv = await received  # checksum-verified on the GPU
             await self._on_kv(header, kv)
         except ValueError as exc:
             return self._reject("nccl", header, exc, start)
@@ -345,12 +354,20 @@ class KVReceiver(pb_grpc.KVTransferServicer):
             self._on_outcome(outcome)
 
 
+async def _read_all(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    """The request messages via ``context.read`` (gRPC forbids mixing the request iterator with ``write``)."""
+    while (message := await context.read()) is not grpc.aio.EOF:
+        yield message
+
+
 async def _assemble_stream(
-    chunks: AsyncIterator[pb.KVChunk], max_bytes: int | None
-) -> tuple[KVTransferHeader, np.ndarray]:
-    """Read one header then exactly ``num_bytes`` of data into a preallocated buffer (no per-chunk tensors)."""
+    chunks: AsyncIterator[pb.KVChunk], max_bytes: int | None, pinned: bool = False
+) -> tuple[KVTransferHeader, torch.Tensor]:
+    """Read one header then exactly ``num_bytes`` of data into a preallocated uint8 buffer (no per-chunk
+    tensors); ``pinned`` puts it in page-locked memory so the copy to the GPU runs at full PCIe speed."""
     header: KVTransferHeader | None = None
-    buffer = np.empty(0, dtype=np.uint8)
+    host = torch.empty(0, dtype=torch.uint8)
+    buffer = host.numpy()
     filled = 0
     async for chunk in chunks:
         if chunk.WhichOneof("payload") == "header":
@@ -358,7 +375,8 @@ async def _assemble_stream(
                 raise TransferError("stream carries a second header")
             header = KVTransferHeader.from_proto(chunk.header)
             header.validate(max_bytes)
-            buffer = np.empty(header.num_bytes, dtype=np.uint8)
+            host = torch.empty(header.num_bytes, dtype=torch.uint8, pin_memory=pinned)
+            buffer = host.numpy()  # a view: chunks are copied straight into ``host``
             continue
         if header is None:
             raise TransferError("stream sent data before its header")
@@ -367,7 +385,7 @@ async def _assemble_stream(
         raise TransferError("stream ended without a header")
     if filled != header.num_bytes:
         raise TransferError(f"short stream: got {filled} of {header.num_bytes} bytes")
-    return header, buffer
+    return header, host
 
 
 def _write_chunk(buffer: np.ndarray, filled: int, data: bytes) -> int:
@@ -379,12 +397,16 @@ def _write_chunk(buffer: np.ndarray, filled: int, data: bytes) -> int:
     return end
 
 
-def _tensor_from_buffer(header: KVTransferHeader, buffer: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Verify the received bytes on CPU, then view them as the header's tensor and move it to ``device``."""
-    flat = torch.from_numpy(buffer)
-    kv = flat.view(header.torch_dtype).reshape(header.shape) if header.num_bytes else _empty(header)
-    header.verify(kv)
-    return kv.to(device)
+def _tensor_from_buffer(header: KVTransferHeader, buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The received bytes as the header's tensor on ``device``, verified there: on CUDA the checksum runs as
+    the one-pass GPU kernel after a (pinned, asynchronous) upload, on CPU as the torch reference."""
+    if not header.num_bytes:
+        kv = _empty(header).to(device)
+    else:
+        flat = buffer.to(device, non_blocking=True) if device.type == "cuda" else buffer
+        kv = flat.view(header.torch_dtype).reshape(header.shape)
+    header.verify(kv)  # syncs the device: kv is ready for any stream afterwards
+    return kv
 
 
 def _empty(header: KVTransferHeader) -> torch.Tensor:

@@ -1,40 +1,51 @@
 """KV transfer GPU->GPU with NCCL point-to-point (no host copy), one 2-rank group per (prefill, decode) pair.
 
 Pairs: each ``NcclKVSender`` (rank 0) hosts one ``TCPStore``; a pair ``"<sender_id>-><target_address>"``
-rendezvouses under the store prefix ``tandem-kv/<pair_id>/<generation>``. The store address travels in every
-``RecvNccl`` RPC and is also published in Redis under ``<ns>:nccl:<sender_id>:<receiver_id>`` (with a TTL).
-Groups are ``ProcessGroupNCCL`` objects built directly from the store, so one process holds many independent
-pairs and no default process group exists.
+rendezvouses under the store prefix ``tandem-kv/<pair_id>/<generation>``. The store address travels in the
+channel's ``ChannelOpen`` and is also published in Redis under ``<ns>:nccl:<sender_id>:<receiver_id>`` (with
+a TTL). Groups are built directly from the store, so one process holds many independent pairs and no default
+process group exists. The group flavour is injectable (``pair_backend``): NCCL in production, gloo on CPU in
+tests, same code otherwise.
 
-Per transfer: the sender calls ``RecvNccl`` (header with ``checksum=0``) and at once posts two sends on the
-warm pair: ``kv``, then the 16-byte checksum sums ``[s1, s2]`` of ``kv`` (``kv_checksum_sums``), which a
-one-pass Triton kernel computes on the sender's stream while NCCL moves the data. The receiver posts the two
-matching recvs into fresh CUDA buffers, checksums the received bytes on its stream, and copies both pairs of
-sums to pinned host memory behind one CUDA event; a waiter thread blocks on that event (no polling) and
-``receive`` raises ``TransferError`` unless the sums match, so ``on_kv`` only ever sees verified bytes. The
-checksum thus travels in band, after the data, instead of in the header: the sender never syncs before the
-RPC. On a pair's first transfer of a generation both sides first exchange a one-element handshake, so
-NCCL's (blocking) communicator set-up is finished before any header check can refuse the data; later NCCL
-calls only enqueue work and are made on the event loop.
+Control channel: one long-lived ``KVTransfer.Control`` bidirectional gRPC stream per pair generation. It opens
+with ``ChannelOpen`` (the receiver builds its half of the group, both exchange a one-element handshake so the
+blocking communicator set-up is over, the receiver acks id 0). Then each transfer is one
+``TransferDescriptor`` (id 1, 2, ...) after which the sender at once posts two sends: ``kv`` and its
+16-byte checksum sums (a one-pass Triton kernel on the sender's stream, overlapping the data send). The
+receiver posts the matching recvs into a fresh buffer in descriptor order, on its own side stream, checksums
+what arrived, and acks by id; several transfers are in flight at once and acks may come in any order.
 
-Invariants: transfers on one pair are serialized by a lock on each side (so sends and recvs match in order);
-different pairs overlap freely. Only the receiver's ``ok`` ack proves the data arrived: NCCL may report a
-send complete before the peer posted its recv (seen on H200 + NCCL 2.28 for an unmatched 8 MiB send), so a
-send that is not acked ok may still be queued. Therefore every failed transfer (refusal, verification
-failure, timeout, NCCL error) aborts the sender's group; the next transfer builds generation + 1 and the
-receiver drops its older generation when it sees the newer one.
-NVLink multicast (NVLS) is always disabled: ``NCCL_NVLS_ENABLE=0`` is forced before a group is made, and
-``TORCH_NCCL_ASYNC_ERROR_HANDLING`` defaults to 2 (abort the failed communicator, keep the process alive)
-unless the operator set it: a dead peer must not kill a serving worker.
+Invariants:
+- Sends and recvs of one pair are posted in descriptor order on both sides (the sender posts under a lock,
+  the receiver in its read loop), so NCCL matches them without tags; gloo gets per-transfer tags as well.
+- A transfer that is refused after its descriptor (unknown reservation, checksum mismatch) is still fully
+  received (drained), so it fails alone and the channel stays in step. Only a desync risk breaks the channel:
+  an oversized header (cannot be drained), an NCCL error or timeout, a broken stream, or a protocol error.
+  A broken channel fails every in-flight transfer on the sender (``ok=False``), aborts the group, and the
+  next send opens generation + 1; the receiver drops an older generation when it sees a newer one.
+- Only an ok ack proves the data arrived; ``on_kv`` only ever sees checksum-verified bytes.
+Not yet done (issue 11, deliverable 3): chunk-/layer-wise pipelining, and recv straight into the reserved
+blocks. Design: a descriptor may describe one slice ``(layer range, block range)`` of a request's KV; the
+reservation is filled when the slices cover it (the receiver tracks coverage per reservation and verifies
+each slice's in-band sums). Prefill side, chunk-wise: the engine exposes per-step "blocks completed" for an
+``export_kv`` request (block ids full after this step), and ``_ship`` posts a slice per chunk on the same
+channel while the next chunk computes; layer-wise: the model runner records a CUDA event after each layer's
+KV write and ``post_send`` for layer l makes the NCCL stream wait on it. Decode side: the cache layout
+``[L, 2, blocks, ...]`` makes any block range 2L strided pieces, so a direct recv is 2L ops per slice
+(``cache[l, k, b0:b0+n]``, contiguous when the reserved ids form a run) issued inside one NCCL group
+(``ProcessGroupNCCL._start_coalescing/_end_coalescing``) with the checksum taken over the pieces; blocks are
+marked filled only after the verify, so a corrupt transfer never reaches an adopted request.
+NVLink multicast (NVLS) is always disabled (``pair_backend``), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING``
+defaults to 2 (abort the failed communicator, keep the process alive): a dead peer must not kill a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -45,17 +56,26 @@ import torch
 import torch.distributed as dist
 
 from common.config import CoordConfig, TransferConfig
-from common.transfer.base import ChecksumMismatchError, KVSender, KVTransferHeader, TransferError, TransferResult
+from common.transfer.base import (
+    ChecksumMismatchError,
+    Deliver,
+    KVSender,
+    KVTransferHeader,
+    TransferError,
+    TransferResult,
+    WriteAck,
+)
 from common.transfer.checksum import kv_checksum_sums
+from common.transfer.pair_backend import PairBackend, SumsWaiter, abort_group, default_backend
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-_TAG = 0
-# Blocking NCCL calls (communicator set-up) and CUDA event waits run here, never on the loop. A waiter of a
-# stuck transfer holds its thread until the pair is aborted, so keep a margin over the pairs in flight.
-_EXECUTOR_THREADS = 16
+# Blocking calls (group set-up, handshakes, completion waits) run here, never on the loop. A waiter of a stuck
+# transfer holds its thread until the pair is aborted, so keep a margin over the transfers in flight.
+_EXECUTOR_THREADS = 32
+_TAG_SPACE = 1 << 30  # gloo tags: 2 * transfer_id (data) and + 1 (sums), wrapped; 0 is the handshake
 T = TypeVar("T")
 
 
@@ -77,115 +97,77 @@ async def lookup_store_address(redis: Any, coord: CoordConfig, sender_id: str, r
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-def _set_nccl_environment() -> None:
-    """Force ``NCCL_NVLS_ENABLE=0`` (NVLink multicast stays off); default async error handling to CleanUpOnly.
-
-    NCCL and ProcessGroupNCCL read these when a group/communicator is made, so this runs before each one.
-    """
-    if os.environ.get("NCCL_NVLS_ENABLE", "0") != "0":
-        logger.warning("overriding NCCL_NVLS_ENABLE=%s with 0", os.environ["NCCL_NVLS_ENABLE"])
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+def transfer_tag(transfer_id: int) -> int:
+    """The data op's tag of a transfer (its sums use tag + 1); never 0, the handshake's."""
+    return 2 * (transfer_id % _TAG_SPACE) + 2
 
 
-def _new_group(store: dist.Store, pair_id: str, generation: int, rank: int, timeout_s: float) -> dist.ProcessGroup:
-    """A fresh 2-rank NCCL group for one pair generation (its communicator is made lazily, on first use)."""
-    _set_nccl_environment()
-    prefixed = dist.PrefixStore(f"tandem-kv/{pair_id}/{generation}", store)
-    options = dist.ProcessGroupNCCL.Options()
-    # Our own deadline (timeout_s) aborts first; NCCL's watchdog is only the backstop.
-    options._timeout = timedelta(seconds=2 * timeout_s + 30)
-    return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+def _store_prefix(pair_id: str, generation: int) -> str:
+    return f"tandem-kv/{pair_id}/{generation}"
 
 
-def _abort_group(group: dist.ProcessGroup | None) -> None:
-    """Abort a group's communicators so pending sends/recvs stop; errors are logged, never raised."""
-    if group is None:
-        return
-    try:
-        group.abort()
-    except Exception:  # noqa: BLE001 - teardown must not mask the original failure
-        logger.exception("aborting an NCCL pair group failed")
-
-
-def _event_after(works: Sequence[dist.Work], device: torch.device) -> torch.cuda.Event:
-    """Order ``device``'s current stream after ``works`` and return an event recorded behind them.
-
-    After the event, any kernel on the current stream (checksum, scatter) sees the transferred bytes.
-    """
-    with torch.cuda.device(device):
-        for work in works:
-            work.wait()  # non-blocking for the host: the current stream waits for NCCL's
-        done = torch.cuda.Event()
-        done.record()
-    return done
-
-
-def _post_sends(group: dist.ProcessGroup, kv: torch.Tensor, sums_of: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """Enqueue ``kv`` then its checksum sums on a warm pair; the checksum kernel overlaps the data send."""
-    with torch.cuda.device(kv.device):
-        data = group.send([kv], 1, _TAG)  # NCCL's stream waits for kv's producer first
-        sums = sums_of(kv)  # on the current stream, concurrent with the send (both only read kv)
-        tail = group.send([sums], 1, _TAG)  # ordered after the checksum kernel
-        return _event_after([data, tail], kv.device)
-
-
-def _post_recvs(group: dist.ProcessGroup, buffer: torch.Tensor) -> tuple[torch.cuda.Event, torch.Tensor]:
-    """Enqueue the recvs for data and sums, checksum the data, stage ``[remote s1, s2, local s1, s2]`` on host."""
-    with torch.cuda.device(buffer.device):
-        remote = torch.empty(2, dtype=torch.int64, device=buffer.device)
-        works = [group.recv([buffer], 0, _TAG), group.recv([remote], 0, _TAG)]
-        for work in works:
-            work.wait()
-        staged = torch.empty(4, dtype=torch.int64, pin_memory=True)
-        staged.copy_(torch.cat([remote, kv_checksum_sums(buffer)]), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-    return done, staged
-
-
-class _PairRunner:
-    """Runs blocking NCCL calls on a small private pool, so a stuck set-up never starves ``asyncio.to_thread``."""
+class _Runner:
+    """Runs blocking calls on a small private pool, so a stuck set-up never starves ``asyncio.to_thread``."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(_EXECUTOR_THREADS, thread_name_prefix="tandem-nccl")
+        self._pool = ThreadPoolExecutor(_EXECUTOR_THREADS, thread_name_prefix="tandem-kv-pair")
 
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def wait(self, event: torch.cuda.Event, deadline: float) -> None:
-        """Block a pool thread (not the loop) on ``event``; ``TimeoutError`` past ``deadline``."""
-        waiter = asyncio.get_running_loop().run_in_executor(self._pool, event.synchronize)
+    async def wait(self, fn: Callable[[], T], deadline: float) -> T:
+        """``fn()`` on a pool thread; ``TimeoutError`` past ``deadline`` (the thread is freed by an abort)."""
+        waiter = asyncio.get_running_loop().run_in_executor(self._pool, fn)
         try:
-            await asyncio.wait_for(waiter, max(deadline - time.monotonic(), 0.0))
+            return await asyncio.wait_for(waiter, max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
-            raise TimeoutError("nccl transfer timed out") from None
+            raise TimeoutError("transfer timed out") from None
 
     def abort_later(self, group: dist.ProcessGroup | None) -> None:
         """Abort ``group`` off the event loop (an abort can take about 0.5 s); never raises."""
         if group is not None:
-            self._pool.submit(_abort_group, group)
+            self._pool.submit(abort_group, group)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+# ---------------------------------------------------------------- sender side
+
+
+@dataclass
+class _Channel:
+    """One open generation of a pair: its group, its Control stream, and the acks still awaited."""
+
+    generation: int
+    group: dist.ProcessGroup
+    call: Any  # grpc.aio.StreamStreamCall
+    acks: dict[int, asyncio.Future] = field(default_factory=dict)
+    sends: dict[int, Any] = field(default_factory=dict)  # posted ops, kept alive until acked (gloo needs it)
+    next_id: int = 1
+    reader: asyncio.Task | None = None
+    broken: str | None = None
+
+
 @dataclass
 class _SenderPair:
-    """Sender-side state of one pair. ``group is None`` means the next transfer starts a new generation."""
+    """Sender-side state of one pair. ``channel is None`` means the next transfer opens a new generation."""
 
     pair_id: str
     generation: int = 0
-    group: dist.ProcessGroup | None = None
+    channel: _Channel | None = None
     published_at: float = 0.0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    open_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    post_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class NcclKVSender(KVSender):
-    """Prefill-side NCCL sender (rank 0 of every pair it opens). ``kv`` must be a CUDA tensor on ``device``.
+    """Prefill-side sender (rank 0 of every pair it opens). ``kv`` must be a contiguous tensor on ``device``.
 
+    Concurrent ``send`` calls to one target share the pair's channel and are in flight together.
     ``redis`` (a ``redis.asyncio.Redis``) and ``coord`` are optional: with them, each pair's store address is
-    published under ``nccl_store_key`` with TTL ``coord.ttl_s`` and refreshed by traffic.
+    published under ``nccl_store_key`` with TTL ``coord.ttl_s`` and refreshed by traffic. ``backend``
+    defaults to NCCL on CUDA (gloo on CPU, for tests).
     """
 
     transport = "nccl"
@@ -198,19 +180,19 @@ class NcclKVSender(KVSender):
         store_host: str = "127.0.0.1",
         redis: Any = None,
         coord: CoordConfig | None = None,
+        backend: PairBackend | None = None,
     ) -> None:
-        if not dist.is_available() or not dist.is_nccl_available():
-            raise ValueError("this torch build has no NCCL; use the grpc transport")
+        self._device = torch.device(device)
+        self._backend = backend or default_backend(self._device)
         self._config = config
         self._sender_id = sender_id
-        self._device = torch.device(device)
         self._store_host = store_host
         self._redis = redis
         self._coord = coord or CoordConfig()
         self._store: dist.TCPStore | None = None
         self._pairs: dict[str, _SenderPair] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._runner = _PairRunner()
+        self._runner = _Runner()
 
     async def send(
         self, target_address: str, request_id: str, reservation_id: str, block_ids: Sequence[int], kv: torch.Tensor
@@ -221,8 +203,7 @@ class NcclKVSender(KVSender):
             self._check_tensor(kv)
             # checksum 0: the sums travel in band after the data (module docstring).
             header = KVTransferHeader.describe(request_id, reservation_id, block_ids, kv, "nccl", 0)
-            async with pair.lock:
-                ack = await self._transfer(pair, target_address, header, kv)
+            ack = await self._transfer(pair, target_address, header, kv)
         except (TransferError, TimeoutError, grpc.aio.AioRpcError, RuntimeError) as exc:
             return TransferResult(False, 0, time.perf_counter() - start, _describe(exc))
         seconds = time.perf_counter() - start
@@ -230,59 +211,120 @@ class NcclKVSender(KVSender):
 
     async def close(self) -> None:
         for pair in self._pairs.values():
-            _abort_group(pair.group)
-            pair.group = None
+            if pair.channel is not None:
+                self._break(pair, pair.channel, "sender closed")
         channels, self._channels = self._channels, {}
         await asyncio.gather(*(channel.close() for channel in channels.values()))
         self._runner.shutdown()
 
     def _check_tensor(self, kv: torch.Tensor) -> None:
-        if kv.device != self._device and not (kv.is_cuda and kv.device.index == self._device.index):
-            raise TransferError(f"nccl sender on {self._device} got a tensor on {kv.device}")
+        if kv.device.type != self._device.type or (kv.is_cuda and kv.device.index != self._device.index):
+            raise TransferError(f"sender on {self._device} got a tensor on {kv.device}")
         if not kv.is_contiguous():
-            raise TransferError("nccl transfers need a contiguous tensor (gather blocks first)")
+            raise TransferError("pair transfers need a contiguous tensor (gather blocks first)")
 
     async def _transfer(self, pair: _SenderPair, target: str, header: KVTransferHeader, kv: torch.Tensor) -> pb.KVAck:
-        """One transfer under the pair lock. Anything but an ok ack aborts the pair (see module invariants)."""
+        """Post one transfer on the pair's channel and await its ack; a timeout breaks the channel."""
         deadline = time.monotonic() + self._config.timeout_s
-        fresh = await self._ensure_group(pair, target)
-        request = self._request(pair, header)
-        rpc = asyncio.ensure_future(self._stub(target).RecvNccl(request, timeout=self._config.timeout_s))
-        send = asyncio.ensure_future(self._send(pair.group, pair.generation if fresh else None, kv))
+        channel = await self._open(pair, target, deadline)
+        ack = await self._post(pair, channel, header, kv)
         try:
-            ack = await _ack_and_send(rpc, send, deadline)
-        except BaseException:
-            self._reset(pair)
-            raise
-        if not ack.ok:
-            self._reset(pair)
-        return ack
+            return await asyncio.wait_for(asyncio.shield(ack), max(deadline - time.monotonic(), 0.0))
+        except TimeoutError:
+            self._break(pair, channel, "transfer timed out")
+            raise TimeoutError("transfer timed out") from None
 
-    async def _send(self, group: dist.ProcessGroup, handshake: int | None, kv: torch.Tensor) -> None:
-        """Post (handshake +) data and checksum sends and wait until NCCL finished them."""
-        deadline = time.monotonic() + self._config.timeout_s
-        if handshake is not None:  # the first NCCL call of a generation blocks on communicator set-up
-            token = torch.tensor([handshake], dtype=torch.int64, device=kv.device)
-            work = await self._runner.call(group.send, [token], 1, _TAG)
-            await self._runner.wait(_event_after([work], kv.device), deadline)
-        if kv.numel():
-            await self._runner.wait(_post_sends(group, kv, self._checksum_sums), deadline)
+    async def _post(
+        self, pair: _SenderPair, channel: _Channel, header: KVTransferHeader, kv: torch.Tensor
+    ) -> asyncio.Future:
+        """Write the descriptor and enqueue the sends, both in channel order; returns the ack's future."""
+        async with pair.post_lock:
+            if channel.broken is not None:
+                raise TransferError(f"channel broken: {channel.broken}")
+            transfer_id, channel.next_id = channel.next_id, channel.next_id + 1
+            ack = channel.acks[transfer_id] = asyncio.get_running_loop().create_future()
+            descriptor = pb.TransferDescriptor(transfer_id=transfer_id, header=header.to_proto())
+            await channel.call.write(pb.ControlMessage(transfer=descriptor))
+            if kv.numel():
+                tag = transfer_tag(transfer_id)
+                channel.sends[transfer_id] = self._backend.post_send(channel.group, kv, tag, self._checksum_sums)
+        return ack
 
     def _checksum_sums(self, kv: torch.Tensor) -> torch.Tensor:
         """The in-band checksum sums of ``kv`` (a method so tests can send wrong ones)."""
         return kv_checksum_sums(kv)
 
-    async def _ensure_group(self, pair: _SenderPair, target: str) -> bool:
-        """Make the pair's group if it has none (a new generation). Returns whether it is new."""
+    async def _open(self, pair: _SenderPair, target: str, deadline: float) -> _Channel:
+        """The pair's open channel, opening generation + 1 (group, stream, handshake) when it has none."""
+        async with pair.open_lock:
+            await self._publish(pair, target)
+            if pair.channel is not None and pair.channel.broken is None:
+                return pair.channel
+            pair.generation += 1
+            channel = await self._handshake(pair, target, deadline)
+            channel.reader = asyncio.get_running_loop().create_task(self._read_acks(pair, channel))
+            pair.channel = channel
+            return channel
+
+    async def _handshake(self, pair: _SenderPair, target: str, deadline: float) -> _Channel:
         store = await self._host_store()
-        await self._publish(pair, target)
-        if pair.group is not None:
-            return False
-        pair.generation += 1
-        pair.group = await self._runner.call(
-            _new_group, store, pair.pair_id, pair.generation, 0, self._config.timeout_s
+        call = self._stub(target).Control()
+        group = None
+        try:
+            await call.write(pb.ControlMessage(open=self._open_message(pair)))
+            prefix = _store_prefix(pair.pair_id, pair.generation)
+            group = await self._runner.call(self._backend.new_group, store, prefix, 0, self._config.timeout_s)
+            token = torch.tensor([pair.generation], dtype=torch.int64, device=self._device)
+            await self._runner.wait(lambda: self._backend.exchange(group, token, 0)(), deadline)
+            opened = await asyncio.wait_for(call.read(), max(deadline - time.monotonic(), 0.0))
+            if opened is grpc.aio.EOF or not opened.ack.ok:
+                raise TransferError(f"receiver refused the channel: {getattr(opened, 'ack', None)}")
+        except BaseException:
+            call.cancel()
+            self._runner.abort_later(group)
+            raise
+        return _Channel(pair.generation, group, call)
+
+    def _open_message(self, pair: _SenderPair) -> pb.ChannelOpen:
+        assert self._store is not None
+        return pb.ChannelOpen(
+            store_host=self._store_host, store_port=self._store.port, pair_id=pair.pair_id, generation=pair.generation
         )
-        return True
+
+    async def _read_acks(self, pair: _SenderPair, channel: _Channel) -> None:
+        """Resolve ack futures by id until the stream ends; then the channel is broken."""
+        reason = "receiver closed the channel"
+        try:
+            while (message := await channel.call.read()) is not grpc.aio.EOF:
+                channel.sends.pop(message.transfer_id, None)
+                future = channel.acks.pop(message.transfer_id, None)
+                if future is not None and not future.done():
+                    future.set_result(message.ack)
+                if message.closing:
+                    reason = f"receiver closed the channel: {message.ack.error}"
+                    break
+        except grpc.aio.AioRpcError as exc:
+            reason = _describe(exc)
+        except asyncio.CancelledError:
+            reason = "channel closed"
+        self._break(pair, channel, reason)
+
+    def _break(self, pair: _SenderPair, channel: _Channel, reason: str) -> None:
+        """Fail every in-flight transfer of ``channel`` and abort its group (idempotent)."""
+        if channel.broken is None:
+            channel.broken = reason
+            if channel.acks:
+                logger.warning("pair %s generation %d broken: %s", pair.pair_id, channel.generation, reason)
+            self._runner.abort_later(channel.group)
+            channel.call.cancel()
+        for future in channel.acks.values():
+            if not future.done():
+                future.set_exception(TransferError(f"channel broken: {reason}"))
+                future.exception()  # retrieved: a sender that already timed out does not await it
+        channel.acks.clear()
+        channel.sends.clear()
+        if pair.channel is channel:
+            pair.channel = None
 
     async def _host_store(self) -> dist.TCPStore:
         if self._store is None:
@@ -295,27 +337,10 @@ class NcclKVSender(KVSender):
         ttl = self._coord.ttl_s
         if self._redis is None or time.monotonic() - pair.published_at < ttl / 2:
             return
-        await publish_store_address(self._redis, self._coord, self._sender_id, target, self._store_address(), ttl)
+        store = await self._host_store()
+        address = f"{self._store_host}:{store.port}"
+        await publish_store_address(self._redis, self._coord, self._sender_id, target, address, ttl)
         pair.published_at = time.monotonic()
-
-    def _store_address(self) -> str:
-        assert self._store is not None
-        return f"{self._store_host}:{self._store.port}"
-
-    def _request(self, pair: _SenderPair, header: KVTransferHeader) -> pb.NcclTransfer:
-        assert self._store is not None
-        return pb.NcclTransfer(
-            header=header.to_proto(),
-            store_host=self._store_host,
-            store_port=self._store.port,
-            pair_id=pair.pair_id,
-            generation=pair.generation,
-        )
-
-    def _reset(self, pair: _SenderPair) -> None:
-        logger.warning("resetting NCCL pair %s (generation %d)", pair.pair_id, pair.generation)
-        self._runner.abort_later(pair.group)
-        pair.group = None
 
     def _stub(self, address: str) -> pb_grpc.KVTransferStub:
         if address not in self._channels:
@@ -328,137 +353,167 @@ def _host_tcp_store(host: str, timeout: timedelta) -> dist.TCPStore:
     return dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=timeout)
 
 
-async def _ack_and_send(rpc: asyncio.Future, send: asyncio.Future, deadline: float) -> pb.KVAck:
-    """The receiver's ack once both the RPC and our sends finished, or as soon as the ack is not ok.
-
-    Raises the first exception of either, or ``TimeoutError`` past ``deadline``; the other is cancelled.
-    """
-    pending = {rpc, send}
-    try:
-        while pending:
-            timeout = max(deadline - time.monotonic(), 0.0)
-            done, pending = await asyncio.wait(pending, timeout=timeout, return_when="FIRST_COMPLETED")
-            if not done:
-                raise TimeoutError("nccl transfer timed out")
-            for future in done:
-                future.result()  # re-raise
-            if rpc in done and not rpc.result().ok:
-                break
-    finally:
-        for future in pending:
-            future.cancel()
-    return rpc.result()
+# ---------------------------------------------------------------- receiver side
 
 
 @dataclass
 class _ReceiverPair:
-    """Receiver-side state of one pair generation."""
+    """Receiver-side state of one pair generation (lives as long as its Control stream)."""
 
     generation: int
     store_address: str
-    store: dist.Store
     group: dist.ProcessGroup
-    joined: bool = False
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    next_id: int = 1
+    broken: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: set[asyncio.Task] = field(default_factory=set)
 
 
 class NcclReceiver:
-    """Decode-side NCCL endpoint (rank 1 of every pair); plug it into ``KVReceiver(nccl=...)``.
-
-    Received tensors land in fresh buffers on ``device``; the caller (``KVReceiver``) verifies them.
+    """Decode-side endpoint (rank 1 of every pair); plug it into ``KVReceiver(nccl=...)``, which hands it each
+    ``Control`` stream. Received tensors land in fresh buffers on ``device``, checksum-verified on its side
+    stream (never the engine's), before ``deliver`` passes them on.
     """
 
-    def __init__(self, device: torch.device | str, timeout_s: float) -> None:
-        if not dist.is_available() or not dist.is_nccl_available():
-            raise ValueError("this torch build has no NCCL")
+    def __init__(self, device: torch.device | str, timeout_s: float, backend: PairBackend | None = None) -> None:
         self._device = torch.device(device)
+        self._backend = backend or default_backend(self._device, side_stream=True)
         self._timeout_s = timeout_s
         self._pairs: dict[str, _ReceiverPair] = {}
-        self._runner = _PairRunner()
+        self._runner = _Runner()
 
-    async def join(self, request: pb.NcclTransfer) -> None:
-        """Make sure this process is rank 1 of the request's pair generation (handshake on a new one)."""
-        pair = await self._pair(request)
-        async with pair.lock:
-            if not pair.joined:
-                await self._guarded(request.pair_id, pair, self._handshake(pair))
-                pair.joined = True
-
-    async def receive(self, request: pb.NcclTransfer, header: KVTransferHeader) -> torch.Tensor:
-        """Receive and checksum-verify the header's tensor into a fresh buffer on ``device`` (``join`` first).
-
-        A checksum mismatch or NCCL failure drops the pair and raises ``TransferError``.
-        """
-        pair = self._pairs.get(request.pair_id)
-        if pair is None or pair.generation != request.generation:
-            raise TransferError(f"nccl pair {request.pair_id} generation {request.generation} is not joined")
-        buffer = torch.empty(header.shape, dtype=header.torch_dtype, device=self._device)
-        if buffer.numel():
-            await self._guarded(request.pair_id, pair, self._recv_verified(pair, buffer))
-        return buffer
+    async def serve(
+        self, messages: AsyncIterator[pb.ControlMessage], write: WriteAck, deliver: Deliver, max_bytes: int | None
+    ) -> None:
+        """Run one Control stream: join the pair, then receive descriptors in order until the stream or the
+        pair breaks. In-flight transfers of a broken pair fail (their acks may not be written)."""
+        first = await anext(aiter(messages), None)
+        if first is None or first.WhichOneof("kind") != "open":
+            await write(_ack(0, pb.KVAck(ok=False, error="a Control stream must start with ChannelOpen")))
+            return
+        try:
+            pair_id, pair = first.open.pair_id, await self._join(first.open)
+        except (TransferError, TimeoutError, RuntimeError) as exc:
+            await write(_ack(0, pb.KVAck(ok=False, error=_describe(exc))))
+            return
+        await write(_ack(0, pb.KVAck(ok=True)))
+        reading = asyncio.ensure_future(self._read(pair, messages, write, deliver, max_bytes))
+        broken = asyncio.ensure_future(pair.broken.wait())
+        try:
+            await asyncio.wait({reading, broken}, return_when="FIRST_COMPLETED")
+            if reading.done():
+                reading.result()
+                await asyncio.gather(*pair.tasks, return_exceptions=True)
+        finally:
+            for task in (reading, broken, *pair.tasks):
+                task.cancel()
+            self._drop(pair_id, pair)
 
     async def close(self) -> None:
-        for pair in self._pairs.values():
-            _abort_group(pair.group)
-        self._pairs.clear()
+        for pair_id, pair in list(self._pairs.items()):
+            self._drop(pair_id, pair)
         self._runner.shutdown()
 
-    async def _pair(self, request: pb.NcclTransfer) -> _ReceiverPair:
-        """The pair for the request's generation, replacing (aborting) an older generation."""
+    async def _join(self, request: pb.ChannelOpen) -> _ReceiverPair:
+        """Become rank 1 of the pair's new generation (dropping an older one) and finish the handshake."""
         address = f"{request.store_host}:{request.store_port}"
         current = self._pairs.get(request.pair_id)
-        if current is not None and (current.generation, current.store_address) == (request.generation, address):
-            return current
-        if current is not None and current.store_address == address and current.generation > request.generation:
-            raise TransferError(f"stale nccl generation {request.generation} < {current.generation}")
-        self._drop(request.pair_id)
+        if current is not None and current.store_address == address and current.generation >= request.generation:
+            raise TransferError(f"stale generation {request.generation} <= {current.generation}")
+        if current is not None:
+            self._drop(request.pair_id, current)
+        deadline = time.monotonic() + self._timeout_s
         store = await self._runner.call(_client_tcp_store, request.store_host, request.store_port, self._timeout_s)
-        group = await self._runner.call(_new_group, store, request.pair_id, request.generation, 1, self._timeout_s)
-        pair = _ReceiverPair(request.generation, address, store, group)
+        prefix = _store_prefix(request.pair_id, request.generation)
+        group = await self._runner.call(self._backend.new_group, store, prefix, 1, self._timeout_s)
+        pair = _ReceiverPair(request.generation, address, group)
         self._pairs[request.pair_id] = pair
+        token = torch.zeros(1, dtype=torch.int64, device=self._device)
+        await self._runner.wait(lambda: self._backend.exchange(group, token, 1)(), deadline)
+        if int(token.item()) != request.generation:
+            raise TransferError(f"handshake carried generation {int(token.item())}, expected {request.generation}")
         return pair
 
-    async def _handshake(self, pair: _ReceiverPair) -> None:
-        token = torch.empty(1, dtype=torch.int64, device=self._device)
-        await self._recv(pair.group, token)
-        if int(token.item()) != pair.generation:
-            raise TransferError(f"nccl handshake carried generation {int(token.item())}, expected {pair.generation}")
+    async def _read(
+        self,
+        pair: _ReceiverPair,
+        messages: AsyncIterator[pb.ControlMessage],
+        write: WriteAck,
+        deliver: Deliver,
+        max_bytes: int | None,
+    ) -> None:
+        """Post each descriptor's recvs in order; verification and delivery run as one task per transfer."""
+        async for message in messages:
+            descriptor = message.transfer
+            if message.WhichOneof("kind") != "transfer" or descriptor.transfer_id != pair.next_id:
+                raise TransferError(f"protocol error: expected transfer {pair.next_id}, got {message}")
+            pair.next_id += 1
+            start = time.perf_counter()
+            header = KVTransferHeader.from_proto(descriptor.header)
+            try:
+                header.validate(max_bytes)
+            except TransferError as exc:  # its sends are posted and cannot be drained: the pair breaks
+                ack = await deliver(header, _raise(exc), start)
+                await write(pb.ControlAck(transfer_id=descriptor.transfer_id, ack=ack, closing=True))
+                return
+            received = self._post(pair, header, descriptor.transfer_id)
+            finish = self._finish(descriptor.transfer_id, header, received, start, write, deliver)
+            task = asyncio.ensure_future(finish)
+            pair.tasks.add(task)
+            task.add_done_callback(pair.tasks.discard)
 
-    async def _recv(self, group: dist.ProcessGroup, buffer: torch.Tensor) -> None:
-        """A blocking-safe recv (the handshake: the first call of a generation sets up the communicator)."""
-        deadline = time.monotonic() + self._timeout_s
-        work = await self._runner.call(group.recv, [buffer], 0, _TAG)
-        await self._runner.wait(_event_after([work], buffer.device), deadline)
+    def _post(self, pair: _ReceiverPair, header: KVTransferHeader, transfer_id: int) -> Awaitable[torch.Tensor]:
+        """Enqueue the transfer's recvs now (descriptor order); the awaitable verifies what arrived."""
+        buffer = torch.empty(header.shape, dtype=header.torch_dtype, device=self._device)
+        if not buffer.numel():
+            return _value(buffer)
+        waiter = self._backend.post_recv(pair.group, buffer, transfer_tag(transfer_id))
+        return self._verified(pair, buffer, waiter, time.monotonic() + self._timeout_s)
 
-    async def _recv_verified(self, pair: _ReceiverPair, buffer: torch.Tensor) -> None:
-        """Receive data + in-band sums on the warm pair and compare them with the sums of what arrived."""
-        deadline = time.monotonic() + self._timeout_s
-        async with pair.lock:  # recvs are posted in the sender's order
-            done, staged = _post_recvs(pair.group, buffer)
-        await self._runner.wait(done, deadline)
-        remote_s1, remote_s2, local_s1, local_s2 = staged.tolist()
-        if (remote_s1, remote_s2) != (local_s1, local_s2):
-            raise ChecksumMismatchError(
-                f"checksum mismatch: sender sums ({remote_s1:#x}, {remote_s2:#x}), "
-                f"received bytes ({local_s1:#x}, {local_s2:#x})"
-            )
-
-    async def _guarded(self, pair_id: str, pair: _ReceiverPair, step: Awaitable[None]) -> None:
-        """Run an NCCL step; on any failure drop the pair (its sends/recvs may be unmatched) and raise
-        TransferError."""
+    async def _verified(
+        self, pair: _ReceiverPair, buffer: torch.Tensor, waiter: SumsWaiter, deadline: float
+    ) -> torch.Tensor:
+        """``buffer`` once its bytes arrived and match the sender's sums; an op failure breaks the pair."""
         try:
-            await step
-        except (TimeoutError, RuntimeError, TransferError) as exc:
-            if self._pairs.get(pair_id) is pair:
-                self._drop(pair_id)
-            if isinstance(exc, TransferError):
-                raise
-            raise TransferError(f"nccl receive failed: {_describe(exc)}") from exc
+            remote, local = await self._runner.wait(waiter, deadline)
+        except (TimeoutError, RuntimeError) as exc:
+            pair.broken.set()
+            raise TransferError(f"receive failed: {_describe(exc)}") from exc
+        if remote != local:
+            raise ChecksumMismatchError(
+                f"checksum mismatch: sender sums ({remote[0]:#x}, {remote[1]:#x}), "
+                f"received bytes ({local[0]:#x}, {local[1]:#x})"
+            )
+        return buffer
 
-    def _drop(self, pair_id: str) -> None:
-        pair = self._pairs.pop(pair_id, None)
-        if pair is not None:
-            self._runner.abort_later(pair.group)
+    async def _finish(
+        self,
+        transfer_id: int,
+        header: KVTransferHeader,
+        received: Awaitable[torch.Tensor],
+        start: float,
+        write: WriteAck,
+        deliver: Deliver,
+    ) -> None:
+        ack = await deliver(header, received, start)
+        with contextlib.suppress(Exception):  # the stream may be gone; the sender then fails this transfer
+            await write(_ack(transfer_id, ack))
+
+    def _drop(self, pair_id: str, pair: _ReceiverPair) -> None:
+        if self._pairs.get(pair_id) is pair:
+            del self._pairs[pair_id]
+        self._runner.abort_later(pair.group)
+
+
+def _ack(transfer_id: int, ack: pb.KVAck) -> pb.ControlAck:
+    return pb.ControlAck(transfer_id=transfer_id, ack=ack)
+
+
+async def _raise(exc: Exception) -> torch.Tensor:
+    raise exc
+
+
+async def _value(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _client_tcp_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:

@@ -13,6 +13,7 @@ import torch
 
 from common.transfer import TransferOutcome, make_receiver
 from common.transfer.base import KVTransferHeader
+from common.transfer.block_writer import BlockWriter
 from proto import worker_pb2
 from services.wire import logprobs_to_proto, sampling_from_proto
 from services.worker_runtime import WorkerRuntime
@@ -29,12 +30,14 @@ class Reservation:
     block_ids: tuple[int, ...]
     deadline: float
     filled: bool = False
+    writing: asyncio.Future | None = None  # the KV write into its blocks, while it runs (see on_kv)
 
 
 class DecodeService(BaseWorkerService):
     def __init__(self, runtime: WorkerRuntime) -> None:
         super().__init__(runtime)
         self.reservations: dict[str, Reservation] = {}
+        self.block_writer = BlockWriter(runtime.engine.engine.kv_cache)
         self.receiver = make_receiver(
             self.on_kv, runtime.settings.transfer, runtime.device, on_outcome=self._on_transfer
         )
@@ -74,13 +77,26 @@ class DecodeService(BaseWorkerService):
         return worker_pb2.ReleaseReply(released=await self._release(request.reservation_id))
 
     async def on_kv(self, header: KVTransferHeader, kv: torch.Tensor) -> None:
-        """Called by the receiver only for a verified transfer; rejects what does not match a live reservation."""
+        """Called by the receiver only for a verified transfer; rejects what does not match a live reservation.
+
+        The bytes go straight into the reserved blocks on a side stream, not through the engine thread: the
+        reservation owns its blocks until Generate adopts them (``BlockWriter``), and it is marked filled only
+        once they hold the KV, so a Generate can never start on half-written blocks.
+        """
         reservation = self.reservations.get(header.reservation_id)
         if reservation is None:
             raise ValueError(f"reservation {header.reservation_id!r} is unknown or expired")
         if tuple(header.block_ids) != reservation.block_ids[: len(header.block_ids)]:
             raise ValueError(f"block ids {header.block_ids} do not match reservation {header.reservation_id!r}")
-        await self.runtime.engine.call(lambda e: e.import_kv(header.reservation_id, kv))
+        if reservation.filled:
+            raise ValueError(f"reservation {header.reservation_id!r} is already filled")
+        self.block_writer.check(kv, len(reservation.block_ids))
+        reservation.writing = asyncio.ensure_future(
+            asyncio.to_thread(self.block_writer.write, reservation.block_ids, kv)
+        )
+        await asyncio.shield(reservation.writing)  # cancelling on_kv must not cut the write short
+        if self.reservations.get(header.reservation_id) is not reservation:  # released or expired meanwhile
+            raise ValueError(f"reservation {header.reservation_id!r} expired during the transfer")
         reservation.filled = True
 
     def _on_transfer(self, outcome: TransferOutcome) -> None:
@@ -91,6 +107,9 @@ class DecodeService(BaseWorkerService):
         self.runtime.reservations = len(self.reservations)
         if reservation is None:
             return False
+        if reservation.writing is not None:  # its blocks go back to the pool only once nothing writes them
+            with contextlib.suppress(Exception):
+                await asyncio.shield(reservation.writing)
         await self.runtime.engine.call(lambda e: e.release_reservation(reservation_id))
         return True
 
