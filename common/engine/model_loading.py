@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from common.config import EngineConfig, ModelConfig
 from common.engine.cuda_graphs import DecodeGraphs
-from common.engine.kv_cache_sizing import allocate_kv_cache
+from common.engine.kv_cache_sizing import allocate_kv_cache, resolve_max_model_len
 from common.models.loader import load_model, resolve_dtype, resolve_model_path
 
 logger = logging.getLogger(__name__)
@@ -101,25 +101,6 @@ def eos_token_ids(hf_config: PretrainedConfig, tokenizer) -> frozenset[int]:
         elif isinstance(source, list | tuple):
             ids.update(int(t) for t in source)
     return frozenset(ids)
-
-
-def resolve_max_model_len(config: EngineConfig, hf_config: PretrainedConfig, num_blocks: int) -> int:
-    """The configured length (default: the model's limit), lowered to what the KV cache can hold."""
-    model_limit = int(getattr(hf_config, "max_position_embeddings", 2048))
-    wanted = config.model.max_model_len or model_limit
-    if wanted > model_limit:
-        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {model_limit}")
-    capacity = num_blocks * config.cache.block_size
-    if wanted > capacity:
-        logger.warning("max_model_len %d lowered to the KV cache capacity of %d tokens", wanted, capacity)
-        wanted = capacity
-    sched = config.scheduler
-    if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < wanted:
-        raise ValueError(
-            f"max_num_batched_tokens {sched.max_num_batched_tokens} must be at least "
-            f"max_model_len {wanted} when chunked prefill is disabled"
-        )
-    return wanted
 
 
 def capture_decode_graphs(
