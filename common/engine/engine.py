@@ -145,16 +145,4 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         """A snapshot of load, KV-cache occupancy and the cumulative counters (engine thread only)."""
-        pool, kv, recorder = self.kv_cache_manager.pool, self.kv_cache_manager, self.stats_recorder
-        return EngineStats(
-            total_blocks=pool.num_blocks,
-            free_blocks=pool.num_free_blocks,
-            running=len(self.scheduler.running),
-            waiting=len(self.scheduler.waiting),
-            num_requests=len(self.requests.groups),
-            num_preemptions=self.scheduler.num_preemptions,
-            prefix_cache_queries=kv.num_queries,
-            prefix_cache_hits=kv.num_hits,
-            prefill_tokens=recorder.prefill_tokens,
-            generation_tokens=recorder.generation_tokens,
-        )
+        return self.stats_recorder.snapshot(self.scheduler, len(self.requests.groups))
