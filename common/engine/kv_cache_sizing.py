@@ -1,12 +1,14 @@
-"""How many KV blocks fit: a byte budget on CPU, a fraction of GPU memory (after a profile run) on CUDA."""
+"""How many KV blocks fit (a byte budget on CPU, a fraction of GPU memory after a profile run on CUDA) and the
+max_model_len they leave room for."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+from transformers import PretrainedConfig
 
-from common.config import CacheConfig, SchedulerConfig
+from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from kernels.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -92,3 +94,22 @@ def profile_activation_bytes(
     del scratch, hidden
     torch.cuda.empty_cache()
     return int(peak)
+
+
+def resolve_max_model_len(config: EngineConfig, hf_config: PretrainedConfig, num_blocks: int) -> int:
+    """The configured length (default: the model's limit), lowered to what the KV cache can hold."""
+    model_limit = int(getattr(hf_config, "max_position_embeddings", 2048))
+    wanted = config.model.max_model_len or model_limit
+    if wanted > model_limit:
+        raise ValueError(f"max_model_len {wanted} exceeds the model's max_position_embeddings {model_limit}")
+    capacity = num_blocks * config.cache.block_size
+    if wanted > capacity:
+        logger.warning("max_model_len %d lowered to the KV cache capacity of %d tokens", wanted, capacity)
+        wanted = capacity
+    sched = config.scheduler
+    if not sched.enable_chunked_prefill and sched.max_num_batched_tokens < wanted:
+        raise ValueError(
+            f"max_num_batched_tokens {sched.max_num_batched_tokens} must be at least "
+            f"max_model_len {wanted} when chunked prefill is disabled"
+        )
+    return wanted

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from common.engine.model_runner import RunnerOutput
     from common.engine.request import Request
-    from common.engine.scheduler import ScheduledRequest, SchedulerOutput
+    from common.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,22 @@ class EngineStatsRecorder:
                 num_prompt_tokens=request.num_prompt_tokens,
                 num_output_tokens=request.num_output_tokens,
             )
+        )
+
+    def snapshot(self, scheduler: Scheduler, num_requests: int) -> EngineStats:
+        """The scheduler's and its KV cache's gauges now, with this recorder's token counters."""
+        kv = scheduler.kv_cache
+        return EngineStats(
+            total_blocks=kv.pool.num_blocks,
+            free_blocks=kv.pool.num_free_blocks,
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            num_requests=num_requests,
+            num_preemptions=scheduler.num_preemptions,
+            prefix_cache_queries=kv.num_queries,
+            prefix_cache_hits=kv.num_hits,
+            prefill_tokens=self.prefill_tokens,
+            generation_tokens=self.generation_tokens,
         )
 
     def take_finished(self) -> list[FinishedRequest]:
