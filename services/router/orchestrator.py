@@ -10,6 +10,7 @@ its blocks, and releases a reservation no Generate has taken over yet.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -343,10 +344,17 @@ class Orchestrator:
             raise self._classify(decode, error) from error
 
     async def _release(self, decode: WorkerInfo, reservation: worker_pb2.ReserveReply | None) -> None:
-        """Free the reservation's blocks; harmless when a Generate already took it over or it expired."""
+        """Free the reservation's blocks; harmless when a Generate already took it over or it expired.
+
+        Shielded: a client gone cancels every await of its request (anyio scopes cancel again at each one),
+        and the Release must still reach the worker rather than leave the blocks pinned until the lease ends.
+        """
         if reservation is None:
             return
-        request = worker_pb2.ReleaseRequest(reservation_id=reservation.reservation_id)
+        await asyncio.shield(self._send_release(decode, reservation.reservation_id))
+
+    async def _send_release(self, decode: WorkerInfo, reservation_id: str) -> None:
+        request = worker_pb2.ReleaseRequest(reservation_id=reservation_id)
         with contextlib.suppress(grpc.aio.AioRpcError):
             await self._stubs(decode.grpc_address).Release(request, timeout=5)
 

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import anyio
 import grpc
 import pytest
 
@@ -115,6 +116,7 @@ class FakeDecode(FakeWorker):
 
     async def Release(self, request: worker_pb2.ReleaseRequest, timeout: float | None = None):  # noqa: N802
         self._call("Release")
+        await asyncio.sleep(0)  # a real RPC suspends: where a pending cancellation would strike
         released = self.reservations.pop(request.reservation_id, None) is not None
         if released:
             self.released.append(request.reservation_id)
@@ -439,6 +441,29 @@ async def test_client_leaving_during_prefill_cancels_it_and_releases_the_reserva
     with pytest.raises(asyncio.CancelledError):
         await task
     assert prefill.cancelled == 1
+    assert decode.calls == {"Reserve": 1, "Release": 1}
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_client_leaving_under_an_anyio_scope_still_releases_the_reservation():
+    """Starlette cancels a gone client's stream through an anyio scope, which cancels every later await too."""
+    cluster = FakeCluster(num_prefill=1, num_decode=1)
+    (prefill,), (decode,) = cluster.prefills, cluster.decodes
+    prefill.hold = asyncio.Event()
+
+    async def leave_during_prefill() -> None:
+        while not prefill.calls["Prefill"]:
+            await asyncio.sleep(0)
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        helper = asyncio.ensure_future(leave_during_prefill())
+        await collect(cluster.orchestrator())
+    await helper
+    assert scope.cancelled_caught and prefill.cancelled == 1
+    for _ in range(5):  # the shielded Release finishes in its own task
+        await asyncio.sleep(0)
     assert decode.calls == {"Reserve": 1, "Release": 1}
     cluster.assert_nothing_held()
 
