@@ -1,13 +1,16 @@
 """One request's path through the cluster: pick workers, reserve, prefill, stream; retry and migrate.
 
-A failed prefill worker: pick another and retry. A failed decode worker: re-prefill the prompt plus the
-tokens already delivered on another decode worker and continue the same stream, so the caller sees no
-repeated or missing token. Leaving the stream early (client gone) cancels the RPCs in flight, which
-aborts the request on the workers and frees its blocks.
+A failed prefill worker: pick another and retry. A failed KV transfer (transport error or checksum mismatch):
+release the reservation, reserve again and prefill again. A failed decode worker: re-prefill the prompt plus
+the tokens already delivered on another decode worker and continue the same stream, so the caller sees no
+repeated or missing token. All of these draw on one retry budget per request (see ``Orchestrator``). Leaving
+the stream early (client gone) cancels the RPCs in flight, which aborts the request on the workers and frees
+its blocks, and releases a reservation no Generate has taken over yet.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import uuid
@@ -30,8 +33,11 @@ from services.wire import logprobs_from_proto, sampling_to_proto
 
 logger = logging.getLogger(__name__)
 
+StubFactory = Callable[[str], worker_pb2_grpc.WorkerStub]  # grpc address -> stub (the Worker service's RPCs)
+
+
 class NoWorkersError(RuntimeError):
-    """No worker can take the request now (none registered, all failed, or all full): a 503."""
+    """No worker can take the request now (none registered, all failed, all full, or retries spent): a 503."""
 
 
 class InvalidRequestError(ValueError):
@@ -39,9 +45,15 @@ class InvalidRequestError(ValueError):
 
 
 class _WorkerFailed(Exception):
+    """A worker's RPC failed (anything but INVALID_ARGUMENT, DATA_LOSS, or a full decode worker)."""
+
     def __init__(self, worker: WorkerInfo, error: Exception) -> None:
         super().__init__(f"{worker.role} {worker.worker_id}: {error}")
         self.worker = worker
+
+
+class _TransferFailed(Exception):
+    """The KV arrived corrupted or short (DATA_LOSS): the reservation is released and the prompt prefilled again."""
 
 
 @dataclass(frozen=True)
@@ -56,23 +68,73 @@ class TokenEvent:
 
 
 @dataclass
-class _Attempt:
-    """What is known of a request across retries and migrations."""
+class _RequestState:
+    """What is known of a request across retries and migrations.
+
+    Invariant: ``retries_left`` only goes down, by one per failure, and never below 0.
+    """
 
     request_id: str
     prompt: list[int]
     params: SamplingParams
+    retries_left: int
     delivered: list[int] = field(default_factory=list)
-    failed: set[str] = field(default_factory=set)
+    failed: set[str] = field(default_factory=set)  # workers that failed this request: never picked again
     prefix_hits: dict[str, int] = field(default_factory=dict)
+    remote_prefill_failed: bool = False  # a prefill worker or a KV transfer has failed this request
 
     @property
     def context(self) -> list[int]:
         return self.prompt + self.delivered
 
 
+@dataclass(frozen=True)
+class _Handoff:
+    """A finished remote prefill: its sampled token and the Generate request that continues from it.
+
+    ``reservation`` holds the context's KV on the decode worker until that Generate takes it over; None when
+    already released (the first token finished the request).
+    """
+
+    first: TokenEvent
+    request: worker_pb2.GenerateRequest
+    reservation: worker_pb2.ReserveReply | None
+
+
+class GrpcStubs:
+    """The default stub factory: one insecure channel per worker address, kept until ``close``."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def __call__(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    async def close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+
 class Orchestrator:
-    """Routes requests over the workers the registry watcher currently sees."""
+    """Routes requests over the workers the registry watcher currently sees.
+
+    Retry budget: each request gets ``config.max_retries`` retries, i.e. at most ``max_retries + 1`` tries,
+    shared by every kind of failure. Each of these spends one retry: a prefill worker failing (the next try
+    picks another prefill worker, same reservation), a KV transfer failing or arriving with a bad checksum
+    (the reservation is released; the next try reserves and prefills again), a decode worker failing on
+    Reserve or on Generate before or mid-stream (the next try re-prefills prompt + delivered tokens on another
+    decode worker: a migration). A failure with no retry left ends the request with NoWorkersError. So one
+    request makes at most ``max_retries + 1`` Prefill RPCs and ``max_retries + 1`` Generate streams.
+
+    Falling back to a prefill on the decode worker itself spends nothing: it happens for short prompts (the
+    policy), when no prefill worker is alive or untried, when the decode worker is full (its engine queues the
+    request), and on the request's last try once a remote prefill has failed (repeated transfer failures thus
+    end on the decode worker, which needs no transfer). No decode worker to pick: NoWorkersError at once.
+    """
 
     def __init__(
         self,
@@ -83,6 +145,7 @@ class Orchestrator:
         prefix_lookup: PrefixLookup | None,
         block_size: int = 16,
         on_retry: Callable[[str], None] | None = None,
+        stubs: StubFactory | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -92,8 +155,9 @@ class Orchestrator:
         self.block_size = block_size
         self.policy = RoutingPolicy(config)
         self.inflight: Counter[str] = Counter()
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self.num_retries = 0
+        self._own_stubs = GrpcStubs() if stubs is None else None
+        self._stubs: StubFactory = stubs or self._own_stubs
+        self.num_retries = 0  # worker failures
         self.num_migrations = 0
         # metrics hook: "migration", or what failed: "prefill_failed" | "decode_failed" | "kv_transfer_failed"
         self.on_retry = on_retry
@@ -102,56 +166,56 @@ class Orchestrator:
         self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[TokenEvent]:
         """Stream the request's tokens; raises NoWorkersError / InvalidRequestError with a clear message."""
-        attempt = _Attempt(request_id or f"req-{uuid.uuid4().hex[:12]}", list(prompt), params)
-        self._check_context_length(len(attempt.prompt))
-        for _ in range(self.config.max_retries + 1):
-            decode = self._pick_decode(attempt)
+        state = _RequestState(
+            request_id or f"req-{uuid.uuid4().hex[:12]}", list(prompt), params, retries_left=self.config.max_retries
+        )
+        self._check_context_length(len(state.prompt))
+        while True:
+            decode = self._pick_decode(state)
             if decode is None:
-                break
+                raise self._no_decode_error(state)
             try:
-                async for event in self._on_decode(decode, attempt):
-                    attempt.delivered.extend(event.token_ids)
-                    yield event
-                    if event.finish_reason:
-                        return
+                async with contextlib.aclosing(self._serve_on(decode, state)) as events:
+                    async for event in events:
+                        state.delivered.extend(event.token_ids)
+                        yield event
+                        if event.finish_reason:
+                            return
                 raise _WorkerFailed(decode, RuntimeError("stream ended without a finish reason"))
             except _WorkerFailed as failure:
-                self._note_failure(attempt, failure)
-                if attempt.delivered:
+                self._spend_retry(state, failure)
+                if state.delivered:
                     self.num_migrations += 1
                     self._report_retry("migration")
-        raise NoWorkersError(
-            f"no decode worker could serve request {attempt.request_id} "
-            f"(failed: {sorted(attempt.failed) or 'none'}; alive: {len(self._alive('decode'))})"
-        )
 
     async def close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            await channel.close()
+        if self._own_stubs is not None:
+            await self._own_stubs.close()
 
     # ----------------------------------------------------------------- one decode worker
-    async def _on_decode(self, decode: WorkerInfo, attempt: _Attempt) -> AsyncIterator[TokenEvent]:
-        stub = self._stub(decode)
+    async def _serve_on(self, decode: WorkerInfo, state: _RequestState) -> AsyncIterator[TokenEvent]:
+        """The request's next tokens from one decode worker: a prefill (remote or its own), then its stream."""
         self.inflight[decode.worker_id] += 1
         try:
-            prepared = None
-            if not self._prefill_locally(decode, attempt):
-                prepared = await self._prefill_remote(decode, attempt)
-            if prepared is None:  # short uncached prompt, or no prefill worker could help
-                request = self._generate_request(attempt, attempt.delivered, "")
-            else:
-                first, request = prepared
-                yield first
-                if first.finish_reason:
+            handoff = await self._prefill_for(decode, state)
+            request = self._generate_request(state, state.delivered, "")
+            if handoff is not None:
+                try:
+                    yield handoff.first
+                except GeneratorExit:  # the client left before Generate took the reservation over
+                    await self._release(decode, handoff.reservation)
+                    raise
+                if handoff.first.finish_reason:
                     return
-            async for event in self._stream(stub, decode, request):
-                yield event
+                request = handoff.request
+            async with contextlib.aclosing(self._stream(decode, request)) as events:
+                async for event in events:
+                    yield event
         finally:
             self.inflight[decode.worker_id] -= 1
 
-    async def _stream(self, stub, decode: WorkerInfo, request) -> AsyncIterator[TokenEvent]:
-        call = stub.Generate(request)
+    async def _stream(self, decode: WorkerInfo, request: worker_pb2.GenerateRequest) -> AsyncIterator[TokenEvent]:
+        call = self._stubs(decode.grpc_address).Generate(request)
         try:
             async for chunk in call:
                 yield TokenEvent(
@@ -166,74 +230,90 @@ class Orchestrator:
         finally:
             call.cancel()  # no-op when finished; aborts the request on the worker when we leave early
 
-    async def _prefill_remote(self, decode: WorkerInfo, attempt: _Attempt):
-        """Reserve on the decode worker and prefill elsewhere; (first token, Generate request), or None when
-        no prefill worker could do it (the decode worker then prefills itself)."""
-        stub = self._stub(decode)
-        attempt.prefix_hits = await self._prefix_hits(attempt)
-        for _ in range(self.config.max_retries + 1):
-            reservation = await self._reserve(stub, decode, attempt.request_id, len(attempt.context))
+    # ----------------------------------------------------------------- remote prefill
+    async def _prefill_for(self, decode: WorkerInfo, state: _RequestState) -> _Handoff | None:
+        """Reserve on ``decode`` and prefill on a prefill worker; None when ``decode`` should prefill itself.
+
+        A failed KV transfer releases the reservation, spends a retry and starts over with a new reservation.
+        """
+        if self._prefill_remotely(decode, state):
+            state.prefix_hits = await self._prefix_hits(state)
+        while self._prefill_remotely(decode, state):
+            reservation = await self._reserve(decode, state)
             if reservation is None:
-                return None
+                return None  # full right now: its engine queues the request and prefills it
             try:
-                reply = await self._prefill_with_retries(decode, reservation, attempt)
-            except _TransferFailed:  # the KV arrived damaged: free the blocks, reserve again, prefill again
-                self._report_retry("kv_transfer_failed")
-                await self._release(stub, reservation)
-                continue
-            except BaseException:  # request invalid or client gone: free the blocks now
-                await self._release(stub, reservation)
-                raise
-            if reply is None or reply.finish_reason:
-                await self._release(stub, reservation)
-            if reply is None:
-                return None
-            event = TokenEvent(
-                (reply.next_token,),
-                (logprobs_from_proto(reply.logprobs),) if reply.HasField("logprobs") else (),
-                reply.finish_reason or None,
-                reply.stop_reason or None,
-                decode.worker_id,
-            )
-            outputs = [*attempt.delivered, reply.next_token]
-            return event, self._generate_request(attempt, outputs, reservation.reservation_id)
-        logger.warning("request %s: KV transfers into %s keep failing; it prefills locally", attempt.request_id,
-                       decode.worker_id)
+                return await self._prefill_reserved(decode, reservation, state)
+            except _TransferFailed as failure:
+                self._spend_retry(state, failure)
         return None
 
-    async def _prefill_with_retries(self, decode: WorkerInfo, reservation, attempt: _Attempt):
-        tried: set[str] = set()
-        for _ in range(self.config.max_retries + 1):
-            prefill = self._pick_prefill(attempt, tried)
+    async def _prefill_reserved(
+        self, decode: WorkerInfo, reservation: worker_pb2.ReserveReply, state: _RequestState
+    ) -> _Handoff | None:
+        """Prefill into ``reservation``, which is released unless a Generate is to take it over."""
+        try:
+            reply = await self._prefill_into(decode, reservation, state)
+        except BaseException:  # transfer failed, request invalid, retries spent, or client gone
+            await self._release(decode, reservation)
+            raise
+        if reply is None or reply.finish_reason:
+            await self._release(decode, reservation)
+        if reply is None:
+            return None
+        first = TokenEvent(
+            (reply.next_token,),
+            (logprobs_from_proto(reply.logprobs),) if reply.HasField("logprobs") else (),
+            reply.finish_reason or None,
+            reply.stop_reason or None,
+            decode.worker_id,
+        )
+        request = self._generate_request(state, [*state.delivered, reply.next_token], reservation.reservation_id)
+        return _Handoff(first, request, None if reply.finish_reason else reservation)
+
+    async def _prefill_into(
+        self, decode: WorkerInfo, reservation: worker_pb2.ReserveReply, state: _RequestState
+    ) -> worker_pb2.PrefillReply | None:
+        """Prefill on the best prefill worker, on another after each failure; None when none is left to try."""
+        while self._prefill_remotely(decode, state):
+            prefill = self._pick_prefill(state)
             if prefill is None:
                 return None
-            tried.add(prefill.worker_id)
-            self.inflight[prefill.worker_id] += 1
             try:
-                return await self._stub(prefill).Prefill(self._prefill_request(attempt, decode, reservation))
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.DATA_LOSS:
-                    logger.warning("KV transfer for %s failed (%s); re-prefilling", attempt.request_id, error.details())
-                    raise _TransferFailed() from error
-                failure = self._classify(prefill, error)
-                if not isinstance(failure, _WorkerFailed):
-                    raise failure from error
-                self._note_failure(attempt, failure)
-            finally:
-                self.inflight[prefill.worker_id] -= 1
+                return await self._prefill_once(prefill, decode, reservation, state)
+            except _WorkerFailed as failure:
+                self._spend_retry(state, failure)
         return None
 
+    async def _prefill_once(
+        self, prefill: WorkerInfo, decode: WorkerInfo, reservation: worker_pb2.ReserveReply, state: _RequestState
+    ) -> worker_pb2.PrefillReply:
+        """One Prefill RPC; _TransferFailed (DATA_LOSS), _WorkerFailed or InvalidRequestError when it fails."""
+        self.inflight[prefill.worker_id] += 1
+        try:
+            return await self._stubs(prefill.grpc_address).Prefill(self._prefill_request(state, decode, reservation))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.DATA_LOSS:
+                raise _TransferFailed(f"KV transfer into {decode.worker_id}: {error.details()}") from error
+            raise self._classify(prefill, error) from error
+        finally:
+            self.inflight[prefill.worker_id] -= 1
+
     # ----------------------------------------------------------------- messages
-    def _generate_request(self, attempt: _Attempt, outputs: list[int], reservation_id: str):
+    def _generate_request(
+        self, state: _RequestState, outputs: list[int], reservation_id: str
+    ) -> worker_pb2.GenerateRequest:
         return worker_pb2.GenerateRequest(
-            request_id=attempt.request_id,
-            prompt_token_ids=attempt.prompt,
+            request_id=state.request_id,
+            prompt_token_ids=state.prompt,
             output_token_ids=outputs,
-            sampling=sampling_to_proto(attempt.params),
+            sampling=sampling_to_proto(state.params),
             reservation_id=reservation_id,
         )
 
-    def _prefill_request(self, attempt: _Attempt, decode: WorkerInfo, reservation) -> worker_pb2.PrefillRequest:
+    def _prefill_request(
+        self, state: _RequestState, decode: WorkerInfo, reservation: worker_pb2.ReserveReply
+    ) -> worker_pb2.PrefillRequest:
         target = worker_pb2.DecodeTarget(
             worker_id=decode.worker_id,
             address=decode.grpc_address,
@@ -244,85 +324,126 @@ class Orchestrator:
             gpu_uuid=reservation.gpu_uuid,
         )
         return worker_pb2.PrefillRequest(
-            request_id=attempt.request_id,
-            context_token_ids=attempt.context,
-            sampling=sampling_to_proto(attempt.params),
+            request_id=state.request_id,
+            context_token_ids=state.context,
+            sampling=sampling_to_proto(state.params),
             target=target,
-            num_generated=len(attempt.delivered),
+            num_generated=len(state.delivered),
         )
 
-    async def _reserve(self, stub, decode: WorkerInfo, request_id: str, num_tokens: int):
-        """A reservation, or None when the worker is full right now (it then prefills itself, queued)."""
+    async def _reserve(self, decode: WorkerInfo, state: _RequestState) -> worker_pb2.ReserveReply | None:
+        """A reservation for the request's context, or None when the worker is full right now."""
+        request = worker_pb2.ReserveRequest(
+            request_id=state.request_id, num_tokens=len(state.context), lease_s=self.transfer.reservation_lease_s
+        )
         try:
-            return await stub.Reserve(
-                worker_pb2.ReserveRequest(
-                    request_id=request_id, num_tokens=num_tokens, lease_s=self.transfer.reservation_lease_s
-                )
-            )
+            return await self._stubs(decode.grpc_address).Reserve(request)
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 return None
             raise self._classify(decode, error) from error
 
-    async def _release(self, stub, reservation) -> None:
+    async def _release(self, decode: WorkerInfo, reservation: worker_pb2.ReserveReply | None) -> None:
+        """Free the reservation's blocks; harmless when a Generate already took it over or it expired.
+
+        Shielded: a client gone cancels every await of its request (anyio scopes cancel again at each one),
+        and the Release must still reach the worker rather than leave the blocks pinned until the lease ends.
+        """
+        if reservation is None:
+            return
+        await asyncio.shield(self._send_release(decode, reservation.reservation_id))
+
+    async def _send_release(self, decode: WorkerInfo, reservation_id: str) -> None:
+        request = worker_pb2.ReleaseRequest(reservation_id=reservation_id)
         with contextlib.suppress(grpc.aio.AioRpcError):
-            await stub.Release(worker_pb2.ReleaseRequest(reservation_id=reservation.reservation_id), timeout=5)
+            await self._stubs(decode.grpc_address).Release(request, timeout=5)
 
     # ----------------------------------------------------------------- choosing workers
     def _alive(self, role: str) -> list[WorkerInfo]:
         workers = self.watcher.alive(role=role, model=self.model)
         return [replace(w, running=w.running + self.inflight[w.worker_id]) for w in workers]
 
-    def _routing_request(self, attempt: _Attempt, exclude: set[str]) -> RoutingRequest:
-        num_tokens = len(attempt.context)
-        expected = attempt.params.max_tokens or 16
+    def _routing_request(self, state: _RequestState) -> RoutingRequest:
+        num_tokens = len(state.context)
+        expected = state.params.max_tokens or 16
         blocks = -(-num_tokens // self.block_size)
         return RoutingRequest(
-            prefix_hits=attempt.prefix_hits,
+            prefix_hits=state.prefix_hits,
             model=self.model,
             num_prompt_tokens=num_tokens,
             num_prompt_blocks=blocks,
             num_blocks_needed=-(-(num_tokens + min(expected, 256)) // self.block_size),
-            exclude=frozenset(exclude),
+            exclude=frozenset(state.failed),
         )
 
     def _check_context_length(self, num_tokens: int) -> None:
         """A prompt no decode worker can hold is the client's error (400), not a missing worker (503)."""
         limits = [w.max_model_len for w in self._alive("decode") if w.max_model_len > 0]
         if limits and num_tokens >= max(limits):
-            raise InvalidRequestError(f"prompt: {num_tokens} tokens is too long for max_model_len {max(limits)} "
-                                      "(it must leave room for at least one generated token)")
+            raise InvalidRequestError(
+                f"prompt: {num_tokens} tokens is too long for max_model_len {max(limits)} "
+                "(it must leave room for at least one generated token)"
+            )
 
-    def _pick_decode(self, attempt: _Attempt) -> WorkerInfo | None:
+    def _pick_decode(self, state: _RequestState) -> WorkerInfo | None:
         """The best decode worker with room; when all are full, the best one anyway (its engine queues)."""
         workers = self._alive("decode")
-        request = self._routing_request(attempt, attempt.failed)
+        request = self._routing_request(state)
         return self.policy.pick_decode(workers, request) or self.policy.pick_decode(
-            workers, replace(request, num_blocks_needed=0))
+            workers, replace(request, num_blocks_needed=0)
+        )
 
-    def _pick_prefill(self, attempt: _Attempt, tried: set[str]) -> WorkerInfo | None:
-        request = self._routing_request(attempt, attempt.failed | tried)
-        return self.policy.pick_prefill(self._alive("prefill"), request)
+    def _pick_prefill(self, state: _RequestState) -> WorkerInfo | None:
+        return self.policy.pick_prefill(self._alive("prefill"), self._routing_request(state))
 
-    def _prefill_locally(self, decode: WorkerInfo, attempt: _Attempt) -> bool:
+    def _prefill_remotely(self, decode: WorkerInfo, state: _RequestState) -> bool:
+        """The policy wants a prefill worker, unless this is the last try and a remote prefill already failed."""
+        if state.remote_prefill_failed and state.retries_left == 0:
+            return False
         prefill_available = bool(self._alive("prefill"))
-        request = self._routing_request(attempt, attempt.failed)
-        return self.policy.prefill_locally(request, decode, prefill_available)
+        return not self.policy.prefill_locally(self._routing_request(state), decode, prefill_available)
 
-    async def _prefix_hits(self, attempt: _Attempt) -> dict[str, int]:
+    async def _prefix_hits(self, state: _RequestState) -> dict[str, int]:
         """Leading prompt blocks each prefill worker holds in its prefix cache (from the Redis index)."""
         prefills = self._alive("prefill")
         if self.prefix_lookup is None or not prefills:
             return {}
-        hashes = hash_full_blocks(attempt.context, self.block_size)
+        hashes = hash_full_blocks(state.context, self.block_size)
         return await self.prefix_lookup.matched_blocks([w.worker_id for w in prefills], hashes)
 
-    def _note_failure(self, attempt: _Attempt, failure: _WorkerFailed) -> None:
-        logger.warning("request %s: %s", attempt.request_id, failure)
-        attempt.failed.add(failure.worker.worker_id)
-        self.watcher.mark_failed(failure.worker.worker_id)
+    # ----------------------------------------------------------------- failures
+    def _spend_retry(self, state: _RequestState, failure: _WorkerFailed | _TransferFailed) -> None:
+        """Record ``failure`` and charge it to the request's budget; NoWorkersError when no retry is left."""
+        logger.warning("request %s: %s", state.request_id, failure)
+        self._record_failure(state, failure)
+        if state.retries_left <= 0:
+            raise NoWorkersError(
+                f"request {state.request_id} failed {self.config.max_retries + 1} times "
+                f"(max_retries={self.config.max_retries}); last: {failure}"
+            ) from failure
+        state.retries_left -= 1
+        if state.retries_left == 0 and state.remote_prefill_failed:
+            logger.warning(
+                "request %s: remote prefill keeps failing; its last try prefills on the decode worker", state.request_id
+            )
+
+    def _record_failure(self, state: _RequestState, failure: _WorkerFailed | _TransferFailed) -> None:
+        if isinstance(failure, _TransferFailed):
+            state.remote_prefill_failed = True
+            self._report_retry("kv_transfer_failed")
+            return
+        worker = failure.worker
+        state.failed.add(worker.worker_id)
+        state.remote_prefill_failed |= worker.role == "prefill"
+        self.watcher.mark_failed(worker.worker_id)
         self.num_retries += 1
-        self._report_retry(f"{failure.worker.role}_failed")
+        self._report_retry(f"{worker.role}_failed")
+
+    def _no_decode_error(self, state: _RequestState) -> NoWorkersError:
+        return NoWorkersError(
+            f"no decode worker could serve request {state.request_id} "
+            f"(failed: {sorted(state.failed) or 'none'}; alive: {len(self._alive('decode'))})"
+        )
 
     def _report_retry(self, reason: str) -> None:
         if self.on_retry is not None:
@@ -332,14 +453,3 @@ class Orchestrator:
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidRequestError(error.details())
         return _WorkerFailed(worker, RuntimeError(f"{error.code().name}: {error.details()}"))
-
-    def _stub(self, worker: WorkerInfo) -> worker_pb2_grpc.WorkerStub:
-        channel = self._channels.get(worker.grpc_address)
-        if channel is None:
-            channel = grpc.aio.insecure_channel(worker.grpc_address)
-            self._channels[worker.grpc_address] = channel
-        return worker_pb2_grpc.WorkerStub(channel)
-
-
-class _TransferFailed(Exception):
-    """The KV arrived corrupted or short: the reservation is released and the prompt prefilled again."""
