@@ -119,6 +119,8 @@ class WorkerConfig:
     drain_timeout_s: float = setting(30.0, help="on SIGTERM, how long in-flight work may take (default: %(default)s)")
     metrics_port: int = setting(0, help="HTTP port on --host for /metrics, /health and /ready (0 = any free port; "
                                         "default: %(default)s)")
+    engine_in_thread: bool = setting(False, help="decode: run the engine on a thread of the worker process instead "
+                                                 "of its own process (they then share one GIL); prefill always does")
 
 
 @dataclass(frozen=True)

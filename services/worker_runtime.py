@@ -8,6 +8,7 @@ in-flight work (bounded), stop gRPC, exit 0.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -25,6 +26,7 @@ from common.coord.registry import WorkerRegistration
 from common.coord.worker_info import WorkerInfo
 from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
+from common.engine.engine_process import EngineProcess
 from common.engine.llm import validate_engine_args
 from common.engine.stats import EngineStats, FinishedRequest
 from common.metrics import WorkerMetrics
@@ -41,32 +43,28 @@ class WorkerRuntime:
     def __init__(
         self,
         settings: WorkerSettings,
-        engine: LLMEngine,
+        engine: AsyncEngine | EngineProcess,
         metrics: WorkerMetrics | None = None,
         health: WorkerHealth | None = None,
         metrics_port: int = 0,
     ) -> None:
         self.settings = settings
         self.role = settings.worker.role
-        self.engine = AsyncEngine(engine)
-        self.device = str(engine.device)
+        self.engine = engine
+        self.device = engine.device
         self.model_name = settings.engine.model.model
         self.block_size = settings.engine.cache.block_size
         self.max_model_len = engine.max_model_len
         self.worker_id = settings.worker.worker_id or f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.host_id = socket.gethostname()
-        self.gpu_uuid = gpu_uuid(engine.device)
+        self.gpu_uuid = gpu_uuid(self.device)
         self.started_at = time.time()
         self.address = ""
         self.reservations = 0
-        self.stats = EngineStats(
-            engine.kv_cache_manager.pool.num_blocks, engine.kv_cache_manager.pool.num_blocks, 0, 0, 0
-        )
+        self.stats = EngineStats(engine.num_blocks, engine.num_blocks, 0, 0, 0)
         self.metrics = metrics or WorkerMetrics(self.model_name, self.role)
         self.health = health or WorkerHealth()
         self.metrics_port = metrics_port
-        engine.kv_cache_manager.pool.track_cache_events = self.role == "prefill"
-        engine.stats_recorder.collect_finished = True
 
     @property
     def draining(self) -> bool:
@@ -101,7 +99,7 @@ class WorkerRuntime:
         self.stats, finished = await self.engine.call(_stats_and_finished)
         self.metrics.update(self.stats, finished, self.reservations, self.engine.step_clock.snapshot())
         if prefix is not None:
-            events = await self.engine.call(lambda e: e.kv_cache_manager.pool.take_cache_events())
+            events = await self.engine.call(_take_cache_events)
             prefix.record([h for h, cached in events if cached], [h for h, cached in events if not cached])
 
     async def wait_idle(self, timeout_s: float) -> bool:
@@ -119,18 +117,36 @@ def _stats_and_finished(engine: LLMEngine) -> tuple[EngineStats, list[FinishedRe
     return engine.stats(), engine.stats_recorder.take_finished()
 
 
-def gpu_uuid(device) -> str:
+def _take_cache_events(engine: LLMEngine) -> list:
+    return engine.kv_cache_manager.pool.take_cache_events()
+
+
+def configure_for_role(engine: LLMEngine, role: str) -> None:
+    """What a worker's engine records beyond the offline engine: finished-request records for the metrics, and
+    (prefill) prefix-cache events for the Redis prefix index."""
+    engine.kv_cache_manager.pool.track_cache_events = role == "prefill"
+    engine.stats_recorder.collect_finished = True
+
+
+def gpu_uuid(device: str) -> str:
     """The physical GPU's UUID ('' on CPU): decides whether two workers can pair over NCCL."""
-    if device.type != "cuda":
+    if not device.startswith("cuda"):
         return ""
     import torch
 
-    return str(torch.cuda.get_device_properties(device).uuid)
+    return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
 
 
-def load_engine(settings: WorkerSettings) -> LLMEngine:
+def start_engine(settings: WorkerSettings) -> AsyncEngine | EngineProcess:
+    """The worker's engine, loaded: in its own process on a decode worker (no GIL shared with the gRPC side),
+    on a thread otherwise. Blocks while the model loads."""
     validate_engine_args(settings.engine)
-    return LLMEngine(settings.engine)
+    role = settings.worker.role
+    if role == "decode" and not settings.worker.engine_in_thread:
+        return EngineProcess(settings.engine, setup=functools.partial(configure_for_role, role=role))
+    engine = LLMEngine(settings.engine)
+    configure_for_role(engine, role)
+    return AsyncEngine(engine)
 
 
 async def serve_worker(settings: WorkerSettings, servicer_factory) -> int:
@@ -141,7 +157,7 @@ async def serve_worker(settings: WorkerSettings, servicer_factory) -> int:
     metrics, health = WorkerMetrics(settings.engine.model.model, worker.role), WorkerHealth()
     http = WorkerHttpServer(worker.host, worker.metrics_port, metrics.registry, health).start()
     try:
-        engine = await asyncio.to_thread(load_engine, settings)
+        engine = await asyncio.to_thread(start_engine, settings)
         health.loaded = True
         return await _serve_loaded(WorkerRuntime(settings, engine, metrics, health, http.port), servicer_factory)
     finally:

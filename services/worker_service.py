@@ -27,7 +27,7 @@ class BaseWorkerService(worker_pb2_grpc.WorkerServicer):
 
     async def Abort(self, request, context) -> worker_pb2.AbortReply:  # noqa: N802
         request_id = request.request_id
-        known = await self.runtime.engine.call(lambda engine: _abort(engine, request_id))
+        known = await self.runtime.engine.call(_abort, request_id)
         return worker_pb2.AbortReply(aborted=known)
 
     async def Reserve(self, request, context):  # noqa: N802

@@ -41,30 +41,55 @@ class AsyncEngine:
         self._thread.start()
 
     # ----------------------------------------------------------------- asyncio side
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        """Run ``fn(engine)`` on the engine thread between steps; its exception is re-raised here."""
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_blocks(self) -> int:
+        return self.engine.kv_cache_manager.pool.num_blocks
+
+    @property
+    def kv_cache(self):
+        return self.engine.kv_cache
+
+    async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(engine, *args, **kwargs)`` on the engine thread between steps; its exception is re-raised here."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
         def command() -> None:
             try:
-                result = fn(self.engine)
+                result = fn(self.engine, *args, **kwargs)
             except BaseException as error:  # noqa: BLE001 - handed to the awaiting caller
-                loop.call_soon_threadsafe(_set_exception, future, error)
+                loop.call_soon_threadsafe(set_future_exception, future, error)
             else:
-                loop.call_soon_threadsafe(_set_result, future, result)
+                loop.call_soon_threadsafe(set_future_result, future, result)
 
         self._submit(command)
         return await future
 
-    async def stream(self, start: Callable[[LLMEngine], str]) -> AsyncIterator[RequestOutput]:
-        """Start a request with ``start(engine) -> request_id`` and yield its outputs until finished.
+    async def stream(self, request_id: str, fn: Callable[..., str], /, *args: Any,
+                     **kwargs: Any) -> AsyncIterator[RequestOutput]:
+        """Start ``request_id`` with ``fn(engine, *args, **kwargs)`` and yield its outputs until finished.
 
         Leaving the iterator early (client gone, task cancelled) aborts the request and frees its blocks.
         """
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue = asyncio.Queue()
-        request_id = await self.call(lambda engine: self._register(start(engine), loop, outputs))
+
+        def start(engine: LLMEngine) -> str:
+            started = fn(engine, *args, **kwargs)
+            if started != request_id:
+                engine.abort_request(started)
+                raise RuntimeError(f"the engine started {started!r}, not {request_id!r}")
+            return self._register(started, loop, outputs)
+
+        await self.call(start)
         finished = False
         try:
             while True:
@@ -77,7 +102,7 @@ class AsyncEngine:
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
+            if not finished and self.is_alive:
                 self._submit(lambda: self.engine.abort_request(request_id))
 
     async def stats(self) -> EngineStats:
@@ -143,19 +168,20 @@ class AsyncEngine:
                 loop, stream = target
                 batches.setdefault(loop, []).append((stream, output))
         for loop, batch in batches.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            loop.call_soon_threadsafe(put_all, batch)
 
 
-def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    """On the event loop: one step's outputs into their streams' queues."""
     for stream, output in batch:
         stream.put_nowait(output)
 
 
-def _set_result(future: asyncio.Future, result: Any) -> None:
+def set_future_result(future: asyncio.Future, result: Any) -> None:
     if not future.done():
         future.set_result(result)
 
 
-def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+def set_future_exception(future: asyncio.Future, error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)

@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import torch
 
+from common.engine.engine import LLMEngine
 from common.transfer import TransferOutcome, make_receiver
 from common.transfer.base import KVTransferHeader
 from common.transfer.block_writer import BlockWriter
@@ -37,7 +39,7 @@ class DecodeService(BaseWorkerService):
     def __init__(self, runtime: WorkerRuntime) -> None:
         super().__init__(runtime)
         self.reservations: dict[str, Reservation] = {}
-        self.block_writer = BlockWriter(runtime.engine.engine.kv_cache)
+        self.block_writer = BlockWriter(runtime.engine.kv_cache)
         self.receiver = make_receiver(
             self.on_kv, runtime.settings.transfer, runtime.device, on_outcome=self._on_transfer
         )
@@ -57,7 +59,7 @@ class DecodeService(BaseWorkerService):
         reservation_id = f"{request.request_id}@{time.monotonic_ns()}"
         num_tokens = request.num_tokens
         try:
-            block_ids = await self.runtime.engine.call(lambda e: e.reserve_blocks(reservation_id, num_tokens))
+            block_ids = await self.runtime.engine.call(LLMEngine.reserve_blocks, reservation_id, num_tokens)
         except ValueError as error:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
         lease = request.lease_s or self.runtime.settings.transfer.reservation_lease_s
@@ -110,7 +112,7 @@ class DecodeService(BaseWorkerService):
         if reservation.writing is not None:  # its blocks go back to the pool only once nothing writes them
             with contextlib.suppress(Exception):
                 await asyncio.shield(reservation.writing)
-        await self.runtime.engine.call(lambda e: e.release_reservation(reservation_id))
+        await self.runtime.engine.call(LLMEngine.release_reservation, reservation_id)
         return True
 
     async def _expire_forever(self) -> None:
@@ -129,12 +131,13 @@ class DecodeService(BaseWorkerService):
     async def Generate(self, request: worker_pb2.GenerateRequest, context):  # noqa: N802
         try:
             params = sampling_from_proto(request.sampling)
-            start = self._starter(request, params)
+            start, args, kwargs = self._starter(request, params)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         sent = len(request.output_token_ids)
+        stream = self.runtime.engine.stream(request.request_id, start, *args, **kwargs)
         try:
-            async with contextlib.aclosing(self.runtime.engine.stream(start)) as outputs:
+            async with contextlib.aclosing(stream) as outputs:
                 async for output in outputs:
                     chunk, sent = _chunk(output, sent)
                     if chunk is not None:
@@ -142,19 +145,20 @@ class DecodeService(BaseWorkerService):
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
-    def _starter(self, request: worker_pb2.GenerateRequest, params):
+    def _starter(self, request: worker_pb2.GenerateRequest, params) -> tuple[Callable[..., str], tuple, dict]:
+        """The engine call that starts the request (picklable: it may run in the engine's own process)."""
         prompt, outputs = list(request.prompt_token_ids), list(request.output_token_ids)
         request_id, reservation_id = request.request_id, request.reservation_id
         if not reservation_id:
-            return lambda e: e.add_request(
-                prompt_token_ids=prompt, sampling_params=params, request_id=request_id, output_token_ids=outputs
-            )
+            kwargs = dict(prompt_token_ids=prompt, sampling_params=params, request_id=request_id,
+                          output_token_ids=outputs)
+            return LLMEngine.add_request, (), kwargs
         reservation = self.reservations.get(reservation_id)
         if reservation is None or not reservation.filled:
             raise ValueError(f"reservation_id {reservation_id!r} is unknown, expired or not filled")
         del self.reservations[reservation_id]  # from here on the engine request owns the blocks
         self.runtime.reservations = len(self.reservations)
-        return lambda e: e.add_prefilled_request(reservation_id, prompt, outputs, params, request_id=request_id)
+        return LLMEngine.add_prefilled_request, (reservation_id, prompt, outputs, params), {"request_id": request_id}
 
 
 def _chunk(output, sent: int) -> tuple[worker_pb2.GenerateChunk | None, int]:

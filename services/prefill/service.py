@@ -14,6 +14,7 @@ import time
 
 import grpc
 
+from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from common.transfer import GrpcKVSender, choose_transport, make_sender
 from proto import worker_pb2
@@ -67,7 +68,7 @@ class PrefillService(BaseWorkerService):
                 completion.finish_reason,
                 params,
                 request.num_generated + 1,
-                len(request.context_token_ids) + 1 >= self.runtime.engine.engine.max_model_len,
+                len(request.context_token_ids) + 1 >= self.runtime.engine.max_model_len,
             ),
             stop_reason="" if completion.stop_reason is None else str(completion.stop_reason),
         )
@@ -78,17 +79,13 @@ class PrefillService(BaseWorkerService):
         return reply
 
     async def _run(self, request: worker_pb2.PrefillRequest, params: SamplingParams, context):
-        context_ids = list(request.context_token_ids)
         request_id = request.request_id
-
-        def start(engine) -> str:
-            return engine.add_request(
-                prompt_token_ids=context_ids, sampling_params=params, request_id=request_id, export_kv=True
-            )
-
+        stream = self.runtime.engine.stream(request_id, LLMEngine.add_request,
+                                            prompt_token_ids=list(request.context_token_ids), sampling_params=params,
+                                            request_id=request_id, export_kv=True)
         last = None
         try:
-            async with contextlib.aclosing(self.runtime.engine.stream(start)) as outputs:
+            async with contextlib.aclosing(stream) as outputs:
                 async for output in outputs:
                     last = output
         except ValueError as error:

@@ -51,7 +51,7 @@ class _StepEngine:
 
 
 async def _collect(engine: AsyncEngine, request_id: str) -> list[_Output]:
-    return [output async for output in engine.stream(lambda e: e.add(request_id))]
+    return [output async for output in engine.stream(request_id, _StepEngine.add, request_id)]
 
 
 def test_streams_get_every_step_in_order_with_one_wakeup_per_step():
@@ -72,7 +72,7 @@ def test_streams_get_every_step_in_order_with_one_wakeup_per_step():
     for outputs in results:
         assert [o.finished for o in outputs] == [False] * 4 + [True]
         assert [o.step for o in outputs] == sorted(o.step for o in outputs)
-    deliveries = [fn for fn in wakeups if getattr(fn, "__name__", "") == "_put_all"]
+    deliveries = [fn for fn in wakeups if getattr(fn, "__name__", "") == "put_all"]
     assert len(deliveries) == fake.step_count  # one per step, not one per request per step
 
 
@@ -81,7 +81,7 @@ def test_leaving_a_stream_early_aborts_the_request():
     engine = AsyncEngine(fake)
 
     async def main():
-        async with contextlib.aclosing(engine.stream(lambda e: e.add("gone"))) as outputs:
+        async with contextlib.aclosing(engine.stream("gone", _StepEngine.add, "gone")) as outputs:
             async for _ in outputs:
                 break
         for _ in range(100):
