@@ -1,7 +1,7 @@
 """The router process: FastAPI + uvicorn in front of the Orchestrator.
 
-This issue's minimal entry point is ``POST /generate`` (JSON in, JSON or SSE out); the OpenAI-compatible
-surface (/v1/...) is built on the same Orchestrator by the gateway issue.
+The OpenAI-compatible surface (/v1/...) and the plain ``POST /generate`` (JSON in, JSON or SSE out) share one
+request path (services/router/openai_api.py): the same keys, rate limits, admission queue, validation and metrics.
 """
 
 from __future__ import annotations
