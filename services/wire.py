@@ -2,42 +2,65 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 from common.engine.outputs import Logprob
 from common.engine.sampling_params import SamplingParams
 from proto import worker_pb2
 
+_EMPTY_MEANS_NONE = frozenset({"logit_bias"})
+"""Fields whose None crosses the wire as an empty map (proto has no null container); both mean "none"."""
+
+
+def _wire_kind(name: str) -> str | None:
+    """How SamplingParams' field `name` is carried: map | repeated | optional | scalar (None: the proto lacks it)."""
+    field = worker_pb2.SamplingOptions.DESCRIPTOR.fields_by_name.get(name)
+    if field is None:
+        return None
+    if field.message_type is not None and field.message_type.GetOptions().map_entry:
+        return "map"
+    if field.is_repeated:
+        return "repeated"
+    return "optional" if field.has_presence else "scalar"
+
+
+_WIRE_KINDS = {field.name: _wire_kind(field.name) for field in dataclasses.fields(SamplingParams)}
+"""Every SamplingParams field, in declaration order, with how the proto carries it (computed once)."""
+
 
 def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingOptions:
-    options = worker_pb2.SamplingOptions(
-        temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
-        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias or {}),
-        stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-        include_stop_str_in_output=params.include_stop_str_in_output, ignore_eos=params.ignore_eos,
-        min_tokens=params.min_tokens, skip_special_tokens=params.skip_special_tokens,
-    )
-    if params.seed is not None:
-        options.seed = params.seed
-    if params.max_tokens is not None:
-        options.max_tokens = params.max_tokens
-    if params.logprobs is not None:
-        options.logprobs = params.logprobs
+    """Every SamplingParams field, by name; a field the proto lacks raises ValueError (never silently dropped)."""
+    options = worker_pb2.SamplingOptions()
+    for name, kind in _WIRE_KINDS.items():
+        value = getattr(params, name)
+        if kind is None:
+            raise ValueError(f"SamplingParams.{name} has no field in worker.proto's SamplingOptions")
+        if kind == "map":
+            getattr(options, name).update(value or {})
+        elif kind == "repeated":
+            getattr(options, name).extend(value)
+        elif value is not None:  # None leaves an `optional` field unset
+            setattr(options, name, value)
     return options
 
 
 def sampling_from_proto(options: worker_pb2.SamplingOptions) -> SamplingParams:
     """Rebuild (and so re-validate) SamplingParams; a bad field raises ValueError naming it."""
-    return SamplingParams(
-        temperature=options.temperature, top_p=options.top_p, top_k=options.top_k, min_p=options.min_p,
-        seed=options.seed if options.HasField("seed") else None,
-        presence_penalty=options.presence_penalty, frequency_penalty=options.frequency_penalty,
-        repetition_penalty=options.repetition_penalty, logit_bias=dict(options.logit_bias) or None,
-        stop=list(options.stop) or None, stop_token_ids=list(options.stop_token_ids),
-        include_stop_str_in_output=options.include_stop_str_in_output, ignore_eos=options.ignore_eos,
-        max_tokens=options.max_tokens if options.HasField("max_tokens") else None,
-        min_tokens=options.min_tokens, logprobs=options.logprobs if options.HasField("logprobs") else None,
-        skip_special_tokens=options.skip_special_tokens,
-    )
+    return SamplingParams(**{name: _field_from_proto(options, name, kind) for name, kind in _WIRE_KINDS.items()})
+
+
+def _field_from_proto(options: worker_pb2.SamplingOptions, name: str, kind: str | None) -> Any:
+    if kind is None:
+        raise ValueError(f"SamplingParams.{name} has no field in worker.proto's SamplingOptions")
+    value = getattr(options, name)
+    if kind == "map":
+        return dict(value) or (None if name in _EMPTY_MEANS_NONE else {})
+    if kind == "repeated":
+        return list(value)
+    if kind == "optional" and not options.HasField(name):
+        return None
+    return value
 
 
 def logprobs_to_proto(token_id: int, entries: dict[int, Logprob]) -> worker_pb2.TokenLogprobs:

@@ -1,19 +1,22 @@
-"""The OpenAI-compatible surface: /v1/chat/completions, /v1/completions, /v1/models.
+"""The router's request path: /v1/chat/completions, /v1/completions, /v1/models and the plain ``POST /generate``.
 
-Every request: authenticate -> parse and validate -> rate limit -> admission slot -> one orchestrator
-stream per choice (n choices per prompt) -> OpenAI-shaped JSON or SSE. Errors use the OpenAI envelope and
-never carry a traceback. A client that disconnects (while queued or mid-stream) cancels its streams,
-which aborts the request on every worker.
+Every generating request, whatever its endpoint: authenticate -> parse and validate -> rate limit -> admission
+slot -> one orchestrator stream per choice (n choices per prompt) -> JSON or SSE, with the router metrics
+labelled by endpoint. Only parsing and the response shape differ per endpoint (OpenAI's, or /generate's own).
+Errors use the OpenAI envelope and never carry a traceback. A client that disconnects (while queued or
+mid-stream) cancels its streams, which aborts the request on every worker.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,7 +50,7 @@ class Gateway:
 class Job:
     """One HTTP request after validation: its prompts (token ids), params and bookkeeping."""
 
-    endpoint: str  # "chat" | "completion"
+    endpoint: str  # "chat" | "completion" | "generate" (also the metrics' endpoint label)
     response_id: str
     request_id: str
     model: str
@@ -89,12 +92,17 @@ async def completions(gateway: Gateway, request: Request) -> Response:
     return await _handle(gateway, request, "completion")
 
 
+async def generate(gateway: Gateway, request: Request) -> Response:
+    """``POST /generate``: the same path as /v1, with /generate's own body (``protocol.GenerateBody``) and answer."""
+    return await _handle(gateway, request, "generate")
+
+
 def list_models(gateway: Gateway) -> dict:
     return protocol.models_list([gateway.model_id], gateway.created)
 
 
 async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response:
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request_id = request.headers.get("x-request-id") or _new_request_id(endpoint)
     headers = {"X-Request-Id": request_id}
     gateway.metrics.count_request(endpoint)
     try:
@@ -105,15 +113,22 @@ async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response
     except (protocol.ProtocolError, AdmissionError) as error:
         return _error_response(gateway, error, headers)
     gateway.metrics.prompt_tokens.inc(sum(map(len, job.prompts)))
+    output = GenerateOutput(job) if endpoint == "generate" else OpenAIOutput(gateway, job)
     if job.stream:
-        return await _stream_response(gateway, request, job, headers)
-    result = await until_disconnected(request.is_disconnected, _complete(gateway, job))
+        return await _stream_response(gateway, request, job, output, headers)
+    result = await until_disconnected(request.is_disconnected, _complete(gateway, job, output))
     if result is None:  # client gone: its streams were cancelled and aborted on the workers
         return Response(status_code=499, headers=headers)
     return result if isinstance(result, Response) else JSONResponse(result, headers=headers)
 
 
+def _new_request_id(endpoint: str) -> str:
+    return f"gen-{uuid.uuid4().hex[:16]}" if endpoint == "generate" else uuid.uuid4().hex
+
+
 def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) -> Job:
+    if endpoint == "generate":
+        return _generate_job(gateway, body, request_id)
     parsed = protocol.parse_chat(body) if endpoint == "chat" else protocol.parse_completion(body)
     if parsed.model != gateway.model_id:
         raise protocol.model_not_found(parsed.model)
@@ -133,6 +148,32 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) ->
     return Job(endpoint=endpoint, response_id=protocol.new_id(endpoint), request_id=request_id,
                model=gateway.model_id, prompts=prompts, prompt_texts=texts, params=params, stream=parsed.stream,
                include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs)
+
+
+def _generate_job(gateway: Gateway, body: bytes, request_id: str) -> Job:
+    parsed = protocol.parse_generate(body)
+    params = parsed.sampling_params()
+    _check_vocab(gateway, params)
+    prompt = _generate_prompt(gateway, parsed)
+    return Job(endpoint="generate", response_id=request_id, request_id=request_id, model=gateway.model_id,
+               prompts=[prompt], prompt_texts=[parsed.prompt or ""], params=params, stream=parsed.stream,
+               include_usage=False)
+
+
+def _generate_prompt(gateway: Gateway, parsed: protocol.GenerateBody) -> list[int]:
+    """/generate's prompt as token ids: ``prompt_token_ids`` as given, else ``prompt`` tokenized."""
+    if parsed.prompt_token_ids is not None:
+        ids = list(parsed.prompt_token_ids)
+    elif parsed.prompt is not None:
+        ids = gateway.tokenizer.encode(parsed.prompt)
+    else:
+        raise protocol.ProtocolError("prompt: give prompt or prompt_token_ids", param="prompt")
+    if not ids:
+        raise protocol.ProtocolError("prompt: the prompt is empty", param="prompt")
+    vocab = len(gateway.tokenizer)
+    if any(not 0 <= token < vocab for token in ids):
+        raise protocol.ProtocolError(f"prompt_token_ids: token ids must be in [0, {vocab})", param="prompt_token_ids")
+    return ids
 
 
 def _render_chat(gateway: Gateway, parsed: protocol.ChatCompletionRequest) -> str:
@@ -265,14 +306,14 @@ class _Timing:
 
 
 # ---------------------------------------------------------------------------------------------- non-streaming
-async def _complete(gateway: Gateway, job: Job) -> dict | Response:
+async def _complete(gateway: Gateway, job: Job, output: Output) -> dict | Response:
     timing = _Timing(gateway, job)
     reason = "abort"  # unless set below: the client left and this task was cancelled
     try:
         states = None
         async for state, event in _admitted_events(gateway, job):
             timing.on_event(event)
-            _apply(gateway, job, state, event)
+            output.fold(state, event)
             states = states or {}
             states[state.index] = state
         reason = timing.finish_reason
@@ -285,7 +326,7 @@ async def _complete(gateway: Gateway, job: Job) -> dict | Response:
     finally:
         timing.finish(reason)
     ordered = [states[i] for i in sorted(states)]
-    return _final_body(gateway, job, ordered)
+    return output.final(ordered)
 
 
 def _final_body(gateway: Gateway, job: Job, states: Sequence[ChoiceState]) -> dict:
@@ -306,7 +347,7 @@ def _prompt_tokens(job: Job) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- streaming
-async def _stream_response(gateway: Gateway, request: Request, job: Job, headers: dict) -> Response:
+async def _stream_response(gateway: Gateway, request: Request, job: Job, output: Output, headers: dict) -> Response:
     """Wait for the first event before answering, so errors that happen before any token get real statuses."""
     events = _admitted_events(gateway, job)
     timing = _Timing(gateway, job)
@@ -322,12 +363,13 @@ async def _stream_response(gateway: Gateway, request: Request, job: Job, headers
         await events.aclose()
         timing.finish("abort")
         return Response(status_code=499, headers=headers)
-    body = _sse_body(gateway, job, first, events, timing)
+    body = _sse_body(gateway, job, output, first, events, timing)
     return StreamingResponse(body, media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
 
 
-async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) -> AsyncIterator[bytes]:
-    chunks = _Chunks(gateway, job)
+async def _sse_body(
+    gateway: Gateway, job: Job, chunks: Output, first, events, timing: _Timing
+) -> AsyncIterator[bytes]:
     reason = "abort"  # unless set below: the client left mid-stream
     try:
         for index in range(job.num_choices):
@@ -339,10 +381,7 @@ async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) 
         async for state, event in events:
             timing.on_event(event)
             yield chunks.delta(state, event)
-        if job.include_usage:
-            yield protocol.sse(protocol.usage_chunk(job.response_id, job.model, gateway.created,
-                                                    protocol.usage(_prompt_tokens(job), timing.tokens),
-                                                    endpoint=job.endpoint))
+        yield chunks.closing(timing.tokens)
         reason = timing.finish_reason
     except (NoWorkersError, InvalidRequestError, AdmissionError) as error:
         reason = "error"
@@ -360,12 +399,45 @@ async def _sse_body(gateway: Gateway, job: Job, first, events, timing: _Timing) 
     yield protocol.DONE
 
 
-class _Chunks:
-    """SSE chunk builder for one streamed request."""
+class Output(Protocol):
+    """One endpoint's response shape: SSE chunks for a streamed request, one body for a whole one."""
+
+    def opening(self, index: int) -> bytes:
+        """Sent for each choice before its first token (may be empty)."""
+
+    def delta(self, state: ChoiceState, event: TokenEvent) -> bytes:
+        """Fold `event` into its choice and return the chunk to send (may be empty)."""
+
+    def closing(self, num_tokens: int) -> bytes:
+        """Sent after the last token, before ``[DONE]`` (may be empty)."""
+
+    def fold(self, state: ChoiceState, event: TokenEvent) -> None:
+        """Fold `event` into its choice for a whole (non-streamed) answer."""
+
+    def final(self, states: Sequence[ChoiceState]) -> dict:
+        """The whole answer, from the choices in index order."""
+
+
+class OpenAIOutput:
+    """Chat and (legacy) completions objects and chunks, as api.openai.com sends them."""
 
     def __init__(self, gateway: Gateway, job: Job) -> None:
         self.gateway, self.job = gateway, job
         self.sent_chars: dict[int, int] = {}
+
+    def fold(self, state: ChoiceState, event: TokenEvent) -> None:
+        _apply(self.gateway, self.job, state, event)
+
+    def final(self, states: Sequence[ChoiceState]) -> dict:
+        return _final_body(self.gateway, self.job, states)
+
+    def closing(self, num_tokens: int) -> bytes:
+        job = self.job
+        if not job.include_usage:
+            return b""
+        usage = protocol.usage(_prompt_tokens(job), num_tokens)
+        return protocol.sse(protocol.usage_chunk(job.response_id, job.model, self.gateway.created, usage,
+                                                 endpoint=job.endpoint))
 
     def opening(self, index: int) -> bytes:
         job, created = self.job, self.gateway.created
@@ -394,6 +466,53 @@ class _Chunks:
             chunk = protocol.completion_chunk(job.response_id, job.model, created, state.index, text, logprobs,
                                               state.finish_reason, offset, job.include_usage)
         return protocol.sse(chunk)
+
+
+class GenerateOutput:
+    """``POST /generate``'s own shape. Streamed: one event per orchestrator step, ``{request_id, text, token_ids,
+    finish_reason, stop_reason, worker_id, logprobs}``; whole: those events joined, plus ``usage``."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.events: list[dict] = []
+
+    def opening(self, index: int) -> bytes:
+        return b""
+
+    def delta(self, state: ChoiceState, event: TokenEvent) -> bytes:
+        return protocol.sse(json.dumps(self._event(state, event)))
+
+    def closing(self, num_tokens: int) -> bytes:
+        return b""
+
+    def fold(self, state: ChoiceState, event: TokenEvent) -> None:
+        self.events.append(self._event(state, event))
+
+    def final(self, states: Sequence[ChoiceState]) -> dict:
+        tokens = [token for state in states for token in state.token_ids]
+        last = self.events[-1] if self.events else {}
+        logprobs = [entry for event in self.events for entry in event["logprobs"] or []]
+        return {
+            "request_id": self.job.request_id,
+            "text": "".join(event["text"] for event in self.events),
+            "token_ids": tokens,
+            "finish_reason": last.get("finish_reason"),
+            "stop_reason": last.get("stop_reason"),
+            "logprobs": logprobs or None,
+            "usage": {"prompt_tokens": _prompt_tokens(self.job), "completion_tokens": len(tokens)},
+        }
+
+    def _event(self, state: ChoiceState, event: TokenEvent) -> dict:
+        state.token_ids.extend(event.token_ids)
+        return {
+            "request_id": self.job.request_id,
+            "text": state.text.add(event.token_ids, event.finish_reason is not None),
+            "token_ids": list(event.token_ids),
+            "finish_reason": event.finish_reason,
+            "stop_reason": event.stop_reason,
+            "worker_id": event.worker_id,
+            "logprobs": [{str(t): lp.logprob for t, lp in entry.items()} for entry in event.logprobs] or None,
+        }
 
 
 # ---------------------------------------------------------------------------------------------- errors

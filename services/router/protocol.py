@@ -19,14 +19,26 @@ Rules shared by both endpoints:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
+import typing
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from common.engine.outputs import Logprob
 from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -152,6 +164,32 @@ def context_length_error(max_model_len: int, prompt_tokens: int, param: str = "m
 
 
 # -- request models ----------------------------------------------------------------------------------------
+
+SAMPLING_FIELDS = tuple(field.name for field in dataclasses.fields(SamplingParams))
+"""SamplingParams' fields, the one sampling schema that the request models below map onto."""
+
+ENDPOINT_MAPPED_SAMPLING = frozenset({"max_tokens", "logprobs", "prompt_logprobs"})
+"""SamplingParams fields whose OpenAI spelling or default differs per endpoint; ``sampling_params`` maps them."""
+
+CHAT_UNEXPOSED_SAMPLING: Mapping[str, str] = {
+    "prompt_logprobs": "chat has no echo; prompt logprobs are a completions feature (echo with logprobs)",
+}
+"""SamplingParams fields that /v1/chat/completions intentionally does not expose, and why."""
+
+GENERATE_UNEXPOSED_SAMPLING: Mapping[str, str] = {
+    "n": "/generate answers one sequence per request; /v1/completions serves n > 1",
+    "prompt_logprobs": "the router's token stream carries no prompt logprobs",
+}
+"""SamplingParams fields that ``POST /generate`` intentionally does not accept, and why."""
+
+
+@functools.cache
+def _shared_sampling_names(model: type[BaseModel]) -> tuple[str, ...]:
+    """The SamplingParams fields ``model`` declares under the same name, minus the endpoint-mapped ones."""
+    return tuple(
+        name for name in SAMPLING_FIELDS if name in model.model_fields and name not in ENDPOINT_MAPPED_SAMPLING
+    )
+
 
 
 def _stop_list(value: Any) -> Any:
@@ -298,27 +336,11 @@ class _SamplingRequest(_Strict):
             )
 
     def _engine_fields(self, max_tokens: int | None) -> dict[str, Any]:
-        """SamplingParams keyword arguments common to both endpoints."""
-        return {
-            "n": self.n,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "repetition_penalty": self.repetition_penalty,
-            "logit_bias": self.logit_bias,
-            "stop": self.stop,
-            "stop_token_ids": self.stop_token_ids,
-            "include_stop_str_in_output": self.include_stop_str_in_output,
-            "ignore_eos": self.ignore_eos,
-            "max_tokens": max_tokens,
-            "min_tokens": self.min_tokens,
-            "skip_special_tokens": self.skip_special_tokens,
-            "spaces_between_special_tokens": self.spaces_between_special_tokens,
-        }
+        """SamplingParams keyword arguments common to both endpoints: every field this request model declares
+        under SamplingParams' own name, except the ones each endpoint maps itself (``ENDPOINT_MAPPED_SAMPLING``)."""
+        fields = {name: getattr(self, name) for name in _shared_sampling_names(type(self))}
+        fields["max_tokens"] = max_tokens
+        return fields
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -445,6 +467,39 @@ class CompletionRequest(_SamplingRequest):
         return _build_params(fields, {"prompt_logprobs": "logprobs"})
 
 
+class _GenerateRequest(BaseModel):
+    """``POST /generate``: a prompt (text or token ids), ``stream``, and SamplingParams' fields under their own
+    names and defaults (``GenerateBody`` adds them; lax types, as the engine's ``LLM`` API takes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    stream: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        """The engine's settings; an out-of-range field is a ProtocolError (400) naming it."""
+        return _build_params(self.model_dump(exclude={"prompt", "prompt_token_ids", "stream"}), {})
+
+
+def _generate_body_model() -> type[_GenerateRequest]:
+    """``_GenerateRequest`` plus every SamplingParams field but ``GENERATE_UNEXPOSED_SAMPLING``'s, generated from
+    the dataclass (type hints and defaults), so /generate cannot drift from the engine's schema."""
+    hints = typing.get_type_hints(SamplingParams)
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(SamplingParams):
+        if field.name in GENERATE_UNEXPOSED_SAMPLING:
+            continue
+        if field.default is dataclasses.MISSING:
+            fields[field.name] = (hints[field.name], Field(default_factory=field.default_factory))
+        else:
+            fields[field.name] = (hints[field.name], field.default)
+    return create_model("GenerateBody", __base__=_GenerateRequest, __doc__=_GenerateRequest.__doc__, **fields)
+
+
+GenerateBody = _generate_body_model()
+
+
 def _build_params(fields: dict[str, Any], renames: Mapping[str, str]) -> SamplingParams:
     """SamplingParams(**fields), its ValueError (whose first word names the field) turned into a ProtocolError."""
     try:
@@ -471,7 +526,12 @@ def parse_completion(body: bytes | str | Mapping[str, Any]) -> CompletionRequest
     return _parse(CompletionRequest, body)
 
 
-def _parse(model: type[_SamplingRequest], body: bytes | str | Mapping[str, Any]) -> Any:
+def parse_generate(body: bytes | str | Mapping[str, Any]) -> _GenerateRequest:
+    """Decode and validate a ``POST /generate`` body (a ``GenerateBody``); every failure is a ProtocolError (400)."""
+    return _parse(GenerateBody, body)
+
+
+def _parse(model: type[BaseModel], body: bytes | str | Mapping[str, Any]) -> Any:
     data = _decode_json(body) if isinstance(body, bytes | bytearray | str) else body
     try:
         return model.model_validate(data)

@@ -1,7 +1,7 @@
 """The router process: FastAPI + uvicorn in front of the Orchestrator.
 
-This issue's minimal entry point is ``POST /generate`` (JSON in, JSON or SSE out); the OpenAI-compatible
-surface (/v1/...) is built on the same Orchestrator by the gateway issue.
+The OpenAI-compatible surface (/v1/...) and the plain ``POST /generate`` (JSON in, JSON or SSE out) share one
+request path (services/router/openai_api.py): the same keys, rate limits, admission queue, validation and metrics.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import json
 import logging
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +19,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import AutoTokenizer
 
@@ -30,46 +29,15 @@ from common.config import CoordConfig, RouterConfig, TransferConfig
 from common.coord.prefix_index import PrefixLookup
 from common.coord.redis_client import connect
 from common.coord.watcher import RegistryWatcher
-from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics, exposition, prometheus_sd
 from common.models.loader import resolve_model_path
 from services.router import openai_api, protocol
 from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
-from services.router.openai_api import Gateway, error_status_and_body
-from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator
+from services.router.openai_api import Gateway
+from services.router.orchestrator import Orchestrator
 from services.router.processes import reuse_port_socket, supervise
-from services.router.text import TextAssembler
 
 logger = logging.getLogger(__name__)
-
-
-class GenerateBody(BaseModel):
-    """``POST /generate``: a prompt (text or token ids) and the engine's sampling fields."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prompt: str | None = None
-    prompt_token_ids: list[int] | None = None
-    stream: bool = False
-    max_tokens: int | None = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    stop: list[str] | str | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: int | None = None
-
-    def sampling_params(self) -> SamplingParams:
-        fields = self.model_dump(exclude={"prompt", "prompt_token_ids", "stream"})
-        return SamplingParams(**fields)
 
 
 @dataclass
@@ -122,23 +90,11 @@ def build_app(state: RouterState) -> FastAPI:
         """Prometheus HTTP service discovery of the workers' /metrics (deploy/prometheus/prometheus-local.yml)."""
         return prometheus_sd(state.watcher.alive())
 
-    @app.post("/generate", openapi_extra=_json_body_schema(GenerateBody))
-    async def generate(request: Request):
-        """JSON body whatever the Content-Type (``curl -d`` sends form encoding by default)."""
-        try:
-            body = GenerateBody.model_validate_json(await request.body())
-        except ValidationError as error:
-            return error_response(400, _validation_message(error))
-        try:
-            params = body.sampling_params()
-            prompt_ids = _prompt_ids(state, body)
-        except ValueError as error:
-            return error_response(400, str(error))
-        request_id = request.headers.get("x-request-id") or f"gen-{uuid.uuid4().hex[:16]}"
-        events = _text_events(state, prompt_ids, params, request_id)
-        if body.stream:
-            return StreamingResponse(_sse(events), media_type="text/event-stream", headers={"X-Request-Id": request_id})
-        return await _collect(events, request_id, len(prompt_ids))
+    @app.post("/generate", openapi_extra=_json_body_schema(protocol.GenerateBody))
+    async def generate(request: Request) -> Response:
+        """The plain API on /v1's path (keys, limits, admission, metrics). JSON body whatever the Content-Type
+        (``curl -d`` sends form encoding by default)."""
+        return await openai_api.generate(state.gateway, request)
 
     return app
 
@@ -189,77 +145,6 @@ def _refresh_gauges(state: RouterState) -> None:
 
 def _json_body_schema(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
-
-
-def _validation_message(error: ValidationError) -> str:
-    first = error.errors()[0]
-    location = ".".join(str(part) for part in first.get("loc", ())) or "body"
-    return f"{location}: {first.get('msg', 'invalid')}"
-
-
-def _prompt_ids(state: RouterState, body: GenerateBody) -> list[int]:
-    if body.prompt_token_ids is not None:
-        ids = list(body.prompt_token_ids)
-    elif body.prompt is not None:
-        ids = state.tokenizer.encode(body.prompt)
-    else:
-        raise ValueError("prompt: give prompt or prompt_token_ids")
-    if not ids:
-        raise ValueError("prompt: the prompt is empty")
-    vocab = len(state.tokenizer)
-    if any(not 0 <= token < vocab for token in ids):
-        raise ValueError(f"prompt_token_ids: token ids must be in [0, {vocab})")
-    return ids
-
-
-async def _text_events(
-    state: RouterState, prompt_ids: list[int], params: SamplingParams, request_id: str
-) -> AsyncIterator[dict]:
-    text = TextAssembler(state.tokenizer, prompt_ids, params)
-    async for event in state.orchestrator.generate(prompt_ids, params, request_id):
-        finished = event.finish_reason is not None
-        yield {
-            "request_id": request_id,
-            "text": text.add(event.token_ids, finished),
-            "token_ids": list(event.token_ids),
-            "finish_reason": event.finish_reason,
-            "stop_reason": event.stop_reason,
-            "worker_id": event.worker_id,
-            "logprobs": [{str(t): lp.logprob for t, lp in entry.items()} for entry in event.logprobs] or None,
-        }
-
-
-async def _sse(events: AsyncIterator[dict]) -> AsyncIterator[bytes]:
-    try:
-        async for event in events:
-            yield f"data: {json.dumps(event)}\n\n".encode()
-    except Exception as error:  # noqa: BLE001 - the stream already started: report it, never a traceback
-        if not isinstance(error, NoWorkersError | InvalidRequestError):
-            logger.exception("stream failed")
-        yield protocol.sse(error_status_and_body(error)[1])
-    yield b"data: [DONE]\n\n"
-
-
-async def _collect(events: AsyncIterator[dict], request_id: str, num_prompt_tokens: int):
-    texts, tokens, logprobs, last = [], [], [], {}
-    try:
-        async for event in events:
-            texts.append(event["text"])
-            tokens.extend(event["token_ids"])
-            logprobs.extend(event["logprobs"] or [])
-            last = event
-    except (NoWorkersError, InvalidRequestError) as error:
-        status, body = error_status_and_body(error)
-        return JSONResponse(body, status_code=status)
-    return {
-        "request_id": request_id,
-        "text": "".join(texts),
-        "token_ids": tokens,
-        "finish_reason": last.get("finish_reason"),
-        "stop_reason": last.get("stop_reason"),
-        "logprobs": logprobs or None,
-        "usage": {"prompt_tokens": num_prompt_tokens, "completion_tokens": len(tokens)},
-    }
 
 
 @asynccontextmanager
