@@ -18,9 +18,10 @@ tokenizer; `--shape none` serves `--model` itself. Workloads S1 and S2 come from
 (SERVING_WORKLOADS, shared with benchmarks/serve.py --workload): lengths, `--max-model-len`, SLOs, duration per
 rate and default rates.
 
-Layouts (LAYOUTS below; one entry each, so the router's automatic mode is one more line once it exists):
+Layouts (LAYOUTS below; one entry each):
 Tandem 1 prefill + 1 decode (every prompt prefilled on the prefill worker, KV shipped to the decode worker),
-Tandem 0 prefill + 2 decode, and vLLM data-parallel 2 (`vllm serve --data-parallel-size 2`, its defaults).
+Tandem 0 prefill + 2 decode, Tandem 1P1D with the router's automatic placement (1p1d-auto), and vLLM
+data-parallel 2 (`vllm serve --data-parallel-size 2`, its defaults).
 Each layout is started, driven with every rate of the workload, and torn down before the next one starts
 (Tandem layouts first, then the engine-step measurement, then vLLM). The JSON is rewritten after every layout, so
 a run cut short keeps what it measured; `--markdown-from FILE` prints the tables of such a file.
@@ -114,7 +115,10 @@ LAYOUTS: dict[str, Layout] = {
     # --local-prefill-max-tokens 0: every prompt is prefilled on the prefill worker, whatever its length.
     "1p1d": Layout("1p1d", "Tandem 1P1D", "tandem", 1, 1, ("--local-prefill-max-tokens", "0")),
     "0p2d": Layout("0p2d", "Tandem 0P2D", "tandem", 0, 2),
-    # "auto" (the router's automatic mode) is added here by the control-plane issue, as one more Layout.
+    # 1P1D whose router prefills on the decode worker when the prefill worker's predicted wait passes 300 ms (a
+    # first form of the control plane's automatic mode; RouterConfig.auto_prefill_ttft_ms).
+    "1p1d-auto": Layout("1p1d-auto", "Tandem 1P1D auto", "tandem", 1, 1,
+                        ("--auto-prefill-ttft-ms", "300", "--local-prefill-budget-tokens", "4096")),
     "vllm-dp2": Layout("vllm-dp2", "vLLM DP2", "vllm", data_parallel=2),
 }
 
@@ -573,7 +577,7 @@ def chosen_layouts(names: str) -> list[Layout]:
     chosen = []
     for name in (n.strip() for n in names.split(",") if n.strip()):
         if name not in LAYOUTS:
-            raise SystemExit(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)} ('auto' is not there yet)")
+            raise SystemExit(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
         if LAYOUTS[name].kind == "vllm" and not VLLM_SITE.is_dir():
             print(f"skipping {name}: {VLLM_SITE} is absent (unpack ../shared/tools/vllm-bundle.sh)", file=sys.stderr)
             continue
@@ -646,8 +650,8 @@ def save(report: Mapping[str, Any], path: str | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=(
-        f"Layouts: {', '.join(LAYOUTS)}. The router's automatic mode ('auto') is not there yet: the control-plane "
-        "issue adds it as one more entry of LAYOUTS."))
+        f"Layouts: {', '.join(LAYOUTS)}. 1p1d-auto is 1P1D with the router's automatic placement "
+        "(--auto-prefill-ttft-ms); the control-plane issue grows it into the full automatic mode."))
     add = parser.add_argument
     add("--workloads", default="S1", help=f"comma-separated, of {', '.join(SERVING_WORKLOADS)} (default: %(default)s)")
     add("--layouts", default=",".join(LAYOUTS), help="comma-separated, in order (default: %(default)s)")

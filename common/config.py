@@ -145,6 +145,13 @@ class RouterConfig:
     local_prefill_max_tokens: int = setting(
         32, help="shorter uncached prompts are prefilled on the decode worker (default: %(default)s)")
     max_retries: int = setting(3, help="default: %(default)s")
+    auto_prefill_ttft_ms: float = setting(
+        0.0, help="prefill on the decode worker when every prefill worker's predicted wait for this prompt (its "
+                  "queued prompt tokens over its measured rate) exceeds this many ms; 0 = only short prompts "
+                  "(default: %(default)s)")
+    local_prefill_budget_tokens: int = setting(
+        4096, help="prompt tokens a decode worker may be prefilling at once under --auto-prefill-ttft-ms "
+                   "(default: %(default)s)")
     served_model_name: str | None = setting(None, help="model id clients send (default: --model)")
     api_keys: tuple[str, ...] = setting((), parse=parse_csv,
                                         help="comma-separated accepted API keys (default: none = open)")

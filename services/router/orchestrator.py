@@ -28,7 +28,8 @@ from common.engine.block_pool import hash_full_blocks
 from common.engine.outputs import Logprob
 from common.engine.sampling_params import SamplingParams
 from proto import worker_pb2, worker_pb2_grpc
-from services.router.policy import RoutingPolicy, RoutingRequest
+from services.router.policy import RoutingPolicy, RoutingRequest, prefill_pool_saturated
+from services.router.prefill_load import PrefillLoad
 from services.wire import logprobs_from_proto, sampling_to_proto
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class _RequestState:
     failed: set[str] = field(default_factory=set)  # workers that failed this request: never picked again
     prefix_hits: dict[str, int] = field(default_factory=dict)
     remote_prefill_failed: bool = False  # a prefill worker or a KV transfer has failed this request
+    placed_locally: bool = False  # the automatic placement sent this attempt's prefill to the decode worker
 
     @property
     def context(self) -> list[int]:
@@ -155,6 +157,8 @@ class Orchestrator:
         self.block_size = block_size
         self.policy = RoutingPolicy(config)
         self.inflight: Counter[str] = Counter()
+        self.prefill_load = PrefillLoad()  # remote prefills this router has in flight, per prefill worker
+        self.local_prefill_load = PrefillLoad()  # prefills decode workers run for this router's requests
         self._own_stubs = GrpcStubs() if stubs is None else None
         self._stubs: StubFactory = stubs or self._own_stubs
         self.num_retries = 0  # worker failures
@@ -198,8 +202,9 @@ class Orchestrator:
         self.inflight[decode.worker_id] += 1
         try:
             handoff = await self._prefill_for(decode, state)
-            request = self._generate_request(state, state.delivered, "")
-            if handoff is not None:
+            if handoff is None:
+                events = self._stream_local(decode, self._generate_request(state, state.delivered, ""), state)
+            else:
                 try:
                     yield handoff.first
                 except GeneratorExit:  # the client left before Generate took the reservation over
@@ -207,12 +212,31 @@ class Orchestrator:
                     raise
                 if handoff.first.finish_reason:
                     return
-                request = handoff.request
-            async with contextlib.aclosing(self._stream(decode, request)) as events:
-                async for event in events:
+                events = self._stream(decode, handoff.request)
+            async with contextlib.aclosing(events) as stream:
+                async for event in stream:
                     yield event
         finally:
             self.inflight[decode.worker_id] -= 1
+
+    async def _stream_local(
+        self, decode: WorkerInfo, request: worker_pb2.GenerateRequest, state: _RequestState
+    ) -> AsyncIterator[TokenEvent]:
+        """The decode worker prefills the context itself: its prompt tokens count as its prefill load until the
+        first token arrives."""
+        tokens = self._routing_request(state).uncached_on(decode)
+        self.local_prefill_load.start(decode.worker_id, tokens)
+        pending = True
+        try:
+            async with contextlib.aclosing(self._stream(decode, request)) as events:
+                async for event in events:
+                    if pending:
+                        pending = False
+                        self.local_prefill_load.finish(decode.worker_id, tokens, completed=True)
+                    yield event
+        finally:
+            if pending:
+                self.local_prefill_load.finish(decode.worker_id, tokens, completed=False)
 
     async def _stream(self, decode: WorkerInfo, request: worker_pb2.GenerateRequest) -> AsyncIterator[TokenEvent]:
         call = self._stubs(decode.grpc_address).Generate(request)
@@ -236,8 +260,10 @@ class Orchestrator:
 
         A failed KV transfer releases the reservation, spends a retry and starts over with a new reservation.
         """
+        state.placed_locally = False
         if self._prefill_remotely(decode, state):
             state.prefix_hits = await self._prefix_hits(state)
+            state.placed_locally = self._prefill_pool_saturated(decode, state)
         while self._prefill_remotely(decode, state):
             reservation = await self._reserve(decode, state)
             if reservation is None:
@@ -290,14 +316,20 @@ class Orchestrator:
     ) -> worker_pb2.PrefillReply:
         """One Prefill RPC; _TransferFailed (DATA_LOSS), _WorkerFailed or InvalidRequestError when it fails."""
         self.inflight[prefill.worker_id] += 1
+        tokens = self._routing_request(state).uncached_on(prefill)
+        self.prefill_load.start(prefill.worker_id, tokens)
+        completed = False
         try:
-            return await self._stubs(prefill.grpc_address).Prefill(self._prefill_request(state, decode, reservation))
+            reply = await self._stubs(prefill.grpc_address).Prefill(self._prefill_request(state, decode, reservation))
+            completed = True
+            return reply
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.DATA_LOSS:
                 raise _TransferFailed(f"KV transfer into {decode.worker_id}: {error.details()}") from error
             raise self._classify(prefill, error) from error
         finally:
             self.inflight[prefill.worker_id] -= 1
+            self.prefill_load.finish(prefill.worker_id, tokens, completed)
 
     # ----------------------------------------------------------------- messages
     def _generate_request(
@@ -397,11 +429,22 @@ class Orchestrator:
         return self.policy.pick_prefill(self._alive("prefill"), self._routing_request(state))
 
     def _prefill_remotely(self, decode: WorkerInfo, state: _RequestState) -> bool:
-        """The policy wants a prefill worker, unless this is the last try and a remote prefill already failed."""
-        if state.remote_prefill_failed and state.retries_left == 0:
+        """The policy wants a prefill worker, unless this is the last try and a remote prefill already failed, or
+        the automatic placement chose the decode worker for this attempt."""
+        if state.placed_locally or (state.remote_prefill_failed and state.retries_left == 0):
             return False
         prefill_available = bool(self._alive("prefill"))
         return not self.policy.prefill_locally(self._routing_request(state), decode, prefill_available)
+
+    def _prefill_pool_saturated(self, decode: WorkerInfo, state: _RequestState) -> bool:
+        """--auto-prefill-ttft-ms: every prefill worker would keep this prompt waiting too long, and ``decode`` has
+        room for it (see policy.prefill_pool_saturated)."""
+        request = self._routing_request(state)
+        candidates = [w for w in self._alive("prefill") if w.worker_id not in state.failed]
+        waits = [self.prefill_load.predicted_wait_s(w.worker_id, request.uncached_on(w)) for w in candidates]
+        return prefill_pool_saturated(waits, self.config.auto_prefill_ttft_ms,
+                                      self.local_prefill_load.tokens_in_flight(decode.worker_id),
+                                      request.uncached_on(decode), self.config.local_prefill_budget_tokens)
 
     async def _prefix_hits(self, state: _RequestState) -> dict[str, int]:
         """Leading prompt blocks each prefill worker holds in its prefix cache (from the Redis index)."""

@@ -43,6 +43,10 @@ class RoutingRequest:
         """Leading prompt blocks cached on ``worker``, capped at the prompt's length in blocks."""
         return min(self.prefix_hits.get(worker.worker_id, 0), self.num_prompt_blocks)
 
+    def uncached_on(self, worker: WorkerInfo) -> int:
+        """Prompt tokens ``worker`` would compute: the prompt minus its cached leading blocks, never below 0."""
+        return max(self.num_prompt_tokens - self.hits_on(worker) * worker.block_size, 0)
+
 
 # ---------------------------------------------------------------------------------------------- filters
 
@@ -298,6 +302,19 @@ def should_prefill_locally(
     """
     if not prefill_available:
         return True
-    cached_tokens = request.hits_on(decode_worker) * decode_worker.block_size
-    uncached = max(request.num_prompt_tokens - cached_tokens, 0)
-    return uncached <= local_prefill_max_tokens
+    return request.uncached_on(decode_worker) <= local_prefill_max_tokens
+
+
+def prefill_pool_saturated(predicted_waits_s: Sequence[float | None], target_ms: float, local_tokens_in_flight: int,
+                           uncached_local: int, local_budget_tokens: int) -> bool:
+    """Automatic placement: True when the decode worker should prefill this prompt although prefill workers exist.
+
+    That is when the mode is on (``target_ms`` > 0), every prefill worker's predicted wait is known and above
+    ``target_ms``, and the decode worker's own prefill work stays within ``local_budget_tokens`` with this prompt
+    (so its running streams lose at most that much to prefill at once).
+    """
+    if target_ms <= 0 or not predicted_waits_s or any(wait is None for wait in predicted_waits_s):
+        return False
+    if min(predicted_waits_s) * 1e3 <= target_ms:
+        return False
+    return local_tokens_in_flight + uncached_local <= local_budget_tokens

@@ -105,11 +105,11 @@ def test_shape_folder_has_the_shape_and_the_tokenizer(smollm2_dir, tmp_path):
     assert (folder / "tokenizer.json").is_file() and not list(folder.glob("*.safetensors"))
 
 
-def test_layouts_skip_vllm_without_its_bundle_and_name_auto_as_missing(monkeypatch, tmp_path, capsys):
+def test_layouts_skip_vllm_without_its_bundle_and_refuse_unknown_names(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(pd_goodput, "VLLM_SITE", tmp_path / "absent")
     assert [layout.name for layout in chosen_layouts("1p1d,vllm-dp2,0p2d")] == ["1p1d", "0p2d"]
     assert "skipping vllm-dp2" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="'auto' is not there yet"):
+    with pytest.raises(SystemExit, match="unknown layout 'auto'"):
         chosen_layouts("auto")
 
 

@@ -24,6 +24,7 @@ from common.coord.worker_info import WorkerInfo
 from common.engine.sampling_params import SamplingParams
 from proto import worker_pb2
 from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator, TokenEvent
+from services.router.prefill_load import PrefillLoad
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -510,4 +511,28 @@ async def test_one_budget_is_shared_by_prefill_transfer_and_decode_failures():
     assert d0.calls == {"Reserve": 1, "Release": 1, "Generate": 1}
     assert d1.calls == {}
     assert retries == ["prefill_failed", "kv_transfer_failed", "decode_failed"]
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_automatic_placement_prefills_on_the_decode_worker_when_the_prefill_pool_is_saturated():
+    cluster = FakeCluster(num_prefill=1, num_decode=1)
+    (prefill,), (decode,) = cluster.prefills, cluster.decodes
+    config = RouterConfig(local_prefill_max_tokens=4, auto_prefill_ttft_ms=100, local_prefill_budget_tokens=64)
+    orchestrator = Orchestrator(MODEL, config, TransferConfig(), cluster.watcher, None, stubs=cluster.stub)
+    assert tokens_of(await collect(orchestrator)) == expected_tokens(PROMPT, MAX_TOKENS)  # rate unknown: remote
+    assert prefill.calls == {"Prefill": 1}
+    clock = iter([0.0, 1.0, 1.0, *[1.0] * 100])
+    load = orchestrator.prefill_load = PrefillLoad(lambda: next(clock))
+    load.start("p0", 8192)  # as if the worker had done 8,192 tokens in 1 s and had 1,000 queued
+    load.finish("p0", 8192, completed=True)
+    load.start("p0", 1000)  # predicted wait for the prompt: (1000 + 20) / 8192 s > 100 ms
+    events = await collect(orchestrator)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert prefill.calls == {"Prefill": 1}  # not asked again
+    assert decode.generate_calls[-1][0].reservation_id == ""  # the decode worker prefilled it
+    assert orchestrator.local_prefill_load.tokens_in_flight("d0") == 0
+    load.finish("p0", 1000, completed=False)
+    events = await collect(orchestrator)  # the queue drained: remote again
+    assert prefill.calls == {"Prefill": 2}
     cluster.assert_nothing_held()
