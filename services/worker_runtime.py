@@ -35,6 +35,7 @@ from proto import worker_pb2_grpc
 from services.worker_http import WorkerHealth, WorkerHttpServer
 
 logger = logging.getLogger(__name__)
+EXIT_ENGINE_DIED = 3  # the worker's exit code when its engine died under it
 
 
 class WorkerRuntime:
@@ -186,7 +187,7 @@ async def _run_registered(runtime: WorkerRuntime, server: grpc.aio.Server, healt
     prefix = PrefixPublisher(client, settings.coord, runtime.worker_id) if runtime.role == "prefill" else None
     registration = WorkerRegistration(client, settings.coord, runtime.info, prefix=prefix)
     stop = _stop_event()
-    stats_task = asyncio.create_task(_refresh_forever(runtime, prefix, settings.coord.heartbeat_s))
+    stats_task = asyncio.create_task(_refresh_forever(runtime, prefix, settings.coord.heartbeat_s, stop))
     await runtime.refresh_stats(prefix)
     await registration.start()
     runtime.health.registered = True
@@ -211,25 +212,34 @@ async def _run_registered(runtime: WorkerRuntime, server: grpc.aio.Server, healt
         runtime.metrics_port,
     )
     await stop.wait()
-    logger.info("%s %s draining", runtime.role, runtime.worker_id)
+    engine_alive = runtime.engine.is_alive
+    logger.info("%s %s %s", runtime.role, runtime.worker_id, "draining" if engine_alive else "leaving: engine died")
     runtime.draining = True
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await registration.set_draining()
     await registration.stop()
-    drained = await runtime.wait_idle(settings.worker.drain_timeout_s)
+    drained = engine_alive and await runtime.wait_idle(settings.worker.drain_timeout_s)
     stats_task.cancel()
     await server.stop(grace=1.0)
     if hasattr(servicer, "close"):
         await servicer.close()
     runtime.engine.shutdown()
     await client.aclose()
-    logger.info("%s %s stopped (%s)", runtime.role, runtime.worker_id, "drained" if drained else "drain timed out")
-    return 0
+    logger.info("%s %s stopped (%s)", runtime.role, runtime.worker_id, "drained" if drained else "not drained")
+    return 0 if engine_alive else EXIT_ENGINE_DIED
 
 
-async def _refresh_forever(runtime: WorkerRuntime, prefix: PrefixPublisher | None, period_s: float) -> None:
+async def _refresh_forever(
+    runtime: WorkerRuntime, prefix: PrefixPublisher | None, period_s: float, stop: asyncio.Event
+) -> None:
+    """Stats for the heartbeat; a dead engine (its process killed, its thread crashed) stops the worker, so it
+    leaves the registry and exits non-zero for its supervisor to restart, instead of failing every request."""
     while True:
         await asyncio.sleep(period_s / 2)
+        if not runtime.engine.is_alive:
+            logger.error("%s %s: the engine is gone; leaving the cluster", runtime.role, runtime.worker_id)
+            stop.set()
+            return
         try:
             await runtime.refresh_stats(prefix)
         except Exception:  # noqa: BLE001 - a missed refresh only delays the heartbeat's numbers

@@ -15,6 +15,9 @@ MAX_LOGPROBS = 20
 """Most alternatives a request may ask for per position (OpenAI's limit, vLLM's default)."""
 
 MAX_LOGIT_BIAS = 100.0
+# Integer fields travel as int32 (seed as int64) between router and workers: larger values are the client's error.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class SamplingParams:
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
         if self.seed is not None:
-            _require_int("seed", self.seed)
+            _require_int("seed", self.seed, INT64_MAX)
 
     def _validate_penalties(self) -> None:
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -102,6 +105,8 @@ class SamplingParams:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
             if token_id < 0:
                 raise ValueError(f"logit_bias token ids must be non-negative, got {token_id}")
+            if token_id > INT32_MAX:
+                raise ValueError(f"logit_bias token ids must be at most {INT32_MAX}, got {token_id}")
 
     def _validate_lengths(self) -> None:
         if self.max_tokens is not None:
@@ -131,6 +136,8 @@ class SamplingParams:
         for token_id in self.stop_token_ids:
             if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
                 raise ValueError(f"stop_token_ids must be non-negative ints, got {token_id!r}")
+            if token_id > INT32_MAX:
+                raise ValueError(f"stop_token_ids must be at most {INT32_MAX}, got {token_id}")
 
     # -- queries ---------------------------------------------------------------------------------------
 
@@ -163,9 +170,12 @@ class SamplingParams:
                 raise ValueError(f"token id {token_id} is out of vocabulary (size {vocab_size})")
 
 
-def _require_int(name: str, value: object) -> None:
+def _require_int(name: str, value: object, limit: int = INT32_MAX) -> None:
+    """An int within [-limit - 1, limit]: the wire (proto/worker.proto) carries these fields as int32 (seed: int64)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not -limit - 1 <= value <= limit:
+        raise ValueError(f"{name} must be at most {limit} in magnitude, got {value}")
 
 
 def _normalize_logit_bias(bias: Mapping[Any, Any]) -> dict[int, float]:

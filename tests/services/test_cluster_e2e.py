@@ -7,12 +7,15 @@ afterwards every live worker's free-block count is back where it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -21,6 +24,7 @@ import pytest
 from common.engine import LLM, SamplingParams
 from proto import worker_pb2, worker_pb2_grpc
 from services.cluster import LocalCluster
+from services.worker_runtime import EXIT_ENGINE_DIED
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -181,6 +185,35 @@ def test_decode_killed_mid_stream_migrates_without_losing_a_token(tmp_path, refe
             if len(events) == 3:
                 cluster.kill(survivor.worker_id)
         assert "error" in events[-1] and "decode" in events[-1]["error"]["message"]
+        assert_no_leak(cluster)
+
+
+def engine_process_of(worker_pid: int) -> int:
+    """The decode worker's engine child (multiprocessing spawn), found in /proc."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == worker_pid and b"spawn_main" in cmdline:
+                return int(stat.parent.name)
+    raise AssertionError(f"worker {worker_pid} has no engine process")
+
+
+def test_a_killed_engine_process_takes_its_decode_worker_out_and_streams_migrate(tmp_path, reference):
+    with start_cluster(tmp_path, 1, 2) as cluster:
+        prompt = chat_prompt(QUESTIONS[3])
+        tokens, workers, victim = [], [], None
+        for event in stream(cluster.router_url, prompt, 64):
+            assert "error" not in event, event
+            tokens.extend(event["token_ids"])
+            workers.append(event["worker_id"])
+            if victim is None and len(tokens) >= 10:
+                victim = cluster.workers[workers[-1]]
+                os.kill(engine_process_of(victim.popen.pid), signal.SIGKILL)
+        assert tokens == reference[prompt][:64]
+        assert len(set(workers)) == 2  # the stream moved to the other decode worker
+        assert victim.popen.wait(timeout=30) == EXIT_ENGINE_DIED  # it left instead of failing every request
+        assert generate(cluster.router_url, prompt)["token_ids"] == reference[prompt][:MAX_TOKENS]
         assert_no_leak(cluster)
 
 

@@ -218,3 +218,25 @@ async def test_metrics_count_generate_requests_under_their_endpoint(router):
     assert f"tandem_time_to_first_token_seconds_count{{{labels}}} 2.0" in text
     assert f"tandem_generation_tokens_total{{{labels}}} 6.0" in text
     assert f'tandem_request_errors_total{{{labels},status="400"}} 1.0' in text
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/generate", {"prompt": "hi", "max_tokens": 2**31}, "max_tokens"),
+        ("/generate", {"prompt": "hi", "top_k": 2**31}, "top_k"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, "seed"),
+        ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2**31}, "max_tokens"),
+        ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                  "max_completion_tokens": 2**40}, "max_completion_tokens"),
+    ],
+)
+async def test_integers_beyond_the_wire_types_are_400s_naming_the_field(router, path, body, param):
+    """int32 / int64 on the way to the workers: a larger value is the client's error, never a 500."""
+    http, gateway = router
+    response = await http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param or param in error["message"], error
+    assert gateway.orchestrator.requests == []
