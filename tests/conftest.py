@@ -1,4 +1,6 @@
-"""Test-wide setup: skip `gpu` tests without CUDA; run Triton kernels in the interpreter on CPU."""
+"""Test-wide setup: skip `gpu` tests without CUDA; run Triton kernels in the interpreter on CPU; under CI, a skip
+for any other reason (a missing tool, package or file) fails the test, since CI installs everything itself and a
+skip there would hide a broken install step."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 import pytest
 
 _CUDA = pytest.StashKey[bool]()  # whether CUDA is usable, decided once per session
+# The only skips CI accepts: the machine has no GPU (or fewer than a test needs).
+_HARDWARE_SKIP_WORDS = ("CUDA", "GPU")
 
 
 def _cuda_available() -> bool:
@@ -31,3 +35,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2]) if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def is_hardware_skip(reason: str) -> bool:
+    return any(word in reason for word in _HARDWARE_SKIP_WORDS)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if not os.environ.get("CI") or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = _skip_reason(report)
+    if not is_hardware_skip(reason):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI ({reason}): CI installs every tool and file the suite needs"
