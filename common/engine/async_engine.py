@@ -159,16 +159,21 @@ class AsyncEngine:
             command()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand one step's outputs over with one wake-up per event loop, not one per request (each wake-up is a
-        syscall and a GIL hand-off that the next step would otherwise wait behind)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
-        for output in outputs:
-            target = self._streams.get(output.request_id)
-            if target is not None:
-                loop, stream = target
-                batches.setdefault(loop, []).append((stream, output))
-        for loop, batch in batches.items():
-            loop.call_soon_threadsafe(put_all, batch)
+        deliver_step(self._streams, outputs)
+
+
+def deliver_step(streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]],
+                 outputs: list[RequestOutput]) -> None:
+    """Hand one step's outputs to their streams with one wake-up per event loop, not one per request (each
+    wake-up is a syscall and a GIL hand-off that the next step would otherwise wait behind)."""
+    batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    for output in outputs:
+        target = streams.get(output.request_id)
+        if target is not None:
+            loop, stream = target
+            batches.setdefault(loop, []).append((stream, output))
+    for loop, batch in batches.items():
+        loop.call_soon_threadsafe(put_all, batch)
 
 
 def put_all(batch: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -30,7 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from common.config import EngineConfig
-from common.engine.async_engine import EngineClosedError, put_all, set_future_exception, set_future_result
+from common.engine.async_engine import EngineClosedError, deliver_step, set_future_exception, set_future_result
 from common.engine.engine import LLMEngine
 from common.engine.outputs import RequestOutput
 from common.engine.stats import EngineStats, StepClock
@@ -312,7 +312,7 @@ class EngineProcess:
     def _dispatch(self, message: Any) -> None:
         if isinstance(message, EngineStep):
             self.step_clock = message.clock
-            self._deliver(message.outputs)
+            deliver_step(self._streams, message.outputs)
         elif isinstance(message, EngineReply):
             loop, future = self._calls.pop(message.call_id)
             if message.error is not None:
@@ -321,15 +321,6 @@ class EngineProcess:
                 loop.call_soon_threadsafe(set_future_result, future, message.result)
         elif isinstance(message, EngineFailed):
             self._fail(EngineClosedError(f"engine crashed: {message.error}"))
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
-        for output in outputs:
-            target = self._streams.get(output.request_id)
-            if target is not None:
-                batches.setdefault(target[0], []).append((target[1], output))
-        for loop, batch in batches.items():
-            loop.call_soon_threadsafe(put_all, batch)
 
     def _fail(self, error: BaseException) -> None:
         if self._error is not None:
