@@ -533,6 +533,7 @@ def parse_generate(body: bytes | str | Mapping[str, Any]) -> _GenerateRequest:
 
 def _parse(model: type[BaseModel], body: bytes | str | Mapping[str, Any]) -> Any:
     data = _decode_json(body) if isinstance(body, bytes | bytearray | str) else body
+    _reject_lone_surrogates(data)
     try:
         return model.model_validate(data)
     except ValidationError as error:
@@ -552,6 +553,25 @@ def _decode_json(body: bytes | bytearray | str) -> Any:
             "We could not parse the JSON body of your request. The API expects a JSON payload, "
             "but what was sent was not valid JSON."
         ) from None
+
+
+def _reject_lone_surrogates(data: Any, loc: tuple[str | int, ...] = ()) -> None:
+    """JSON may escape half of a UTF-16 pair ("\\ud800"); such text cannot be encoded, tokenized or detokenized,
+    so it is the client's error (400, naming where it is), never a 500 further in."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError as error:
+            path = _path(loc)
+            raise ProtocolError(f"{path}: contains a lone UTF-16 surrogate "
+                                f"({data[error.start]!r}); text must be valid Unicode", param=path or None) from None
+    elif isinstance(data, Mapping):
+        for key, value in data.items():
+            _reject_lone_surrogates(key, loc)
+            _reject_lone_surrogates(value, (*loc, key))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            _reject_lone_surrogates(value, (*loc, index))
 
 
 def _protocol_error(error: ValidationError) -> ProtocolError:

@@ -240,3 +240,30 @@ async def test_integers_beyond_the_wire_types_are_400s_naming_the_field(router, 
     error = response.json()["error"]
     assert error["param"] == param or param in error["message"], error
     assert gateway.orchestrator.requests == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/generate", b'{"prompt": "a\\ud800b", "max_tokens": 4}', "prompt"),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": ["ok", "a\\ud800b"], "max_tokens": 4}', "prompt[1]"),
+        ("/v1/chat/completions",
+         b'{"model": "fake-model", "messages": [{"role": "user", "content": "x\\udc00"}]}', "messages[0].content"),
+        ("/v1/completions", b'{"model": "fake-model", "prompt": "ab", "stop": ["\\ud800"]}', "stop[0]"),
+    ],
+)
+async def test_a_lone_surrogate_is_a_400_naming_where_it_is(router, path, body, param):
+    http, gateway = router
+    response = await http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert gateway.orchestrator.requests == []
+
+
+@pytest.mark.asyncio
+async def test_a_surrogate_pair_is_ordinary_text(router):
+    http, _ = router
+    body = b'{"model": "fake-model", "prompt": "smile \\ud83d\\ude00", "max_tokens": 2}'
+    response = await http.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 200, response.text
