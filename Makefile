@@ -99,7 +99,8 @@ serve: $(STAMP)
 	.venv/bin/tandem serve --model $(MODEL) $(ARGS)
 
 bench:
-	@echo "Benchmarks live in benchmarks/ (see benchmarks/RESULTS.md once they land)."
+	@echo "Benchmarks live in benchmarks/: their figures, with date, machine, commit and command, are in benchmarks/RESULTS.md;"
+	@echo "the product's measure is benchmarks/pd_goodput.py (goodput of each pool layout, beside vLLM on the same GPUs)."
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
