@@ -12,8 +12,9 @@ from services.prefill.service import PrefillService
 from services.worker_runtime import serve_worker
 
 SERVICES = {"prefill": PrefillService, "decode": DecodeService}
-# The engine thread gives the GIL up at every torch call and must win it back from the gRPC thread; at
-# CPython's default 5 ms switch interval one decode step (~5 ms of GPU time) could wait that long several times.
+# Where the engine runs on a thread of this process (prefill workers, `--engine-in-thread`), it gives the GIL up
+# at every torch call and must win it back from the gRPC thread; at CPython's default 5 ms switch interval one
+# step could wait that long several times. (A decode worker's engine has its own process and GIL.)
 ENGINE_GIL_SWITCH_INTERVAL_S = 0.0002
 
 

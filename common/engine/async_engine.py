@@ -83,23 +83,14 @@ class AsyncEngine:
         outputs: asyncio.Queue = asyncio.Queue()
 
         def start(engine: LLMEngine) -> str:
-            started = fn(engine, *args, **kwargs)
-            if started != request_id:
-                engine.abort_request(started)
-                raise RuntimeError(f"the engine started {started!r}, not {request_id!r}")
-            return self._register(started, loop, outputs)
+            return self._register(start_request(engine, request_id, fn, args, kwargs), loop, outputs)
 
         await self.call(start)
         finished = False
         try:
-            while True:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
+            async for item in outputs_until_finished(outputs):
                 finished = item.finished
                 yield item
-                if finished:
-                    return
         finally:
             self._streams.pop(request_id, None)
             if not finished and self.is_alive:
@@ -160,6 +151,27 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         deliver_step(self._streams, outputs)
+
+
+def start_request(engine: LLMEngine, request_id: str, fn: Callable[..., str], args: tuple, kwargs: dict) -> str:
+    """Run a stream's start call on the engine side; it must start exactly ``request_id`` (its outputs are routed
+    by that id), else what it started is aborted and this raises."""
+    started = fn(engine, *args, **kwargs)
+    if started != request_id:
+        engine.abort_request(started)
+        raise RuntimeError(f"the engine started {started!r}, not {request_id!r}")
+    return started
+
+
+async def outputs_until_finished(outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    """A stream's queued outputs up to its finished one; an exception put in the queue is raised here."""
+    while True:
+        item = await outputs.get()
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finished:
+            return
 
 
 def deliver_step(streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pickle
 import signal
 import threading
 import time
@@ -30,7 +31,14 @@ import torch
 import torch.multiprocessing as mp
 
 from common.config import EngineConfig
-from common.engine.async_engine import EngineClosedError, deliver_step, set_future_exception, set_future_result
+from common.engine.async_engine import (
+    EngineClosedError,
+    deliver_step,
+    outputs_until_finished,
+    set_future_exception,
+    set_future_result,
+    start_request,
+)
 from common.engine.engine import LLMEngine
 from common.engine.outputs import RequestOutput
 from common.engine.stats import EngineStats, StepClock
@@ -131,7 +139,10 @@ class _EngineLoop:
             self.engine.abort_request(message.request_id)
             return
         try:
-            result = message.fn(self.engine, *message.args, **message.kwargs)
+            if message.stream_id is None:
+                result = message.fn(self.engine, *message.args, **message.kwargs)
+            else:
+                result = start_request(self.engine, message.stream_id, message.fn, message.args, message.kwargs)
         except Exception as error:  # noqa: BLE001 - handed to the caller
             self.conn.send(EngineReply(message.call_id, error=_picklable(error)))
             return
@@ -155,8 +166,6 @@ class _EngineLoop:
 
 def _picklable(error: Exception) -> Exception:
     try:
-        import pickle
-
         pickle.dumps(error)
     except Exception:  # noqa: BLE001 - any pickling failure: send its text instead
         return RuntimeError(f"{type(error).__name__}: {error}")
@@ -245,13 +254,8 @@ class EngineProcess:
         try:
             future: asyncio.Future[str] = loop.create_future()
             self._send(EngineCall(self._register_call(loop, future), fn, args, kwargs, stream_id=request_id))
-            started = await future
-            if started != request_id:
-                raise RuntimeError(f"the engine started {started!r}, not {request_id!r}")
-            while not finished:
-                item = await outputs.get()
-                if isinstance(item, BaseException):
-                    raise item
+            await future
+            async for item in outputs_until_finished(outputs):
                 finished = item.finished
                 yield item
         finally:
