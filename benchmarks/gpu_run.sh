@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one call: bash benchmarks/gpu_run.sh STAGE... (logs and JSON under $OUT).
-# Stages: tests (gpu-marked kernel + engine tests), kernels (attention micro-benchmark), w1 | w2 | latency |
+# Stages: tests (gpu-marked kernel + engine tests), async | sync (W1, W2, batch-1 latency with async scheduling
+# on | off), kernels (attention micro-benchmark), w1 | w2 | latency |
 # prefill | preempt (throughput.py on the 8B shape), small (SmolLM2 shape W1+W2), hf (HF baseline on W1),
 # vllm (the peer, after the bundle is unpacked to /tmp/vllm-site), gateway (router vs direct gRPC streams),
 # goodput | goodput-s2 (benchmarks/pd_goodput.py on S1 | S2: Tandem 1P1D, 0P2D and vLLM DP2 when /tmp/vllm-site is
@@ -21,13 +22,17 @@ run() {  # run NAME TIMEOUT_S CMD...: log to $OUT/NAME.log, keep the last lines 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 for stage in "$@"; do
   case $stage in
-    tests) run tests 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels tests/common/engine/test_gpu_path.py ;;
+    tests) run tests 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels tests/common/engine/test_gpu_path.py tests/common/transfer ;;
     gpupath) run gpupath 300 python3 -m pytest -q -s -p no:cacheprovider tests/common/engine/test_gpu_path.py ;;
     breakdown) run breakdown 300 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown --json "$OUT/breakdown.json" ;;
     kernels) run kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json" ;;
     w1|w2|latency|prefill|preempt)
       wl=$stage; case $stage in w1|w2) wl=$(echo "$stage" | sed "s/^w/W/")-breakdown ;; esac
       run "$stage" 480 python3 -m benchmarks.throughput --shape llama8b --workloads "$wl" --json "$OUT/$stage.json" ;;
+    sync) run sync 480 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown,W2,latency \
+            --no-async-scheduling --json "$OUT/sync.json" ;;
+    async) run async 480 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown,W2,latency \
+             --json "$OUT/async.json" ;;
     fast) run fast 560 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown,latency,prefill --json "$OUT/fast.json" ;;
     small) run small 300 python3 -m benchmarks.throughput --shape smollm2 --workloads W1,W2 --json "$OUT/small.json" ;;
     vllm) run vllm 560 env PYTHONPATH="/tmp/vllm-site:$PYTHONPATH" VLLM_USE_FLASHINFER_SAMPLER=0 \

@@ -64,7 +64,7 @@ def generate_one(llm: LLM):
 class StepBreakdown:
     """Wall time per engine phase over one workload, by wrapping the engine's methods (this run only)."""
 
-    PHASES = (("scheduler", "schedule"), ("runner", "execute"), ("engine", "_process"))
+    PHASES = (("scheduler", "schedule"), ("runner", "launch"), ("engine", "_apply"))
 
     def __init__(self, llm: LLM) -> None:
         self.seconds: dict[str, float] = {}
@@ -77,7 +77,7 @@ class StepBreakdown:
         graphs = engine.runner.decode_graphs
         if graphs is not None:
             self._wrap(graphs, "run", "graphs.run (fill + launch)")
-        self._wrap(engine.runner, "_sample", "runner._sample (logits, argmax, sync)")
+        self._wrap(engine.runner, "_sample", "runner._sample (logits, argmax; no sync)")
 
     def _wrap(self, owner, method: str, label: str) -> None:
         original = getattr(owner, method)
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="each step waits for the previous one")
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -148,6 +149,7 @@ def main() -> None:
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        async_scheduling=not args.no_async_scheduling,
     )
     memory = llm.engine.memory
     report = {
@@ -162,6 +164,7 @@ def main() -> None:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "cuda_graphs": not args.enforce_eager,
+        "async_scheduling": not args.no_async_scheduling,
         "runs": [],
     }
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)

@@ -56,6 +56,9 @@ class SchedulerConfig:
     max_num_seqs: int = setting(256, help="default: %(default)s")
     max_num_batched_tokens: int = setting(2048, help="token budget of one step (default: %(default)s)")
     enable_chunked_prefill: bool = setting(True, help="split long prompts over steps", cli=False)
+    async_scheduling: bool = setting(True, flag="--no-async-scheduling", negated=True,
+                                     help="schedule each step only after the previous one's tokens reached the "
+                                          "host (by default the host prepares step N+1 while the GPU runs N)")
 
 
 # The engine's three parts, in the order the command line lists their flags.

@@ -129,7 +129,7 @@ class AsyncEngine:
                     if outputs:
                         self.step_clock.record(time.perf_counter() - started, len(outputs))
                     self._deliver(outputs)
-                    if not outputs:  # nothing schedulable now (e.g. blocks pinned by reservations)
+                    if not outputs and not self.engine.step_in_flight:  # nothing schedulable now
                         self._wake.wait(timeout=0.005)
                         self._wake.clear()
                 else:

@@ -4,6 +4,10 @@ A decode step of B sequences runs the graph captured for the smallest bucket >= 
 that write no KV (slot -1) and attend over nothing (seq_len 0). Inputs live in static device buffers that
 are filled from pinned host staging buffers, so a replay costs one launch and a few async copies and the
 host never waits for the device until the sampled token ids are read.
+
+The staging buffers come in two sets used in turn: with async scheduling the host fills step N+1's inputs
+while step N's uploads may not have run yet, so a set is refilled only after the event behind its previous
+uploads has completed (two steps ago: in practice never a wait).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,29 +45,54 @@ class DecodeBatch:
     block_tables: list[tuple[int, ...]]
 
 
+class _HostStaging:
+    """One set of pinned host buffers for the static inputs, and the event behind its last uploads."""
+
+    def __init__(self, max_batch: int, max_blocks_per_seq: int) -> None:
+        def pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype).pin_memory()
+
+        self.ids = pinned((max_batch,), torch.int64)
+        self.positions = pinned((max_batch,), torch.int64)
+        self.slots = pinned((max_batch,), torch.int64)
+        self.seq_lens = pinned((max_batch,), torch.int32)
+        self.tables = pinned((max_batch, max_blocks_per_seq), torch.int32)
+        self.uploaded: torch.cuda.Event | None = None
+
+    def wait_free(self) -> None:
+        """Block until the device has read this set's previous contents."""
+        if self.uploaded is not None:
+            self.uploaded.synchronize()
+
+
 class _StaticInputs:
-    """Device buffers the graphs read, and the pinned host copies they are filled from."""
+    """Device buffers the graphs read, and two sets of pinned host copies they are filled from in turn."""
 
     def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
-        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            return torch.zeros(shape, dtype=dtype).pin_memory(), torch.zeros(shape, dtype=dtype, device=device)
+        def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.host_ids, self.input_ids = pair((max_batch,), torch.int64)
-        self.host_positions, self.positions = pair((max_batch,), torch.int64)
-        self.host_slots, self.slot_mapping = pair((max_batch,), torch.int64)
-        self.host_seq_lens, self.seq_lens = pair((max_batch,), torch.int32)
-        self.host_tables, self.block_tables = pair((max_batch, max_blocks_per_seq), torch.int32)
+        self.input_ids = zeros((max_batch,), torch.int64)
+        self.positions = zeros((max_batch,), torch.int64)
+        self.slot_mapping = zeros((max_batch,), torch.int64)
+        self.seq_lens = zeros((max_batch,), torch.int32)
+        self.block_tables = zeros((max_batch, max_blocks_per_seq), torch.int32)
         self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
+        self._staging = [_HostStaging(max_batch, max_blocks_per_seq) for _ in range(2)]
+        self._turn = 0
 
     def fill(self, batch: DecodeBatch, bucket: int) -> None:
         """Copy one step's rows in and pad rows [B, bucket) so they write and read nothing."""
+        staging = self._staging[self._turn]
+        self._turn ^= 1
+        staging.wait_free()
         size = len(batch.token_ids)
         width = max(len(table) for table in batch.block_tables)
         ids, positions, slots, seq_lens = (
-            self.host_ids.numpy(),
-            self.host_positions.numpy(),
-            self.host_slots.numpy(),
-            self.host_seq_lens.numpy(),
+            staging.ids.numpy(),
+            staging.positions.numpy(),
+            staging.slots.numpy(),
+            staging.seq_lens.numpy(),
         )
         ids[:size], positions[:size], slots[:size], seq_lens[:size] = (
             batch.token_ids,
@@ -71,18 +101,20 @@ class _StaticInputs:
             batch.seq_lens,
         )
         ids[size:bucket], positions[size:bucket], slots[size:bucket], seq_lens[size:bucket] = 0, 0, -1, 0
-        tables = self.host_tables.numpy()
+        tables = staging.tables.numpy()
         for row, table in enumerate(batch.block_tables):
             tables[row, : len(table)] = table
         for host, device in (
-            (self.host_ids, self.input_ids),
-            (self.host_positions, self.positions),
-            (self.host_slots, self.slot_mapping),
-            (self.host_seq_lens, self.seq_lens),
+            (staging.ids, self.input_ids),
+            (staging.positions, self.positions),
+            (staging.slots, self.slot_mapping),
+            (staging.seq_lens, self.seq_lens),
         ):
             device[:bucket].copy_(host[:bucket], non_blocking=True)
         # Columns past a row's length are stale but never read: kernels stop at ceil(seq_len / block_size).
-        self.block_tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        self.block_tables[:size, :width].copy_(staging.tables[:size, :width], non_blocking=True)
+        staging.uploaded = torch.cuda.Event()
+        staging.uploaded.record()
 
     def metadata(self, bucket: int, block_size: int, num_decode_splits: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -100,9 +132,8 @@ class _StaticInputs:
 class DecodeGraphs:
     """Captures the forward once per bucket; ``run`` replays the right one.
 
-    Invariant: a pending step's host staging buffers are not refilled before its graph has been replayed
-    and its outputs read (the caller reads the sampled ids, which waits for the device), so the async
-    host-to-device copies never race the next fill.
+    Invariant: a staging set is refilled only after the device has read its previous contents (its event),
+    so the async host-to-device copies never race the next fill, however far the host runs ahead.
     """
 
     def __init__(
@@ -164,11 +195,16 @@ class DecodeGraphs:
             used / 2**20,
         )
 
-    def run(self, batch: DecodeBatch) -> torch.Tensor:
-        """Hidden states ``[B, hidden]`` of one pure-decode step (a view into the graph's output)."""
+    def run(self, batch: DecodeBatch, patch: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Hidden states ``[B, hidden]`` of one pure-decode step (a view into the graph's output).
+
+        ``patch(input_ids)`` runs on the device after the upload, before the replay (input ids still on the device).
+        """
         size = len(batch.token_ids)
         bucket = self.bucket_for(size)
         self.inputs.fill(batch, bucket)
+        if patch is not None:
+            patch(self.inputs.input_ids)
         graph, hidden = self._graphs[bucket]
         graph.replay()
         return hidden[:size]

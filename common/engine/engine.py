@@ -3,10 +3,22 @@
 LLMEngine is the public entry point and wires its collaborators: model_loading (startup), request_validation,
 request_lifecycle (admission, forks, aborts), sampled_tokens (per-step results, stops) and kv_transfer
 (the disaggregated pools' reservations and KV import/export).
+
+Async scheduling (the default): ``step`` schedules and launches step N+1, then applies step N's tokens, so the
+host's work (scheduling, input preparation, detokenizing, stop checks, outputs) overlaps the GPU's. The
+scheduler counts N's tokens as pending; N+1 takes them on the device. Invariants:
+- A request that finishes (or is aborted) while a later step holds a row for it simply has that row's
+  result dropped; the row only ever wrote KV into blocks the request owned when it was scheduled.
+- Such blocks may be free while that step still runs: a KV reservation that gets one waits for the step
+  first (``reserve_blocks``), because imports write from another stream or process.
+- A step with a request whose next step needs host-side history (``Request.needs_host_tokens``: penalties,
+  min_tokens, forking, KV export) is applied before the next one is scheduled, as without async scheduling.
+Greedy output is identical either way; only a stop is noticed one step later (one discarded row).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -17,7 +29,7 @@ from common.engine.block_pool import BlockPool
 from common.engine.kv_cache_manager import KVCacheManager
 from common.engine.kv_transfer import KVTransfer
 from common.engine.model_loading import load_model_and_kv_cache, log_engine_ready
-from common.engine.model_runner import ModelRunner
+from common.engine.model_runner import LaunchedStep, ModelRunner
 from common.engine.output_processor import RequestGroup
 from common.engine.outputs import RequestOutput
 from common.engine.request_lifecycle import RequestLifecycle
@@ -25,7 +37,7 @@ from common.engine.request_validation import RequestValidator
 from common.engine.sampled_tokens import SampledTokenApplier
 from common.engine.sampler import Sampler
 from common.engine.sampling_params import SamplingParams
-from common.engine.scheduler import Scheduler
+from common.engine.scheduler import Scheduler, SchedulerOutput
 from common.engine.stats import EngineStats, EngineStatsRecorder
 
 
@@ -38,6 +50,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
+        self._in_flight: LaunchedStep | None = None
         self.config = config
         loaded = load_model_and_kv_cache(config)
         self.device, self.model_path, self.hf_config = loaded.device, loaded.model_path, loaded.hf_config
@@ -98,12 +111,25 @@ class LLMEngine:
         self.requests.abort(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests.groups)
+        """Live requests, or a launched step whose results are still to be applied."""
+        return bool(self.requests.groups) or self._in_flight is not None
+
+    @property
+    def step_in_flight(self) -> bool:
+        """A launched step's results are still to come: the next ``step`` returns them, do not back off."""
+        return self._in_flight is not None
 
     # ----------------------------------------------------------------- disaggregation (see KVTransfer)
     def reserve_blocks(self, reservation_id: str, num_tokens: int) -> list[int]:
-        """Pin blocks for ``num_tokens`` tokens of arriving KV; ValueError when the pool cannot supply them now."""
-        return self.kv_transfer.reserve_blocks(reservation_id, num_tokens)
+        """Pin blocks for ``num_tokens`` tokens of arriving KV; ValueError when the pool cannot supply them now.
+
+        Returns only once no launched step can still write any of them (a block freed while a step that had
+        a row for its owner is in flight waits for that step).
+        """
+        block_ids = self.kv_transfer.reserve_blocks(reservation_id, num_tokens)
+        if self._in_flight is not None and not self.kv_cache_manager.recently_freed.isdisjoint(block_ids):
+            self._in_flight.wait()
+        return block_ids
 
     def release_reservation(self, reservation_id: str) -> None:
         """Return an unused reservation's blocks (lease expired, transfer failed, request aborted)."""
@@ -139,16 +165,49 @@ class LLMEngine:
         ``only_finished``: only requests that finished this step (offline callers that do not stream skip
         building a cumulative output per request per step).
         """
+        previous, self._in_flight = self._in_flight, None
+        self.kv_cache_manager.recently_freed.clear()  # only a step launched from now on can write what is freed
         step = self.scheduler.schedule()
-        if step.is_empty:
-            return []
-        started = time.monotonic()
-        result = self.runner.execute(step)
+        launched = None if step.is_empty else self._launch(step, previous)
+        outputs = self._apply(previous, only_finished) if previous is not None else []
+        if launched is None:
+            return outputs
+        if self.config.scheduler.async_scheduling and not _needs_host_tokens(step):
+            self._in_flight = launched
+            return outputs
+        return _latest_per_request(outputs + self._apply(launched, only_finished))
+
+    def _launch(self, step: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
+        launched = self.runner.launch(step, previous)
         self.scheduler.on_step_done(step)
+        for item in step.scheduled:
+            item.request.num_pending_tokens += item.completes_sequence
+        return launched
+
+    def _apply(self, launched: LaunchedStep, only_finished: bool) -> list[RequestOutput]:
+        """Bring a launched step's tokens to the host and apply them to the requests still live."""
+        result = launched.resolve()
+        for item in launched.step.scheduled:
+            item.request.num_pending_tokens -= item.completes_sequence
+        step = launched.step
+        if any(item.request.is_finished for item in step.scheduled):  # stopped or aborted meanwhile
+            step = dataclasses.replace(step, scheduled=tuple(i for i in step.scheduled if not i.request.is_finished))
         outputs = self.sampled_tokens.apply(step, result, only_finished)
-        self.stats_recorder.on_step(step, result, started)
+        self.stats_recorder.on_step(step, result, launched.started)
         return outputs
 
     def stats(self) -> EngineStats:
         """A snapshot of load, KV-cache occupancy and the cumulative counters (engine thread only)."""
         return self.stats_recorder.snapshot(self.scheduler, len(self.requests.groups))
+
+
+def _needs_host_tokens(step: SchedulerOutput) -> bool:
+    return any(item.request.needs_host_tokens for item in step.scheduled)
+
+
+def _latest_per_request(outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """One output per request (outputs are cumulative: the later one wins), in first-seen order."""
+    if len(outputs) < 2:
+        return outputs
+    latest = {output.request_id: output for output in outputs}
+    return list(latest.values()) if len(latest) < len(outputs) else outputs

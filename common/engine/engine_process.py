@@ -154,7 +154,8 @@ class _EngineLoop:
         started = time.perf_counter()
         outputs = self.engine.step()
         if not outputs:
-            self.conn.poll(_BLOCKED_POLL_S)
+            if not self.engine.step_in_flight:  # nothing schedulable now (e.g. blocks pinned by reservations)
+                self.conn.poll(_BLOCKED_POLL_S)
             return
         self.clock.record(time.perf_counter() - started, len(outputs))
         streamed = [output for output in outputs if output.request_id in self.streams]

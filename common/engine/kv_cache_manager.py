@@ -32,6 +32,8 @@ class KVCacheManager:
         self.num_queries = 0  # prefix-cache lookups in tokens
         self.num_hits = 0
         self._id_tuples: dict[str, tuple[int, ...]] = {}  # block_id_tuple's cache; dropped when a table goes
+        # Blocks requests returned since the engine last cleared it: a step still in flight may write them.
+        self.recently_freed: set[int] = set()
 
     def block_ids(self, request_id: str) -> list[int]:
         return [block.block_id for block in self.tables.get(request_id, ())]
@@ -133,6 +135,7 @@ class KVCacheManager:
         table = self.tables.pop(request.request_id, [])
         self._num_cached_blocks.pop(request.request_id, None)
         self._id_tuples.pop(request.request_id, None)
+        self.recently_freed.update(block.block_id for block in table)
         self.pool.free(reversed(table))
 
     def take_pending_copies(self) -> list[BlockCopy]:

@@ -1,19 +1,27 @@
 """Turns a SchedulerOutput into flat batch tensors, runs the model, and samples.
 
 Owns the KV-cache tensor: [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim].
+
+``launch`` enqueues a step and returns without waiting for the device; ``LaunchedStep.resolve`` brings its
+sampled tokens to the host. Async scheduling launches step N+1 before resolving step N: a sequence whose newest
+token is still on the device (sampled by N, not yet appended on the host) takes it as input straight from N's
+sampled-token tensor (a device-side gather), so the host never waits for N to build N+1.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs
+from common.engine.device_copy import record_event, to_device
 from common.engine.outputs import TokenLogprobs
 from common.engine.request import Request
-from common.engine.sampler import Sampler, SamplingRow, compute_prompt_logprobs
+from common.engine.sampler import PendingSample, Sampler, SamplingRow, compute_prompt_logprobs
 from common.engine.scheduler import ScheduledRequest, SchedulerOutput
 from kernels.attention_metadata import AttentionMetadata
 
@@ -24,6 +32,48 @@ class RunnerOutput:
 
     sampled: dict[str, list[tuple[int, TokenLogprobs | None]]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+
+
+@dataclass
+class LaunchedStep:
+    """One step whose kernels are enqueued. ``resolve`` waits for its results (not for later steps)."""
+
+    step: SchedulerOutput
+    started: float  # time.monotonic() at launch
+    sample: PendingSample | None = None
+    owners: list[str] = field(default_factory=list)  # request id per sampled row
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    done: torch.cuda.Event | None = None
+
+    def token_row(self) -> dict[str, int]:
+        """Row of ``sample.token_ids`` per request id (a request that sampled once)."""
+        return {owner: row for row, owner in enumerate(self.owners)}
+
+    def wait(self) -> None:
+        """Block until every kernel of this step has run (its KV writes included)."""
+        if self.done is not None:
+            self.done.synchronize()
+
+    def resolve(self) -> RunnerOutput:
+        output = RunnerOutput(prompt_logprobs=self.prompt_logprobs)
+        if self.sample is not None:
+            result = self.sample.result()
+            for owner, token, logprobs in zip(self.owners, result.token_ids, result.logprobs, strict=True):
+                output.sampled.setdefault(owner, []).append((token, logprobs))
+        return output
+
+
+@dataclass
+class _PendingInputs:
+    """Rows whose input token is still on the device: ``rows[i]`` takes ``source[source_rows[i]]``."""
+
+    rows: list[int] = field(default_factory=list)
+    source_rows: list[int] = field(default_factory=list)
+
+    def apply(self, input_ids: torch.Tensor, source: torch.Tensor) -> None:
+        if self.rows:
+            rows = to_device(np.asarray(self.rows), input_ids.device)
+            input_ids[rows] = source[to_device(np.asarray(self.source_rows), input_ids.device)]
 
 
 @dataclass
@@ -59,23 +109,59 @@ class ModelRunner:
         self.sampler = sampler
         self.decode_graphs = decode_graphs
 
-    @torch.inference_mode()
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
+        """Run one step to completion (launch, then resolve)."""
+        return self.launch(step).resolve()
+
+    @torch.inference_mode()
+    def launch(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Enqueue one step. Tokens not yet appended on the host come from ``previous``'s sampled tensor."""
+        launched = LaunchedStep(step, time.monotonic())
+        pending = _PendingInputs()
+        token_row = previous.token_row() if previous is not None else {}
         self._apply_block_copies(step)
         if self._can_replay(step):
-            return self._execute_graph(step)
-        plan = self._plan(step.scheduled)
+            batch = self._decode_batch(step.scheduled, pending, token_row)
+            patch = self._patcher(pending, previous)
+            self._sample(self.decode_graphs.run(batch, patch), [item.request for item in step.scheduled], launched)
+        else:
+            self._launch_eager(step, pending, token_row, previous, launched)
+        launched.done = record_event(self.device)
+        return launched
+
+    def _launch_eager(
+        self,
+        step: SchedulerOutput,
+        pending: _PendingInputs,
+        token_row: dict[str, int],
+        previous: LaunchedStep | None,
+        launched: LaunchedStep,
+    ) -> None:
+        plan = self._plan(step.scheduled, pending, token_row)
         input_ids, positions, metadata = self._to_tensors(plan)
+        patch = self._patcher(pending, previous)
+        if patch is not None:
+            patch(input_ids)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
-        output = RunnerOutput()
         if plan.sample_rows:
-            row_index = torch.tensor([row for _, row in plan.sample_rows], device=hidden.device)
-            self._sample(hidden[row_index], [request for request, _ in plan.sample_rows], output)
-        for request, rows, targets in plan.prompt_rows:
+            row_index = to_device(np.asarray([row for _, row in plan.sample_rows]), hidden.device)
+            self._sample(hidden[row_index], [request for request, _ in plan.sample_rows], launched)
+        for request, rows, targets in plan.prompt_rows:  # host-synchronizing: such steps run synchronously
             logits = self.model.compute_logits(hidden[rows])
             k = request.sampling_params.prompt_logprobs or 0
-            output.prompt_logprobs[request.request_id] = compute_prompt_logprobs(logits, targets, k)
-        return output
+            launched.prompt_logprobs[request.request_id] = compute_prompt_logprobs(logits, targets, k)
+
+    @staticmethod
+    def _patcher(
+        pending: _PendingInputs, previous: LaunchedStep | None
+    ) -> Callable[[torch.Tensor], None] | None:
+        """The device-side fill of the rows whose input token ``previous`` sampled (None when there are none)."""
+        if not pending.rows:
+            return None
+        if previous is None or previous.sample is None:
+            raise RuntimeError("a scheduled token is neither on the host nor sampled by the previous step")
+        source = previous.sample.token_ids
+        return lambda input_ids: pending.apply(input_ids, source)
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         """Pure decode (one new token per sequence, no prompt logprobs) within the captured batch sizes."""
@@ -87,22 +173,22 @@ class ModelRunner:
             for item in step.scheduled
         )
 
-    def _execute_graph(self, step: SchedulerOutput) -> RunnerOutput:
-        batch = self._decode_batch(step.scheduled)
-        hidden = self.decode_graphs.run(batch)
-        output = RunnerOutput()
-        self._sample(hidden, [item.request for item in step.scheduled], output)
-        return output
-
-    def _decode_batch(self, scheduled: tuple[ScheduledRequest, ...]) -> DecodeBatch:
-        """One token per sequence: the last known token, at position num_computed_tokens."""
+    def _decode_batch(
+        self, scheduled: tuple[ScheduledRequest, ...], pending: _PendingInputs, token_row: dict[str, int]
+    ) -> DecodeBatch:
+        """One token per sequence, at position num_computed_tokens: known on the host, or still on the device."""
         size, block_size = len(scheduled), self.block_size
-        token_ids = np.empty(size, dtype=np.int64)
+        token_ids = np.zeros(size, dtype=np.int64)
         positions = np.empty(size, dtype=np.int64)
         slots = np.empty(size, dtype=np.int64)
         for row, item in enumerate(scheduled):
             position = item.num_computed_tokens
-            token_ids[row] = item.request.all_token_ids[position]
+            known = item.request.all_token_ids
+            if position < len(known):
+                token_ids[row] = known[position]
+            else:
+                pending.rows.append(row)
+                pending.source_rows.append(token_row[item.request.request_id])
             positions[row] = position
             slots[row] = item.block_ids[position // block_size] * block_size + position % block_size
         seq_lens = (positions + 1).astype(np.int32)
@@ -112,14 +198,16 @@ class ModelRunner:
         for copy in step.block_copies:
             self.kv_cache[:, :, copy.dst].copy_(self.kv_cache[:, :, copy.src])
 
-    def _plan(self, scheduled: tuple[ScheduledRequest, ...]) -> _BatchPlan:
+    def _plan(
+        self, scheduled: tuple[ScheduledRequest, ...], pending: _PendingInputs, token_row: dict[str, int]
+    ) -> _BatchPlan:
         plan = _BatchPlan()
         num_rows = 0
         for item in scheduled:
             start, end = item.num_computed_tokens, item.num_computed_tokens + item.num_new_tokens
             positions = np.arange(start, end, dtype=np.int64)
             block_ids = np.asarray(item.block_ids, dtype=np.int64)
-            plan.token_ids.append(np.asarray(item.request.all_token_ids[start:end], dtype=np.int64))
+            plan.token_ids.append(self._known_tokens(item, start, end, num_rows, pending, token_row))
             plan.positions.append(positions)
             plan.slots.append(block_ids[positions // self.block_size] * self.block_size + positions % self.block_size)
             plan.query_lens.append(item.num_new_tokens)
@@ -130,6 +218,19 @@ class ModelRunner:
             self._plan_prompt_logprobs(plan, item, num_rows)
             num_rows += item.num_new_tokens
         return plan
+
+    @staticmethod
+    def _known_tokens(
+        item: ScheduledRequest, start: int, end: int, first_row: int, pending: _PendingInputs, token_row: dict[str, int]
+    ) -> np.ndarray:
+        """Input ids of positions [start, end); a last position past the host's tokens is filled on the device."""
+        tokens = np.zeros(end - start, dtype=np.int64)
+        known = item.request.all_token_ids[start:end]
+        tokens[: len(known)] = known
+        if len(known) < end - start:  # only the newest token can still be on the device
+            pending.rows.append(first_row + end - start - 1)
+            pending.source_rows.append(token_row[item.request.request_id])
+        return tokens
 
     def _plan_prompt_logprobs(self, plan: _BatchPlan, item: ScheduledRequest, first_row: int) -> None:
         """Row at position p predicts prompt token p+1; collect the ones not yet recorded."""
@@ -147,7 +248,7 @@ class ModelRunner:
 
     def _to_tensors(self, plan: _BatchPlan) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         def as_tensor(parts: list[np.ndarray]) -> torch.Tensor:
-            return torch.from_numpy(np.concatenate(parts)).to(self.device, non_blocking=True)
+            return to_device(np.concatenate(parts), self.device)
 
         width = max(len(table) for table in plan.block_tables)
         tables = np.zeros((len(plan.block_tables), width), dtype=np.int32)
@@ -157,9 +258,9 @@ class ModelRunner:
         np.cumsum(plan.query_lens, out=query_start[1:])
         metadata = AttentionMetadata(
             slot_mapping=as_tensor(plan.slots),
-            query_start_loc=torch.from_numpy(query_start).to(self.device),
-            seq_lens=torch.tensor(plan.seq_lens, dtype=torch.int32, device=self.device),
-            block_tables=torch.from_numpy(tables).to(self.device),
+            query_start_loc=to_device(query_start, self.device),
+            seq_lens=to_device(np.asarray(plan.seq_lens, dtype=np.int32), self.device),
+            block_tables=to_device(tables, self.device),
             query_lens_cpu=tuple(plan.query_lens),
             seq_lens_cpu=tuple(plan.seq_lens),
             block_size=self.block_size,
@@ -176,7 +277,7 @@ class ModelRunner:
             return None
         return self.decode_graphs.splits_for(self.decode_graphs.bucket_for(size))
 
-    def _sample(self, hidden: torch.Tensor, requests: list[Request], output: RunnerOutput) -> None:
+    def _sample(self, hidden: torch.Tensor, requests: list[Request], launched: LaunchedStep) -> None:
         """Sample each request from its row of ``hidden``; a request about to fork samples once per sample."""
         logits = self.model.compute_logits(hidden)
         expanded, rows, owners = [], [], []
@@ -194,7 +295,6 @@ class ModelRunner:
                 )
                 owners.append(request.request_id)
         if len(expanded) != len(requests):
-            logits = logits[torch.tensor(expanded, device=logits.device)]
-        result = self.sampler(logits, rows)
-        for owner, token, logprobs in zip(owners, result.token_ids, result.logprobs, strict=True):
-            output.sampled.setdefault(owner, []).append((token, logprobs))
+            logits = logits[to_device(np.asarray(expanded), logits.device)]
+        launched.sample = self.sampler.sample(logits, rows)
+        launched.owners = owners

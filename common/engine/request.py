@@ -55,6 +55,10 @@ class Request:
     block_hashes: list[BlockHash] = field(default_factory=list)
     pending_forks: int = 0  # samples still to fork off once the prompt is computed
     fork_generators: list[torch.Generator | None] = field(default_factory=list)
+    export_kv: bool = False  # a prefill worker's request: its KV is gathered when it finishes
+    # Tokens sampled by launched steps whose results the host has not applied yet (async scheduling): they
+    # count towards what is scheduled next, and their ids reach the next step on the device.
+    num_pending_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.group_id = self.group_id or self.request_id
@@ -72,6 +76,31 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the scheduler plans with: the host's and the ones still on the device."""
+        return len(self.all_token_ids) + self.num_pending_tokens
+
+    @property
+    def reaches_max_tokens(self) -> bool:
+        """Its pending tokens already take it to max_tokens: it finishes when they arrive, nothing to schedule."""
+        max_tokens = self.sampling_params.max_tokens
+        return max_tokens is not None and self.num_pending_tokens > 0 and (
+            self.num_output_tokens + self.num_pending_tokens >= max_tokens
+        )
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Its next step must see every token on the host first (async scheduling waits for this one):
+        penalties and min_tokens read the token history, a first sample forks, a prefill export gathers KV."""
+        params = self.sampling_params
+        return (
+            self.export_kv
+            or self.pending_forks > 0
+            or params.has_penalties
+            or (params.min_tokens > 0 and self.num_output_tokens <= params.min_tokens)
+        )
 
     @property
     def is_finished(self) -> bool:

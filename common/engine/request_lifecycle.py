@@ -55,6 +55,7 @@ class RequestLifecycle:
         """Queue a validated request (waiting for its prefill) under its id, or ``req-<k>`` when it has none."""
         request_id = request_id or f"req-{next(self._request_counter)}"
         head = self.new_request(request_id, token_ids, params, output_token_ids, prompt)
+        head.export_kv = export_kv
         self.groups[request_id] = RequestGroup(head, self.tokenizer, export_kv=export_kv)
         self.scheduler.add_request(head)
         return request_id

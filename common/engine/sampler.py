@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from common.engine.device_copy import record_event, to_device, to_host_async
 from common.engine.outputs import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
 
@@ -48,6 +49,33 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]
 
 
+class PendingSample:
+    """One step's sampled tokens (and logprob facts) still on the device, their copies to the host under way.
+
+    ``token_ids`` ([R] int64 on the device) can feed the next step before the host has seen it. ``result()``
+    waits for the copies only, never for work enqueued after them (async scheduling launches the next step
+    before it reads this one).
+    """
+
+    def __init__(self, token_ids: torch.Tensor, logprobs: _LogprobTensors | None, rows: Sequence[SamplingRow]) -> None:
+        self.token_ids = token_ids
+        self._counts = [row.params.logprobs or 0 for row in rows]
+        self._logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+        self._host = to_host_async([token_ids, *(logprobs or ())])
+        self._done = record_event(token_ids.device)
+
+    def result(self) -> SamplerOutput:
+        if self._done is not None:
+            self._done.synchronize()
+        token_ids, *logprob_tensors = self._host
+        logprobs: list[TokenLogprobs | None] = [None] * len(self._counts)
+        if logprob_tensors:
+            counts = [self._counts[i] for i in self._logprob_rows]
+            for i, entry in zip(self._logprob_rows, _logprob_entries(logprob_tensors, counts), strict=True):
+                logprobs[i] = entry
+        return SamplerOutput(token_ids.tolist(), logprobs)
+
+
 class Sampler:
     """Stateless apart from the shared generator, which the engine owns and seeds.
 
@@ -59,11 +87,15 @@ class Sampler:
         self._generator = generator
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        return self.sample(logits, rows).result()
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+        """Enqueue the sampling of every row; the host does not wait for the device here."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}")
         processed = apply_logits_processors(logits, rows)
         token_ids = self._choose(processed, rows)
-        return SamplerOutput(token_ids.tolist(), _row_logprobs(logits, token_ids, rows))
+        return PendingSample(token_ids, _row_logprob_tensors(logits, token_ids, rows), rows)
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Argmax for greedy rows, a random draw for the others; returns [B] int64 on logits' device."""
@@ -74,7 +106,7 @@ class Sampler:
         if len(random_rows) == len(rows):
             return self._sample(logits, subset)
         token_ids = logits.argmax(dim=-1)
-        index = torch.tensor(random_rows, device=logits.device)
+        index = _long(random_rows, logits)
         token_ids[index] = self._sample(logits[index], subset)
         return token_ids
 
@@ -99,7 +131,7 @@ class Sampler:
         for i, row in enumerate(rows):
             if row.generator is not None:
                 uniforms[i] = _uniform((1,), row.generator)
-        return uniforms.to(device)
+        return to_device(uniforms, device)
 
 
 def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -108,7 +140,7 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor
 
 
 def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=like.dtype, device=like.device).unsqueeze(1)
+    return _floats(values, like).unsqueeze(1)
 
 
 # -- logits processors (before the greedy/random split) ------------------------------------------------
@@ -148,7 +180,7 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     if entries:
         row_idx, token_idx, biases = zip(*entries, strict=True)
         index = (_long(row_idx, logits), _long(token_idx, logits))
-        logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=logits.device), accumulate=True)
+        logits.index_put_(index, _floats(biases, logits), accumulate=True)
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -214,16 +246,16 @@ def seen_token_counts(
     owners = torch.repeat_interleave(torch.tensor(list(row_ids), dtype=torch.long), lengths)
     valid = (tokens >= 0) & (tokens < vocab)
     keys, counts = torch.unique(owners[valid] * vocab + tokens[valid], return_counts=True)
-    keys, counts = keys.to(like.device), counts.to(like.device)
+    keys, counts = to_device(keys, like.device), to_device(counts, like.device)
     return keys // vocab, keys % vocab, counts
 
 
 def _floats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(list(values), dtype=like.dtype, device=like.device)
+    return to_device(torch.tensor(list(values), dtype=like.dtype), like.device)
 
 
 def _long(values: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=like.device)
+    return to_device(torch.tensor(list(values), dtype=torch.long), like.device)
 
 
 # -- filters for sampled rows (after temperature) ------------------------------------------------------
@@ -243,13 +275,14 @@ def filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tor
     ps = [rows[i].params.top_p for i in chosen]
     index = _long(chosen, logits)
     out = logits.clone()
-    out[index] = _top_k_top_p(logits[index], _long(ks, logits), _column(ps, logits))
+    if all(p >= 1.0 for p in ps):  # decided from the host's values: no device sync
+        out[index] = _top_k_only(logits[index], _long(ks, logits), max(ks))
+    else:
+        out[index] = _top_k_top_p(logits[index], _long(ks, logits), _column(ps, logits))
     return out
 
 
 def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    if bool((p >= 1.0).all()):
-        return _top_k_only(logits, k)
     ascending, order = logits.sort(dim=-1, descending=False)
     kth = ascending.gather(1, (logits.shape[1] - k).unsqueeze(1))
     ascending.masked_fill_(ascending < kth, float("-inf"))
@@ -260,9 +293,9 @@ def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torc
     return torch.empty_like(logits).scatter_(1, order, ascending)
 
 
-def _top_k_only(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def _top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
     """Top-k without a full sort (same result as the sorted path, ties with the k-th value kept)."""
-    largest = logits.topk(int(k.max()), dim=-1).values
+    largest = logits.topk(max_k, dim=-1).values
     kth = largest.gather(1, (k - 1).unsqueeze(1))
     return logits.masked_fill(logits < kth, float("-inf"))
 
@@ -284,22 +317,22 @@ def filter_min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Ten
 # -- logprobs (from the raw logits) --------------------------------------------------------------------
 
 
-def _row_logprobs(
+# For the rows that asked, on the device: [R] token ids, [R] their logprobs, [R] ranks, [R, K] top values, top ids
+_LogprobTensors = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _row_logprob_tensors(
     logits: torch.Tensor, token_ids: torch.Tensor, rows: Sequence[SamplingRow]
-) -> list[TokenLogprobs | None]:
+) -> _LogprobTensors | None:
+    """Logprob facts of the rows that asked for them (in row order), still on the device."""
     chosen = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
-    result: list[TokenLogprobs | None] = [None] * len(rows)
     if not chosen:
-        return result
+        return None
     counts = [rows[i].params.logprobs or 0 for i in chosen]
     if len(chosen) == len(rows):
-        computed = _token_logprobs(logits.float(), token_ids, counts)
-    else:
-        index = _long(chosen, logits)
-        computed = _token_logprobs(logits[index].float(), token_ids[index], counts)
-    for i, entry in zip(chosen, computed, strict=True):
-        result[i] = entry
-    return result
+        return _logprob_tensors(logits.float(), token_ids, max(counts))
+    index = _long(chosen, logits)
+    return _logprob_tensors(logits[index].float(), token_ids[index], max(counts))
 
 
 def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int], k: int) -> list[TokenLogprobs]:
@@ -320,17 +353,22 @@ def compute_prompt_logprobs(logits: torch.Tensor, next_token_ids: Sequence[int],
 
 def _token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor, counts: Sequence[int]) -> list[TokenLogprobs]:
     """Raw log_softmax facts for the given token per row; `counts[i]` top alternatives for row i."""
+    return _logprob_entries([t.cpu() for t in _logprob_tensors(logits, token_ids, max(counts))], counts)
+
+
+def _logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, max_count: int) -> _LogprobTensors:
     logprobs = torch.log_softmax(logits, dim=-1)
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1))
-    ranks = (logprobs > chosen).sum(dim=-1) + 1
-    top_values, top_ids = logprobs.topk(min(max(counts), logprobs.shape[1]), dim=-1)
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    ranks = (logprobs > chosen.unsqueeze(1)).sum(dim=-1) + 1
+    top_values, top_ids = logprobs.topk(min(max_count, logprobs.shape[1]), dim=-1)
+    return token_ids, chosen, ranks, top_values, top_ids
+
+
+def _logprob_entries(host: Sequence[torch.Tensor], counts: Sequence[int]) -> list[TokenLogprobs]:
+    """TokenLogprobs per row from ``_logprob_tensors``' host copies."""
+    token_ids, chosen, ranks, top_values, top_ids = host
     rows = zip(
-        token_ids.tolist(),
-        chosen.squeeze(1).tolist(),
-        ranks.tolist(),
-        top_ids.tolist(),
-        top_values.tolist(),
-        strict=True,
+        token_ids.tolist(), chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), strict=True
     )
     return [
         TokenLogprobs(token_id, logprob, rank, tuple(zip(ids[:count], values[:count], strict=True)))

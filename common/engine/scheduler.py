@@ -19,17 +19,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ScheduledRequest:
-    """One request's share of a step: compute tokens [num_computed_tokens, +num_new_tokens)."""
+    """One request's share of a step: compute tokens [num_computed_tokens, +num_new_tokens).
+
+    ``completes_sequence``: after this step every token (on the host or pending) has KV, so the last row's
+    logits give the next token; fixed when scheduled.
+    """
 
     request: Request
     num_computed_tokens: int
     num_new_tokens: int
     block_ids: tuple[int, ...]
-
-    @property
-    def completes_sequence(self) -> bool:
-        """After this step every known token has KV, so the last row's logits give the next token."""
-        return self.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    completes_sequence: bool
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,10 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if request.reaches_max_tokens:  # async scheduling: finishes when its pending token arrives
+                index += 1
+                continue
+            num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new, preempted):
                 break
             scheduled.append(self._record(request, num_new))
@@ -163,4 +166,5 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
             num_new_tokens=num_new,
             block_ids=self.kv_cache.block_id_tuple(request.request_id),
+            completes_sequence=request.num_computed_tokens + num_new == request.num_scheduled_tokens,
         )
