@@ -152,9 +152,7 @@ class ModelRunner:
             launched.prompt_logprobs[request.request_id] = compute_prompt_logprobs(logits, targets, k)
 
     @staticmethod
-    def _patcher(
-        pending: _PendingInputs, previous: LaunchedStep | None
-    ) -> Callable[[torch.Tensor], None] | None:
+    def _patcher(pending: _PendingInputs, previous: LaunchedStep | None) -> Callable[[torch.Tensor], None] | None:
         """The device-side fill of the rows whose input token ``previous`` sampled (None when there are none)."""
         if not pending.rows:
             return None

@@ -86,8 +86,10 @@ class Request:
     def reaches_max_tokens(self) -> bool:
         """Its pending tokens already take it to max_tokens: it finishes when they arrive, nothing to schedule."""
         max_tokens = self.sampling_params.max_tokens
-        return max_tokens is not None and self.num_pending_tokens > 0 and (
-            self.num_output_tokens + self.num_pending_tokens >= max_tokens
+        return (
+            max_tokens is not None
+            and self.num_pending_tokens > 0
+            and (self.num_output_tokens + self.num_pending_tokens >= max_tokens)
         )
 
     @property

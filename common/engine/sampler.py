@@ -367,9 +367,7 @@ def _logprob_tensors(logits: torch.Tensor, token_ids: torch.Tensor, max_count: i
 def _logprob_entries(host: Sequence[torch.Tensor], counts: Sequence[int]) -> list[TokenLogprobs]:
     """TokenLogprobs per row from ``_logprob_tensors``' host copies."""
     token_ids, chosen, ranks, top_values, top_ids = host
-    rows = zip(
-        token_ids.tolist(), chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), strict=True
-    )
+    rows = zip(token_ids.tolist(), chosen.tolist(), ranks.tolist(), top_ids.tolist(), top_values.tolist(), strict=True)
     return [
         TokenLogprobs(token_id, logprob, rank, tuple(zip(ids[:count], values[:count], strict=True)))
         for (token_id, logprob, rank, ids, values), count in zip(rows, counts, strict=True)
