@@ -139,13 +139,14 @@ class NcclBackend:
         """One op per piece (send to rank 1 or recv from rank 0), all in one NCCL group: one work, one launch."""
         if len(pieces) == 1:
             return group.send(pieces, 1, tag) if send else group.recv(pieces, 0, tag)
-        group._start_coalescing(self.device)
+        device = pieces[0].device  # an indexed CUDA device, as coalescing wants
+        group._start_coalescing(device)
         for piece in pieces:
             if send:
                 group.send([piece], 1, tag)
             else:
                 group.recv([piece], 0, tag)
-        return group._end_coalescing(self.device)
+        return group._end_coalescing(device)
 
     def _event_after(self, works: list[dist.Work]) -> torch.cuda.Event:
         """An event on the current stream recorded behind ``works`` (the stream waits for NCCL's, the host not)."""
