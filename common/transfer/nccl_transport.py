@@ -522,8 +522,19 @@ class NcclReceiver:
         placement: DirectPlacement | None,
         buffer: torch.Tensor | None,
     ) -> Awaitable[torch.Tensor | None]:
-        received = self._backend.post_recv(pair.group, parts, transfer_tag(transfer_id), local_sums)
-        return self._verified(pair, received, time.monotonic() + self._timeout_s, placement, buffer)
+        """Post the recvs into ``parts`` and start verifying them as a task of its own, so a placement is
+        settled however the transfer ends (even when its delivery is cancelled before it awaits the task)."""
+        committed: list[bool] = []
+        try:
+            received = self._backend.post_recv(pair.group, parts, transfer_tag(transfer_id), local_sums)
+        except BaseException:
+            if placement is not None:
+                placement.abandon()
+            raise
+        deadline = time.monotonic() + self._timeout_s
+        task = asyncio.ensure_future(self._verified(pair, received, deadline, placement, committed, buffer))
+        task.add_done_callback(functools.partial(_settle, placement, committed))
+        return task
 
     async def _verified(
         self,
@@ -531,28 +542,25 @@ class NcclReceiver:
         received: ReceivedSums,
         deadline: float,
         placement: DirectPlacement | None,
+        committed: list[bool],
         buffer: torch.Tensor | None,
     ) -> torch.Tensor | None:
         """``buffer`` once its bytes arrived and match the sender's sums, or None once a direct placement
-        holds them and is committed (filled); any failure abandons the placement, an op failure breaks the pair."""
-        settled = False
+        holds them and is committed (filled; ``committed`` says so); an op failure breaks the pair."""
         try:
             remote, local = await _completion(received, deadline)
-            if remote != local:
-                raise ChecksumMismatchError(
-                    f"checksum mismatch: sender sums ({remote[0]:#x}, {remote[1]:#x}), "
-                    f"received bytes ({local[0]:#x}, {local[1]:#x})"
-                )
-            if placement is not None:
-                settled = True
-                placement.commit()  # may refuse (ValueError): it then cleans up itself
-            return buffer
         except (TimeoutError, RuntimeError) as exc:
             pair.broken.set()
             raise TransferError(f"receive failed: {_describe(exc)}") from exc
-        finally:
-            if placement is not None and not settled:
-                placement.abandon()
+        if remote != local:
+            raise ChecksumMismatchError(
+                f"checksum mismatch: sender sums ({remote[0]:#x}, {remote[1]:#x}), "
+                f"received bytes ({local[0]:#x}, {local[1]:#x})"
+            )
+        if placement is not None:
+            committed.append(True)
+            placement.commit()  # may refuse (ValueError): it then cleans up itself
+        return buffer
 
     async def _finish(
         self,
@@ -583,6 +591,14 @@ async def _raise(exc: Exception) -> torch.Tensor:
 
 async def _value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _settle(placement: DirectPlacement | None, committed: list[bool], task: asyncio.Task) -> None:
+    """A verification task's end: abandon its placement unless committed; retrieve an unawaited failure."""
+    if placement is not None and not committed:
+        placement.abandon()
+    if not task.cancelled():
+        task.exception()
 
 
 async def _completion(received: ReceivedSums, deadline: float) -> tuple[list[int], list[int]]:

@@ -78,9 +78,11 @@ class GatedOnKV:
 
 
 @asynccontextmanager
-async def receiving(service: DecodeService, on_kv: GatedOnKV) -> AsyncIterator[str]:
+async def receiving(
+    service: DecodeService, on_kv: GatedOnKV, timeout_s: float = CONFIG.timeout_s
+) -> AsyncIterator[str]:
     server = grpc.aio.server()
-    nccl = NcclReceiver("cpu", CONFIG.timeout_s, backend=GlooBackend(), place=service.place_kv)
+    nccl = NcclReceiver("cpu", timeout_s, backend=GlooBackend(), place=service.place_kv)
     KVReceiver(on_kv, nccl=nccl).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -219,5 +221,33 @@ def test_many_in_flight_mixed_direct_and_buffered_complete_in_any_order() -> Non
             assert reservations[rid].filled
             assert torch.equal(cache[:, :, ids], tensors[rid])
         assert untouched(cache, [b for ids in plans.values() for b in ids])
+
+    run(scenario(), timeout=30)
+
+
+class SilentBackend(GlooBackend):
+    """Writes descriptors but never sends the data: the receiver's recvs into the blocks never complete."""
+
+    def post_send(self, group, kv, pieces, tag, sums_of):  # noqa: ANN001, ANN201 - the PairBackend signature
+        return lambda: None
+
+
+def test_a_direct_receive_that_never_completes_times_out_and_releases_its_claim() -> None:
+    async def scenario() -> None:
+        service = decode_service()
+        reservation = reserve(service, "resv", [4, 5])
+        async with receiving(service, GatedOnKV(service), timeout_s=1.0) as address:
+            quick = TransferConfig(transport="nccl", timeout_s=1.5)
+            tx = NcclKVSender(quick, "prefill-test", "cpu", backend=SilentBackend())
+            try:
+                result = await tx.send(address, "req", "resv", [4, 5], kv_for(2, seed=7))
+            finally:
+                await tx.close()
+            while not reservation.writing.done():  # the receiver's own deadline abandons the placement
+                await asyncio.sleep(0.05)
+        assert not result.ok and not reservation.filled
+        assert untouched(service.block_writer.cache, [])  # nothing arrived
+        header = KVTransferHeader.describe("req", "resv", [4, 5], kv_for(2, seed=7), "nccl", 0)
+        assert service.place_kv(header) is not None  # the claim is gone: a retry may land there
 
     run(scenario(), timeout=30)
