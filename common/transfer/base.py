@@ -227,7 +227,8 @@ class NcclReceiveSide(Protocol):
         self, messages: AsyncIterator[pb.ControlMessage], write: WriteAck, deliver: Deliver, max_bytes: int | None
     ) -> None:
         """Run one ``Control`` stream: join the pair, receive each described transfer (checksum-verified, else
-        the awaitable raises ``TransferError``), ``deliver`` it and write its ack."""
+        the awaitable raises ``TransferError``; None once it landed in its reserved blocks and was committed),
+        ``deliver`` it and write its ack."""
         ...
 
     async def close(self) -> None: ...
