@@ -108,9 +108,14 @@ class NcclBackend:
         return dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, 2, options)
 
     def exchange(self, group: dist.ProcessGroup, token: torch.Tensor, rank: int) -> Waiter:
+        """The handshake on both communicators a pair uses: ProcessGroupNCCL runs single p2p ops on a 2-rank
+        p2p communicator but grouped ones (``_grouped``) on the group's own, each made (blocking) by its first
+        op, so both are made here, off the event loop, and never by a transfer."""
         with self._on_stream():
             work = group.send([token], 1, 0) if rank == 0 else group.recv([token], 0, 0)
-            return self._event_after([work]).synchronize
+            probe = token.clone()  # the grouped copy lands apart: two streams must not write one tensor
+            grouped = self._grouped(group, [probe], 0, send=rank == 0, always_group=True)
+            return self._event_after([work, grouped]).synchronize
 
     def post_send(
         self, group: dist.ProcessGroup, kv: torch.Tensor, pieces: list[torch.Tensor], tag: int, sums_of: SumsOf
@@ -135,9 +140,11 @@ class NcclBackend:
             done.record()
         return _EventSums(done, staged)
 
-    def _grouped(self, group: dist.ProcessGroup, pieces: list[torch.Tensor], tag: int, send: bool) -> dist.Work:
+    def _grouped(
+        self, group: dist.ProcessGroup, pieces: list[torch.Tensor], tag: int, send: bool, always_group: bool = False
+    ) -> dist.Work:
         """One op per piece (send to rank 1 or recv from rank 0), all in one NCCL group: one work, one launch."""
-        if len(pieces) == 1:
+        if len(pieces) == 1 and not always_group:
             return group.send(pieces, 1, tag) if send else group.recv(pieces, 0, tag)
         device = pieces[0].device  # an indexed CUDA device, as coalescing wants
         group._start_coalescing(device)
