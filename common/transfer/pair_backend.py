@@ -108,9 +108,9 @@ class NcclBackend:
         return dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, 2, options)
 
     def exchange(self, group: dist.ProcessGroup, token: torch.Tensor, rank: int) -> Waiter:
-        """The handshake on both communicators a pair uses: ProcessGroupNCCL runs single p2p ops on a 2-rank
-        p2p communicator but grouped ones (``_grouped``) on the group's own, each made (blocking) by its first
-        op, so both are made here, off the event loop, and never by a transfer."""
+        """The handshake, single and grouped: some ProcessGroupNCCL versions run grouped p2p (``_grouped``) on
+        the group's own communicator rather than the 2-rank p2p one, each made (blocking) by its first op, so
+        both are made here, off the event loop, and never by a transfer (harmless where they are one)."""
         with self._on_stream():
             work = group.send([token], 1, 0) if rank == 0 else group.recv([token], 0, 0)
             probe = token.clone()  # the grouped copy lands apart: two streams must not write one tensor
