@@ -160,7 +160,8 @@ class BlockPool:
 
         The search only looks at the runs holding the first ``_RUN_CANDIDATES`` blocks of the free queue (the
         ones ``allocate`` would take first), so it costs O(count * _RUN_CANDIDATES) at most, never O(pool).
-        Blocks taken from the middle of the queue lose their cached content exactly as ``allocate`` evicts.
+        Blocks taken from the middle of the queue lose their cached content exactly as ``allocate`` evicts;
+        a run may so evict a cached block before older ones (LRU is kept for everything outside the run).
         """
         if count > self.num_free_blocks:
             raise ValueError(f"cannot allocate {count} blocks, only {self.num_free_blocks} free")
