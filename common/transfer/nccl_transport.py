@@ -506,10 +506,11 @@ class NcclReceiver:
         if runs is None or self._place is None:
             return None
         placement = self._place(header)
-        if placement is None or placement.cache.device != self._device:
+        if placement is None:
             return None
-        if not fits_cache(placement.cache, header.shape, header.torch_dtype, header.block_ids):
-            placement.abandon()
+        cache = placement.cache
+        if cache.device != self._device or not fits_cache(cache, header.shape, header.torch_dtype, header.block_ids):
+            placement.abandon()  # claimed but unusable: the buffer path (and on_kv) decide
             return None
         return placement
 
