@@ -4,14 +4,18 @@ Two processes (spawn): this one is the sender on GPU0, a child is the receiver o
 an N-token prompt of the Llama-3.1-8B shape (32 layers x 2 x tokens x 8 kv heads x 128 dim, bf16 = 128 KiB
 per token): 16, 64 and 256 MiB (= 2048 tokens) by default. For each size:
   (a) raw  : torch.distributed NCCL send/recv of the same bytes (init_process_group nccl), host-synced;
-  (b) nccl : NcclKVSender.send end to end (descriptor on the pair's persistent Control stream, send +
-             in-band GPU checksum, recv on a side stream, GPU verify, on_kv = the decode worker's BlockWriter
-             scatter into a preallocated cache on its side stream, ack);
-  (b') nccl_xfer: the same with an on_kv that does not scatter (the transport alone, still verified);
+  (b) nccl : NcclKVSender.send end to end into one contiguous run of reserved block ids, the direct path
+             (descriptor on the pair's persistent Control stream, per-layer piece sends in one NCCL group +
+             in-band GPU checksum, recvs straight into the preallocated cache's blocks on a side stream, GPU
+             verify over the pieces, event polled from the loop, placement committed, ack);
+  (b') nccl_scatter: the fallback path: reserved ids in reverse order (more than 4 runs), so the bytes land
+             in a fresh buffer and on_kv = the decode worker's BlockWriter scatters them into the cache;
+  (b'') nccl_xfer: the fallback's transport alone (reverse ids, on_kv does not scatter; still verified);
   (c) grpc : GrpcKVSender.send end to end (device->host copy, checksum, stream, verify, host->device, scatter).
 Median over --repeats after --warmup runs; prints a table and JSON (b/a = overhead of our NCCL path).
 Then, for the largest size: --inflight transfers at once (raw: queued sends, one sync; ours: asyncio.gather
-of sends to the one receiver, in flight together on the pair's channel), and the checksum alone on GPU0
+of sends to the one receiver, in flight together on the pair's channel; direct, each into its own contiguous
+run of blocks, and the scatter fallback), and the checksum alone on GPU0
 (Triton kernel vs the chunked torch reference). The "handoff" line sums it up against the issue's target:
 end-to-end GB/s at the largest size with 1 and --inflight in flight, each as a share of raw NCCL (>= 80%).
 
@@ -46,6 +50,8 @@ from common.transfer.base import KVSender, KVTransferHeader, grpc_message_option
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 NO_SCATTER = "bench-noscatter"  # reservation id that tells the benchmark's on_kv to skip its scatter
+DIRECT = "bench"  # reservation id whose transfers the receiver's place() maps straight into its cache
+FIRST_BLOCK = 64  # reserved ids start here (block 0.. stay untouched)
 BYTES_PER_TOKEN = LAYERS * 2 * KV_HEADS * HEAD_DIM * 2  # bf16
 
 
@@ -149,10 +155,15 @@ async def serve_receiver(plan: Plan, port_queue: Any, stop: Any) -> None:
 
     from common.transfer import make_receiver
     from common.transfer.block_writer import BlockWriter
+    from common.transfer.placement import DirectPlacement
 
     shape = list(kv_shape(max(plan.sizes_mib)))
-    shape[2] += 64  # room for block ids 64.. (see time_sender)
+    shape[2] = FIRST_BLOCK + shape[2] * plan.inflight  # room for ids FIRST_BLOCK.. (see time_sender, time_inflight)
     writer = BlockWriter(torch.zeros(shape, dtype=torch.bfloat16, device=plan.receiver_device))
+
+    def place(header: KVTransferHeader) -> DirectPlacement | None:
+        """The decode worker's place_kv without reservations: every DIRECT transfer lands in the cache."""
+        return DirectPlacement(writer.cache, _nothing, _nothing) if header.reservation_id == DIRECT else None
 
     async def on_kv(header: KVTransferHeader, kv: torch.Tensor) -> None:
         if header.reservation_id == NO_SCATTER:
@@ -160,7 +171,7 @@ async def serve_receiver(plan: Plan, port_queue: Any, stop: Any) -> None:
         await asyncio.to_thread(writer.write, header.block_ids, kv)  # what the decode worker does
 
     config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes)
-    receiver = make_receiver(on_kv, config, plan.receiver_device)
+    receiver = make_receiver(on_kv, config, plan.receiver_device, place=place)
     server = grpc.aio.server(options=grpc_message_options(plan.chunk_bytes))
     receiver.add_to_server(server)
     port_queue.put(server.add_insecure_port("127.0.0.1:0"))
@@ -169,6 +180,10 @@ async def serve_receiver(plan: Plan, port_queue: Any, stop: Any) -> None:
         await asyncio.sleep(0.05)
     await receiver.close()
     await server.stop(grace=None)
+
+
+def _nothing() -> None:
+    """A benchmark placement's commit and abandon: no reservation to mark."""
 
 
 # ---------------------------------------------------------------- sender (this process)
@@ -202,13 +217,21 @@ def raw_send(plan: Plan) -> dict[int, list[float]]:
     return times
 
 
-async def time_sender(plan: Plan, sender: KVSender, address: str, reservation: str = "bench") -> dict[int, list[float]]:
+def reserved_ids(num_blocks: int, contiguous: bool, first: int = FIRST_BLOCK) -> list[int]:
+    """One run of ids (the direct path) or the same ids in reverse order (one run per block: the fallback)."""
+    ids = list(range(first, first + num_blocks))
+    return ids if contiguous else ids[::-1]
+
+
+async def time_sender(
+    plan: Plan, sender: KVSender, address: str, reservation: str = DIRECT, contiguous: bool = True
+) -> dict[int, list[float]]:
     """Seconds per end-to-end ``sender.send`` per size; every result must be ok."""
     times: dict[int, list[float]] = {}
     for size in plan.sizes_mib:
         shape = kv_shape(size)
         kv = (torch.randn(shape, device=plan.sender_device) + 3).to(torch.bfloat16)
-        block_ids = list(range(shape[2] + 63, 63, -1))  # reserved ids in some other order
+        block_ids = reserved_ids(shape[2], contiguous)
         samples = []
         for index in range(plan.rounds):
             start = time.perf_counter()
@@ -233,15 +256,16 @@ async def time_empty(plan: Plan, sender: KVSender, address: str) -> dict[int, li
     return dict.fromkeys(plan.sizes_mib, samples[plan.warmup :])  # the same fixed cost, shown in every row
 
 
-async def time_inflight(plan: Plan, sender: KVSender, address: str) -> list[float]:
-    """Seconds for ``plan.inflight`` concurrent sends of the largest size (asyncio.gather); all must be ok."""
+async def time_inflight(plan: Plan, sender: KVSender, address: str, contiguous: bool = True) -> list[float]:
+    """Seconds for ``plan.inflight`` concurrent sends of the largest size (asyncio.gather); all must be ok.
+    Each goes to its own run of blocks (direct) or the same ids reversed (the scatter fallback)."""
     shape = kv_shape(max(plan.sizes_mib))
     tensors = [(torch.randn(shape, device=plan.sender_device) + i).to(torch.bfloat16) for i in range(plan.inflight)]
-    block_ids = list(range(64, shape[2] + 64))
+    ids = [reserved_ids(shape[2], contiguous, FIRST_BLOCK + i * shape[2]) for i in range(plan.inflight)]
     samples = []
     for index in range(plan.rounds):
         start = time.perf_counter()
-        sends = [sender.send(address, f"many-{index}-{i}", "bench", block_ids, t) for i, t in enumerate(tensors)]
+        sends = [sender.send(address, f"many-{index}-{i}", DIRECT, ids[i], t) for i, t in enumerate(tensors)]
         results = await asyncio.gather(*sends)
         samples.append(time.perf_counter() - start)
         if not all(r.ok for r in results):
@@ -282,9 +306,11 @@ async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[f
         try:
             results[kind] = await time_sender(plan, sender, address)
             if kind == "nccl":
-                results["nccl_xfer"] = await time_sender(plan, sender, address, NO_SCATTER)
+                results["nccl_scatter"] = await time_sender(plan, sender, address, contiguous=False)
+                results["nccl_xfer"] = await time_sender(plan, sender, address, NO_SCATTER, contiguous=False)
                 results["rpc_only"] = await time_empty(plan, sender, address)
                 results["nccl"][-1] = await time_inflight(plan, sender, address)
+                results["nccl_scatter"][-1] = await time_inflight(plan, sender, address, contiguous=False)
         finally:
             await sender.close()
     return results
@@ -311,7 +337,7 @@ def summarize_inflight(plan: Plan, times: dict[str, dict[int, list[float]]]) -> 
     """Aggregate GB/s of the in-flight run (largest size x ``plan.inflight``), raw vs ours."""
     total = max(plan.sizes_mib) * 2**20 * plan.inflight
     row: dict[str, Any] = {"size_mib": max(plan.sizes_mib), "inflight": plan.inflight}
-    for kind in ("raw", "nccl"):
+    for kind in ("raw", "nccl", "nccl_scatter"):
         if -1 in times.get(kind, {}):
             median = statistics.median(times[kind][-1])
             row[f"{kind}_ms"] = round(median * 1e3, 3)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BlockHash = bytes
+_RUN_CANDIDATES = 32  # free-queue heads whose runs allocate_contiguous examines
 
 
 def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: bytes = b"") -> BlockHash:
@@ -96,6 +97,13 @@ class FreeBlockQueue:
         anchor.next_free = block
         self.num_free += 1
 
+    def first_ids(self, limit: int) -> Iterable[int]:
+        """The ids of the first ``limit`` free blocks, head first (lazily; do not mutate while iterating)."""
+        block = self._head.next_free
+        while limit > 0 and block is not None and block is not self._tail:
+            yield block.block_id
+            block, limit = block.next_free, limit - 1
+
     def block_ids(self) -> list[int]:
         """Free block ids from head (evicted first) to tail. O(n): tests and debugging only."""
         ids, block = [], self._head.next_free
@@ -145,6 +153,46 @@ class BlockPool:
             self._evict(block)
             block.ref_cnt = 1
         return taken
+
+    def allocate_contiguous(self, count: int) -> list[KVBlock]:
+        """Like ``allocate`` but, best effort, one run of consecutive block ids (a KV receive can then land
+        straight in the blocks); falls back to ``allocate`` when the search finds no free run of ``count``.
+
+        The search only looks at the runs holding the first ``_RUN_CANDIDATES`` blocks of the free queue (the
+        ones ``allocate`` would take first), so it costs O(count * _RUN_CANDIDATES) at most, never O(pool).
+        Blocks taken from the middle of the queue lose their cached content exactly as ``allocate`` evicts;
+        a run may so evict a cached block before older ones (LRU is kept for everything outside the run).
+        """
+        if count > self.num_free_blocks:
+            raise ValueError(f"cannot allocate {count} blocks, only {self.num_free_blocks} free")
+        start = self._free_run_start(count)
+        if start is None:
+            return self.allocate(count)
+        taken = self.blocks[start : start + count]
+        for block in taken:
+            self.free_queue.remove(block)
+            self._evict(block)
+            block.ref_cnt = 1
+        return taken
+
+    def _free_run_start(self, count: int) -> int | None:
+        """The first id of ``count`` consecutive free blocks around one of the queue's first candidates."""
+        if count <= 1:
+            return None  # a single block is trivially a run: plain allocate keeps the LRU order exactly
+        seen_until = -1  # candidates inside an already searched run are skipped
+        for candidate in self.free_queue.first_ids(_RUN_CANDIDATES):
+            if candidate <= seen_until:
+                continue
+            left = candidate
+            while left > 0 and candidate - left < count - 1 and self.blocks[left - 1].ref_cnt == 0:
+                left -= 1
+            right = candidate + 1  # the run is [left, right)
+            while right < self.num_blocks and right - left < count and self.blocks[right].ref_cnt == 0:
+                right += 1
+            if right - left >= count:
+                return left
+            seen_until = right
+        return None
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
         """Take one more reference on each block (prefix-cache hit or fork); revives free cached blocks."""

@@ -95,12 +95,13 @@ class KVCacheManager:
         return True
 
     def reserve(self, reservation_id: str, num_tokens: int) -> list[int]:
-        """Pin blocks for ``num_tokens`` tokens under ``reservation_id`` (KV arriving from elsewhere)."""
+        """Pin blocks for ``num_tokens`` tokens under ``reservation_id`` (KV arriving from elsewhere); one run of
+        consecutive ids when the pool has one near its free head, so the KV can be received straight into it."""
         num_blocks = cdiv(num_tokens, self.block_size)
         if num_blocks > self.pool.num_free_blocks:
             raise ValueError(f"num_tokens: {num_blocks} blocks needed, {self.pool.num_free_blocks} free")
         self._id_tuples.pop(reservation_id, None)
-        self.tables[reservation_id] = self.pool.allocate(num_blocks)
+        self.tables[reservation_id] = self.pool.allocate_contiguous(num_blocks)
         return self.block_ids(reservation_id)
 
     def release(self, reservation_id: str) -> None:

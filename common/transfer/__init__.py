@@ -18,6 +18,7 @@ from common.transfer.base import (
     KVTransferHeader,
     OnKV,
     OnOutcome,
+    Place,
     TransferError,
     TransferOutcome,
     TransferResult,
@@ -35,6 +36,7 @@ __all__ = [
     "KVSender",
     "KVTransferHeader",
     "OnOutcome",
+    "Place",
     "TransferError",
     "TransferOutcome",
     "TransferResult",
@@ -74,13 +76,15 @@ def make_receiver(
     device: torch.device | str,
     max_bytes: int | None = None,
     on_outcome: OnOutcome | None = None,
+    place: Place | None = None,
 ) -> KVReceiver:
     """The decode-side servicer; it also accepts nccl transfers when ``device`` is CUDA and NCCL is available.
-    ``on_outcome`` hears of every transfer (metrics)."""
+    ``on_outcome`` hears of every transfer (metrics); ``place`` lets nccl transfers land straight in their
+    reserved blocks (``placement.DirectPlacement``)."""
     device = torch.device(device)
     nccl = None
     if device.type == "cuda" and torch.distributed.is_available() and torch.distributed.is_nccl_available():
         from common.transfer.nccl_transport import NcclReceiver
 
-        nccl = NcclReceiver(device, config.timeout_s)
+        nccl = NcclReceiver(device, config.timeout_s, place=place)
     return KVReceiver(on_kv, device=device, nccl=nccl, max_bytes=max_bytes, on_outcome=on_outcome)

@@ -6,7 +6,9 @@ The prefill worker gathers one request's blocks into a contiguous tensor
 serves ``proto/kv_transfer.proto`` for every transport.
 
 Invariant: ``on_kv`` sees a tensor only after its shape, dtype, byte count and checksum all matched the
-header; on any mismatch the RPC replies ``ok=false`` with a reason and ``on_kv`` is never called.
+header; on any mismatch the RPC replies ``ok=false`` with a reason and ``on_kv`` is never called. An nccl
+transfer that landed straight in the reserved blocks (``placement.DirectPlacement``) never reaches ``on_kv``:
+its placement is committed after the same verification instead, and only then are its blocks filled.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 import torch
 
 from common.transfer.checksum import kv_checksum
+from common.transfer.placement import DirectPlacement
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
 
@@ -189,8 +192,11 @@ class TransferOutcome:
 
 OnKV = Callable[[KVTransferHeader, torch.Tensor], Awaitable[None]]
 OnOutcome = Callable[[TransferOutcome], None]
-# The receiver's verdict on one transfer: (header, awaitable of the verified tensor, start) -> its ack.
-Deliver = Callable[[KVTransferHeader, Awaitable[torch.Tensor], float], Awaitable[pb.KVAck]]
+# The receiver's verdict on one transfer: (header, awaitable of the verified tensor, start) -> its ack; the
+# awaitable yields None when the bytes landed in the reserved blocks and their placement was committed.
+Deliver = Callable[[KVTransferHeader, Awaitable[torch.Tensor | None], float], Awaitable[pb.KVAck]]
+# Decode side: the claimed cache blocks a transfer may land in directly, or None (buffer, then on_kv).
+Place = Callable[[KVTransferHeader], DirectPlacement | None]
 WriteAck = Callable[[pb.ControlAck], Awaitable[None]]
 
 
@@ -221,7 +227,8 @@ class NcclReceiveSide(Protocol):
         self, messages: AsyncIterator[pb.ControlMessage], write: WriteAck, deliver: Deliver, max_bytes: int | None
     ) -> None:
         """Run one ``Control`` stream: join the pair, receive each described transfer (checksum-verified, else
-        the awaitable raises ``TransferError``), ``deliver`` it and write its ack."""
+        the awaitable raises ``TransferError``; None once it landed in its reserved blocks and was committed),
+        ``deliver`` it and write its ack."""
         ...
 
     async def close(self) -> None: ...
@@ -328,11 +335,12 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         await self._nccl.serve(_read_all(context), write, self._deliver_nccl, self._max_bytes)
 
     async def _deliver_nccl(
-        self, header: KVTransferHeader, received: Awaitable[torch.Tensor], start: float
+        self, header: KVTransferHeader, received: Awaitable[torch.Tensor | None], start: float
     ) -> pb.KVAck:
         try:
-            kv = await received  # checksum-verified on the GPU
-            await self._on_kv(header, kv)
+            kv = await received  # checksum-verified on the GPU; None: already in its blocks, committed
+            if kv is not None:
+                await self._on_kv(header, kv)
         except ValueError as exc:
             return self._reject("nccl", header, exc, start)
         return self._accept("nccl", header, start)

@@ -10,31 +10,35 @@ tests, same code otherwise.
 Control channel: one long-lived ``KVTransfer.Control`` bidirectional gRPC stream per pair generation. It opens
 with ``ChannelOpen`` (the receiver builds its half of the group, both exchange a one-element handshake so the
 blocking communicator set-up is over, the receiver acks id 0). Then each transfer is one
-``TransferDescriptor`` (id 1, 2, ...) after which the sender at once posts two sends: ``kv`` and its
-16-byte checksum sums (a one-pass Triton kernel on the sender's stream, overlapping the data send). The
-receiver posts the matching recvs into a fresh buffer in descriptor order, on its own side stream, checksums
-what arrived, and acks by id; several transfers are in flight at once and acks may come in any order.
+``TransferDescriptor`` (id 1, 2, ...) after which the sender at once posts its sends: the pieces of ``kv``
+(``placement.piece_runs``: one op per (layer, k, run of the receiver's consecutive block ids), all in one NCCL
+group; one op of the whole tensor when the ids form more than ``MAX_DIRECT_RUNS`` runs) and its 16-byte
+checksum sums (a one-pass Triton kernel on the sender's stream, overlapping the data send). The receiver posts
+the matching recvs in descriptor order on its own side stream: straight into the reserved cache blocks when
+the injected ``place`` maps the header's reservation (``DirectPlacement``), else into the same pieces of a
+fresh buffer; it checksums what arrived (over the pieces, weighted at their positions in ``kv``), stages the
+sums to pinned host memory and records an event, which the loop polls (no thread, no host sync per
+transfer); acks go by id, several transfers are in flight at once and acks may come in any order.
 
 Invariants:
 - Sends and recvs of one pair are posted in descriptor order on both sides (the sender posts under a lock,
   the receiver in its read loop), so NCCL matches them without tags; gloo gets per-transfer tags as well.
+  Both sides derive the piece list from the header alone, so their op lists always match.
 - A transfer that is refused after its descriptor (unknown reservation, checksum mismatch) is still fully
   received (drained), so it fails alone and the channel stays in step. Only a desync risk breaks the channel:
   an oversized header (cannot be drained), an NCCL error or timeout, a broken stream, or a protocol error.
   A broken channel fails every in-flight transfer on the sender (``ok=False``), aborts the group, and the
   next send opens generation + 1; the receiver drops an older generation when it sees a newer one.
-- Only an ok ack proves the data arrived; ``on_kv`` only ever sees checksum-verified bytes.
-Not yet done (issue 11, deliverable 3): chunk-/layer-wise pipelining, and recv straight into the reserved
-blocks. Design: a descriptor may describe one slice ``(layer range, block range)`` of a request's KV; the
-reservation is filled when the slices cover it (the receiver tracks coverage per reservation and verifies
-each slice's in-band sums). Prefill side, chunk-wise: the engine exposes per-step "blocks completed" for an
-``export_kv`` request (block ids full after this step), and ``_ship`` posts a slice per chunk on the same
-channel while the next chunk computes; layer-wise: the model runner records a CUDA event after each layer's
-KV write and ``post_send`` for layer l makes the NCCL stream wait on it. Decode side: the cache layout
-``[L, 2, blocks, ...]`` makes any block range 2L strided pieces, so a direct recv is 2L ops per slice
-(``cache[l, k, b0:b0+n]``, contiguous when the reserved ids form a run) issued inside one NCCL group
-(``ProcessGroupNCCL._start_coalescing/_end_coalescing``) with the checksum taken over the pieces; blocks are
-marked filled only after the verify, so a corrupt transfer never reaches an adopted request.
+- Only an ok ack proves the data arrived; ``on_kv`` only ever sees checksum-verified bytes, and a direct
+  placement is committed (its reservation filled) only after the same verification; any failure abandons it,
+  so corrupt bytes sitting in reserved blocks never reach an adopted request.
+Not yet done (issue 11, deliverable 3): chunk-/layer-wise pipelining. Design: a descriptor may describe one
+slice ``(layer range, block range)`` of a request's KV; the reservation is filled when the slices cover it (the
+receiver tracks coverage per reservation and verifies each slice's in-band sums). Prefill side, chunk-wise:
+the engine exposes per-step "blocks completed" for an ``export_kv`` request (block ids full after this step),
+and ``_ship`` posts a slice per chunk on the same channel while the next chunk computes; layer-wise: the model
+runner records a CUDA event after each layer's KV write and ``post_send`` for layer l makes the NCCL stream
+wait on it. Decode side: a slice lands directly like a whole transfer (its pieces are a subset of the runs).
 NVLink multicast (NVLS) is always disabled (``pair_backend``), and ``TORCH_NCCL_ASYNC_ERROR_HANDLING``
 defaults to 2 (abort the failed communicator, keep the process alive): a dead peer must not kill a worker.
 """
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -61,21 +66,31 @@ from common.transfer.base import (
     Deliver,
     KVSender,
     KVTransferHeader,
+    Place,
     TransferError,
     TransferResult,
     WriteAck,
 )
 from common.transfer.checksum import kv_checksum_sums
-from common.transfer.pair_backend import PairBackend, SumsWaiter, abort_group, default_backend
+from common.transfer.pair_backend import LocalSums, PairBackend, ReceivedSums, abort_group, default_backend
+from common.transfer.placement import (
+    BlockRun,
+    DirectPlacement,
+    cache_piece_sums,
+    fits_cache,
+    piece_runs,
+    pieces,
+)
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-# Blocking calls (group set-up, handshakes, completion waits) run here, never on the loop. A waiter of a stuck
-# transfer holds its thread until the pair is aborted, so keep a margin over the transfers in flight.
+# Blocking calls (group set-up, handshakes) run here, never on the loop; transfers complete by polling instead.
 _EXECUTOR_THREADS = 32
 _TAG_SPACE = 1 << 30  # gloo tags: 2 * transfer_id (data) and + 1 (sums), wrapped; 0 is the handshake
+_SPIN_S = 0.002  # a receive is polled at every loop turn this long, then every _POLL_S (asyncio's ~1 ms floor)
+_POLL_S = 0.0005
 T = TypeVar("T")
 
 
@@ -247,7 +262,9 @@ class NcclKVSender(KVSender):
             await channel.call.write(pb.ControlMessage(transfer=descriptor))
             if kv.numel():
                 tag = transfer_tag(transfer_id)
-                channel.sends[transfer_id] = self._backend.post_send(channel.group, kv, tag, self._checksum_sums)
+                runs = piece_runs(header.shape, kv.element_size(), header.block_ids)
+                parts = [kv] if runs is None else pieces(kv, runs, by_block_id=False)
+                channel.sends[transfer_id] = self._backend.post_send(channel.group, kv, parts, tag, self._checksum_sums)
         return ack
 
     def _checksum_sums(self, kv: torch.Tensor) -> torch.Tensor:
@@ -370,12 +387,20 @@ class _ReceiverPair:
 
 class NcclReceiver:
     """Decode-side endpoint (rank 1 of every pair); plug it into ``KVReceiver(nccl=...)``, which hands it each
-    ``Control`` stream. Received tensors land in fresh buffers on ``device``, checksum-verified on its side
-    stream (never the engine's), before ``deliver`` passes them on.
+    ``Control`` stream. Received bytes land in the reserved blocks that ``place`` claims (then committed,
+    ``deliver`` gets None) or in fresh buffers on ``device`` (``deliver`` passes them on), checksum-verified on
+    its side stream (never the engine's) either way.
     """
 
-    def __init__(self, device: torch.device | str, timeout_s: float, backend: PairBackend | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device | str,
+        timeout_s: float,
+        backend: PairBackend | None = None,
+        place: Place | None = None,
+    ) -> None:
         self._device = torch.device(device)
+        self._place = place
         self._backend = backend or default_backend(self._device, side_stream=True)
         self._timeout_s = timeout_s
         self._pairs: dict[str, _ReceiverPair] = {}
@@ -461,20 +486,70 @@ class NcclReceiver:
             pair.tasks.add(task)
             task.add_done_callback(pair.tasks.discard)
 
-    def _post(self, pair: _ReceiverPair, header: KVTransferHeader, transfer_id: int) -> Awaitable[torch.Tensor]:
-        """Enqueue the transfer's recvs now (descriptor order); the awaitable verifies what arrived."""
+    def _post(self, pair: _ReceiverPair, header: KVTransferHeader, transfer_id: int) -> Awaitable[torch.Tensor | None]:
+        """Enqueue the transfer's recvs now (descriptor order): straight into the reserved blocks when
+        ``place`` maps them, else into a fresh buffer; the awaitable verifies what arrived."""
+        runs = piece_runs(header.shape, header.torch_dtype.itemsize, header.block_ids)
+        placement = self._placement(header, runs)
+        if placement is not None and runs is not None:
+            parts = pieces(placement.cache, runs, by_block_id=True)
+            sums = functools.partial(cache_piece_sums, placement.cache, runs, header.shape[2])
+            return self._landed(pair, parts, sums, transfer_id, placement, None)
         buffer = torch.empty(header.shape, dtype=header.torch_dtype, device=self._device)
         if not buffer.numel():
             return _value(buffer)
-        waiter = self._backend.post_recv(pair.group, buffer, transfer_tag(transfer_id))
-        return self._verified(pair, buffer, waiter, time.monotonic() + self._timeout_s)
+        parts = [buffer] if runs is None else pieces(buffer, runs, by_block_id=False)
+        return self._landed(pair, parts, functools.partial(kv_checksum_sums, buffer), transfer_id, None, buffer)
+
+    def _placement(self, header: KVTransferHeader, runs: list[BlockRun] | None) -> DirectPlacement | None:
+        """The claimed cache blocks of ``header``'s reservation when the bytes can land there, else None."""
+        if runs is None or self._place is None:
+            return None
+        placement = self._place(header)
+        if placement is None:
+            return None
+        cache = placement.cache
+        if cache.device != self._device or not fits_cache(cache, header.shape, header.torch_dtype, header.block_ids):
+            placement.abandon()  # claimed but unusable: the buffer path (and on_kv) decide
+            return None
+        return placement
+
+    def _landed(
+        self,
+        pair: _ReceiverPair,
+        parts: list[torch.Tensor],
+        local_sums: LocalSums,
+        transfer_id: int,
+        placement: DirectPlacement | None,
+        buffer: torch.Tensor | None,
+    ) -> Awaitable[torch.Tensor | None]:
+        """Post the recvs into ``parts`` and start verifying them as a task of its own, so a placement is
+        settled however the transfer ends (even when its delivery is cancelled before it awaits the task)."""
+        committed: list[bool] = []
+        try:
+            received = self._backend.post_recv(pair.group, parts, transfer_tag(transfer_id), local_sums)
+        except BaseException:
+            if placement is not None:
+                placement.abandon()
+            raise
+        deadline = time.monotonic() + self._timeout_s
+        task = asyncio.ensure_future(self._verified(pair, received, deadline, placement, committed, buffer))
+        task.add_done_callback(functools.partial(_settle, placement, committed))
+        return task
 
     async def _verified(
-        self, pair: _ReceiverPair, buffer: torch.Tensor, waiter: SumsWaiter, deadline: float
-    ) -> torch.Tensor:
-        """``buffer`` once its bytes arrived and match the sender's sums; an op failure breaks the pair."""
+        self,
+        pair: _ReceiverPair,
+        received: ReceivedSums,
+        deadline: float,
+        placement: DirectPlacement | None,
+        committed: list[bool],
+        buffer: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """``buffer`` once its bytes arrived and match the sender's sums, or None once a direct placement
+        holds them and is committed (filled; ``committed`` says so); an op failure breaks the pair."""
         try:
-            remote, local = await self._runner.wait(waiter, deadline)
+            remote, local = await _completion(received, deadline)
         except (TimeoutError, RuntimeError) as exc:
             pair.broken.set()
             raise TransferError(f"receive failed: {_describe(exc)}") from exc
@@ -483,13 +558,16 @@ class NcclReceiver:
                 f"checksum mismatch: sender sums ({remote[0]:#x}, {remote[1]:#x}), "
                 f"received bytes ({local[0]:#x}, {local[1]:#x})"
             )
+        if placement is not None:
+            committed.append(True)
+            placement.commit()  # may refuse (ValueError): it then cleans up itself
         return buffer
 
     async def _finish(
         self,
         transfer_id: int,
         header: KVTransferHeader,
-        received: Awaitable[torch.Tensor],
+        received: Awaitable[torch.Tensor | None],
         start: float,
         write: WriteAck,
         deliver: Deliver,
@@ -514,6 +592,26 @@ async def _raise(exc: Exception) -> torch.Tensor:
 
 async def _value(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _settle(placement: DirectPlacement | None, committed: list[bool], task: asyncio.Task) -> None:
+    """A verification task's end: abandon its placement unless committed; retrieve an unawaited failure."""
+    if placement is not None and not committed:
+        placement.abandon()
+    if not task.cancelled():
+        task.exception()
+
+
+async def _completion(received: ReceivedSums, deadline: float) -> tuple[list[int], list[int]]:
+    """Both sums of a receive once it completed, polled from the loop (no thread, no host sync): yield to the
+    loop for the first ``_SPIN_S`` (a typical transfer), then sleep ``_POLL_S`` between polls."""
+    start = time.monotonic()
+    while not received.ready():
+        now = time.monotonic()
+        if now > deadline:
+            raise TimeoutError("transfer timed out")
+        await asyncio.sleep(0 if now - start < _SPIN_S else _POLL_S)
+    return received.sums()
 
 
 def _client_tcp_store(host: str, port: int, timeout_s: float) -> dist.TCPStore:

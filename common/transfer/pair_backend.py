@@ -1,12 +1,15 @@
 """How a transfer pair's 2-rank process group is made and how its point-to-point ops complete.
 
-``NcclBackend`` (production): a ``ProcessGroupNCCL``; ops only enqueue on NCCL's stream, and completion is a
-CUDA event that a pool thread blocks on. ``GlooBackend`` (CPU tests): a ``ProcessGroupGloo`` over the same
-store, so the channel logic in ``nccl_transport`` runs unchanged on a machine without GPUs.
+``NcclBackend`` (production): a ``ProcessGroupNCCL``; ops only enqueue on NCCL's stream (the pieces of one
+transfer in one NCCL group, ``_start_coalescing``/``_end_coalescing``), and a receive's completion is a CUDA
+event recorded behind the recvs, the checksum kernel and a non-blocking copy of the 4 sums to pinned host
+memory: polling it (``ReceivedSums.ready``) costs no thread and no sync, and reading the sums afterwards is
+free. ``GlooBackend`` (CPU tests): a ``ProcessGroupGloo`` over the same store, so the channel logic in
+``nccl_transport`` runs unchanged on a machine without GPUs.
 
 Invariant for both: ``post_send``/``post_recv`` never block the caller (they only enqueue), and the ops of one
-pair complete in the order they were posted on each side; the returned waiter is a blocking callable that
-returns once the op's bytes are usable (recv) or have been handed to the transport (send).
+pair complete in the order they were posted on each side; a send's waiter is a blocking callable that returns
+once the bytes have been handed to the transport, a receive's ``ReceivedSums`` says when its bytes are usable.
 """
 
 from __future__ import annotations
@@ -15,19 +18,28 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
-from common.transfer.checksum import kv_checksum_sums
-
 logger = logging.getLogger(__name__)
+_GLOO_WAIT_THREADS = 16  # receives waited on at once per gloo backend (tests hold a few in flight)
 
 Waiter = Callable[[], None]
-SumsWaiter = Callable[[], tuple[list[int], list[int]]]  # -> (sender's [s1, s2], received bytes' [s1, s2])
 SumsOf = Callable[[torch.Tensor], torch.Tensor]
+LocalSums = Callable[[], torch.Tensor]  # the received bytes' [s1, s2], enqueued once they arrived
+
+
+class ReceivedSums(Protocol):
+    """One posted receive: ``ready`` polls without blocking; ``sums`` (only once ready) gives the sender's
+    ``[s1, s2]`` and the received bytes' ``[s1, s2]``, or raises ``RuntimeError`` if an op failed."""
+
+    def ready(self) -> bool: ...
+
+    def sums(self) -> tuple[list[int], list[int]]: ...
 
 
 class PairBackend(Protocol):
@@ -43,12 +55,16 @@ class PairBackend(Protocol):
         """The handshake: rank 0 sends ``token``, rank 1 receives into it (the first op sets up the group)."""
         ...
 
-    def post_send(self, group: dist.ProcessGroup, kv: torch.Tensor, tag: int, sums_of: SumsOf) -> Waiter:
-        """Enqueue ``kv`` (tag) then its checksum sums (tag + 1) to rank 1."""
+    def post_send(
+        self, group: dist.ProcessGroup, kv: torch.Tensor, pieces: list[torch.Tensor], tag: int, sums_of: SumsOf
+    ) -> Waiter:
+        """Enqueue ``pieces`` of ``kv`` (tag) then ``kv``'s checksum sums (tag + 1) to rank 1."""
         ...
 
-    def post_recv(self, group: dist.ProcessGroup, buffer: torch.Tensor, tag: int) -> SumsWaiter:
-        """Enqueue the matching recvs into ``buffer`` and a 2-word sums tensor; the waiter yields both sums."""
+    def post_recv(
+        self, group: dist.ProcessGroup, pieces: list[torch.Tensor], tag: int, local_sums: LocalSums
+    ) -> ReceivedSums:
+        """Enqueue the matching recvs into ``pieces`` and a 2-word sums tensor, then ``local_sums()``."""
         ...
 
 
@@ -92,34 +108,52 @@ class NcclBackend:
         return dist.ProcessGroupNCCL(dist.PrefixStore(prefix, store), rank, 2, options)
 
     def exchange(self, group: dist.ProcessGroup, token: torch.Tensor, rank: int) -> Waiter:
+        """The handshake, single and grouped: some ProcessGroupNCCL versions run grouped p2p (``_grouped``) on
+        the group's own communicator rather than the 2-rank p2p one, each made (blocking) by its first op, so
+        both are made here, off the event loop, and never by a transfer (harmless where they are one)."""
         with self._on_stream():
             work = group.send([token], 1, 0) if rank == 0 else group.recv([token], 0, 0)
-            return self._event_after([work]).synchronize
+            probe = token.clone()  # the grouped copy lands apart: two streams must not write one tensor
+            grouped = self._grouped(group, [probe], 0, send=rank == 0, always_group=True)
+            return self._event_after([work, grouped]).synchronize
 
-    def post_send(self, group: dist.ProcessGroup, kv: torch.Tensor, tag: int, sums_of: SumsOf) -> Waiter:
+    def post_send(
+        self, group: dist.ProcessGroup, kv: torch.Tensor, pieces: list[torch.Tensor], tag: int, sums_of: SumsOf
+    ) -> Waiter:
         with torch.cuda.device(kv.device):
-            data = group.send([kv], 1, tag)  # NCCL's stream waits for kv's producer first
+            data = self._grouped(group, pieces, tag, send=True)  # NCCL's stream waits for kv's producer first
             sums = sums_of(kv)  # on the current stream, concurrent with the send (both only read kv)
             tail = group.send([sums], 1, tag + 1)  # ordered after the checksum kernel
             return self._event_after([data, tail]).synchronize
 
-    def post_recv(self, group: dist.ProcessGroup, buffer: torch.Tensor, tag: int) -> SumsWaiter:
+    def post_recv(
+        self, group: dist.ProcessGroup, pieces: list[torch.Tensor], tag: int, local_sums: LocalSums
+    ) -> ReceivedSums:
         with self._on_stream():
-            remote = torch.empty(2, dtype=torch.int64, device=buffer.device)
-            works = [group.recv([buffer], 0, tag), group.recv([remote], 0, tag + 1)]
+            remote = torch.empty(2, dtype=torch.int64, device=self.device)
+            works = [self._grouped(group, pieces, tag, send=False), group.recv([remote], 0, tag + 1)]
             for work in works:
                 work.wait()  # non-blocking for the host: this stream waits for NCCL's
             staged = torch.empty(4, dtype=torch.int64, pin_memory=True)
-            staged.copy_(torch.cat([remote, kv_checksum_sums(buffer)]), non_blocking=True)
+            staged.copy_(torch.cat([remote, local_sums()]), non_blocking=True)
             done = torch.cuda.Event()
             done.record()
+        return _EventSums(done, staged)
 
-        def wait() -> tuple[list[int], list[int]]:
-            done.synchronize()
-            values = staged.tolist()
-            return values[:2], values[2:]
-
-        return wait
+    def _grouped(
+        self, group: dist.ProcessGroup, pieces: list[torch.Tensor], tag: int, send: bool, always_group: bool = False
+    ) -> dist.Work:
+        """One op per piece (send to rank 1 or recv from rank 0), all in one NCCL group: one work, one launch."""
+        if len(pieces) == 1 and not always_group:
+            return group.send(pieces, 1, tag) if send else group.recv(pieces, 0, tag)
+        device = pieces[0].device  # an indexed CUDA device, as coalescing wants
+        group._start_coalescing(device)
+        for piece in pieces:
+            if send:
+                group.send([piece], 1, tag)
+            else:
+                group.recv([piece], 0, tag)
+        return group._end_coalescing(device)
 
     def _event_after(self, works: list[dist.Work]) -> torch.cuda.Event:
         """An event on the current stream recorded behind ``works`` (the stream waits for NCCL's, the host not)."""
@@ -136,9 +170,16 @@ class NcclBackend:
 
 
 class GlooBackend:
-    """Gloo over CPU tensors: the same channel code without GPUs (tests). Sums are computed once data arrived."""
+    """Gloo over CPU tensors: the same channel code without GPUs (tests). Sums are computed once data arrived.
+
+    A gloo work only reports completion from ``wait()``, so each receive waits on a thread of a small pool
+    (a test-only cost; NCCL polls an event instead).
+    """
 
     name = "gloo"
+
+    def __init__(self) -> None:
+        self._waiters = ThreadPoolExecutor(_GLOO_WAIT_THREADS, thread_name_prefix="tandem-kv-gloo")
 
     def new_group(self, store: dist.Store, prefix: str, rank: int, timeout_s: float) -> dist.ProcessGroup:
         # The constructor connects both ranks, so it blocks until the peer makes its half.
@@ -148,19 +189,49 @@ class GlooBackend:
         work = group.send([token], 1, 0) if rank == 0 else group.recv([token], 0, 0)
         return work.wait
 
-    def post_send(self, group: dist.ProcessGroup, kv: torch.Tensor, tag: int, sums_of: SumsOf) -> Waiter:
-        works = [group.send([kv], 1, tag), group.send([sums_of(kv)], 1, tag + 1)]
+    def post_send(
+        self, group: dist.ProcessGroup, kv: torch.Tensor, pieces: list[torch.Tensor], tag: int, sums_of: SumsOf
+    ) -> Waiter:
+        # Pieces of one transfer share its tag: gloo matches one pair's ops of one tag in posting order.
+        works = [group.send([piece], 1, tag) for piece in pieces] + [group.send([sums_of(kv)], 1, tag + 1)]
         return lambda: _wait_all(works)
 
-    def post_recv(self, group: dist.ProcessGroup, buffer: torch.Tensor, tag: int) -> SumsWaiter:
+    def post_recv(
+        self, group: dist.ProcessGroup, pieces: list[torch.Tensor], tag: int, local_sums: LocalSums
+    ) -> ReceivedSums:
         remote = torch.empty(2, dtype=torch.int64)
-        works = [group.recv([buffer], 0, tag), group.recv([remote], 0, tag + 1)]
+        works = [group.recv([piece], 0, tag) for piece in pieces] + [group.recv([remote], 0, tag + 1)]
+        waited = self._waiters.submit(_wait_all, works)
+        return _GlooSums(waited, remote, local_sums)
 
-        def wait() -> tuple[list[int], list[int]]:
-            _wait_all(works)
-            return remote.tolist(), kv_checksum_sums(buffer).tolist()
 
-        return wait
+class _EventSums:
+    """A receive on a CUDA stream: done when ``event`` is; the 4 sums wait in pinned ``staged``."""
+
+    def __init__(self, event: torch.cuda.Event, staged: torch.Tensor) -> None:
+        self._event, self._staged = event, staged
+
+    def ready(self) -> bool:
+        return self._event.query()
+
+    def sums(self) -> tuple[list[int], list[int]]:
+        self._event.synchronize()  # a no-op once ready
+        values = self._staged.tolist()
+        return values[:2], values[2:]
+
+
+class _GlooSums:
+    """A gloo receive: done when its waiting thread is; the local sums are computed on the host then."""
+
+    def __init__(self, waited: Future[None], remote: torch.Tensor, local_sums: LocalSums) -> None:
+        self._waited, self._remote, self._local_sums = waited, remote, local_sums
+
+    def ready(self) -> bool:
+        return self._waited.done()
+
+    def sums(self) -> tuple[list[int], list[int]]:
+        self._waited.result()  # raises if an op failed
+        return self._remote.tolist(), self._local_sums().tolist()
 
 
 def _wait_all(works: list[dist.Work]) -> None:

@@ -16,6 +16,7 @@ from common.engine.engine import LLMEngine
 from common.transfer import TransferOutcome, make_receiver
 from common.transfer.base import KVTransferHeader
 from common.transfer.block_writer import BlockWriter
+from common.transfer.placement import DirectPlacement, fits_cache
 from proto import worker_pb2
 from services.wire import logprobs_to_proto, sampling_from_proto
 from services.worker_runtime import WorkerRuntime
@@ -32,7 +33,7 @@ class Reservation:
     block_ids: tuple[int, ...]
     deadline: float
     filled: bool = False
-    writing: asyncio.Future | None = None  # the KV write into its blocks, while it runs (see on_kv)
+    writing: asyncio.Future | None = None  # the KV write into its blocks, while it runs (on_kv or place_kv)
 
 
 class DecodeService(BaseWorkerService):
@@ -41,7 +42,7 @@ class DecodeService(BaseWorkerService):
         self.reservations: dict[str, Reservation] = {}
         self.block_writer = BlockWriter(runtime.engine.kv_cache)
         self.receiver = make_receiver(
-            self.on_kv, runtime.settings.transfer, runtime.device, on_outcome=self._on_transfer
+            self.on_kv, runtime.settings.transfer, runtime.device, on_outcome=self._on_transfer, place=self.place_kv
         )
         self._expiry_task = asyncio.get_running_loop().create_task(self._expire_forever())
 
@@ -92,6 +93,8 @@ class DecodeService(BaseWorkerService):
             raise ValueError(f"block ids {header.block_ids} do not match reservation {header.reservation_id!r}")
         if reservation.filled:
             raise ValueError(f"reservation {header.reservation_id!r} is already filled")
+        if reservation.writing is not None and not reservation.writing.done():
+            raise ValueError(f"reservation {header.reservation_id!r} is being written by another transfer")
         self.block_writer.check(kv, len(reservation.block_ids))
         reservation.writing = asyncio.ensure_future(
             asyncio.to_thread(self.block_writer.write, reservation.block_ids, kv)
@@ -100,6 +103,33 @@ class DecodeService(BaseWorkerService):
         if self.reservations.get(header.reservation_id) is not reservation:  # released or expired meanwhile
             raise ValueError(f"reservation {header.reservation_id!r} expired during the transfer")
         reservation.filled = True
+
+    def place_kv(self, header: KVTransferHeader) -> DirectPlacement | None:
+        """The cache blocks of a live, unfilled, idle reservation matching ``header``, claimed for a transfer
+        that lands in them directly (None: the receiver buffers it and ``on_kv`` decides).
+
+        The claim is ``reservation.writing`` (release waits for it, on_kv refuses meanwhile); the placement's
+        commit marks the reservation filled only after the receiver verified the bytes in the blocks.
+        """
+        reservation = self.reservations.get(header.reservation_id)
+        if reservation is None or reservation.filled:
+            return None
+        if tuple(header.block_ids) != reservation.block_ids[: len(header.block_ids)]:
+            return None
+        if reservation.writing is not None and not reservation.writing.done():
+            return None
+        cache = self.block_writer.cache
+        if not fits_cache(cache, header.shape, header.torch_dtype, header.block_ids):
+            return None
+        claim = reservation.writing = asyncio.get_running_loop().create_future()
+
+        def commit() -> None:
+            claim.set_result(None)
+            if self.reservations.get(header.reservation_id) is not reservation:
+                raise ValueError(f"reservation {header.reservation_id!r} expired during the transfer")
+            reservation.filled = True
+
+        return DirectPlacement(cache, commit, lambda: claim.done() or claim.set_result(None))
 
     def _on_transfer(self, outcome: TransferOutcome) -> None:
         self.runtime.metrics.observe_transfer(outcome.transport, outcome, outcome.checksum_mismatch)

@@ -93,3 +93,55 @@ def test_block_hashes_are_chained_stable_and_full_blocks_only():
     assert hash_block_tokens(None, [1, 2, 3]).hex()[:16] == "5a71aa9dad35ec6b"
     assert hash_block_tokens(None, [1, 2, 3], b"adapter") != hash_block_tokens(None, [1, 2, 3])
     assert hash_full_blocks(tokens, 16, hashes[0], start_block=1) == hashes[1:]
+
+
+def test_allocate_contiguous_takes_the_run_at_the_free_head():
+    pool = BlockPool(10)
+    blocks = pool.allocate_contiguous(4)
+    assert [b.block_id for b in blocks] == [0, 1, 2, 3]
+    assert all(b.ref_cnt == 1 for b in blocks) and pool.num_free_blocks == 6
+
+
+def test_allocate_contiguous_finds_a_run_behind_a_scattered_head_and_evicts_its_cached_blocks():
+    pool = BlockPool(12)
+    blocks = pool.allocate(12)
+    pool.cache_block(blocks[7], b"h7")
+    # Free queue head first: 1, 3, 5 (isolated), then 6..9 (7 cached, so it goes to the tail).
+    pool.free([blocks[9], blocks[8], blocks[6], blocks[5], blocks[3], blocks[1], blocks[7]])
+    assert pool.free_queue.block_ids() == [1, 3, 5, 6, 8, 9, 7]
+    taken = pool.allocate_contiguous(4)
+    assert [b.block_id for b in taken] == [5, 6, 7, 8]  # the run around candidate 5, 7 taken from the middle
+    assert pool.lookup(b"h7") is None and blocks[7].block_hash is None and pool.num_evictions == 1
+    assert pool.free_queue.block_ids() == [1, 3, 9]
+    assert all(b.ref_cnt == 1 for b in taken)
+
+
+def test_allocate_contiguous_extends_a_run_to_the_left_of_its_candidate():
+    pool = BlockPool(8)
+    blocks = pool.allocate(8)
+    pool.free([blocks[4], blocks[2], blocks[3]])  # queue: 3, 2, 4 (head first); the run is 2..4
+    assert [b.block_id for b in pool.allocate_contiguous(3)] == [2, 3, 4]
+
+
+def test_allocate_contiguous_falls_back_to_any_blocks_without_a_run():
+    pool = BlockPool(8)
+    blocks = pool.allocate(8)
+    pool.free([blocks[6], blocks[4], blocks[2], blocks[0]])
+    taken = pool.allocate_contiguous(3)
+    assert [b.block_id for b in taken] == [0, 2, 4]  # allocate's order: the free head first
+    assert pool.free_queue.block_ids() == [6]
+    with pytest.raises(ValueError, match="only 1 free"):
+        pool.allocate_contiguous(2)
+
+
+def test_allocate_contiguous_search_stays_bounded_on_a_large_fragmented_pool():
+    pool = BlockPool(100_000)
+    blocks = pool.allocate(100_000)
+    pool.free([blocks[2], blocks[4]])  # then the odd ones before them: a run 1..5 exists, far from the head
+    pool.free(blocks[1::2])  # each goes to the head: 99_999, 99_997, ... first
+    checked = []
+    original = pool.free_queue.first_ids
+    pool.free_queue.first_ids = lambda limit: (checked.append(limit), original(limit))[1]
+    taken = pool.allocate_contiguous(4)
+    assert checked == [32]  # only the queue's first candidates are looked at, so this falls back
+    assert [b.block_id for b in taken] == [99_999, 99_997, 99_995, 99_993]

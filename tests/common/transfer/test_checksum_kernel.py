@@ -72,3 +72,51 @@ def test_kv_checksum_identical_on_cpu_and_cuda(shape: tuple[int, ...]) -> None:
     kv = random_kv(shape, torch.bfloat16, seed=len(shape))
     assert kv_checksum(kv) == kv_checksum(kv.cuda())
     assert kv_checksum_sums(kv).tolist() == kv_checksum_sums(kv.cuda()).tolist()
+
+
+def _pieces_of(words: torch.Tensor, rows: int, cuts: list[int]) -> list[tuple[torch.Tensor, int, int]]:
+    """``words`` (rows x width) cut into column ranges: (strided rows view, logical row stride, offset) each."""
+    grid = words.view(rows, -1)
+    width = grid.shape[1]
+    bounds = [0, *cuts, width]
+    return [(grid[:, a:b], width, a) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+# (rows, width, cuts): odd widths, a piece past the modulus, an empty piece, a single row.
+PIECES = [(1, 1025, [3]), (3, 7777, [1, 5000]), (4, 33000, [16385, 16385, 30001]), (2, 70001, [65521 + 17])]
+
+
+@pytest.mark.parametrize(("rows", "width", "cuts"), PIECES)
+def test_reference_sums_of_pieces_add_up_to_the_whole(rows: int, width: int, cuts: list[int]) -> None:
+    words = _words(rows * width, seed=rows + width)
+    total = torch.zeros(2, dtype=torch.int64)
+    for piece, stride, offset in _pieces_of(words, rows, cuts):
+        total += kernel.checksum_rows_reference(piece, stride, offset)
+    assert total.tolist() == _expected(words)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="runs Triton on CPU tensors only under TRITON_INTERPRET=1")
+@pytest.mark.parametrize(("rows", "width", "cuts"), PIECES[:2])
+def test_triton_interpreted_rows_match_reference(rows: int, width: int, cuts: list[int]) -> None:
+    words = _words(rows * width, seed=7 * rows + width)
+    for piece, stride, offset in _pieces_of(words, rows, cuts):
+        got = kernel.checksum_rows_triton(piece, stride, offset).tolist()
+        assert got == kernel.checksum_rows_reference(piece, stride, offset).tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("rows", "width", "cuts"), PIECES)
+def test_cuda_rows_kernel_matches_reference_on_fresh_inputs(rows: int, width: int, cuts: list[int]) -> None:
+    words = _words(rows * width, seed=11 * rows + width)
+    total = torch.zeros(2, dtype=torch.int64)
+    for piece, stride, offset in _pieces_of(words, rows, cuts):
+        got = kernel.checksum_rows_sums(piece.cuda(), stride, offset).cpu()
+        assert got.tolist() == kernel.checksum_rows_reference(piece, stride, offset).tolist()
+        total += got
+    assert total.tolist() == _expected(words)
+
+
+def test_rows_sums_refuse_rows_that_are_not_contiguous_words() -> None:
+    with pytest.raises(ValueError, match="contiguous words"):
+        kernel.checksum_rows_sums(_words(12, seed=1).view(3, 4).t(), 4)
