@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -42,6 +43,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 # Protobuf overhead on top of one data chunk (field tags, oneof, lengths).
 GRPC_MESSAGE_SLACK = 64 * 1024
+KV_SERVICE = "tandem.kv.KVTransfer"
 
 
 class TransferError(ValueError):
@@ -269,6 +271,93 @@ def grpc_message_options(chunk_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+# ``KVChunk(data=...)`` on the wire is this tag (field 2, length-delimited), a varint length, then the bytes.
+_DATA_TAG = 0x12
+
+
+def encode_data_chunk(data: bytes | memoryview) -> bytes:
+    """``KVChunk(data=data).SerializeToString()`` with one copy of ``data`` (protobuf would make three)."""
+    return b"".join((bytes((_DATA_TAG,)), _varint(len(data)), data))
+
+
+def decode_kv_chunk(message: bytes) -> pb.KVChunk | memoryview:
+    """A received ``KVChunk``: a zero-copy view of its bytes when it is exactly one ``data`` field (what
+    ``encode_data_chunk`` and protobuf both write), else the protobuf parse (headers, anything unusual)."""
+    if message[:1] == bytes((_DATA_TAG,)):
+        length, start = _read_varint(message, 1)
+        if length is not None and start + length == len(message):
+            return memoryview(message)[start:]
+    return pb.KVChunk.FromString(message)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(message: bytes, start: int) -> tuple[int | None, int]:
+    """(value, end) of the varint at ``start``; value None when it is cut off or longer than 10 bytes."""
+    value = 0
+    for index in range(start, min(start + 10, len(message))):
+        value |= (message[index] & 0x7F) << (7 * (index - start))
+        if message[index] < 0x80:
+            return value, index + 1
+    return None, start
+
+
+class HostBufferPool:
+    """Reusable uint8 host staging buffers, page-locked when ``pinned``, so a gRPC transfer does not pay for
+    allocating, pinning and first-touching a fresh buffer each time (on a GPU host that costs more than the
+    copies themselves).
+
+    Invariants: ``take`` hands out a buffer no one else holds until it is ``give``n back; at most
+    ``capacity_bytes`` are kept idle (larger buffers, or any beyond that, are freed on ``give``). Thread-safe.
+    """
+
+    GRANULE = 16 * 2**20  # sizes round up to this, so transfers of similar sizes share buffers
+
+    def __init__(self, capacity_bytes: int, pinned: bool) -> None:
+        self._capacity = capacity_bytes
+        self._pinned = pinned
+        self._idle: list[torch.Tensor] = []
+        self._leased: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> its whole block
+        self._lock = threading.Lock()
+
+    @property
+    def idle_bytes(self) -> int:
+        return sum(block.numel() for block in self._idle)
+
+    @property
+    def leased(self) -> int:
+        return len(self._leased)
+
+    def take(self, num_bytes: int) -> torch.Tensor:
+        """A buffer of exactly ``num_bytes`` (a view of a pooled block, reused when one fits)."""
+        with self._lock:
+            fits = [block for block in self._idle if block.numel() >= num_bytes]
+            block = min(fits, key=torch.Tensor.numel) if fits else None
+            if block is not None:
+                self._idle.remove(block)
+        if block is None:
+            size = -(-max(num_bytes, 1) // self.GRANULE) * self.GRANULE
+            block = torch.empty(size, dtype=torch.uint8, pin_memory=self._pinned)
+        view = block[:num_bytes]
+        with self._lock:
+            self._leased[view.data_ptr()] = block
+        return view
+
+    def give(self, view: torch.Tensor) -> None:
+        """Return a buffer from ``take``; it is kept for reuse while the idle total stays within capacity."""
+        with self._lock:
+            block = self._leased.pop(view.data_ptr())
+            if self.idle_bytes + block.numel() <= self._capacity:
+                self._idle.append(block)
+
+
 class KVReceiver(pb_grpc.KVTransferServicer):
     """The decode worker's ``tandem.kv.KVTransfer`` servicer: verifies each transfer, then calls ``on_kv``.
 
@@ -276,7 +365,8 @@ class KVReceiver(pb_grpc.KVTransferServicer):
     into ``KVAck(ok=false, error=str(exc))``. Transfers are independent: a slow ``on_kv`` for one request does
     not delay another's. The hosting server must admit messages of the sender's chunk size
     (``grpc_message_options``). NCCL transfers are refused unless ``nccl`` is given. ``on_outcome``, when given,
-    hears of every transfer, accepted or rejected (metrics); it must not raise.
+    hears of every transfer, accepted or rejected (metrics); it must not raise. A CUDA receiver stages gRPC
+    bytes in page-locked buffers from a pool that keeps at most ``host_pool_bytes`` idle.
     """
 
     def __init__(
@@ -286,30 +376,51 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         nccl: NcclReceiveSide | None = None,
         max_bytes: int | None = None,
         on_outcome: OnOutcome | None = None,
+        host_pool_bytes: int = 512 * 2**20,
     ) -> None:
         self._on_kv = on_kv
         self._device = torch.device(device)
+        # On CPU the received buffer becomes ``kv`` itself (handed to on_kv), so only CUDA staging is pooled.
+        self._host_pool = HostBufferPool(host_pool_bytes, pinned=True) if self._device.type == "cuda" else None
         self._nccl = nccl
         self._max_bytes = max_bytes
         self._on_outcome = on_outcome
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_KVTransferServicer_to_server(self, server)
+        """Serve ``tandem.kv.KVTransfer`` as generated, except that ``PushKV`` data chunks are not parsed
+        into protobuf messages (``decode_kv_chunk``: same wire, one copy fewer)."""
+        handlers = {
+            "PushKV": grpc.stream_unary_rpc_method_handler(
+                self.PushKV, request_deserializer=decode_kv_chunk, response_serializer=pb.KVAck.SerializeToString
+            ),
+            "Control": grpc.stream_stream_rpc_method_handler(
+                self.Control,
+                request_deserializer=pb.ControlMessage.FromString,
+                response_serializer=pb.ControlAck.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(KV_SERVICE, handlers),))
+        server.add_registered_method_handlers(KV_SERVICE, handlers)
 
     async def close(self) -> None:
         if self._nccl is not None:
             await self._nccl.close()
 
-    async def PushKV(self, request_iterator: AsyncIterator[pb.KVChunk], context: grpc.aio.ServicerContext) -> pb.KVAck:
+    async def PushKV(
+        self, request_iterator: AsyncIterator[pb.KVChunk | memoryview], context: grpc.aio.ServicerContext
+    ) -> pb.KVAck:
         start = time.perf_counter()
         header: KVTransferHeader | None = None
+        staging = _Staging(self._host_pool)
         try:
-            pinned = self._device.type == "cuda"
-            header, buffer = await _assemble_stream(request_iterator, self._max_bytes, pinned)
+            header, buffer = await _assemble_stream(request_iterator, self._max_bytes, staging.take)
             kv = await asyncio.to_thread(_tensor_from_buffer, header, buffer, self._device)
+            staging.release()  # kv is on the device and verified: the host bytes are free for the next transfer
             await self._on_kv(header, kv)
         except ValueError as exc:  # TransferError included
             return self._reject("grpc", header, exc, start)
+        finally:
+            staging.release()  # also on a broken stream or a cancelled call
         return self._accept("grpc", header, start)
 
     async def Control(
@@ -360,27 +471,51 @@ async def _read_all(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         yield message
 
 
+class _Staging:
+    """The host buffer of one received transfer: from ``pool`` when there is one (given back by ``release``,
+    which is idempotent), else a fresh buffer that simply becomes the tensor."""
+
+    def __init__(self, pool: HostBufferPool | None) -> None:
+        self._pool = pool
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, num_bytes: int) -> torch.Tensor:
+        if self._pool is None:
+            return torch.empty(num_bytes, dtype=torch.uint8)
+        self._buffer = self._pool.take(num_bytes)
+        return self._buffer
+
+    def release(self) -> None:
+        if self._pool is not None and self._buffer is not None:
+            self._pool.give(self._buffer)
+            self._buffer = None
+
+
 async def _assemble_stream(
-    chunks: AsyncIterator[pb.KVChunk], max_bytes: int | None, pinned: bool = False
+    chunks: AsyncIterator[pb.KVChunk | memoryview],
+    max_bytes: int | None,
+    allocate: Callable[[int], torch.Tensor] | None = None,
 ) -> tuple[KVTransferHeader, torch.Tensor]:
-    """Read one header then exactly ``num_bytes`` of data into a preallocated uint8 buffer (no per-chunk
-    tensors); ``pinned`` puts it in page-locked memory so the copy to the GPU runs at full PCIe speed."""
+    """Read one header then exactly ``num_bytes`` of data into one uint8 buffer from ``allocate`` (default: a
+    fresh one), copied straight in (no per-chunk tensors). A chunk is a ``KVChunk`` or, for data decoded by
+    ``decode_kv_chunk``, a view of its bytes. ``allocate`` is called at most once, after the header passed."""
     header: KVTransferHeader | None = None
     host = torch.empty(0, dtype=torch.uint8)
     buffer = host.numpy()
     filled = 0
     async for chunk in chunks:
-        if chunk.WhichOneof("payload") == "header":
+        data = chunk if isinstance(chunk, memoryview) else None
+        if data is None and chunk.WhichOneof("payload") == "header":
             if header is not None:
                 raise TransferError("stream carries a second header")
             header = KVTransferHeader.from_proto(chunk.header)
             header.validate(max_bytes)
-            host = torch.empty(header.num_bytes, dtype=torch.uint8, pin_memory=pinned)
+            host = (allocate or _fresh_buffer)(header.num_bytes)
             buffer = host.numpy()  # a view: chunks are copied straight into ``host``
             continue
         if header is None:
             raise TransferError("stream sent data before its header")
-        filled = _write_chunk(buffer, filled, chunk.data)
+        filled = _write_chunk(buffer, filled, chunk.data if data is None else data)
     if header is None:
         raise TransferError("stream ended without a header")
     if filled != header.num_bytes:
@@ -388,7 +523,11 @@ async def _assemble_stream(
     return header, host
 
 
-def _write_chunk(buffer: np.ndarray, filled: int, data: bytes) -> int:
+def _fresh_buffer(num_bytes: int) -> torch.Tensor:
+    return torch.empty(num_bytes, dtype=torch.uint8)
+
+
+def _write_chunk(buffer: np.ndarray, filled: int, data: bytes | memoryview) -> int:
     """Copy ``data`` at offset ``filled``; an overflow raises ``TransferError``. Returns the new fill level."""
     end = filled + len(data)
     if end > buffer.size:

@@ -1,0 +1,257 @@
+"""The gRPC KV wire: hand-serialized data chunks, the receiver's refusals of bad streams, pooled staging."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+import pytest
+import torch
+
+from common.config import TransferConfig
+from common.transfer import GrpcKVSender, KVTransferHeader
+from common.transfer.base import (
+    KV_SERVICE,
+    HostBufferPool,
+    KVReceiver,
+    decode_kv_chunk,
+    encode_data_chunk,
+    grpc_message_options,
+)
+from proto import kv_transfer_pb2 as pb
+from proto import kv_transfer_pb2_grpc as pb_grpc
+from tests.common.transfer.conftest import Recorder, random_kv, run, serving
+
+CHUNK = 4096
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16383, 16384, 2**21 + 3])
+def test_encoded_data_chunk_is_protobufs_bytes_and_decodes_to_a_view(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    encoded = encode_data_chunk(memoryview(data))
+    assert encoded == pb.KVChunk(data=data).SerializeToString()
+    decoded = decode_kv_chunk(encoded)
+    assert isinstance(decoded, memoryview) and decoded.tobytes() == data
+
+
+def test_anything_but_one_data_field_is_parsed_by_protobuf() -> None:
+    header = pb.KVChunk(header=pb.KVHeader(request_id="r", num_bytes=4))
+    assert decode_kv_chunk(header.SerializeToString()) == header
+    data_then_header = pb.KVChunk(data=b"abcd").SerializeToString() + header.SerializeToString()
+    assert decode_kv_chunk(data_then_header) == header  # protobuf semantics: the last oneof field wins
+    with pytest.raises(Exception):  # noqa: B017, PT011 - protobuf's DecodeError: a length past the end
+        decode_kv_chunk(b"\x12\x05abc")
+
+
+def header_message(kv: torch.Tensor, **changes: object) -> bytes:
+    header = KVTransferHeader.for_tensor("req", "resv", range(kv.shape[2]), kv, "grpc").to_proto()
+    for name, value in changes.items():
+        setattr(header, name, value)
+    return pb.KVChunk(header=header).SerializeToString()
+
+
+def data_messages(kv: torch.Tensor) -> list[bytes]:
+    raw = kv.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()
+    return [encode_data_chunk(raw[i : i + CHUNK]) for i in range(0, len(raw), CHUNK)]
+
+
+async def push_raw(address: str, messages: Sequence[bytes]) -> pb.KVAck:
+    """Send already-serialized ``KVChunk``s as they are (bad streams a GrpcKVSender never writes)."""
+    async with grpc.aio.insecure_channel(address, options=grpc_message_options(CHUNK)) as channel:
+        push = channel.stream_unary(
+            f"/{KV_SERVICE}/PushKV", request_serializer=None, response_deserializer=pb.KVAck.FromString
+        )
+        return await push(iter(messages), timeout=5.0)
+
+
+def refusal(messages_of: object, max_bytes: int | None = None) -> str:
+    kv = random_kv((2, 2, 3, 16, 2, 8), torch.float32)
+    recorder = Recorder()
+
+    async def go() -> pb.KVAck:
+        server = grpc.aio.server(options=grpc_message_options(CHUNK))
+        KVReceiver(recorder, max_bytes=max_bytes).add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            return await push_raw(f"127.0.0.1:{port}", messages_of(kv))
+        finally:
+            await server.stop(grace=None)
+
+    ack = run(go())
+    assert not ack.ok and ack.bytes == 0 and recorder.calls == []
+    return ack.error
+
+
+def test_raw_stream_with_the_right_bytes_is_accepted() -> None:
+    kv = random_kv((2, 2, 3, 16, 2, 8), torch.float32)
+    recorder = Recorder()
+
+    async def go() -> pb.KVAck:
+        async with serving(recorder, CHUNK) as address:
+            return await push_raw(address, [header_message(kv), *data_messages(kv)])
+
+    ack = run(go())
+    assert ack.ok and ack.bytes == kv.numel() * 4
+    assert torch.equal(recorder.calls[0][1], kv)
+
+
+def test_second_header_is_refused() -> None:
+    error = refusal(lambda kv: [header_message(kv), *data_messages(kv)[:2], header_message(kv)])
+    assert "second header" in error
+
+
+def test_data_before_header_is_refused() -> None:
+    assert "before its header" in refusal(lambda kv: [*data_messages(kv), header_message(kv)])
+
+
+def test_missing_header_is_refused() -> None:
+    assert "without a header" in refusal(lambda kv: [])
+
+
+def test_inconsistent_header_is_refused() -> None:
+    assert "num_bytes" in refusal(lambda kv: [header_message(kv, num_bytes=12), *data_messages(kv)])
+
+
+def test_unknown_dtype_is_refused() -> None:
+    assert "dtype" in refusal(lambda kv: [header_message(kv, dtype="complex64"), *data_messages(kv)])
+
+
+def test_header_over_the_receiver_limit_is_refused_before_any_data() -> None:
+    error = refusal(lambda kv: [header_message(kv), *data_messages(kv)], max_bytes=1000)
+    assert "exceeds the receiver limit 1000" in error
+
+
+def test_checksum_mismatch_in_the_header_is_refused() -> None:
+    assert "checksum" in refusal(lambda kv: [header_message(kv, checksum=12345), *data_messages(kv)])
+
+
+def test_protobuf_client_still_works() -> None:
+    """A sender using the generated stub (protobuf-serialized chunks) speaks the same wire."""
+    kv = random_kv((1, 2, 2, 4, 1, 8), torch.bfloat16)
+    recorder = Recorder()
+    raw = kv.view(torch.uint8).reshape(-1).numpy().tobytes()
+    header = KVTransferHeader.for_tensor("req", "resv", [3, 4], kv, "grpc").to_proto()
+    chunks = [pb.KVChunk(header=header)] + [pb.KVChunk(data=raw[i : i + 50]) for i in range(0, len(raw), 50)]
+
+    async def go() -> pb.KVAck:
+        async with serving(recorder, CHUNK) as address, grpc.aio.insecure_channel(address) as channel:
+            return await pb_grpc.KVTransferStub(channel).PushKV(iter(chunks), timeout=5.0)
+
+    assert run(go()).ok and torch.equal(recorder.calls[0][1], kv)
+
+
+def test_pool_reuses_buffers_and_keeps_at_most_its_capacity_idle() -> None:
+    pool = HostBufferPool(capacity_bytes=3 * HostBufferPool.GRANULE, pinned=False)
+    first = pool.take(1000)
+    ptr = first.data_ptr()
+    assert first.numel() == 1000 and pool.leased == 1
+    pool.give(first)
+    second = pool.take(HostBufferPool.GRANULE)  # the same granule-sized block fits
+    assert second.data_ptr() == ptr and second.numel() == HostBufferPool.GRANULE
+    third = pool.take(10)  # the idle list is empty: a new block
+    assert third.data_ptr() != ptr
+    big = pool.take(3 * HostBufferPool.GRANULE)
+    for buffer in (second, third, big):
+        pool.give(buffer)
+    assert pool.leased == 0 and pool.idle_bytes == 2 * HostBufferPool.GRANULE  # big did not fit the cap
+    assert pool.take(HostBufferPool.GRANULE + 1).numel() == HostBufferPool.GRANULE + 1
+
+
+def pooled_receiver(on_kv: Recorder, pool: HostBufferPool) -> KVReceiver:
+    """A CPU receiver staged through ``pool`` like a CUDA one (only to watch the pool: on CPU the staged
+    buffer would be handed to on_kv, which is why real CPU receivers do not pool)."""
+    receiver = KVReceiver(on_kv)
+    receiver._host_pool = pool
+    return receiver
+
+
+@pytest.mark.parametrize("cut", ["none", "short", "corrupt", "cancel"])
+def test_staging_buffer_goes_back_to_the_pool_whatever_the_outcome(cut: str) -> None:
+    kv = random_kv((2, 2, 4, 16, 2, 16), torch.float32)
+    pool = HostBufferPool(capacity_bytes=2**30, pinned=False)
+    recorder = Recorder()
+    stalled = asyncio.Event()
+
+    async def messages() -> object:
+        data = data_messages(kv)
+        yield header_message(kv)
+        for index, message in enumerate(data):
+            if index == 2 and cut == "short":
+                return
+            if index == 2 and cut == "corrupt":
+                message = message[:-1] + bytes([message[-1] ^ 1])
+            if index == 2 and cut == "cancel":
+                stalled.set()
+                await asyncio.sleep(30)
+            yield message
+
+    async def go() -> pb.KVAck | None:
+        server = grpc.aio.server(options=grpc_message_options(CHUNK))
+        pooled_receiver(recorder, pool).add_to_server(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                push = channel.stream_unary(f"/{KV_SERVICE}/PushKV", response_deserializer=pb.KVAck.FromString)
+                call = push(messages(), timeout=5.0)
+                if cut != "cancel":
+                    return await call
+                await stalled.wait()
+                await asyncio.sleep(0.2)  # the receiver holds a staging buffer now
+                assert pool.leased == 1
+                call.cancel()
+                for _ in range(100):  # the servicer sees the cancellation asynchronously
+                    if pool.leased == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                return None
+        finally:
+            await server.stop(grace=None)
+
+    ack = run(go())
+    assert pool.leased == 0 and pool.idle_bytes == HostBufferPool.GRANULE
+    if cut == "none":
+        assert ack.ok and len(recorder.calls) == 1
+    else:
+        assert recorder.calls == [] and (ack is None or not ack.ok)
+
+
+def test_sender_stages_nothing_for_a_cpu_tensor_and_its_pool_follows_the_config() -> None:
+    config = TransferConfig(grpc_chunk_bytes=CHUNK, grpc_host_pool_bytes=123 * 2**20, timeout_s=5.0)
+    sender = GrpcKVSender(config)
+    kv = random_kv((1, 2, 2, 4, 1, 8), torch.float32)
+
+    async def go() -> bool:
+        async with serving(Recorder(), CHUNK) as address:
+            try:
+                return (await sender.send(address, "r", "v", [0, 1], kv)).ok
+            finally:
+                await sender.close()
+
+    assert run(go())
+    assert sender._host_pool.leased == 0 and sender._host_pool.idle_bytes == 0
+    assert sender._host_pool._capacity == 123 * 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 1, reason="needs CUDA")
+def test_cuda_round_trip_returns_both_staging_buffers() -> None:
+    kv = random_kv((2, 2, 4, 16, 2, 16), torch.bfloat16).cuda()
+    recorder = Recorder()
+    config = TransferConfig(grpc_chunk_bytes=CHUNK, timeout_s=10.0)
+
+    async def go() -> object:
+        async with serving(recorder, CHUNK, device="cuda") as address:
+            sender = GrpcKVSender(config)
+            try:
+                results = [await sender.send(address, f"r{i}", "v", range(4), kv) for i in range(3)]
+            finally:
+                await sender.close()
+            return results, sender._host_pool
+
+    results, sender_pool = run(go())
+    assert all(r.ok for r in results) and len(recorder.calls) == 3
+    assert all(torch.equal(got, kv) for _, got in recorder.calls)
+    assert sender_pool.leased == 0 and sender_pool.idle_bytes == HostBufferPool.GRANULE  # one block, reused
