@@ -12,12 +12,15 @@ header; on any mismatch the RPC replies ``ok=false`` with a reason and ``on_kv``
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import logging
 import math
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -382,6 +385,7 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         self._device = torch.device(device)
         # On CPU the received buffer becomes ``kv`` itself (handed to on_kv), so only CUDA staging is pooled.
         self._host_pool = HostBufferPool(host_pool_bytes, pinned=True) if self._device.type == "cuda" else None
+        self._copy_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-grpc-copy")
         self._nccl = nccl
         self._max_bytes = max_bytes
         self._on_outcome = on_outcome
@@ -403,6 +407,7 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         server.add_registered_method_handlers(KV_SERVICE, handlers)
 
     async def close(self) -> None:
+        self._copy_executor.shutdown(wait=False)
         if self._nccl is not None:
             await self._nccl.close()
 
@@ -413,7 +418,9 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         header: KVTransferHeader | None = None
         staging = _Staging(self._host_pool)
         try:
-            header, buffer = await _assemble_stream(request_iterator, self._max_bytes, staging.take)
+            header, buffer = await _assemble_stream(
+                request_iterator, self._max_bytes, staging.take, self._copy_executor
+            )
             kv = await asyncio.to_thread(_tensor_from_buffer, header, buffer, self._device)
             staging.release()  # kv is on the device and verified: the host bytes are free for the next transfer
             await self._on_kv(header, kv)
@@ -491,14 +498,67 @@ class _Staging:
             self._buffer = None
 
 
+class _ChunkCopier:
+    """Copies received chunks into the staging buffer on ``executor`` threads (numpy releases the GIL for
+    them), so the event loop takes in the next message meanwhile; at most ``depth`` copies are in flight.
+
+    Invariant: after ``settle`` no copy is pending or running (the buffer may then be reused or freed)."""
+
+    def __init__(self, executor: Executor | None, depth: int = 4) -> None:
+        self._executor = executor
+        self._depth = depth
+        self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+
+    async def write(self, buffer: np.ndarray, filled: int, data: bytes | memoryview) -> int:
+        """Copy ``data`` at ``filled`` (now or on a thread); an overflow raises ``TransferError`` at once.
+        Returns the new fill level."""
+        end = _checked_end(buffer, filled, data)
+        if self._executor is None:
+            _copy_into(buffer, filled, data)
+            return end
+        while len(self._pending) >= self._depth:
+            await asyncio.wrap_future(self._pending.popleft())
+        self._pending.append(self._executor.submit(_copy_into, buffer, filled, data))
+        return end
+
+    def settle(self) -> None:
+        """Wait for every copy still in flight (each takes about a millisecond); their errors surface here."""
+        done, _ = concurrent.futures.wait(self._pending)
+        self._pending.clear()
+        for future in done:
+            if not future.cancelled() and future.exception() is not None:
+                raise TransferError(f"copying a received chunk failed: {future.exception()}")
+
+
 async def _assemble_stream(
     chunks: AsyncIterator[pb.KVChunk | memoryview],
     max_bytes: int | None,
     allocate: Callable[[int], torch.Tensor] | None = None,
+    copy_executor: Executor | None = None,
 ) -> tuple[KVTransferHeader, torch.Tensor]:
     """Read one header then exactly ``num_bytes`` of data into one uint8 buffer from ``allocate`` (default: a
-    fresh one), copied straight in (no per-chunk tensors). A chunk is a ``KVChunk`` or, for data decoded by
-    ``decode_kv_chunk``, a view of its bytes. ``allocate`` is called at most once, after the header passed."""
+    fresh one), copied straight in (no per-chunk tensors), on ``copy_executor`` threads when given. A chunk is
+    a ``KVChunk`` or, for data decoded by ``decode_kv_chunk``, a view of its bytes. ``allocate`` is called at
+    most once, after the header passed. On return or raise no copy into the buffer is left running."""
+    copier = _ChunkCopier(copy_executor)
+    try:
+        header, host, filled = await _read_stream(chunks, max_bytes, allocate or _fresh_buffer, copier)
+    finally:
+        copier.settle()
+    if header is None:
+        raise TransferError("stream ended without a header")
+    if filled != header.num_bytes:
+        raise TransferError(f"short stream: got {filled} of {header.num_bytes} bytes")
+    return header, host
+
+
+async def _read_stream(
+    chunks: AsyncIterator[pb.KVChunk | memoryview],
+    max_bytes: int | None,
+    allocate: Callable[[int], torch.Tensor],
+    copier: _ChunkCopier,
+) -> tuple[KVTransferHeader | None, torch.Tensor, int]:
+    """The header, the buffer and how many bytes went into it (see ``_assemble_stream``)."""
     header: KVTransferHeader | None = None
     host = torch.empty(0, dtype=torch.uint8)
     buffer = host.numpy()
@@ -510,30 +570,29 @@ async def _assemble_stream(
                 raise TransferError("stream carries a second header")
             header = KVTransferHeader.from_proto(chunk.header)
             header.validate(max_bytes)
-            host = (allocate or _fresh_buffer)(header.num_bytes)
+            host = allocate(header.num_bytes)
             buffer = host.numpy()  # a view: chunks are copied straight into ``host``
             continue
         if header is None:
             raise TransferError("stream sent data before its header")
-        filled = _write_chunk(buffer, filled, chunk.data if data is None else data)
-    if header is None:
-        raise TransferError("stream ended without a header")
-    if filled != header.num_bytes:
-        raise TransferError(f"short stream: got {filled} of {header.num_bytes} bytes")
-    return header, host
+        filled = await copier.write(buffer, filled, chunk.data if data is None else data)
+    return header, host, filled
 
 
 def _fresh_buffer(num_bytes: int) -> torch.Tensor:
     return torch.empty(num_bytes, dtype=torch.uint8)
 
 
-def _write_chunk(buffer: np.ndarray, filled: int, data: bytes | memoryview) -> int:
-    """Copy ``data`` at offset ``filled``; an overflow raises ``TransferError``. Returns the new fill level."""
+def _checked_end(buffer: np.ndarray, filled: int, data: bytes | memoryview) -> int:
+    """Where ``data`` written at ``filled`` ends; past the buffer's end raises ``TransferError``."""
     end = filled + len(data)
     if end > buffer.size:
         raise TransferError(f"oversized stream: {end} bytes or more, header says {buffer.size}")
-    buffer[filled:end] = np.frombuffer(data, dtype=np.uint8)
     return end
+
+
+def _copy_into(buffer: np.ndarray, offset: int, data: bytes | memoryview) -> None:
+    buffer[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
 
 def _tensor_from_buffer(header: KVTransferHeader, buffer: torch.Tensor, device: torch.device) -> torch.Tensor:

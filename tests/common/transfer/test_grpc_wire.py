@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from common.config import TransferConfig
+from common.metrics import WorkerMetrics
 from common.transfer import GrpcKVSender, KVTransferHeader
 from common.transfer.base import (
     KV_SERVICE,
@@ -255,3 +256,39 @@ def test_cuda_round_trip_returns_both_staging_buffers() -> None:
     assert all(r.ok for r in results) and len(recorder.calls) == 3
     assert all(torch.equal(got, kv) for _, got in recorder.calls)
     assert sender_pool.leased == 0 and sender_pool.idle_bytes == HostBufferPool.GRANULE  # one block, reused
+
+
+def test_grpc_transfers_are_counted_in_the_worker_metrics_on_both_ends() -> None:
+    """Sender result and receiver outcome of real gRPC transfers land in tandem_kv_transfer_* (bytes, seconds)."""
+    prefill, decode = WorkerMetrics("m", "prefill"), WorkerMetrics("m", "decode")
+    kv = random_kv((2, 2, 4, 16, 2, 16), torch.float32)
+
+    def corrupt(index: int, data: bytes) -> bytes:
+        return data[:-1] + bytes([data[-1] ^ 1]) if index == 1 else data
+
+    async def go() -> None:
+        server = grpc.aio.server(options=grpc_message_options(CHUNK))
+        outcome = lambda o: decode.observe_transfer(o.transport, o, o.checksum_mismatch)  # noqa: E731
+        KVReceiver(Recorder(), on_outcome=outcome).add_to_server(server)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        await server.start()
+        try:
+            for chunk_filter in (None, corrupt):
+                sender = GrpcKVSender(TransferConfig(grpc_chunk_bytes=CHUNK, timeout_s=5.0), chunk_filter)
+                result = await sender.send(address, "r", "v", range(4), kv)
+                prefill.observe_transfer(sender.transport, result)
+                await sender.close()
+        finally:
+            await server.stop(grace=None)
+
+    run(go())
+    for metrics, role in ((prefill, "prefill"), (decode, "decode")):
+        assert grpc_sample(metrics, role, "tandem_kv_transfer_bytes_total") == kv.numel() * 4  # the verified one
+        assert grpc_sample(metrics, role, "tandem_kv_transfer_duration_seconds_count") == 2
+        assert grpc_sample(metrics, role, "tandem_kv_transfer_duration_seconds_sum") > 0
+        assert grpc_sample(metrics, role, "tandem_kv_transfer_failures_total") == 1
+    assert grpc_sample(decode, "decode", "tandem_kv_transfer_checksum_mismatches_total") == 1
+
+
+def grpc_sample(metrics: WorkerMetrics, role: str, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name, {"model": "m", "role": role, "transport": "grpc"})
