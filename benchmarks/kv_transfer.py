@@ -8,9 +8,10 @@ per token): 16, 64 and 256 MiB (= 2048 tokens) by default. For each size:
              in-band GPU checksum, recv on a side stream, GPU verify, on_kv = the decode worker's BlockWriter
              scatter into a preallocated cache on its side stream, ack);
   (b') nccl_xfer: the same with an on_kv that does not scatter (the transport alone, still verified);
-  (c) grpc : GrpcKVSender.send end to end (device->host copy, checksum, stream, verify, host->device, scatter).
+  (c) grpc : GrpcKVSender.send end to end (device->host copy, checksum, stream, verify, host->device, scatter);
+  (c') grpc_xfer: the same with an on_kv that does not scatter (the transport alone, still verified).
 Median over --repeats after --warmup runs; prints a table and JSON (b/a = overhead of our NCCL path).
-Then, for the largest size: --inflight transfers at once (raw: queued sends, one sync; ours: asyncio.gather
+Then, for the largest size: --inflight transfers at once (raw: queued sends, one sync; ours and gRPC: asyncio.gather
 of sends to the one receiver, in flight together on the pair's channel), and the checksum alone on GPU0
 (Triton kernel vs the chunked torch reference). The "handoff" line sums it up against the issue's target:
 end-to-end GB/s at the largest size with 1 and --inflight in flight, each as a share of raw NCCL (>= 80%).
@@ -285,6 +286,9 @@ async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[f
                 results["nccl_xfer"] = await time_sender(plan, sender, address, NO_SCATTER)
                 results["rpc_only"] = await time_empty(plan, sender, address)
                 results["nccl"][-1] = await time_inflight(plan, sender, address)
+            if kind == "grpc":  # the transport alone, and several transfers sharing the one channel
+                results["grpc_xfer"] = await time_sender(plan, sender, address, NO_SCATTER)
+                results["grpc"][-1] = await time_inflight(plan, sender, address)
         finally:
             await sender.close()
     return results
@@ -311,7 +315,7 @@ def summarize_inflight(plan: Plan, times: dict[str, dict[int, list[float]]]) -> 
     """Aggregate GB/s of the in-flight run (largest size x ``plan.inflight``), raw vs ours."""
     total = max(plan.sizes_mib) * 2**20 * plan.inflight
     row: dict[str, Any] = {"size_mib": max(plan.sizes_mib), "inflight": plan.inflight}
-    for kind in ("raw", "nccl"):
+    for kind in ("raw", "nccl", "grpc"):
         if -1 in times.get(kind, {}):
             median = statistics.median(times[kind][-1])
             row[f"{kind}_ms"] = round(median * 1e3, 3)
@@ -363,8 +367,8 @@ def main() -> None:
     rows = summarize(plan, times)
     report = {"plan": asdict(plan), "device": torch.cuda.get_device_name(0) if plan.sender_device != "cpu" else "cpu"}
     report["results"] = rows
+    report["inflight"] = summarize_inflight(plan, times)
     if not plan.grpc_only:
-        report["inflight"] = summarize_inflight(plan, times)
         report["checksum"] = time_checksum(plan)
     report["handoff"] = summarize_handoff(rows, report.get("inflight", {}))
     print(json.dumps(report, indent=2))
