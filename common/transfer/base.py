@@ -318,7 +318,8 @@ class HostBufferPool:
     copies themselves).
 
     Invariants: ``take`` hands out a buffer no one else holds until it is ``give``n back; at most
-    ``capacity_bytes`` are kept idle (larger buffers, or any beyond that, are freed on ``give``). Thread-safe.
+    ``capacity_bytes`` are kept idle: ``give`` keeps the returned buffer (unless it alone exceeds that) and
+    frees the least recently returned ones to make room. Thread-safe.
     """
 
     GRANULE = 16 * 2**20  # sizes round up to this, so transfers of similar sizes share buffers
@@ -326,7 +327,7 @@ class HostBufferPool:
     def __init__(self, capacity_bytes: int, pinned: bool) -> None:
         self._capacity = capacity_bytes
         self._pinned = pinned
-        self._idle: list[torch.Tensor] = []
+        self._idle: list[torch.Tensor] = []  # least recently returned first
         self._leased: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> its whole block
         self._lock = threading.Lock()
 
@@ -354,11 +355,14 @@ class HostBufferPool:
         return view
 
     def give(self, view: torch.Tensor) -> None:
-        """Return a buffer from ``take``; it is kept for reuse while the idle total stays within capacity."""
+        """Return a buffer from ``take`` for reuse."""
         with self._lock:
             block = self._leased.pop(view.data_ptr())
-            if self.idle_bytes + block.numel() <= self._capacity:
-                self._idle.append(block)
+            if block.numel() > self._capacity:
+                return
+            self._idle.append(block)
+            while self.idle_bytes > self._capacity:
+                self._idle.pop(0)
 
 
 class KVReceiver(pb_grpc.KVTransferServicer):

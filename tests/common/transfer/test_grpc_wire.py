@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import concurrent.futures
+import random
+import time
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -16,6 +20,7 @@ from common.transfer.base import (
     KV_SERVICE,
     HostBufferPool,
     KVReceiver,
+    _assemble_stream,
     decode_kv_chunk,
     encode_data_chunk,
     grpc_message_options,
@@ -154,10 +159,14 @@ def test_pool_reuses_buffers_and_keeps_at_most_its_capacity_idle() -> None:
     third = pool.take(10)  # the idle list is empty: a new block
     assert third.data_ptr() != ptr
     big = pool.take(3 * HostBufferPool.GRANULE)
-    for buffer in (second, third, big):
+    huge = pool.take(4 * HostBufferPool.GRANULE)
+    for buffer in (second, third, huge):
         pool.give(buffer)
-    assert pool.leased == 0 and pool.idle_bytes == 2 * HostBufferPool.GRANULE  # big did not fit the cap
-    assert pool.take(HostBufferPool.GRANULE + 1).numel() == HostBufferPool.GRANULE + 1
+    assert pool.leased == 1 and pool.idle_bytes == 2 * HostBufferPool.GRANULE  # huge alone exceeds the cap
+    big_ptr = big.data_ptr()
+    pool.give(big)  # makes room by freeing the least recently returned blocks
+    assert pool.leased == 0 and pool.idle_bytes == 3 * HostBufferPool.GRANULE
+    assert pool.take(HostBufferPool.GRANULE + 1).data_ptr() == big_ptr
 
 
 def pooled_receiver(on_kv: Recorder, pool: HostBufferPool) -> KVReceiver:
@@ -292,3 +301,42 @@ def test_grpc_transfers_are_counted_in_the_worker_metrics_on_both_ends() -> None
 
 def grpc_sample(metrics: WorkerMetrics, role: str, name: str) -> float | None:
     return metrics.registry.get_sample_value(name, {"model": "m", "role": role, "transport": "grpc"})
+
+
+class JitteryExecutor(ThreadPoolExecutor):
+    """Runs each copy after a random short sleep, so copies finish out of order; remembers every future."""
+
+    def __init__(self) -> None:
+        super().__init__(max_workers=4)
+        self.futures: list[concurrent.futures.Future] = []
+        self._random = random.Random(0)
+
+    def submit(self, fn, /, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN204
+        delay = self._random.uniform(0, 0.02)
+        future = super().submit(lambda: (time.sleep(delay), fn(*args, **kwargs))[1])
+        self.futures.append(future)
+        return future
+
+
+async def chunk_stream(kv: torch.Tensor, fail_after: int | None = None) -> AsyncIterator[pb.KVChunk | memoryview]:
+    yield decode_kv_chunk(header_message(kv))
+    for index, message in enumerate(data_messages(kv)):
+        if index == fail_after:
+            raise RuntimeError("the stream broke")
+        yield decode_kv_chunk(message)
+
+
+def test_threaded_copies_land_in_order_and_all_finish_before_the_buffer_is_returned() -> None:
+    kv = random_kv((2, 2, 8, 16, 2, 16), torch.float32)
+    with JitteryExecutor() as executor:
+        header, buffer = run(_assemble_stream(chunk_stream(kv), None, None, executor))
+        assert all(future.done() for future in executor.futures) and len(executor.futures) > 10
+    assert torch.equal(buffer.view(torch.float32).view(kv.shape), kv)
+
+
+def test_a_broken_stream_leaves_no_copy_running() -> None:
+    kv = random_kv((2, 2, 8, 16, 2, 16), torch.float32)
+    with JitteryExecutor() as executor:
+        with pytest.raises(RuntimeError, match="broke"):
+            run(_assemble_stream(chunk_stream(kv, fail_after=9), None, None, executor))
+        assert len(executor.futures) == 9 and all(future.done() for future in executor.futures)
