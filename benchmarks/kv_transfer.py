@@ -61,6 +61,7 @@ class Plan:
     sender_device: str
     receiver_device: str
     chunk_bytes: int
+    grpc_streams: int
     raw_port: int
     inflight: int
 
@@ -82,6 +83,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--grpc-only", action="store_true", help="skip NCCL (a, b); runs on CPU-only machines")
     parser.add_argument("--chunk-mib", type=float, default=4.0, help="gRPC chunk size")
+    parser.add_argument("--grpc-streams", type=int, default=1, help="parallel gRPC streams per transfer")
     parser.add_argument("--inflight", type=int, default=4, help="transfers in flight for the pipelined run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
@@ -99,6 +101,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sender_device="cuda:0" if gpus else "cpu",
         receiver_device="cuda:1" if gpus else "cpu",
         chunk_bytes=int(args.chunk_mib * 2**20),
+        grpc_streams=args.grpc_streams,
         raw_port=_free_port(),
         inflight=args.inflight,
     )
@@ -160,7 +163,7 @@ async def serve_receiver(plan: Plan, port_queue: Any, stop: Any) -> None:
             return  # the transport alone: kv arrived and was verified
         await asyncio.to_thread(writer.write, header.block_ids, kv)  # what the decode worker does
 
-    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes)
+    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes, grpc_streams=plan.grpc_streams)
     receiver = make_receiver(on_kv, config, plan.receiver_device)
     server = grpc.aio.server(options=grpc_message_options(plan.chunk_bytes))
     receiver.add_to_server(server)
@@ -275,7 +278,7 @@ def time_checksum(plan: Plan) -> dict[str, float]:
 async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[float]]]:
     from common.transfer import make_sender
 
-    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes)
+    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes, grpc_streams=plan.grpc_streams)
     results = {}
     kinds = ["grpc"] if plan.grpc_only else ["nccl", "grpc"]
     for kind in kinds:

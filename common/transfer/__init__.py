@@ -90,4 +90,5 @@ def make_receiver(
         max_bytes=max_bytes,
         on_outcome=on_outcome,
         host_pool_bytes=config.grpc_host_pool_bytes,
+        part_timeout_s=config.timeout_s,
     )

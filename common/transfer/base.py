@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import grpc
@@ -373,7 +373,8 @@ class KVReceiver(pb_grpc.KVTransferServicer):
     not delay another's. The hosting server must admit messages of the sender's chunk size
     (``grpc_message_options``). NCCL transfers are refused unless ``nccl`` is given. ``on_outcome``, when given,
     hears of every transfer, accepted or rejected (metrics); it must not raise. A CUDA receiver stages gRPC
-    bytes in page-locked buffers from a pool that keeps at most ``host_pool_bytes`` idle.
+    bytes in page-locked buffers from a pool that keeps at most ``host_pool_bytes`` idle. A transfer sent on
+    parallel streams waits at most ``part_timeout_s`` for its other parts once a part arrived.
     """
 
     def __init__(
@@ -384,12 +385,15 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         max_bytes: int | None = None,
         on_outcome: OnOutcome | None = None,
         host_pool_bytes: int = 512 * 2**20,
+        part_timeout_s: float = 60.0,
     ) -> None:
         self._on_kv = on_kv
         self._device = torch.device(device)
         # On CPU the received buffer becomes ``kv`` itself (handed to on_kv), so only CUDA staging is pooled.
         self._host_pool = HostBufferPool(host_pool_bytes, pinned=True) if self._device.type == "cuda" else None
         self._copy_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-grpc-copy")
+        self._gatherings: dict[str, _Gathering] = {}  # transfers arriving on parallel streams, by transfer_id
+        self._part_timeout_s = part_timeout_s
         self._nccl = nccl
         self._max_bytes = max_bytes
         self._on_outcome = on_outcome
@@ -419,12 +423,18 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         self, request_iterator: AsyncIterator[pb.KVChunk | memoryview], context: grpc.aio.ServicerContext
     ) -> pb.KVAck:
         start = time.perf_counter()
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if isinstance(first, pb.KVChunk) and first.WhichOneof("payload") == "header" and first.header.stream_count > 1:
+            return await self._push_part(first.header, messages, start)
+        return await self._push_whole(_prepend(first, messages), start)
+
+    async def _push_whole(self, messages: AsyncIterator[pb.KVChunk | memoryview], start: float) -> pb.KVAck:
+        """A transfer on one stream: assemble, upload and verify, ``on_kv``."""
         header: KVTransferHeader | None = None
         staging = _Staging(self._host_pool)
         try:
-            header, buffer = await _assemble_stream(
-                request_iterator, self._max_bytes, staging.take, self._copy_executor
-            )
+            header, buffer = await _assemble_stream(messages, self._max_bytes, staging.take, self._copy_executor)
             kv = await asyncio.to_thread(_tensor_from_buffer, header, buffer, self._device)
             staging.release()  # kv is on the device and verified: the host bytes are free for the next transfer
             await self._on_kv(header, kv)
@@ -433,6 +443,70 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         finally:
             staging.release()  # also on a broken stream or a cancelled call
         return self._accept("grpc", header, start)
+
+    async def _push_part(self, proto: pb.KVHeader, messages: AsyncIterator[Any], start: float) -> pb.KVAck:
+        """One of several parallel streams of a transfer: read its byte range into the shared buffer; the
+        stream completing the last part verifies and calls ``on_kv``; every stream replies the one verdict."""
+        header = KVTransferHeader.from_proto(proto)
+        try:
+            gathering = self._join_gathering(proto, header, start)
+        except ValueError as exc:
+            return self._reject("grpc", header, exc, start)
+        try:
+            await _read_part(gathering, proto.stream_index, messages, self._copy_executor)
+            if gathering.complete():
+                await self._finish_gathering(gathering)
+            await self._await_parts(gathering)
+            return await asyncio.shield(gathering.verdict)  # settled, or on_kv of the last part still running
+        except ValueError as exc:
+            self._fail_gathering(gathering, exc)
+            return gathering.verdict.result()
+        except BaseException:  # cancelled: this part will never arrive
+            self._fail_gathering(gathering, TransferError(f"stream {proto.stream_index} of the transfer broke"))
+            raise
+        finally:
+            gathering.attached -= 1
+            if gathering.attached == 0:  # no stream writes into the buffer any more
+                self._gatherings.pop(gathering.key, None)
+                gathering.staging.release()
+
+    async def _await_parts(self, gathering: _Gathering) -> None:
+        """Wait until the verdict is settled or every part arrived; a part missing too long fails the transfer."""
+        try:
+            await asyncio.wait_for(asyncio.shield(gathering.verdict), self._part_timeout_s)
+        except TimeoutError:
+            if not gathering.complete():
+                missing = sorted(set(range(gathering.count)) - gathering.done)
+                raise TransferError(f"parts {missing} missing after {self._part_timeout_s} s") from None
+
+    def _join_gathering(self, proto: pb.KVHeader, header: KVTransferHeader, start: float) -> _Gathering:
+        """The gathering of ``proto``'s transfer, created by its first part; refuses inconsistent parts."""
+        _check_part(proto)
+        header.validate(self._max_bytes)
+        key = proto.transfer_id
+        gathering = self._gatherings.get(key)
+        if gathering is None:
+            staging = _Staging(self._host_pool)
+            buffer = staging.take(header.num_bytes)
+            gathering = self._gatherings[key] = _Gathering(key, header, proto.stream_count, staging, buffer, start)
+        gathering.admit(header, proto.stream_index, proto.stream_count)
+        return gathering
+
+    async def _finish_gathering(self, gathering: _Gathering) -> None:
+        """Every part arrived: upload and verify, ``on_kv``, then settle the verdict (ok or not)."""
+        try:
+            kv = await asyncio.to_thread(_tensor_from_buffer, gathering.header, gathering.buffer, self._device)
+            await self._on_kv(gathering.header, kv)
+        except ValueError as exc:
+            self._fail_gathering(gathering, exc)
+            return
+        if not gathering.verdict.done():
+            gathering.verdict.set_result(self._accept("grpc", gathering.header, gathering.start))
+
+    def _fail_gathering(self, gathering: _Gathering, exc: Exception) -> None:
+        """Settle the verdict as a refusal (the first failure wins; later ones are not reported again)."""
+        if not gathering.verdict.done():
+            gathering.verdict.set_result(self._reject("grpc", gathering.header, exc, gathering.start))
 
     async def Control(
         self, request_iterator: AsyncIterator[pb.ControlMessage], context: grpc.aio.ServicerContext
@@ -479,6 +553,86 @@ class KVReceiver(pb_grpc.KVTransferServicer):
 async def _read_all(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
     """The request messages via ``context.read`` (gRPC forbids mixing the request iterator with ``write``)."""
     while (message := await context.read()) is not grpc.aio.EOF:
+        yield message
+
+
+MAX_STREAMS = 64  # parallel streams per transfer a receiver accepts
+
+
+@dataclass(eq=False)
+class _Gathering:
+    """One gRPC transfer arriving as ``count`` parallel streams into one staging ``buffer``.
+
+    Invariants: each part index is admitted at most once and only with the first part's header; ``verdict``
+    is settled once (the first failure, or the ack after the last part's verify and ``on_kv``); the buffer
+    goes back to its pool only when no stream is attached (none can still be writing into it)."""
+
+    key: str
+    header: KVTransferHeader
+    count: int
+    staging: _Staging
+    buffer: torch.Tensor
+    start: float
+    parts: set[int] = field(default_factory=set)  # admitted part indices
+    done: set[int] = field(default_factory=set)  # parts read completely
+    attached: int = 0
+    verdict: asyncio.Future[pb.KVAck] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def admit(self, header: KVTransferHeader, index: int, count: int) -> None:
+        if self.verdict.done():
+            raise TransferError(f"transfer {self.key!r} already ended")
+        if header != self.header or count != self.count:
+            raise TransferError(f"stream {index} of transfer {self.key!r} disagrees with its first header")
+        if index in self.parts:
+            raise TransferError(f"stream {index} of transfer {self.key!r} arrived twice")
+        self.parts.add(index)
+        self.attached += 1
+
+    def complete(self) -> bool:
+        return len(self.done) == self.count
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        return stream_part_bounds(self.header.num_bytes, index, self.count)
+
+
+def stream_part_bounds(num_bytes: int, index: int, count: int) -> tuple[int, int]:
+    """Bytes [start, end) of part ``index`` of ``count`` (the split ``KVHeader.stream_index`` documents)."""
+    return num_bytes * index // count, num_bytes * (index + 1) // count
+
+
+def _check_part(proto: pb.KVHeader) -> None:
+    if not proto.transfer_id:
+        raise TransferError("a stream of a parallel transfer needs a transfer_id")
+    if proto.stream_count > MAX_STREAMS or proto.stream_index >= proto.stream_count:
+        raise TransferError(f"bad stream {proto.stream_index} of {proto.stream_count} (at most {MAX_STREAMS})")
+
+
+async def _read_part(
+    gathering: _Gathering, index: int, messages: AsyncIterator[Any], executor: Executor | None
+) -> None:
+    """Copy part ``index``'s data into its range of the shared buffer; it must fill the range exactly."""
+    start, end = gathering.bounds(index)
+    target = gathering.buffer.numpy()[start:end]
+    copier = _ChunkCopier(executor)
+    filled = 0
+    try:
+        async for chunk in messages:
+            if gathering.verdict.done():
+                raise TransferError("another stream of this transfer failed")
+            if not isinstance(chunk, memoryview) and chunk.WhichOneof("payload") == "header":
+                raise TransferError("stream carries a second header")
+            filled = await copier.write(target, filled, chunk if isinstance(chunk, memoryview) else chunk.data)
+    finally:
+        copier.settle()
+    if filled != end - start:
+        raise TransferError(f"short stream: part {index} got {filled} of {end - start} bytes")
+    gathering.done.add(index)
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for message in rest:
         yield message
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
 import grpc
@@ -21,12 +22,14 @@ import torch
 from common.config import TransferConfig
 from common.transfer.base import (
     KV_SERVICE,
+    MAX_STREAMS,
     HostBufferPool,
     KVSender,
     KVTransferHeader,
     TransferResult,
     encode_data_chunk,
     grpc_message_options,
+    stream_part_bounds,
 )
 from proto import kv_transfer_pb2 as pb
 
@@ -46,9 +49,11 @@ class GrpcKVSender(KVSender):
     def __init__(self, config: TransferConfig, chunk_filter: ChunkFilter | None = None) -> None:
         if config.grpc_chunk_bytes <= 0:
             raise ValueError(f"grpc_chunk_bytes must be positive, got {config.grpc_chunk_bytes}")
+        if not 1 <= config.grpc_streams <= MAX_STREAMS:
+            raise ValueError(f"grpc_streams must be in 1..{MAX_STREAMS}, got {config.grpc_streams}")
         self._config = config
         self._chunk_filter = chunk_filter
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels: dict[tuple[str, int], grpc.aio.Channel] = {}
         self._host_pool = HostBufferPool(config.grpc_host_pool_bytes, pinned=True)
 
     async def send(
@@ -62,7 +67,7 @@ class GrpcKVSender(KVSender):
             if kv.is_cuda:
                 staged = self._host_pool.take(header.num_bytes)
             host_kv = await asyncio.to_thread(_to_host, kv, staged)
-            ack = await self._push(target_address)(self._chunks(header, host_kv), timeout=self._config.timeout_s)
+            ack = await self._push_all(target_address, header, _byte_view(host_kv))
         except (grpc.aio.AioRpcError, ValueError) as exc:
             return TransferResult(False, 0, time.perf_counter() - start, _describe(exc))
         finally:
@@ -75,22 +80,43 @@ class GrpcKVSender(KVSender):
         channels, self._channels = self._channels, {}
         await asyncio.gather(*(channel.close() for channel in channels.values()))
 
-    def _push(self, address: str) -> grpc.aio.StreamUnaryMultiCallable:
-        """``PushKV`` on the cached channel to ``address`` (its message limit admits one chunk); requests go
-        out as already-serialized ``KVChunk`` bytes."""
-        if address not in self._channels:
-            options = grpc_message_options(self._config.grpc_chunk_bytes)
-            self._channels[address] = grpc.aio.insecure_channel(address, options=options)
-        return self._channels[address].stream_unary(
+    async def _push_all(self, address: str, header: KVTransferHeader, view: memoryview) -> pb.KVAck:
+        """Send ``view`` on one stream, or split on ``grpc_streams`` parallel streams (each on its own
+        connection, so the network work spreads over cores); the first refusal among their acks is the answer."""
+        count = min(self._config.grpc_streams, max(1, header.num_bytes // self._config.grpc_chunk_bytes))
+        timeout = self._config.timeout_s
+        if count == 1:
+            return await self._push(address, 0)(self._chunks(header.to_proto(), view, 0), timeout=timeout)
+        transfer_id, calls, first_chunk = uuid.uuid4().hex, [], 0
+        for index in range(count):
+            start, end = stream_part_bounds(header.num_bytes, index, count)
+            part = header.to_proto()
+            part.stream_index, part.stream_count, part.transfer_id = index, count, transfer_id
+            calls.append(self._push(address, index)(self._chunks(part, view[start:end], first_chunk), timeout=timeout))
+            first_chunk += -(-(end - start) // self._config.grpc_chunk_bytes)
+        acks = await asyncio.gather(*calls, return_exceptions=True)
+        for ack in acks:
+            if isinstance(ack, BaseException):
+                raise ack
+        return next((ack for ack in acks if not ack.ok), acks[0])
+
+    def _push(self, address: str, connection: int) -> grpc.aio.StreamUnaryMultiCallable:
+        """``PushKV`` on the cached channel number ``connection`` to ``address`` (its own TCP connection; its
+        message limit admits one chunk); requests go out as already-serialized ``KVChunk`` bytes."""
+        key = (address, connection)
+        if key not in self._channels:
+            options = [*grpc_message_options(self._config.grpc_chunk_bytes), ("grpc.use_local_subchannel_pool", 1)]
+            self._channels[key] = grpc.aio.insecure_channel(address, options=options)
+        return self._channels[key].stream_unary(
             f"/{KV_SERVICE}/PushKV", request_serializer=None, response_deserializer=pb.KVAck.FromString
         )
 
-    async def _chunks(self, header: KVTransferHeader, host_kv: torch.Tensor) -> AsyncIterator[bytes]:
-        """The serialized header, then the bytes of ``host_kv`` as serialized data chunks (one copy each)."""
-        yield pb.KVChunk(header=header.to_proto()).SerializeToString()
-        view = _byte_view(host_kv)
+    async def _chunks(self, header: pb.KVHeader, view: memoryview, first_chunk: int) -> AsyncIterator[bytes]:
+        """The serialized header, then ``view`` as serialized data chunks (one copy each), numbered for the
+        chunk filter from ``first_chunk`` on."""
+        yield pb.KVChunk(header=header).SerializeToString()
         step = self._config.grpc_chunk_bytes
-        for index, offset in enumerate(range(0, len(view), step)):
+        for index, offset in enumerate(range(0, len(view), step), start=first_chunk):
             data: bytes | memoryview = view[offset : offset + step]
             if self._chunk_filter is not None:
                 data = self._chunk_filter(index, bytes(data))

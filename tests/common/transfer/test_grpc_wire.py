@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 
 import grpc
 import pytest
@@ -20,10 +21,12 @@ from common.transfer.base import (
     KV_SERVICE,
     HostBufferPool,
     KVReceiver,
+    OnKV,
     _assemble_stream,
     decode_kv_chunk,
     encode_data_chunk,
     grpc_message_options,
+    stream_part_bounds,
 )
 from proto import kv_transfer_pb2 as pb
 from proto import kv_transfer_pb2_grpc as pb_grpc
@@ -340,3 +343,160 @@ def test_a_broken_stream_leaves_no_copy_running() -> None:
         with pytest.raises(RuntimeError, match="broke"):
             run(_assemble_stream(chunk_stream(kv, fail_after=9), None, None, executor))
         assert len(executor.futures) == 9 and all(future.done() for future in executor.futures)
+
+
+# ---------------------------------------------------------------- parallel streams
+
+
+@asynccontextmanager
+async def pooled_server(on_kv: OnKV, pool: HostBufferPool, **receiver_args: object) -> AsyncIterator[tuple]:
+    """A real server with a pooled receiver; yields (address, receiver)."""
+    server = grpc.aio.server(options=grpc_message_options(CHUNK))
+    receiver = KVReceiver(on_kv, **receiver_args)
+    receiver._host_pool = pool  # see pooled_receiver
+    receiver.add_to_server(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}", receiver
+    finally:
+        await server.stop(grace=None)
+
+
+def parallel_config(streams: int) -> TransferConfig:
+    return TransferConfig(grpc_chunk_bytes=CHUNK, grpc_streams=streams, timeout_s=5.0)
+
+
+@pytest.mark.parametrize("streams", [2, 3, 7])
+def test_parallel_streams_reassemble_in_order(streams: int) -> None:
+    kv = random_kv((3, 2, 5, 16, 2, 16), torch.bfloat16)  # 61440 bytes: 15 chunks, parts not chunk-aligned
+    recorder, pool, outcomes = Recorder(), HostBufferPool(2**30, pinned=False), []
+    seen: list[int] = []
+
+    def count(index: int, data: bytes) -> bytes:
+        seen.append(index)
+        return data
+
+    async def go() -> object:
+        async with pooled_server(recorder, pool, on_outcome=outcomes.append) as (address, receiver):
+            sender = GrpcKVSender(parallel_config(streams), chunk_filter=count)
+            try:
+                return await sender.send(address, "req", "resv", range(5), kv), receiver
+            finally:
+                await sender.close()
+
+    result, receiver = run(go())
+    assert result.ok and result.bytes == kv.numel() * 2
+    [(header, got)] = recorder.calls
+    assert torch.equal(got, kv) and header.block_ids == tuple(range(5))
+    assert sorted(seen) == list(range(len(seen))) and len(seen) >= streams  # chunk numbers span the parts
+    assert [(o.ok, o.bytes) for o in outcomes] == [(True, kv.numel() * 2)]  # one outcome per transfer
+    assert receiver._gatherings == {} and pool.leased == 0
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "truncate", "extra"])
+def test_one_bad_stream_fails_the_whole_transfer_and_leaks_nothing(fault: str) -> None:
+    kv = random_kv((2, 2, 8, 16, 2, 16), torch.float32)  # 16 chunks over 4 streams: chunk 10 is in part 2
+
+    def spoil(index: int, data: bytes) -> bytes:
+        if index != 10:
+            return data
+        if fault == "corrupt":
+            return data[:-1] + bytes([data[-1] ^ 1])
+        return data[:-5] if fault == "truncate" else data + b"\x00"
+
+    recorder, pool, outcomes = Recorder(), HostBufferPool(2**30, pinned=False), []
+
+    async def go() -> object:
+        async with pooled_server(recorder, pool, on_outcome=outcomes.append) as (address, receiver):
+            sender = GrpcKVSender(parallel_config(4), chunk_filter=spoil)
+            try:
+                return await sender.send(address, "req", "resv", range(8), kv), receiver
+            finally:
+                await sender.close()
+
+    result, receiver = run(go())
+    expected = {"corrupt": "checksum mismatch", "truncate": "short stream: part 2", "extra": "oversized"}[fault]
+    assert not result.ok and expected in result.error and result.bytes == 0
+    assert recorder.calls == [] and len(outcomes) == 1 and not outcomes[0].ok
+    assert receiver._gatherings == {} and pool.leased == 0
+
+
+def part_messages(kv: torch.Tensor, index: int, count: int, transfer_id: str = "t1", **changes: object) -> list:
+    start, end = stream_part_bounds(kv.numel() * kv.element_size(), index, count)
+    raw = kv.contiguous().view(torch.uint8).reshape(-1).numpy().tobytes()[start:end]
+    header = header_message(kv, stream_index=index, stream_count=count, transfer_id=transfer_id, **changes)
+    return [header, *(encode_data_chunk(raw[i : i + CHUNK]) for i in range(0, len(raw), CHUNK))]
+
+
+def push_parts(kv: torch.Tensor, parts: list[list[bytes]], part_timeout_s: float = 5.0) -> tuple[list, object]:
+    """Send each message list on its own stream at once to a pooled receiver; returns (acks, receiver)."""
+    recorder, pool = Recorder(), HostBufferPool(2**30, pinned=False)
+
+    async def go() -> tuple[list, object]:
+        async with pooled_server(recorder, pool, part_timeout_s=part_timeout_s) as (address, receiver):
+            acks = await asyncio.gather(*(push_raw(address, messages) for messages in parts))
+            return acks, receiver
+
+    acks, receiver = run(go())
+    assert receiver._gatherings == {} and pool.leased == 0
+    if not all(ack.ok for ack in acks):
+        assert recorder.calls == []
+    return acks, recorder
+
+
+def test_raw_parallel_parts_in_any_order_are_accepted() -> None:
+    kv = random_kv((2, 2, 3, 16, 2, 8), torch.float32)
+    acks, recorder = push_parts(kv, [part_messages(kv, i, 3) for i in (2, 0, 1)])
+    assert all(ack.ok for ack in acks) and torch.equal(recorder.calls[0][1], kv)
+
+
+def test_a_missing_part_times_out_and_fails_the_transfer() -> None:
+    kv = random_kv((2, 2, 3, 16, 2, 8), torch.float32)
+    acks, _ = push_parts(kv, [part_messages(kv, i, 3) for i in (0, 2)], part_timeout_s=0.3)
+    assert [ack.ok for ack in acks] == [False, False] and "parts [1] missing" in acks[0].error
+
+
+@pytest.mark.parametrize(
+    ("parts", "error"),
+    [
+        ([(0, 2, {}), (0, 2, {})], "arrived twice"),
+        ([(0, 2, {}), (1, 2, {"request_id": "other"})], "disagrees with its first header"),
+        ([(2, 2, {})], "bad stream 2 of 2"),
+        ([(0, 65, {})], "bad stream 0 of 65"),
+        ([(0, 2, {"transfer_id": ""})], "needs a transfer_id"),
+    ],
+)
+def test_inconsistent_parts_are_refused(parts: list, error: str) -> None:
+    kv = random_kv((2, 2, 3, 16, 2, 8), torch.float32)
+    messages = [part_messages(kv, index, count, **changes) for index, count, changes in parts]
+    acks, _ = push_parts(kv, messages, part_timeout_s=0.3)
+    assert any(error in ack.error for ack in acks) and not any(ack.ok for ack in acks)
+
+
+def test_a_cancelled_part_fails_the_transfer_and_frees_its_buffer() -> None:
+    kv = random_kv((2, 2, 3, 16, 2, 8), torch.float32)
+    recorder, pool = Recorder(), HostBufferPool(2**30, pinned=False)
+    whole, stalled = part_messages(kv, 0, 2), part_messages(kv, 1, 2)
+    started = asyncio.Event()
+
+    async def stall() -> AsyncIterator[bytes]:
+        yield stalled[0]
+        yield stalled[1]
+        started.set()
+        await asyncio.sleep(30)
+
+    async def go() -> tuple[pb.KVAck, object]:
+        async with pooled_server(recorder, pool) as (address, receiver), grpc.aio.insecure_channel(address) as channel:
+            push = channel.stream_unary(f"/{KV_SERVICE}/PushKV", response_deserializer=pb.KVAck.FromString)
+            broken = push(stall(), timeout=5.0)
+            await started.wait()
+            waiting = asyncio.ensure_future(push_raw(address, whole))
+            await asyncio.sleep(0.2)
+            broken.cancel()
+            return await waiting, receiver
+
+    ack, receiver = run(go())
+    # grpc ends the cancelled stream's request iterator early (a short part) or cancels its handler
+    assert not ack.ok and ("short stream: part 1" in ack.error or "stream 1 of the transfer broke" in ack.error)
+    assert recorder.calls == [] and receiver._gatherings == {} and pool.leased == 0
