@@ -6,7 +6,10 @@ in ``base.KVReceiver`` into one preallocated buffer and verifies before ``on_kv`
 
 Speed: the messages are serialized by hand (``encode_data_chunk``: byte-identical to protobuf's, one copy of
 the data instead of three) and the receiver views data chunks without parsing them; a GPU tensor is staged
-in page-locked host memory from a pool (``HostBufferPool``), not allocated and pinned per transfer.
+in page-locked host memory from a pool (``HostBufferPool``), not allocated and pinned per transfer. With
+``TransferConfig.grpc_streams`` > 1 a large transfer is split into that many byte ranges, each sent as its own
+``PushKV`` stream on its own connection (``KVHeader.stream_index/stream_count/transfer_id``); the receiver
+gathers them into one buffer and verifies the whole, and all streams get the same verdict.
 """
 
 from __future__ import annotations
