@@ -11,11 +11,12 @@ per token): 16, 64 and 256 MiB (= 2048 tokens) by default. For each size:
   (b') nccl_scatter: the fallback path: reserved ids in reverse order (more than 4 runs), so the bytes land
              in a fresh buffer and on_kv = the decode worker's BlockWriter scatters them into the cache;
   (b'') nccl_xfer: the fallback's transport alone (reverse ids, on_kv does not scatter; still verified);
-  (c) grpc : GrpcKVSender.send end to end (device->host copy, checksum, stream, verify, host->device, scatter).
+  (c) grpc : GrpcKVSender.send end to end (device->host copy, checksum, stream, verify, host->device, scatter);
+  (c') grpc_xfer: the same with an on_kv that does not scatter (the transport alone, still verified).
 Median over --repeats after --warmup runs; prints a table and JSON (b/a = overhead of our NCCL path).
 Then, for the largest size: --inflight transfers at once (raw: queued sends, one sync; ours: asyncio.gather
 of sends to the one receiver, in flight together on the pair's channel; direct, each into its own contiguous
-run of blocks, and the scatter fallback), and the checksum alone on GPU0
+run of blocks, and the scatter fallback; gRPC too), and the checksum alone on GPU0
 (Triton kernel vs the chunked torch reference). The "handoff" line sums it up against the issue's target:
 end-to-end GB/s at the largest size with 1 and --inflight in flight, each as a share of raw NCCL (>= 80%).
 
@@ -66,6 +67,7 @@ class Plan:
     sender_device: str
     receiver_device: str
     chunk_bytes: int
+    grpc_streams: int
     raw_port: int
     inflight: int
 
@@ -87,6 +89,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--grpc-only", action="store_true", help="skip NCCL (a, b); runs on CPU-only machines")
     parser.add_argument("--chunk-mib", type=float, default=4.0, help="gRPC chunk size")
+    parser.add_argument("--grpc-streams", type=int, default=1, help="parallel gRPC streams per transfer")
     parser.add_argument("--inflight", type=int, default=4, help="transfers in flight for the pipelined run")
     parser.add_argument("--json", type=Path, help="also write the results here")
     return parser.parse_args()
@@ -104,6 +107,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         sender_device="cuda:0" if gpus else "cpu",
         receiver_device="cuda:1" if gpus else "cpu",
         chunk_bytes=int(args.chunk_mib * 2**20),
+        grpc_streams=args.grpc_streams,
         raw_port=_free_port(),
         inflight=args.inflight,
     )
@@ -170,7 +174,7 @@ async def serve_receiver(plan: Plan, port_queue: Any, stop: Any) -> None:
             return  # the transport alone: kv arrived and was verified
         await asyncio.to_thread(writer.write, header.block_ids, kv)  # what the decode worker does
 
-    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes)
+    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes, grpc_streams=plan.grpc_streams)
     receiver = make_receiver(on_kv, config, plan.receiver_device, place=place)
     server = grpc.aio.server(options=grpc_message_options(plan.chunk_bytes))
     receiver.add_to_server(server)
@@ -298,7 +302,7 @@ def time_checksum(plan: Plan) -> dict[str, float]:
 async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[float]]]:
     from common.transfer import make_sender
 
-    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes)
+    config = TransferConfig(grpc_chunk_bytes=plan.chunk_bytes, grpc_streams=plan.grpc_streams)
     results = {}
     kinds = ["grpc"] if plan.grpc_only else ["nccl", "grpc"]
     for kind in kinds:
@@ -311,6 +315,9 @@ async def run_transports(plan: Plan, address: str) -> dict[str, dict[int, list[f
                 results["rpc_only"] = await time_empty(plan, sender, address)
                 results["nccl"][-1] = await time_inflight(plan, sender, address)
                 results["nccl_scatter"][-1] = await time_inflight(plan, sender, address, contiguous=False)
+            if kind == "grpc":  # the transport alone, and several transfers sharing the one channel
+                results["grpc_xfer"] = await time_sender(plan, sender, address, NO_SCATTER)
+                results["grpc"][-1] = await time_inflight(plan, sender, address)
         finally:
             await sender.close()
     return results
@@ -337,7 +344,7 @@ def summarize_inflight(plan: Plan, times: dict[str, dict[int, list[float]]]) -> 
     """Aggregate GB/s of the in-flight run (largest size x ``plan.inflight``), raw vs ours."""
     total = max(plan.sizes_mib) * 2**20 * plan.inflight
     row: dict[str, Any] = {"size_mib": max(plan.sizes_mib), "inflight": plan.inflight}
-    for kind in ("raw", "nccl", "nccl_scatter"):
+    for kind in ("raw", "nccl", "nccl_scatter", "grpc"):
         if -1 in times.get(kind, {}):
             median = statistics.median(times[kind][-1])
             row[f"{kind}_ms"] = round(median * 1e3, 3)
@@ -389,8 +396,8 @@ def main() -> None:
     rows = summarize(plan, times)
     report = {"plan": asdict(plan), "device": torch.cuda.get_device_name(0) if plan.sender_device != "cpu" else "cpu"}
     report["results"] = rows
+    report["inflight"] = summarize_inflight(plan, times)
     if not plan.grpc_only:
-        report["inflight"] = summarize_inflight(plan, times)
         report["checksum"] = time_checksum(plan)
     report["handoff"] = summarize_handoff(rows, report.get("inflight", {}))
     print(json.dumps(report, indent=2))

@@ -106,6 +106,9 @@ class TransferConfig:
     transport: str = setting("auto", choices=("auto", "grpc", "nccl"),
                              help="KV transport between the pools (default: %(default)s)")
     grpc_chunk_bytes: int = setting(4 * 1024 * 1024, parse=parse_bytes, cli=False, help="gRPC KV message size")
+    grpc_streams: int = setting(1, cli=False, help="parallel gRPC streams (own TCP connections) per KV transfer")
+    grpc_host_pool_bytes: int = setting(512 * 1024 * 1024, parse=parse_bytes, cli=False,
+                                        help="idle page-locked gRPC KV staging memory kept for reuse, per process")
     timeout_s: float = setting(60.0, cli=False, help="one KV transfer's time limit")
     reservation_lease_s: float = setting(30.0, cli=False, help="how long reserved KV blocks wait for their transfer")
 

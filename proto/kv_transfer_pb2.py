@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\ttandem.kv\"\x9f\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\x03\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tnum_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x04\x12\x11\n\ttransport\x18\x08 \x01(\t\"K\n\x07KVChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.tandem.kv.KVHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"Z\n\x0b\x43hannelOpen\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x0f\n\x07pair_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"N\n\x12TransferDescriptor\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12#\n\x06header\x18\x02 \x01(\x0b\x32\x13.tandem.kv.KVHeader\"s\n\x0e\x43ontrolMessage\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.tandem.kv.ChannelOpenH\x00\x12\x31\n\x08transfer\x18\x02 \x01(\x0b\x32\x1d.tandem.kv.TransferDescriptorH\x00\x42\x06\n\x04kind\"Q\n\nControlAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x1d\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.tandem.kv.KVAck\x12\x0f\n\x07\x63losing\x18\x03 \x01(\x08\"B\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x32\x7f\n\nKVTransfer\x12\x30\n\x06PushKV\x12\x12.tandem.kv.KVChunk\x1a\x10.tandem.kv.KVAck(\x01\x12?\n\x07\x43ontrol\x12\x19.tandem.kv.ControlMessage\x1a\x15.tandem.kv.ControlAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x11kv_transfer.proto\x12\ttandem.kv\"\xe0\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\x11\n\tblock_ids\x18\x03 \x03(\x03\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x11\n\tnum_bytes\x18\x06 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x07 \x01(\x04\x12\x11\n\ttransport\x18\x08 \x01(\t\x12\x14\n\x0cstream_index\x18\t \x01(\r\x12\x14\n\x0cstream_count\x18\n \x01(\r\x12\x13\n\x0btransfer_id\x18\x0b \x01(\t\"K\n\x07KVChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x13.tandem.kv.KVHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"Z\n\x0b\x43hannelOpen\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x0f\n\x07pair_id\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\"N\n\x12TransferDescriptor\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12#\n\x06header\x18\x02 \x01(\x0b\x32\x13.tandem.kv.KVHeader\"s\n\x0e\x43ontrolMessage\x12&\n\x04open\x18\x01 \x01(\x0b\x32\x16.tandem.kv.ChannelOpenH\x00\x12\x31\n\x08transfer\x18\x02 \x01(\x0b\x32\x1d.tandem.kv.TransferDescriptorH\x00\x42\x06\n\x04kind\"Q\n\nControlAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\x04\x12\x1d\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x10.tandem.kv.KVAck\x12\x0f\n\x07\x63losing\x18\x03 \x01(\x08\"B\n\x05KVAck\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x32\x7f\n\nKVTransfer\x12\x30\n\x06PushKV\x12\x12.tandem.kv.KVChunk\x1a\x10.tandem.kv.KVAck(\x01\x12?\n\x07\x43ontrol\x12\x19.tandem.kv.ControlMessage\x1a\x15.tandem.kv.ControlAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_KVHEADER']._serialized_start=33
-  _globals['_KVHEADER']._serialized_end=192
-  _globals['_KVCHUNK']._serialized_start=194
-  _globals['_KVCHUNK']._serialized_end=269
-  _globals['_CHANNELOPEN']._serialized_start=271
-  _globals['_CHANNELOPEN']._serialized_end=361
-  _globals['_TRANSFERDESCRIPTOR']._serialized_start=363
-  _globals['_TRANSFERDESCRIPTOR']._serialized_end=441
-  _globals['_CONTROLMESSAGE']._serialized_start=443
-  _globals['_CONTROLMESSAGE']._serialized_end=558
-  _globals['_CONTROLACK']._serialized_start=560
-  _globals['_CONTROLACK']._serialized_end=641
-  _globals['_KVACK']._serialized_start=643
-  _globals['_KVACK']._serialized_end=709
-  _globals['_KVTRANSFER']._serialized_start=711
-  _globals['_KVTRANSFER']._serialized_end=838
+  _globals['_KVHEADER']._serialized_end=257
+  _globals['_KVCHUNK']._serialized_start=259
+  _globals['_KVCHUNK']._serialized_end=334
+  _globals['_CHANNELOPEN']._serialized_start=336
+  _globals['_CHANNELOPEN']._serialized_end=426
+  _globals['_TRANSFERDESCRIPTOR']._serialized_start=428
+  _globals['_TRANSFERDESCRIPTOR']._serialized_end=506
+  _globals['_CONTROLMESSAGE']._serialized_start=508
+  _globals['_CONTROLMESSAGE']._serialized_end=623
+  _globals['_CONTROLACK']._serialized_start=625
+  _globals['_CONTROLACK']._serialized_end=706
+  _globals['_KVACK']._serialized_start=708
+  _globals['_KVACK']._serialized_end=774
+  _globals['_KVTRANSFER']._serialized_start=776
+  _globals['_KVTRANSFER']._serialized_end=903
 # @@protoc_insertion_point(module_scope)

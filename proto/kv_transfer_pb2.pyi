@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "reservation_id", "block_ids", "shape", "dtype", "num_bytes", "checksum", "transport")
+    __slots__ = ("request_id", "reservation_id", "block_ids", "shape", "dtype", "num_bytes", "checksum", "transport", "stream_index", "stream_count", "transfer_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,9 @@ class KVHeader(_message.Message):
     NUM_BYTES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STREAM_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     reservation_id: str
     block_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -24,7 +27,10 @@ class KVHeader(_message.Message):
     num_bytes: int
     checksum: int
     transport: str
-    def __init__(self, request_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_bytes: _Optional[int] = ..., checksum: _Optional[int] = ..., transport: _Optional[str] = ...) -> None: ...
+    stream_index: int
+    stream_count: int
+    transfer_id: str
+    def __init__(self, request_id: _Optional[str] = ..., reservation_id: _Optional[str] = ..., block_ids: _Optional[_Iterable[int]] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., num_bytes: _Optional[int] = ..., checksum: _Optional[int] = ..., transport: _Optional[str] = ..., stream_index: _Optional[int] = ..., stream_count: _Optional[int] = ..., transfer_id: _Optional[str] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "data")

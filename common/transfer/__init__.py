@@ -87,4 +87,12 @@ def make_receiver(
         from common.transfer.nccl_transport import NcclReceiver
 
         nccl = NcclReceiver(device, config.timeout_s, place=place)
-    return KVReceiver(on_kv, device=device, nccl=nccl, max_bytes=max_bytes, on_outcome=on_outcome)
+    return KVReceiver(
+        on_kv,
+        device=device,
+        nccl=nccl,
+        max_bytes=max_bytes,
+        on_outcome=on_outcome,
+        host_pool_bytes=config.grpc_host_pool_bytes,
+        part_timeout_s=config.timeout_s,
+    )

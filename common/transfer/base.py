@@ -14,12 +14,16 @@ its placement is committed after the same verification instead, and only then ar
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import logging
 import math
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import grpc
@@ -45,6 +49,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 # Protobuf overhead on top of one data chunk (field tags, oneof, lengths).
 GRPC_MESSAGE_SLACK = 64 * 1024
+KV_SERVICE = "tandem.kv.KVTransfer"
 
 
 class TransferError(ValueError):
@@ -276,6 +281,97 @@ def grpc_message_options(chunk_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
 
 
+# ``KVChunk(data=...)`` on the wire is this tag (field 2, length-delimited), a varint length, then the bytes.
+_DATA_TAG = 0x12
+
+
+def encode_data_chunk(data: bytes | memoryview) -> bytes:
+    """``KVChunk(data=data).SerializeToString()`` with one copy of ``data`` (protobuf would make three)."""
+    return b"".join((bytes((_DATA_TAG,)), _varint(len(data)), data))
+
+
+def decode_kv_chunk(message: bytes) -> pb.KVChunk | memoryview:
+    """A received ``KVChunk``: a zero-copy view of its bytes when it is exactly one ``data`` field (what
+    ``encode_data_chunk`` and protobuf both write), else the protobuf parse (headers, anything unusual)."""
+    if message[:1] == bytes((_DATA_TAG,)):
+        length, start = _read_varint(message, 1)
+        if length is not None and start + length == len(message):
+            return memoryview(message)[start:]
+    return pb.KVChunk.FromString(message)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(message: bytes, start: int) -> tuple[int | None, int]:
+    """(value, end) of the varint at ``start``; value None when it is cut off or longer than 10 bytes."""
+    value = 0
+    for index in range(start, min(start + 10, len(message))):
+        value |= (message[index] & 0x7F) << (7 * (index - start))
+        if message[index] < 0x80:
+            return value, index + 1
+    return None, start
+
+
+class HostBufferPool:
+    """Reusable uint8 host staging buffers, page-locked when ``pinned``, so a gRPC transfer does not pay for
+    allocating, pinning and first-touching a fresh buffer each time (on a GPU host that costs more than the
+    copies themselves).
+
+    Invariants: ``take`` hands out a buffer no one else holds until it is ``give``n back; at most
+    ``capacity_bytes`` are kept idle: ``give`` keeps the returned buffer (unless it alone exceeds that) and
+    frees the least recently returned ones to make room. Thread-safe.
+    """
+
+    GRANULE = 16 * 2**20  # sizes round up to this, so transfers of similar sizes share buffers
+
+    def __init__(self, capacity_bytes: int, pinned: bool) -> None:
+        self._capacity = capacity_bytes
+        self._pinned = pinned
+        self._idle: list[torch.Tensor] = []  # least recently returned first
+        self._leased: dict[int, torch.Tensor] = {}  # data_ptr of a handed-out view -> its whole block
+        self._lock = threading.Lock()
+
+    @property
+    def idle_bytes(self) -> int:
+        return sum(block.numel() for block in self._idle)
+
+    @property
+    def leased(self) -> int:
+        return len(self._leased)
+
+    def take(self, num_bytes: int) -> torch.Tensor:
+        """A buffer of exactly ``num_bytes`` (a view of a pooled block, reused when one fits)."""
+        with self._lock:
+            fits = [block for block in self._idle if block.numel() >= num_bytes]
+            block = min(fits, key=torch.Tensor.numel) if fits else None
+            if block is not None:
+                self._idle.remove(block)
+        if block is None:
+            size = -(-max(num_bytes, 1) // self.GRANULE) * self.GRANULE
+            block = torch.empty(size, dtype=torch.uint8, pin_memory=self._pinned)
+        view = block[:num_bytes]
+        with self._lock:
+            self._leased[view.data_ptr()] = block
+        return view
+
+    def give(self, view: torch.Tensor) -> None:
+        """Return a buffer from ``take`` for reuse."""
+        with self._lock:
+            block = self._leased.pop(view.data_ptr())
+            if block.numel() > self._capacity:
+                return
+            self._idle.append(block)
+            while self.idle_bytes > self._capacity:
+                self._idle.pop(0)
+
+
 class KVReceiver(pb_grpc.KVTransferServicer):
     """The decode worker's ``tandem.kv.KVTransfer`` servicer: verifies each transfer, then calls ``on_kv``.
 
@@ -283,7 +379,9 @@ class KVReceiver(pb_grpc.KVTransferServicer):
     into ``KVAck(ok=false, error=str(exc))``. Transfers are independent: a slow ``on_kv`` for one request does
     not delay another's. The hosting server must admit messages of the sender's chunk size
     (``grpc_message_options``). NCCL transfers are refused unless ``nccl`` is given. ``on_outcome``, when given,
-    hears of every transfer, accepted or rejected (metrics); it must not raise.
+    hears of every transfer, accepted or rejected (metrics); it must not raise. A CUDA receiver stages gRPC
+    bytes in page-locked buffers from a pool that keeps at most ``host_pool_bytes`` idle. A transfer sent on
+    parallel streams waits at most ``part_timeout_s`` for its other parts once a part arrived.
     """
 
     def __init__(
@@ -293,31 +391,129 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         nccl: NcclReceiveSide | None = None,
         max_bytes: int | None = None,
         on_outcome: OnOutcome | None = None,
+        host_pool_bytes: int = 512 * 2**20,
+        part_timeout_s: float = 60.0,
     ) -> None:
         self._on_kv = on_kv
         self._device = torch.device(device)
+        # On CPU the received buffer becomes ``kv`` itself (handed to on_kv), so only CUDA staging is pooled.
+        self._host_pool = HostBufferPool(host_pool_bytes, pinned=True) if self._device.type == "cuda" else None
+        self._copy_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-grpc-copy")
+        self._gatherings: dict[str, _Gathering] = {}  # transfers arriving on parallel streams, by transfer_id
+        self._part_timeout_s = part_timeout_s
         self._nccl = nccl
         self._max_bytes = max_bytes
         self._on_outcome = on_outcome
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
-        pb_grpc.add_KVTransferServicer_to_server(self, server)
+        """Serve ``tandem.kv.KVTransfer`` as generated, except that ``PushKV`` data chunks are not parsed
+        into protobuf messages (``decode_kv_chunk``: same wire, one copy fewer)."""
+        handlers = {
+            "PushKV": grpc.stream_unary_rpc_method_handler(
+                self.PushKV, request_deserializer=decode_kv_chunk, response_serializer=pb.KVAck.SerializeToString
+            ),
+            "Control": grpc.stream_stream_rpc_method_handler(
+                self.Control,
+                request_deserializer=pb.ControlMessage.FromString,
+                response_serializer=pb.ControlAck.SerializeToString,
+            ),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(KV_SERVICE, handlers),))
+        server.add_registered_method_handlers(KV_SERVICE, handlers)
 
     async def close(self) -> None:
+        self._copy_executor.shutdown(wait=False)
         if self._nccl is not None:
             await self._nccl.close()
 
-    async def PushKV(self, request_iterator: AsyncIterator[pb.KVChunk], context: grpc.aio.ServicerContext) -> pb.KVAck:
+    async def PushKV(
+        self, request_iterator: AsyncIterator[pb.KVChunk | memoryview], context: grpc.aio.ServicerContext
+    ) -> pb.KVAck:
         start = time.perf_counter()
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if isinstance(first, pb.KVChunk) and first.WhichOneof("payload") == "header" and first.header.stream_count > 1:
+            return await self._push_part(first.header, messages, start)
+        return await self._push_whole(_prepend(first, messages), start)
+
+    async def _push_whole(self, messages: AsyncIterator[pb.KVChunk | memoryview], start: float) -> pb.KVAck:
+        """A transfer on one stream: assemble, upload and verify, ``on_kv``."""
         header: KVTransferHeader | None = None
+        staging = _Staging(self._host_pool)
         try:
-            pinned = self._device.type == "cuda"
-            header, buffer = await _assemble_stream(request_iterator, self._max_bytes, pinned)
+            header, buffer = await _assemble_stream(messages, self._max_bytes, staging.take, self._copy_executor)
             kv = await asyncio.to_thread(_tensor_from_buffer, header, buffer, self._device)
+            staging.release()  # kv is on the device and verified: the host bytes are free for the next transfer
             await self._on_kv(header, kv)
         except ValueError as exc:  # TransferError included
             return self._reject("grpc", header, exc, start)
+        finally:
+            staging.release()  # also on a broken stream or a cancelled call
         return self._accept("grpc", header, start)
+
+    async def _push_part(self, proto: pb.KVHeader, messages: AsyncIterator[Any], start: float) -> pb.KVAck:
+        """One of several parallel streams of a transfer: read its byte range into the shared buffer; the
+        stream completing the last part verifies and calls ``on_kv``; every stream replies the one verdict."""
+        header = KVTransferHeader.from_proto(proto)
+        try:
+            gathering = self._join_gathering(proto, header, start)
+        except ValueError as exc:
+            return self._reject("grpc", header, exc, start)
+        try:
+            await _read_part(gathering, proto.stream_index, messages, self._copy_executor)
+            if gathering.complete():
+                await self._finish_gathering(gathering)
+            await self._await_parts(gathering)
+            return await asyncio.shield(gathering.verdict)  # settled, or on_kv of the last part still running
+        except ValueError as exc:
+            self._fail_gathering(gathering, exc)
+            return gathering.verdict.result()
+        except BaseException:  # cancelled: this part will never arrive
+            self._fail_gathering(gathering, TransferError(f"stream {proto.stream_index} of the transfer broke"))
+            raise
+        finally:
+            gathering.attached -= 1
+            if gathering.attached == 0:  # no stream writes into the buffer any more
+                self._gatherings.pop(gathering.key, None)
+                gathering.staging.release()
+
+    async def _await_parts(self, gathering: _Gathering) -> None:
+        """Wait until the verdict is settled or every part arrived; a part missing too long fails the transfer."""
+        try:
+            await asyncio.wait_for(asyncio.shield(gathering.verdict), self._part_timeout_s)
+        except TimeoutError:
+            if not gathering.complete():
+                missing = sorted(set(range(gathering.count)) - gathering.done)
+                raise TransferError(f"parts {missing} missing after {self._part_timeout_s} s") from None
+
+    def _join_gathering(self, proto: pb.KVHeader, header: KVTransferHeader, start: float) -> _Gathering:
+        """The gathering of ``proto``'s transfer, created by its first part; refuses inconsistent parts."""
+        _check_part(proto)
+        header.validate(self._max_bytes)
+        key = proto.transfer_id
+        gathering = self._gatherings.get(key)
+        if gathering is None:
+            staging = _Staging(self._host_pool)
+            buffer = staging.take(header.num_bytes)
+            gathering = self._gatherings[key] = _Gathering(key, header, proto.stream_count, staging, buffer, start)
+        gathering.admit(header, proto.stream_index, proto.stream_count)
+        return gathering
+
+    async def _finish_gathering(self, gathering: _Gathering) -> None:
+        """Every part arrived: upload and verify, ``on_kv``, then settle the verdict (ok or not)."""
+        try:
+            kv = await asyncio.to_thread(_tensor_from_buffer, gathering.header, gathering.buffer, self._device)
+            await self._on_kv(gathering.header, kv)
+        except ValueError as exc:
+            self._fail_gathering(gathering, exc)
+            return
+        if not gathering.verdict.done():
+            gathering.verdict.set_result(self._accept("grpc", gathering.header, gathering.start))
+
+    def _fail_gathering(self, gathering: _Gathering, exc: Exception) -> None:
+        """Settle the verdict as a refusal (the first failure wins; later ones are not reported again)."""
+        if not gathering.verdict.done():
+            gathering.verdict.set_result(self._reject("grpc", gathering.header, exc, gathering.start))
 
     async def Control(
         self, request_iterator: AsyncIterator[pb.ControlMessage], context: grpc.aio.ServicerContext
@@ -368,27 +564,153 @@ async def _read_all(context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         yield message
 
 
-async def _assemble_stream(
-    chunks: AsyncIterator[pb.KVChunk], max_bytes: int | None, pinned: bool = False
-) -> tuple[KVTransferHeader, torch.Tensor]:
-    """Read one header then exactly ``num_bytes`` of data into a preallocated uint8 buffer (no per-chunk
-    tensors); ``pinned`` puts it in page-locked memory so the copy to the GPU runs at full PCIe speed."""
-    header: KVTransferHeader | None = None
-    host = torch.empty(0, dtype=torch.uint8)
-    buffer = host.numpy()
+MAX_STREAMS = 64  # parallel streams per transfer a receiver accepts
+
+
+@dataclass(eq=False)
+class _Gathering:
+    """One gRPC transfer arriving as ``count`` parallel streams into one staging ``buffer``.
+
+    Invariants: each part index is admitted at most once and only with the first part's header; ``verdict``
+    is settled once (the first failure, or the ack after the last part's verify and ``on_kv``); the buffer
+    goes back to its pool only when no stream is attached (none can still be writing into it)."""
+
+    key: str
+    header: KVTransferHeader
+    count: int
+    staging: _Staging
+    buffer: torch.Tensor
+    start: float
+    parts: set[int] = field(default_factory=set)  # admitted part indices
+    done: set[int] = field(default_factory=set)  # parts read completely
+    attached: int = 0
+    verdict: asyncio.Future[pb.KVAck] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def admit(self, header: KVTransferHeader, index: int, count: int) -> None:
+        if self.verdict.done():
+            raise TransferError(f"transfer {self.key!r} already ended")
+        if header != self.header or count != self.count:
+            raise TransferError(f"stream {index} of transfer {self.key!r} disagrees with its first header")
+        if index in self.parts:
+            raise TransferError(f"stream {index} of transfer {self.key!r} arrived twice")
+        self.parts.add(index)
+        self.attached += 1
+
+    def complete(self) -> bool:
+        return len(self.done) == self.count
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        return stream_part_bounds(self.header.num_bytes, index, self.count)
+
+
+def stream_part_bounds(num_bytes: int, index: int, count: int) -> tuple[int, int]:
+    """Bytes [start, end) of part ``index`` of ``count`` (the split ``KVHeader.stream_index`` documents)."""
+    return num_bytes * index // count, num_bytes * (index + 1) // count
+
+
+def _check_part(proto: pb.KVHeader) -> None:
+    if not proto.transfer_id:
+        raise TransferError("a stream of a parallel transfer needs a transfer_id")
+    if proto.stream_count > MAX_STREAMS or proto.stream_index >= proto.stream_count:
+        raise TransferError(f"bad stream {proto.stream_index} of {proto.stream_count} (at most {MAX_STREAMS})")
+
+
+async def _read_part(
+    gathering: _Gathering, index: int, messages: AsyncIterator[Any], executor: Executor | None
+) -> None:
+    """Copy part ``index``'s data into its range of the shared buffer; it must fill the range exactly."""
+    start, end = gathering.bounds(index)
+    target = gathering.buffer.numpy()[start:end]
+    copier = _ChunkCopier(executor)
     filled = 0
-    async for chunk in chunks:
-        if chunk.WhichOneof("payload") == "header":
-            if header is not None:
+    try:
+        async for chunk in messages:
+            if gathering.verdict.done():
+                raise TransferError("another stream of this transfer failed")
+            if not isinstance(chunk, memoryview) and chunk.WhichOneof("payload") == "header":
                 raise TransferError("stream carries a second header")
-            header = KVTransferHeader.from_proto(chunk.header)
-            header.validate(max_bytes)
-            host = torch.empty(header.num_bytes, dtype=torch.uint8, pin_memory=pinned)
-            buffer = host.numpy()  # a view: chunks are copied straight into ``host``
-            continue
-        if header is None:
-            raise TransferError("stream sent data before its header")
-        filled = _write_chunk(buffer, filled, chunk.data)
+            filled = await copier.write(target, filled, chunk if isinstance(chunk, memoryview) else chunk.data)
+    finally:
+        copier.settle()
+    if filled != end - start:
+        raise TransferError(f"short stream: part {index} got {filled} of {end - start} bytes")
+    gathering.done.add(index)
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for message in rest:
+        yield message
+
+
+class _Staging:
+    """The host buffer of one received transfer: from ``pool`` when there is one (given back by ``release``,
+    which is idempotent), else a fresh buffer that simply becomes the tensor."""
+
+    def __init__(self, pool: HostBufferPool | None) -> None:
+        self._pool = pool
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, num_bytes: int) -> torch.Tensor:
+        if self._pool is None:
+            return torch.empty(num_bytes, dtype=torch.uint8)
+        self._buffer = self._pool.take(num_bytes)
+        return self._buffer
+
+    def release(self) -> None:
+        if self._pool is not None and self._buffer is not None:
+            self._pool.give(self._buffer)
+            self._buffer = None
+
+
+class _ChunkCopier:
+    """Copies received chunks into the staging buffer on ``executor`` threads (numpy releases the GIL for
+    them), so the event loop takes in the next message meanwhile; at most ``depth`` copies are in flight.
+
+    Invariant: after ``settle`` no copy is pending or running (the buffer may then be reused or freed)."""
+
+    def __init__(self, executor: Executor | None, depth: int = 4) -> None:
+        self._executor = executor
+        self._depth = depth
+        self._pending: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+
+    async def write(self, buffer: np.ndarray, filled: int, data: bytes | memoryview) -> int:
+        """Copy ``data`` at ``filled`` (now or on a thread); an overflow raises ``TransferError`` at once.
+        Returns the new fill level."""
+        end = _checked_end(buffer, filled, data)
+        if self._executor is None:
+            _copy_into(buffer, filled, data)
+            return end
+        while len(self._pending) >= self._depth:
+            await asyncio.wrap_future(self._pending.popleft())
+        self._pending.append(self._executor.submit(_copy_into, buffer, filled, data))
+        return end
+
+    def settle(self) -> None:
+        """Wait for every copy still in flight (each takes about a millisecond); their errors surface here."""
+        done, _ = concurrent.futures.wait(self._pending)
+        self._pending.clear()
+        for future in done:
+            if not future.cancelled() and future.exception() is not None:
+                raise TransferError(f"copying a received chunk failed: {future.exception()}")
+
+
+async def _assemble_stream(
+    chunks: AsyncIterator[pb.KVChunk | memoryview],
+    max_bytes: int | None,
+    allocate: Callable[[int], torch.Tensor] | None = None,
+    copy_executor: Executor | None = None,
+) -> tuple[KVTransferHeader, torch.Tensor]:
+    """Read one header then exactly ``num_bytes`` of data into one uint8 buffer from ``allocate`` (default: a
+    fresh one), copied straight in (no per-chunk tensors), on ``copy_executor`` threads when given. A chunk is
+    a ``KVChunk`` or, for data decoded by ``decode_kv_chunk``, a view of its bytes. ``allocate`` is called at
+    most once, after the header passed. On return or raise no copy into the buffer is left running."""
+    copier = _ChunkCopier(copy_executor)
+    try:
+        header, host, filled = await _read_stream(chunks, max_bytes, allocate or _fresh_buffer, copier)
+    finally:
+        copier.settle()
     if header is None:
         raise TransferError("stream ended without a header")
     if filled != header.num_bytes:
@@ -396,13 +718,47 @@ async def _assemble_stream(
     return header, host
 
 
-def _write_chunk(buffer: np.ndarray, filled: int, data: bytes) -> int:
-    """Copy ``data`` at offset ``filled``; an overflow raises ``TransferError``. Returns the new fill level."""
+async def _read_stream(
+    chunks: AsyncIterator[pb.KVChunk | memoryview],
+    max_bytes: int | None,
+    allocate: Callable[[int], torch.Tensor],
+    copier: _ChunkCopier,
+) -> tuple[KVTransferHeader | None, torch.Tensor, int]:
+    """The header, the buffer and how many bytes went into it (see ``_assemble_stream``)."""
+    header: KVTransferHeader | None = None
+    host = torch.empty(0, dtype=torch.uint8)
+    buffer = host.numpy()
+    filled = 0
+    async for chunk in chunks:
+        data = chunk if isinstance(chunk, memoryview) else None
+        if data is None and chunk.WhichOneof("payload") == "header":
+            if header is not None:
+                raise TransferError("stream carries a second header")
+            header = KVTransferHeader.from_proto(chunk.header)
+            header.validate(max_bytes)
+            host = allocate(header.num_bytes)
+            buffer = host.numpy()  # a view: chunks are copied straight into ``host``
+            continue
+        if header is None:
+            raise TransferError("stream sent data before its header")
+        filled = await copier.write(buffer, filled, chunk.data if data is None else data)
+    return header, host, filled
+
+
+def _fresh_buffer(num_bytes: int) -> torch.Tensor:
+    return torch.empty(num_bytes, dtype=torch.uint8)
+
+
+def _checked_end(buffer: np.ndarray, filled: int, data: bytes | memoryview) -> int:
+    """Where ``data`` written at ``filled`` ends; past the buffer's end raises ``TransferError``."""
     end = filled + len(data)
     if end > buffer.size:
         raise TransferError(f"oversized stream: {end} bytes or more, header says {buffer.size}")
-    buffer[filled:end] = np.frombuffer(data, dtype=np.uint8)
     return end
+
+
+def _copy_into(buffer: np.ndarray, offset: int, data: bytes | memoryview) -> None:
+    buffer[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
 
 
 def _tensor_from_buffer(header: KVTransferHeader, buffer: torch.Tensor, device: torch.device) -> torch.Tensor:
