@@ -21,7 +21,8 @@ rate and default rates.
 Layouts (LAYOUTS below; one entry each):
 Tandem 1 prefill + 1 decode (every prompt prefilled on the prefill worker, KV shipped to the decode worker),
 Tandem 0 prefill + 2 decode, Tandem 1P1D with the router's automatic placement (1p1d-auto), and vLLM
-data-parallel 2 (`vllm serve --data-parallel-size 2`, its defaults).
+data-parallel 2 (`vllm serve --data-parallel-size 2`, its defaults); on a one-GPU machine, 0p1d and vllm-1 (one
+colocated server each, at half the rates).
 Each layout is started, driven with every rate of the workload, and torn down before the next one starts
 (Tandem layouts first, then the engine-step measurement, then vLLM). The JSON is rewritten after every layout, so
 a run cut short keeps what it measured; `--markdown-from FILE` prints the tables of such a file.
@@ -109,6 +110,7 @@ class Layout:
     decode: int = 0
     router_args: tuple[str, ...] = ()
     data_parallel: int = 0
+    worker_args: tuple[str, ...] = ()
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -120,6 +122,11 @@ LAYOUTS: dict[str, Layout] = {
     "1p1d-auto": Layout("1p1d-auto", "Tandem 1P1D auto", "tandem", 1, 1,
                         ("--auto-prefill-ttft-ms", "300", "--local-prefill-budget-tokens", "4096")),
     "vllm-dp2": Layout("vllm-dp2", "vLLM DP2", "vllm", data_parallel=2),
+    # One GPU, colocated: what each GPU of 0p2d / vllm-dp2 does, for a machine with a single GPU (run half the rates).
+    "0p1d": Layout("0p1d", "Tandem 0P1D (1 GPU)", "tandem", 0, 1),
+    "0p1d-sync": Layout("0p1d-sync", "Tandem 0P1D, no async scheduling", "tandem", 0, 1,
+                        worker_args=("--no-async-scheduling",)),
+    "vllm-1": Layout("vllm-1", "vLLM (1 GPU)", "vllm", data_parallel=1),
 }
 
 
@@ -349,7 +356,7 @@ def tandem_server(layout: Layout, model_dir: str, workload: ServingWorkload, opt
 
     worker_args = ["--load-format", opts.load_format, "--dtype", opts.dtype, "--max-model-len",
                    str(workload.max_model_len), "--transport", opts.transport, "--metrics-port", "0",
-                   *opts.worker_arg]
+                   *layout.worker_args, *opts.worker_arg]
     router_args = ["--transport", opts.transport, *layout.router_args, *opts.router_arg]
     cluster = LocalCluster(model_dir, layout.prefill, layout.decode, router_port=0, worker_args=worker_args,
                            router_args=router_args, run_dir=run_dir, ready_timeout_s=opts.ready_timeout_s)

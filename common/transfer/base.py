@@ -49,6 +49,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 # Protobuf overhead on top of one data chunk (field tags, oneof, lengths).
 GRPC_MESSAGE_SLACK = 64 * 1024
+_ENDED_VERDICTS_KEPT = 1024  # parallel transfers whose late parts still get their verdict
 KV_SERVICE = "tandem.kv.KVTransfer"
 
 
@@ -400,6 +401,8 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         self._host_pool = HostBufferPool(host_pool_bytes, pinned=True) if self._device.type == "cuda" else None
         self._copy_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kv-grpc-copy")
         self._gatherings: dict[str, _Gathering] = {}  # transfers arriving on parallel streams, by transfer_id
+        # Verdicts of recently ended parallel transfers: a late part gets the verdict, not a second report.
+        self._ended: collections.OrderedDict[str, pb.KVAck] = collections.OrderedDict()
         self._part_timeout_s = part_timeout_s
         self._nccl = nccl
         self._max_bytes = max_bytes
@@ -455,6 +458,9 @@ class KVReceiver(pb_grpc.KVTransferServicer):
         """One of several parallel streams of a transfer: read its byte range into the shared buffer; the
         stream completing the last part verifies and calls ``on_kv``; every stream replies the one verdict."""
         header = KVTransferHeader.from_proto(proto)
+        settled = self._settled_verdict(proto.transfer_id)
+        if settled is not None:  # a part of a transfer that already failed (and was counted once)
+            return settled
         try:
             gathering = self._join_gathering(proto, header, start)
         except ValueError as exc:
@@ -476,6 +482,19 @@ class KVReceiver(pb_grpc.KVTransferServicer):
             if gathering.attached == 0:  # no stream writes into the buffer any more
                 self._gatherings.pop(gathering.key, None)
                 gathering.staging.release()
+                self._remember_verdict(gathering)
+
+    def _settled_verdict(self, transfer_id: str) -> pb.KVAck | None:
+        gathering = self._gatherings.get(transfer_id)
+        if gathering is not None and gathering.verdict.done():
+            return gathering.verdict.result()
+        return self._ended.get(transfer_id)
+
+    def _remember_verdict(self, gathering: _Gathering) -> None:
+        if gathering.verdict.done():
+            self._ended[gathering.key] = gathering.verdict.result()
+            while len(self._ended) > _ENDED_VERDICTS_KEPT:
+                self._ended.popitem(last=False)
 
     async def _await_parts(self, gathering: _Gathering) -> None:
         """Wait until the verdict is settled or every part arrived; a part missing too long fails the transfer."""
