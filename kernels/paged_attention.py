@@ -290,6 +290,31 @@ def paged_prefill_attention(
     return out
 
 
+def warm_up_attention_kernels(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """Compile every variant the eager path can launch (each prefill query tile height, each decode split
+    count) on a dummy one-block sequence, so the first requests after start-up do not wait for Triton's JIT
+    (seconds on a cold cache). Reads the cache, writes nothing to it. Returns how many launches it made."""
+    device, dtype, head_dim = k_cache.device, k_cache.dtype, k_cache.shape[-1]
+    group_pad = triton.next_power_of_2(num_heads // k_cache.shape[2])
+    rows = prefill_tiles(head_dim, dtype).rows // group_pad
+    tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    launches = 0
+    query_len = 1
+    while query_len <= max(rows, 1):  # every BLOCK_Q the prefill wrapper can pick
+        q = torch.zeros(query_len, num_heads, head_dim, dtype=dtype, device=device)
+        starts = torch.tensor([0, query_len], dtype=torch.int32, device=device)
+        lens = torch.tensor([query_len], dtype=torch.int32, device=device)
+        paged_prefill_attention(q, k_cache, v_cache, starts, lens, tables, query_len, 1.0)
+        query_len, launches = query_len * 2, launches + 1
+    q = torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device)
+    lens = torch.ones(1, dtype=torch.int32, device=device)
+    splits = 1
+    while splits <= MAX_DECODE_SPLITS:
+        paged_decode_attention(q, k_cache, v_cache, lens, tables, 1.0, splits)
+        splits, launches = splits * 2, launches + 1
+    return launches
+
+
 def choose_decode_splits(
     num_seqs: int, num_kv_heads: int, max_seq_len: int | None = None, num_sms: int | None = None
 ) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from common.config import EngineConfig, ModelConfig
 from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.kv_cache_sizing import allocate_kv_cache, resolve_max_model_len
 from common.models.loader import load_model, resolve_dtype, resolve_model_path
+from kernels.paged_attention import kernels_support, warm_up_attention_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
         kv_cache_tokens=num_blocks * config.cache.block_size,
     )
     graphs = capture_decode_graphs(config, model, kv_cache, device, max_model_len)
+    warm_up_kernels(model, kv_cache)
     eos_ids = eos_token_ids(hf_config, tokenizer)
     return LoadedModel(
         device, model_path, hf_config, tokenizer, dtype, model, kv_cache, max_model_len, eos_ids, graphs, memory
@@ -120,6 +123,16 @@ def capture_decode_graphs(
     )
     graphs.capture()
     return graphs
+
+
+def warm_up_kernels(model: torch.nn.Module, kv_cache: torch.Tensor) -> None:
+    """Compile the attention kernels' variants now rather than on the first requests (CUDA only)."""
+    if not kv_cache.is_cuda or not kernels_support(kv_cache[0, 0], kv_cache[0, 0], kv_cache[0, 1]):
+        return
+    started = time.perf_counter()
+    launches = warm_up_attention_kernels(model.num_heads, kv_cache[0, 0], kv_cache[0, 1])
+    torch.cuda.synchronize(kv_cache.device)
+    logger.info("warmed up %d attention kernel variants in %.1fs", launches, time.perf_counter() - started)
 
 
 def log_engine_ready(loaded: LoadedModel, block_size: int, load_seconds: float) -> None:

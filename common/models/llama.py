@@ -184,6 +184,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         first = self.model.layers[0].self_attn
         self.num_layers = hf_config.num_hidden_layers
+        self.num_heads = first.num_heads
         self.num_kv_heads = first.num_kv_heads
         self.head_dim = first.head_dim
 

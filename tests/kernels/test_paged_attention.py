@@ -395,3 +395,18 @@ def test_decode_kernel_under_cuda_graph(gen):
         expected = sampled_reference(q, kv[0], kv[1], md, 0.125, live)
         assert_close_rel(out[live], expected, torch.bfloat16)
         assert torch.equal(out[[i for i, n in enumerate(lens) if not n]], torch.zeros_like(out[:2]))
+
+
+@requires_triton
+def test_warm_up_launches_every_tile_height_and_split_count_and_leaves_the_cache_alone(gen):
+    from kernels.paged_attention import MAX_DECODE_SPLITS, prefill_tiles, warm_up_attention_kernels
+
+    k_cache = torch.randn(4, 16, 2, 64, generator=gen).to(DEVICE)  # [blocks, block_size, kv_heads, head_dim]
+    v_cache = torch.randn(4, 16, 2, 64, generator=gen).to(DEVICE)
+    before = k_cache.clone(), v_cache.clone()
+
+    launches = warm_up_attention_kernels(8, k_cache, v_cache)
+
+    tile_heights = prefill_tiles(64, torch.float32).rows // 4  # group 4: rows // group_pad query tokens
+    assert launches == tile_heights.bit_length() + MAX_DECODE_SPLITS.bit_length()
+    assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
