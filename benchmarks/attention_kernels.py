@@ -7,6 +7,7 @@ flash attention on contiguous K/V, and the torch reference. Shapes: Llama-3-8B a
 heads, dim 128), bf16, block size 16, random block tables. Times are do_bench medians.
 
     PYTHONPATH=. python benchmarks/attention_kernels.py [--json results.json] [--quick] [--no-reference]
+    PYTHONPATH=. python benchmarks/attention_kernels.py --prefill-sweep   # prefill tile configs, 4x2048 and 1x8192
 """
 
 from __future__ import annotations
@@ -123,6 +124,41 @@ def prefill_rows(prompts: int, prompt_len: int, with_reference: bool) -> list[Ro
     return rows
 
 
+def prefill_sweep() -> list[Row]:
+    """The prefill kernel under each tile config (rows, block_n, warps, stages) at 4 x 2048 and 1 x 8192, beside
+    SDPA on contiguous K/V: which config to make the default (configs that do not compile are listed as failed)."""
+    import functools
+    import itertools
+
+    import kernels.paged_attention as pa
+
+    default = pa.prefill_tiles
+    rows: list[Row] = []
+    for prompts, prompt_len in ((4, 2048), (1, 8192)):
+        rows += prefill_rows(prompts, prompt_len, False)
+        md, k_cache, v_cache = paged_batch([prompt_len] * prompts, [prompt_len] * prompts, seed=prompt_len)
+        q = torch.randn(prompts * prompt_len, HEADS, HEAD_DIM, device="cuda", dtype=DTYPE)
+        run = functools.partial(pa.paged_prefill_attention, q, k_cache, v_cache, md.query_start_loc, md.seq_lens,
+                                md.block_tables, prompt_len, SCALE)  # looks prefill_tiles up on each call
+        expected = run().float()
+        flops = prompts * 2 * prompt_len**2 * HEAD_DIM * HEADS
+        for tile_rows, block_n, warps, stages in itertools.product((128, 256), (32, 64, 128), (4, 8), (2, 3)):
+            config = pa.TileConfig(rows=tile_rows, block_n=block_n, num_warps=warps, num_stages=stages)
+            pa.prefill_tiles = lambda head_dim, dtype, config=config: config
+            label = f"r{tile_rows} n{block_n} w{warps} s{stages}"
+            try:
+                error = (run().float() - expected).abs().max().item()
+                ms = bench_ms(run)
+                note = "" if error < 0.05 else f"WRONG: max abs diff {error:.3f} vs the default config"
+                rows.append(Row("prefill " + label, f"{prompts}x{prompt_len}", ms, flops / ms / 1e9, "TFLOP/s", note))
+            except Exception as error:  # noqa: BLE001 - out of shared memory or registers: report and go on
+                rows.append(Row("prefill " + label, f"{prompts}x{prompt_len}", 0.0, 0.0, "failed", str(error)[:60]))
+            finally:
+                pa.prefill_tiles = default
+        torch.cuda.empty_cache()
+    return rows
+
+
 def print_table(rows: list[Row]) -> None:
     print(f"{'kernel':<16} {'shape':<20} {'ms':>9} {'rate':>9} {'unit':<8} note")
     for r in rows:
@@ -134,9 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--quick", action="store_true", help="batch 64 only, no torch reference")
     parser.add_argument("--no-reference", action="store_true", help="skip the (slow) torch reference")
+    parser.add_argument("--prefill-sweep", action="store_true", help="only the prefill kernel's tile configs")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("attention_kernels: needs a CUDA GPU (the kernels are Triton; nothing to measure on CPU)")
+    if args.prefill_sweep:
+        print_table(prefill_sweep())
+        return
     with_reference = not (args.quick or args.no_reference)
     rows = [copy_bandwidth(), matmul_rate()]
     for batch in (64,) if args.quick else (64, 256):
