@@ -213,8 +213,10 @@ def prefill_tiles(head_dim: int, dtype: torch.dtype) -> TileConfig:
         return TileConfig(rows=64, block_n=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return TileConfig(rows=128, block_n=64, num_warps=4, num_stages=3)
-    # H100, 4 x 2048-token prompts, 32/8 heads, bf16: 288 TFLOP/s; block_n 64 gave ~240, 128 gave 277.
-    return TileConfig(rows=128, block_n=32, num_warps=8, num_stages=2)
+    # H200, 32/8 heads, bf16 (benchmarks/attention_kernels.py --prefill-sweep, 24 configs, 2026-12-01): 256 rows
+    # (64 tokens x 4 heads), block_n 64, 8 warps, 3 stages: 311 TFLOP/s at 4 x 2048 and 407 at 1 x 8192, against
+    # 286 / 340 for the former 128/32/8/2 (H100: 288 at 4 x 2048). 4 warps with 256 rows spill (~100).
+    return TileConfig(rows=256, block_n=64, num_warps=8, num_stages=3)
 
 
 def decode_tiles(head_dim: int, dtype: torch.dtype) -> TileConfig:
