@@ -177,6 +177,11 @@ class LLMEngine:
             return outputs
         return _latest_per_request(outputs + self._apply(launched, only_finished))
 
+    def finish_in_flight(self) -> list[RequestOutput]:
+        """Apply the launched step, if any, without launching another (an offline caller that is done)."""
+        launched, self._in_flight = self._in_flight, None
+        return self._apply(launched, only_finished=False) if launched is not None else []
+
     def _launch(self, step: SchedulerOutput, previous: LaunchedStep | None) -> LaunchedStep:
         launched = self.runner.launch(step, previous)
         self.scheduler.on_step_done(step)

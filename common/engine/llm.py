@@ -74,6 +74,8 @@ class LLM:
         finally:
             for request_id in pending:  # interrupted: leave no blocks behind
                 self.engine.abort_request(request_id)
+            if not self.engine.groups:  # rows launched for requests that already stopped: settle them now
+                self.engine.finish_in_flight()
         return [finished[request_id] for request_id in request_ids]
 
 
