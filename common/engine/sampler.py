@@ -264,53 +264,119 @@ def _long(values: Sequence[int], like: torch.Tensor) -> torch.Tensor:
 def filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Set logits outside each row's top-k / top-p nucleus to -inf; rows without either are untouched.
 
-    Top-k keeps ties with the k-th value; top-p keeps the smallest set of most likely tokens whose
-    probability reaches p, and always keeps the most likely token.
+    Top-k keeps ties with the k-th value. Top-p (over what top-k kept) keeps token i iff the probability of
+    the tokens with a strictly larger logit is below p: the smallest set of most likely tokens whose
+    probability reaches p, the most likely token always, and every token tied with the last one kept (equal
+    logits are kept or dropped together). Nothing is sorted: top-k uses ``topk``, top-p a two-pass radix
+    select on the logits' bits weighted by exact fixed-point probabilities (`_top_p_thresholds`).
     """
     chosen = [i for i, row in enumerate(rows) if row.params.uses_top_k or row.params.top_p < 1.0]
     if not chosen:
         return logits
     vocab = logits.shape[1]
-    ks = [min(rows[i].params.top_k, vocab) if rows[i].params.uses_top_k else vocab for i in chosen]
+    ks = [rows[i].params.top_k if rows[i].params.uses_top_k else vocab for i in chosen]
     ps = [rows[i].params.top_p for i in chosen]
-    index = _long(chosen, logits)
+    every_row = len(chosen) == len(rows)
+    block = logits if every_row else logits[_long(chosen, logits)]
+    if min(ks) < vocab:  # decided from the host's values: no device sync
+        block = _top_k_only(block, ks)
+    if min(ps) < 1.0:
+        block = _top_p_only(block, ps)
+    if every_row:
+        return block
     out = logits.clone()
-    if all(p >= 1.0 for p in ps):  # decided from the host's values: no device sync
-        out[index] = _top_k_only(logits[index], _long(ks, logits), max(ks))
-    else:
-        out[index] = _top_k_top_p(logits[index], _long(ks, logits), _column(ps, logits))
+    out[_long(chosen, logits)] = block
     return out
 
 
-def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    ascending, order = logits.sort(dim=-1, descending=False)
-    kth = ascending.gather(1, (logits.shape[1] - k).unsqueeze(1))
-    ascending.masked_fill_(ascending < kth, float("-inf"))
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    outside = cumulative <= 1.0 - p
-    outside[:, -1] = False
-    ascending.masked_fill_(outside, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, ascending)
-
-
-def _top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
-    """Top-k without a full sort (same result as the sorted path, ties with the k-th value kept)."""
+def _top_k_only(logits: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Top-k without a sort of the vocabulary (ties with the k-th value kept); rows with k >= V keep all."""
+    vocab = logits.shape[1]
+    max_k = max(k for k in ks if k < vocab)
     largest = logits.topk(max_k, dim=-1).values
-    kth = largest.gather(1, (k - 1).unsqueeze(1))
-    return logits.masked_fill(logits < kth, float("-inf"))
+    kth = largest.gather(1, _long([min(k, max_k) - 1 for k in ks], logits).unsqueeze(1))
+    unlimited = _column([float("-inf") if k >= vocab else float("inf") for k in ks], logits)
+    return logits.masked_fill(logits < torch.minimum(kth, unlimited), float("-inf"))
+
+
+def _top_p_only(logits: torch.Tensor, ps: Sequence[float]) -> torch.Tensor:
+    """Top-p per row (rows with p >= 1 keep everything); see `filter_top_k_top_p` for what is kept."""
+    keys = sortable_keys(logits)
+    thresholds = _top_p_thresholds(keys, logits.softmax(dim=-1), _column(ps, logits))
+    if max(ps) >= 1.0:  # from the host's values; those rows keep even tokens of mass below 2**-50
+        keep_all = _long([p >= 1.0 for p in ps], logits).bool()
+        thresholds = thresholds.masked_fill(keep_all, torch.iinfo(torch.int32).min)
+    return logits.masked_fill(keys < thresholds.unsqueeze(1), float("-inf"))
+
+
+TOP_P_MASS_SCALE = 2.0**50
+"""Probabilities become int64 multiples of 2**-50 for top-p: sums are exact, so independent of summation order
+(batch-invariant, deterministic under atomics), and a row's rounding error stays below V * 2**-50."""
+
+TOP_P_TOLERANCE = 2.0**-24
+"""Float32 resolution: a nucleus whose probability is this close below p counts as reaching p (so 0.5 + 0.5
+split at p=0.5 keeps one token, whichever way the float32 probabilities round)."""
+
+_RADIX_BITS = 16
+_RADIX_BINS = 1 << _RADIX_BITS
+
+
+def sortable_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered exactly as the float32 values (-0.0 equals 0.0, -inf lowest; no NaN expected)."""
+    bits = (logits.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _top_p_thresholds(keys: torch.Tensor, probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[R] int32: the smallest key whose tokens are kept, i.e. whose strictly-larger keys hold mass below p.
+
+    Mass is relative to the row's total (float32 softmax sums to 1 only within ~1e-6 at V=128k), and a
+    mass within TOP_P_TOLERANCE of p counts as reaching it (p is [R, 1] float32).
+
+    A radix select weighted by mass, most significant 16 bits then the least significant 16: each pass
+    histograms the fixed-point mass into 65536 bins per row (one ``scatter_add_``, no sort, no host sync)
+    and picks the bin where the mass above drops below p. Exact: every comparison is on integers.
+    """
+    mass = (probs * TOP_P_MASS_SCALE).long()
+    # keep iff above < (p - 2**-24) * total  <=>  above < ceil(that) (above is an integer); the top key is kept
+    need = ((p.squeeze(1).double() - TOP_P_TOLERANCE) * mass.sum(dim=-1)).ceil().long().clamp_(min=1)
+    high = (keys >> _RADIX_BITS) + _RADIX_BINS // 2  # in [0, 65536), same order as keys
+    high_bin, mass_above = _radix_pass(high.long(), mass, torch.zeros_like(need), need)
+    in_bin = high == high_bin.unsqueeze(1)
+    low = (keys & (_RADIX_BINS - 1)).long()
+    low_bin, _ = _radix_pass(low, mass.masked_fill(~in_bin, 0), mass_above, need)
+    return ((high_bin - _RADIX_BINS // 2) * _RADIX_BINS + low_bin).int()
+
+
+def _radix_pass(
+    digits: torch.Tensor, mass: torch.Tensor, mass_above: torch.Tensor, need: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest digit whose tokens are kept (mass in higher digits plus `mass_above` below `need`), and
+    the mass strictly above that digit (plus `mass_above`)."""
+    histogram = torch.zeros(mass.shape[0], _RADIX_BINS, dtype=torch.long, device=mass.device)
+    histogram.scatter_add_(1, digits, mass)
+    # mass in digits > d: total - (mass in digits <= d)
+    above = (mass_above + histogram.sum(dim=-1)).unsqueeze(1) - histogram.cumsum(dim=-1)
+    digit = (above >= need.unsqueeze(1)).sum(dim=-1)  # above is non-increasing: the count is the first kept
+    return digit, above.gather(1, digit.unsqueeze(1)).squeeze(1)
 
 
 def filter_min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Set logits whose probability is below min_p * (the row's top probability) to -inf."""
+    """Set logits whose probability is below min_p * (the row's top probability) to -inf.
+
+    probs[i] / max(probs) = exp(logits[i] - max(logits)): no softmax (no normalizing pass) needed.
+    """
     chosen = [i for i, row in enumerate(rows) if row.params.min_p > 0.0]
     if not chosen:
         return logits
-    index = _long(chosen, logits)
-    block = logits[index]
-    probs = block.softmax(dim=-1)
-    threshold = _column([rows[i].params.min_p for i in chosen], logits) * probs.amax(dim=-1, keepdim=True)
+    every_row = len(chosen) == len(rows)
+    block = logits if every_row else logits[_long(chosen, logits)]
+    relative = (block - block.amax(dim=-1, keepdim=True)).exp_()
+    block = block.masked_fill(relative < _column([rows[i].params.min_p for i in chosen], logits), float("-inf"))
+    if every_row:
+        return block
     out = logits.clone()
-    out[index] = block.masked_fill(probs < threshold, float("-inf"))
+    out[_long(chosen, logits)] = block
     return out
 
 

@@ -102,6 +102,115 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert kept(0.99).tolist() == [True, True, True, True]
 
 
+# -- the sort-free filters against the sort-based reference they replaced ---------------------------------
+
+
+def reference_top_k_top_p(
+    logits: torch.Tensor, ks: list[int], ps: list[float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The former sort-based top-k/top-p (k=V and p=1 mean off), optionally computed in float64.
+
+    In float32 its softmax and cumsum over 128k tokens drift by ~1e-5, which can move the cut by tokens.
+    """
+    vocab = logits.shape[1]
+    k = torch.tensor([min(k, vocab) for k in ks])
+    p = torch.tensor(ps).unsqueeze(1).to(dtype)
+    ascending, order = logits.to(dtype).sort(dim=-1, descending=False)
+    kth = ascending.gather(1, (vocab - k).unsqueeze(1))
+    ascending.masked_fill_(ascending < kth, float("-inf"))
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    outside = cumulative <= 1.0 - p
+    outside[:, -1] = False
+    ascending.masked_fill_(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ascending.to(logits.dtype))
+
+
+def reference_min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = torch.tensor(min_ps).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _filter_params(rows: int, vocab: int, seed: int) -> tuple[list[int], list[float]]:
+    generator = torch.Generator().manual_seed(seed)
+    ks = [vocab if k == 0 else k for k in torch.randint(0, min(vocab, 60), (rows,), generator=generator).tolist()]
+    ps = [1.0 if p > 0.95 else max(p, 0.01) for p in torch.rand(rows, generator=generator).tolist()]
+    ps[0] = 0.9  # at least one row with top-p
+    return ks, ps
+
+
+def _logits_kind(kind: str, rows: int, vocab: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # few distinct values: many tokens tie at every threshold
+        return torch.randint(0, 6, (rows, vocab), generator=generator).float()
+    scale = {"peaked": 12.0, "normal": 3.0, "flat": 0.05}[kind]
+    return torch.randn(rows, vocab, generator=generator) * scale
+
+
+def _assert_same_or_boundary_ties(new: torch.Tensor, old: torch.Tensor, logits: torch.Tensor) -> None:
+    """Same kept sets, except that where the old sort split a tie at the cut, all of the tie is kept."""
+    kept_new, kept_old = torch.isfinite(new), torch.isfinite(old)
+    assert torch.equal(new[kept_new], logits[kept_new])
+    assert not (kept_old & ~kept_new).any()
+    cut = logits.masked_fill(~kept_old, float("inf")).amin(dim=-1, keepdim=True)
+    extra = kept_new & ~kept_old
+    assert torch.equal(logits[extra], cut.expand_as(logits)[extra])
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "ties"])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 7), (9, 1000), (5, 32000), (2, 128256)])
+def test_top_k_top_p_matches_sort_reference(kind: str, rows: int, vocab: int) -> None:
+    for seed in range(3):
+        logits = _logits_kind(kind, rows, vocab, seed=100 * seed + rows)
+        ks, ps = _filter_params(rows, vocab, seed)
+        params = [SamplingParams(top_k=k if k < vocab else 0, top_p=p) for k, p in zip(ks, ps, strict=True)]
+        new = filter_top_k_top_p(logits, [make_row(param) for param in params])
+        # the float32 reference is exact at small V; at 128k its float32 drift can move the cut (see its docstring)
+        old = reference_top_k_top_p(logits, ks, ps, torch.float32 if vocab <= 32000 else torch.float64)
+        if kind == "ties":
+            _assert_same_or_boundary_ties(new, old, logits)
+        else:
+            assert torch.equal(torch.isfinite(new), torch.isfinite(old))
+            assert torch.equal(new[torch.isfinite(new)], logits[torch.isfinite(new)])
+
+
+def test_top_p_keeps_the_whole_tie_at_the_cut() -> None:
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2, 0.0], [0.4, 0.3, 0.1, 0.1, 0.1]]))
+    rows = [make_row(SamplingParams(top_p=0.5)), make_row(SamplingParams(top_p=0.75))]
+    kept = torch.isfinite(filter_top_k_top_p(logits, rows))
+    # row 0: 0.4 < 0.5, so the next value (0.2) is kept, all three tokens that have it; row 1: 0.7 < 0.75
+    assert kept.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_top_p_one_keeps_tokens_of_negligible_probability() -> None:
+    logits = torch.tensor([[0.0, -40.0, -90.0, float("-inf")], [0.0, -40.0, -90.0, float("-inf")]])
+    rows = [make_row(SamplingParams(top_k=3)), make_row(SamplingParams(top_p=0.5))]
+    kept = torch.isfinite(filter_top_k_top_p(logits, rows))
+    assert kept.tolist() == [[True, True, True, False], [True, False, False, False]]
+
+
+def test_top_k_top_p_only_touch_their_rows() -> None:
+    logits = random_logits(4, seed=11)
+    rows = [
+        make_row(SamplingParams()),
+        make_row(SamplingParams(top_p=0.3)),
+        make_row(SamplingParams(min_p=0.2)),
+        make_row(SamplingParams(top_k=4, top_p=0.99)),
+    ]
+    filtered = filter_top_k_top_p(logits, rows)
+    assert torch.equal(filtered[[0, 2]], logits[[0, 2]])
+    reference = reference_top_k_top_p(logits[[1, 3]], [VOCAB, 4], [0.3, 0.99])
+    assert torch.equal(torch.isfinite(filtered[[1, 3]]), torch.isfinite(reference))
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "ties"])
+def test_min_p_matches_softmax_reference(kind: str) -> None:
+    logits = _logits_kind(kind, 6, 5000, seed=3)
+    min_ps = [0.0, 0.01, 0.1, 0.5, 0.9, 1.0]
+    rows = [make_row(SamplingParams(min_p=m)) for m in min_ps]
+    assert torch.equal(filter_min_p(logits, rows), reference_min_p(logits, min_ps))
+
+
 def test_min_p_masks_below_fraction_of_top_probability() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.5, 0.05, 0.3, 0.15]]))
     rows = [make_row(SamplingParams(min_p=0.35)), make_row(SamplingParams())]
