@@ -267,8 +267,8 @@ def filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tor
     Top-k keeps ties with the k-th value. Top-p (over what top-k kept) keeps token i iff the probability of
     the tokens with a strictly larger logit is below p: the smallest set of most likely tokens whose
     probability reaches p, the most likely token always, and every token tied with the last one kept (equal
-    logits are kept or dropped together). Nothing is sorted: top-k uses ``topk``, top-p a two-pass radix
-    select on the logits' bits weighted by exact fixed-point probabilities (`_top_p_thresholds`).
+    logits are kept or dropped together, where a sort would split them). Nothing sorts the vocabulary and
+    nothing waits for the device: see `_top_p_threshold` and `_top_p_threshold_from_candidates`.
     """
     chosen = [i for i, row in enumerate(rows) if row.params.uses_top_k or row.params.top_p < 1.0]
     if not chosen:
@@ -278,10 +278,11 @@ def filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tor
     ps = [rows[i].params.top_p for i in chosen]
     every_row = len(chosen) == len(rows)
     block = logits if every_row else logits[_long(chosen, logits)]
+    top_k = None
     if min(ks) < vocab:  # decided from the host's values: no device sync
-        block = _top_k_only(block, ks)
+        block, top_k = _top_k(block, ks)
     if min(ps) < 1.0:
-        block = _top_p_only(block, ps)
+        block = _top_p(block, ps, top_k if max(ks) < vocab else None)
     if every_row:
         return block
     out = logits.clone()
@@ -289,29 +290,38 @@ def filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tor
     return out
 
 
-def _top_k_only(logits: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """Top-k without a sort of the vocabulary (ties with the k-th value kept); rows with k >= V keep all."""
+@dataclass
+class _TopK:
+    """What top-k leaves for top-p: `largest` [R, max_k] descending, -inf past the kept ones; `kth` [R, 1]."""
+
+    largest: torch.Tensor
+    kth: torch.Tensor
+
+
+def _top_k(logits: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Tensor, _TopK]:
+    """Top-k with ``topk`` (ties with the k-th value kept); rows with k >= V keep everything."""
     vocab = logits.shape[1]
     max_k = max(k for k in ks if k < vocab)
     largest = logits.topk(max_k, dim=-1).values
     kth = largest.gather(1, _long([min(k, max_k) - 1 for k in ks], logits).unsqueeze(1))
-    unlimited = _column([float("-inf") if k >= vocab else float("inf") for k in ks], logits)
-    return logits.masked_fill(logits < torch.minimum(kth, unlimited), float("-inf"))
+    kth = torch.minimum(kth, _column([float("-inf") if k >= vocab else float("inf") for k in ks], logits))
+    return logits.masked_fill(logits < kth, float("-inf")), _TopK(
+        largest.masked_fill(largest < kth, float("-inf")), kth
+    )
 
 
-def _top_p_only(logits: torch.Tensor, ps: Sequence[float]) -> torch.Tensor:
-    """Top-p per row (rows with p >= 1 keep everything); see `filter_top_k_top_p` for what is kept."""
-    keys = sortable_keys(logits)
-    thresholds = _top_p_thresholds(keys, logits.softmax(dim=-1), _column(ps, logits))
-    if max(ps) >= 1.0:  # from the host's values; those rows keep even tokens of mass below 2**-50
-        keep_all = _long([p >= 1.0 for p in ps], logits).bool()
-        thresholds = thresholds.masked_fill(keep_all, torch.iinfo(torch.int32).min)
-    return logits.masked_fill(keys < thresholds.unsqueeze(1), float("-inf"))
+def _top_p(logits: torch.Tensor, ps: Sequence[float], top_k: _TopK | None) -> torch.Tensor:
+    """Top-p per row (rows with p >= 1 keep everything); `top_k` when every row has one (a cheaper path)."""
+    p = _column(ps, logits)
+    scale = 2.0 ** (62 - logits.shape[1].bit_length())
+    if top_k is None:
+        threshold = _top_p_threshold(logits, p, scale)
+    else:
+        threshold = _top_p_threshold_from_candidates(logits, top_k, p, scale)
+    if max(ps) >= 1.0:  # from the host's values; those rows keep even tokens of negligible mass
+        threshold = threshold.masked_fill(p >= 1.0, float("-inf"))
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
-
-TOP_P_MASS_SCALE = 2.0**50
-"""Probabilities become int64 multiples of 2**-50 for top-p: sums are exact, so independent of summation order
-(batch-invariant, deterministic under atomics), and a row's rounding error stays below V * 2**-50."""
 
 TOP_P_TOLERANCE = 2.0**-24
 """Float32 resolution: a nucleus whose probability is this close below p counts as reaching p (so 0.5 + 0.5
@@ -321,31 +331,36 @@ _RADIX_BITS = 16
 _RADIX_BINS = 1 << _RADIX_BITS
 
 
-def sortable_keys(logits: torch.Tensor) -> torch.Tensor:
-    """int32 keys ordered exactly as the float32 values (-0.0 equals 0.0, -inf lowest; no NaN expected)."""
-    bits = (logits.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+def _fixed_point_mass(logits: torch.Tensor, row_max: torch.Tensor, scale: float) -> torch.Tensor:
+    """int64 floor(exp(logit - row max) * scale): unnormalized probabilities whose sums are exact integers.
 
-
-def _top_p_thresholds(keys: torch.Tensor, probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """[R] int32: the smallest key whose tokens are kept, i.e. whose strictly-larger keys hold mass below p.
-
-    Mass is relative to the row's total (float32 softmax sums to 1 only within ~1e-6 at V=128k), and a
-    mass within TOP_P_TOLERANCE of p counts as reaching it (p is [R, 1] float32).
-
-    A radix select weighted by mass, most significant 16 bits then the least significant 16: each pass
-    histograms the fixed-point mass into 65536 bins per row (one ``scatter_add_``, no sort, no host sync)
-    and picks the bin where the mass above drops below p. Exact: every comparison is on integers.
+    Exact sums do not depend on summation order (the same alone or batched, under atomics or not); the
+    scale 2**(62 - bits(V)) keeps a row's total below 2**62 and its rounding below V * 2**-45 of the top.
     """
-    mass = (probs * TOP_P_MASS_SCALE).long()
-    # keep iff above < (p - 2**-24) * total  <=>  above < ceil(that) (above is an integer); the top key is kept
-    need = ((p.squeeze(1).double() - TOP_P_TOLERANCE) * mass.sum(dim=-1)).ceil().long().clamp_(min=1)
+    return ((logits - row_max).exp_() * scale).long()
+
+
+def _mass_needed(p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """[R]: a token is kept iff the mass strictly above it is below this (at least 1: the top is kept)."""
+    # above < (p - tol) * total  <=>  above < ceil((p - tol) * total), above being an integer
+    return ((p.squeeze(1).double() - TOP_P_TOLERANCE) * total).ceil().long().clamp_(min=1)
+
+
+def _top_p_threshold(logits: torch.Tensor, p: torch.Tensor, scale: float) -> torch.Tensor:
+    """[R, 1]: the smallest kept logit, by a radix select weighted by mass (no sort, no host sync).
+
+    Two passes over the logits' order-preserving int32 keys, the high 16 bits then the low 16: each
+    histograms the fixed-point mass into 65536 bins per row (one ``scatter_add_``) and picks the lowest bin
+    whose mass above stays below what p needs. Every comparison is on exact integers.
+    """
+    keys = sortable_keys(logits)
+    mass = _fixed_point_mass(logits, logits.amax(dim=-1, keepdim=True), scale)
+    need = _mass_needed(p, mass.sum(dim=-1))
     high = (keys >> _RADIX_BITS) + _RADIX_BINS // 2  # in [0, 65536), same order as keys
     high_bin, mass_above = _radix_pass(high.long(), mass, torch.zeros_like(need), need)
     in_bin = high == high_bin.unsqueeze(1)
-    low = (keys & (_RADIX_BINS - 1)).long()
-    low_bin, _ = _radix_pass(low, mass.masked_fill(~in_bin, 0), mass_above, need)
-    return ((high_bin - _RADIX_BINS // 2) * _RADIX_BINS + low_bin).int()
+    low_bin, _ = _radix_pass((keys & (_RADIX_BINS - 1)).long(), mass.masked_fill_(~in_bin, 0), mass_above, need)
+    return key_to_float((high_bin - _RADIX_BINS // 2) * _RADIX_BINS + low_bin).unsqueeze(1)
 
 
 def _radix_pass(
@@ -359,6 +374,36 @@ def _radix_pass(
     above = (mass_above + histogram.sum(dim=-1)).unsqueeze(1) - histogram.cumsum(dim=-1)
     digit = (above >= need.unsqueeze(1)).sum(dim=-1)  # above is non-increasing: the count is the first kept
     return digit, above.gather(1, digit.unsqueeze(1)).squeeze(1)
+
+
+def _top_p_threshold_from_candidates(logits: torch.Tensor, top_k: _TopK, p: torch.Tensor, scale: float) -> torch.Tensor:
+    """[R, 1]: the smallest kept logit when every row has a top-k: the kept tokens are ``top_k.largest``
+    (already sorted) plus any further ties with the k-th value, so a cumsum over max_k values decides.
+
+    Same fixed-point masses and totals as `_top_p_threshold`, hence the same result, without the
+    vocabulary-wide passes (one count of the kept tokens aside).
+    """
+    largest = top_k.largest
+    mass = _fixed_point_mass(largest, largest[:, :1], scale)
+    kept_candidates = (largest >= top_k.kth).sum(dim=-1, keepdim=True)
+    tied_beyond = (logits >= top_k.kth).sum(dim=-1, keepdim=True) - kept_candidates
+    kth_mass = mass.gather(1, kept_candidates - 1)
+    total = mass.sum(dim=-1) + (tied_beyond * kth_mass).squeeze(1)
+    above = mass.cumsum(dim=-1) - mass  # a tie's first member has the mass strictly above the tie
+    kept = above < _mass_needed(p, total).unsqueeze(1)
+    return largest.masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
+
+
+def sortable_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered exactly as the float32 values (-0.0 equals 0.0, -inf lowest; no NaN expected)."""
+    bits = (logits.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def key_to_float(keys: torch.Tensor) -> torch.Tensor:
+    """The inverse of `sortable_keys` (the flip is its own inverse)."""
+    bits = keys.int()
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 def filter_min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

@@ -131,11 +131,15 @@ def reference_min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def _filter_params(rows: int, vocab: int, seed: int) -> tuple[list[int], list[float]]:
+def _filter_params(rows: int, vocab: int, seed: int, every_row_top_k: bool) -> tuple[list[int], list[float]]:
+    """Random top-k (some off unless `every_row_top_k`) and top-p (some 1.0) per row."""
     generator = torch.Generator().manual_seed(seed)
-    ks = [vocab if k == 0 else k for k in torch.randint(0, min(vocab, 60), (rows,), generator=generator).tolist()]
+    ks = torch.randint(1 if every_row_top_k else 0, min(vocab, 60), (rows,), generator=generator).tolist()
+    ks = [vocab if k == 0 else k for k in ks]
     ps = [1.0 if p > 0.95 else max(p, 0.01) for p in torch.rand(rows, generator=generator).tolist()]
     ps[0] = 0.9  # at least one row with top-p
+    if not every_row_top_k:
+        ks[0] = vocab  # at least one row without top-k: the radix path
     return ks, ps
 
 
@@ -157,12 +161,13 @@ def _assert_same_or_boundary_ties(new: torch.Tensor, old: torch.Tensor, logits: 
     assert torch.equal(logits[extra], cut.expand_as(logits)[extra])
 
 
+@pytest.mark.parametrize("every_row_top_k", [False, True])
 @pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "ties"])
 @pytest.mark.parametrize(("rows", "vocab"), [(1, 7), (9, 1000), (5, 32000), (2, 128256)])
-def test_top_k_top_p_matches_sort_reference(kind: str, rows: int, vocab: int) -> None:
+def test_top_k_top_p_matches_sort_reference(kind: str, rows: int, vocab: int, every_row_top_k: bool) -> None:
     for seed in range(3):
         logits = _logits_kind(kind, rows, vocab, seed=100 * seed + rows)
-        ks, ps = _filter_params(rows, vocab, seed)
+        ks, ps = _filter_params(rows, vocab, seed, every_row_top_k)
         params = [SamplingParams(top_k=k if k < vocab else 0, top_p=p) for k, p in zip(ks, ps, strict=True)]
         new = filter_top_k_top_p(logits, [make_row(param) for param in params])
         # the float32 reference is exact at small V; at 128k its float32 drift can move the cut (see its docstring)
@@ -172,6 +177,47 @@ def test_top_k_top_p_matches_sort_reference(kind: str, rows: int, vocab: int) ->
         else:
             assert torch.equal(torch.isfinite(new), torch.isfinite(old))
             assert torch.equal(new[torch.isfinite(new)], logits[torch.isfinite(new)])
+
+
+@pytest.mark.parametrize("kind", ["normal", "flat", "ties"])
+def test_top_p_same_alone_or_batched_and_by_either_path(kind: str) -> None:
+    """A row's kept set is the same in any batch: with all rows top-k'd (candidates) or not (radix)."""
+    logits = _logits_kind(kind, 8, 5000, seed=21)
+    params = [SamplingParams(top_k=k, top_p=p) for k, p in zip([3, 40, 40, 7, 25, 1, 40, 12], [0.3, 0.9] * 4)]
+    batched = filter_top_k_top_p(logits, [make_row(param) for param in params])
+    with_radix_row = filter_top_k_top_p(
+        torch.cat([logits, logits[:1]]), [make_row(param) for param in params] + [make_row(SamplingParams(top_p=0.5))]
+    )
+    assert torch.equal(with_radix_row[:8], batched)
+    for i, param in enumerate(params):
+        assert torch.equal(filter_top_k_top_p(logits[i : i + 1], [make_row(param)]), batched[i : i + 1])
+
+
+@pytest.mark.parametrize(
+    ("probs", "top_p", "expected"),
+    [
+        ([0.5, 0.3, 0.2], 0.8, [True, True, False]),
+        ([0.6, 0.3, 0.1], 0.6, [True, False, False]),
+        ([0.7, 0.2, 0.1], 0.9, [True, True, False]),
+        ([0.5, 0.4, 0.1], 0.9, [True, True, False]),
+        ([0.3, 0.3, 0.2, 0.2], 0.6, [True, True, False, False]),
+    ],
+)
+def test_top_p_reached_exactly_stops_the_nucleus(probs: list[float], top_p: float, expected: list[bool]) -> None:
+    """Reaching p exactly is enough, though float32 probabilities of these sum a few ulps above or below it."""
+    for every_row_top_k in (False, True):
+        params = SamplingParams(top_p=top_p, top_k=len(probs) if every_row_top_k else 0)
+        kept = torch.isfinite(filter_top_k_top_p(torch.log(torch.tensor([probs])), [make_row(params)]))
+        assert kept[0].tolist() == expected
+
+
+def test_top_p_counts_ties_with_the_kth_value_beyond_the_candidates() -> None:
+    """top_k=2 keeps the 10 and all ten 9s: their mass (not one 9's) decides where top-p cuts."""
+    logits = torch.tensor([[10.0] + [9.0] * 10 + [0.0] * 5])
+    kept = torch.isfinite(filter_top_k_top_p(logits, [make_row(SamplingParams(top_k=2, top_p=0.5))]))
+    assert kept[0].tolist() == [True] * 11 + [False] * 5
+    kept = torch.isfinite(filter_top_k_top_p(logits, [make_row(SamplingParams(top_k=2, top_p=0.2))]))
+    assert kept[0].tolist() == [True] + [False] * 15
 
 
 def test_top_p_keeps_the_whole_tie_at_the_cut() -> None:
