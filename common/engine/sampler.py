@@ -13,9 +13,11 @@ row instead of the exponential race's V draws: V CPU exponentials cost ~1 ms per
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from common.engine.device_copy import record_event, to_device, to_host_async
@@ -206,7 +208,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
     Repetition (HF/vLLM): a seen token's positive logit is divided by the penalty, a negative one
     multiplied. Frequency/presence (OpenAI): logit -= frequency * count + presence * (count > 0).
-    Both touch only the seen (row, token) pairs, so the cost is O(tokens seen), not O(batch * vocab).
+    The host only flattens the token ids (one upload per penalty kind); the device counts them and
+    updates every occurrence at once (an occurrence's duplicates write the same value), so the cost is
+    O(tokens seen) plus, for frequency/presence, one [rows, V] count buffer.
     """
     _apply_repetition_penalty(logits, rows)
     _apply_frequency_presence(logits, rows)
@@ -216,8 +220,9 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow])
     chosen = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     if not chosen:
         return
-    sequences = [[*rows[i].prompt_token_ids, *rows[i].output_token_ids] for i in chosen]
-    row_idx, token_idx, _ = seen_token_counts(chosen, sequences, logits)
+    row_idx, token_idx = token_occurrences(
+        chosen, [(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in chosen], logits
+    )
     penalty = _floats([row.params.repetition_penalty for row in rows], logits)[row_idx]
     values = logits[row_idx, token_idx]
     logits[row_idx, token_idx] = torch.where(values > 0, values / penalty, values * penalty)
@@ -227,27 +232,30 @@ def _apply_frequency_presence(logits: torch.Tensor, rows: Sequence[SamplingRow])
     chosen = [i for i, row in enumerate(rows) if row.params.frequency_penalty or row.params.presence_penalty]
     if not chosen:
         return
-    row_idx, token_idx, counts = seen_token_counts(chosen, [rows[i].output_token_ids for i in chosen], logits)
+    local_rows = list(range(len(chosen)))
+    local_idx, token_idx = token_occurrences(local_rows, [(rows[i].output_token_ids,) for i in chosen], logits)
+    counts = torch.zeros(len(chosen), logits.shape[1], dtype=logits.dtype, device=logits.device)
+    counts.index_put_((local_idx, token_idx), torch.ones_like(token_idx, dtype=logits.dtype), accumulate=True)
+    row_idx = _long(chosen, logits)[local_idx]
     frequency = _floats([row.params.frequency_penalty for row in rows], logits)[row_idx]
     presence = _floats([row.params.presence_penalty for row in rows], logits)[row_idx]
-    logits[row_idx, token_idx] -= frequency * counts.to(logits.dtype) + presence
+    logits[row_idx, token_idx] -= frequency * counts[local_idx, token_idx] + presence
 
 
-def seen_token_counts(
-    row_ids: Sequence[int], sequences: Sequence[Sequence[int]], like: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct (row, token) pairs in `sequences` (row_ids[j] owns sequences[j]) and their counts.
+def token_occurrences(
+    row_ids: Sequence[int], sequences: Sequence[tuple[Sequence[int], ...]], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (row, token) occurrence in `sequences` (row_ids[j] owns the parts of sequences[j]), duplicates
+    included, as row indices and token ids on `like`'s device; ids outside [0, V) are left out.
 
-    Returns row indices, token ids and counts on `like`'s device; ids outside [0, V) are ignored.
+    Flattened by numpy in C (no per-token Python), uploaded without a host sync.
     """
-    vocab = like.shape[1]
-    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
-    tokens = torch.cat([torch.as_tensor(list(seq), dtype=torch.long) for seq in sequences])
-    owners = torch.repeat_interleave(torch.tensor(list(row_ids), dtype=torch.long), lengths)
-    valid = (tokens >= 0) & (tokens < vocab)
-    keys, counts = torch.unique(owners[valid] * vocab + tokens[valid], return_counts=True)
-    keys, counts = to_device(keys, like.device), to_device(counts, like.device)
-    return keys // vocab, keys % vocab, counts
+    lengths = [sum(len(part) for part in parts) for parts in sequences]
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(sequences))
+    tokens = np.fromiter(flat, dtype=np.int64, count=sum(lengths))
+    owners = np.repeat(np.asarray(row_ids, dtype=np.int64), lengths)
+    valid = (tokens >= 0) & (tokens < like.shape[1])
+    return to_device(owners[valid], like.device), to_device(tokens[valid], like.device)
 
 
 def _floats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:

@@ -284,6 +284,43 @@ def test_penalties_match_hand_computed_example() -> None:
     assert out.tolist() == [[1.0, -2.75, 0.5, 0.25, -2.0]]
 
 
+def reference_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The former penalties: distinct (row, token) pairs and counts from a host torch.unique, row by row."""
+    out, vocab = logits.clone(), logits.shape[1]
+
+    def pairs(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = torch.tensor([i * vocab + t for i, seq in enumerate(sequences) for t in seq if 0 <= t < vocab])
+        keys, counts = torch.unique(keys, return_counts=True)
+        return keys // vocab, keys % vocab, counts
+
+    reps = torch.tensor([row.params.repetition_penalty for row in rows])
+    row_idx, token_idx, _ = pairs([[*row.prompt_token_ids, *row.output_token_ids] for row in rows])
+    row_idx, token_idx = row_idx[reps[row_idx] != 1.0], token_idx[reps[row_idx] != 1.0]
+    values, penalty = out[row_idx, token_idx], reps[row_idx]
+    out[row_idx, token_idx] = torch.where(values > 0, values / penalty, values * penalty)
+    frequency = torch.tensor([row.params.frequency_penalty for row in rows])
+    presence = torch.tensor([row.params.presence_penalty for row in rows])
+    row_idx, token_idx, counts = pairs([list(row.output_token_ids) for row in rows])
+    out[row_idx, token_idx] -= frequency[row_idx] * counts.float() + presence[row_idx]
+    return out
+
+
+def test_penalties_identical_to_unique_pair_reference() -> None:
+    generator = torch.Generator().manual_seed(4)
+    logits = random_logits(12, vocab=300, seed=9)
+    rows = []
+    for i in range(12):
+        prompt = torch.randint(0, 320, (int(torch.randint(0, 60, (1,), generator=generator)),), generator=generator)
+        output = torch.randint(0, 40, (int(torch.randint(0, 30, (1,), generator=generator)),), generator=generator)
+        params = SamplingParams(
+            repetition_penalty=[1.0, 1.3, 0.7][i % 3],
+            frequency_penalty=[0.0, 0.5, -1.25, 2.0][i % 4],
+            presence_penalty=[0.0, -0.5, 1.5][i % 3],
+        )
+        rows.append(make_row(params, prompt.tolist(), output.tolist()))  # ids >= 300 are outside the vocab
+    assert torch.equal(apply_logits_processors(logits, rows), reference_penalties(logits, rows))
+
+
 def test_frequency_presence_ignore_prompt_tokens() -> None:
     logits = torch.zeros(1, 4) + 1.0
     params = SamplingParams(frequency_penalty=1.0, presence_penalty=1.0)
