@@ -493,3 +493,63 @@ def test_token_logprobs_to_vllm_dict() -> None:
     assert entry.to_dict() == {9: Logprob(-3.0, 4), 1: Logprob(-0.1, 1), 2: Logprob(-0.5, 2)}
     inside = TokenLogprobs(token_id=2, logprob=-0.5, rank=2, top=((1, -0.1), (2, -0.5)))
     assert inside.to_dict(str) == {2: Logprob(-0.5, 2, "2"), 1: Logprob(-0.1, 1, "1")}
+
+
+# -- on the GPU (the coordinator runs these on an H200) --------------------------------------------------
+
+
+def _mixed_rows(vocab: int) -> list[SamplingRow]:
+    prompt, output = list(range(0, vocab, 97)), [5, 5, 9, vocab - 1]
+    return [
+        make_row(SamplingParams(temperature=0.0)),
+        make_row(SamplingParams(temperature=0.8, top_p=0.9), seed=3),
+        make_row(SamplingParams(top_k=50, top_p=0.9)),
+        make_row(SamplingParams(top_k=20, min_p=0.05, logprobs=5)),
+        make_row(SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.2), prompt, output),
+        make_row(SamplingParams(temperature=0.0, logit_bias={7: 3.0}, min_tokens=9), output=output, eos=frozenset({2})),
+    ]
+
+
+@pytest.mark.gpu
+def test_cuda_sample_enqueues_without_host_sync() -> None:
+    logits = random_logits(6, vocab=32000, seed=12).cuda()
+    sampler = new_sampler()
+    for every_row_top_k in (False, True):
+        rows = _mixed_rows(32000)
+        if every_row_top_k:
+            rows = [make_row(SamplingParams(top_k=40, top_p=0.8), seed=i) for i in range(6)]
+        sampler.sample(logits, rows).result()  # warm-up: lazy CUDA initialization may synchronize
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = sampler.sample(logits, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(pending.result().token_ids) == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "ties"])
+@pytest.mark.parametrize("every_row_top_k", [False, True])
+def test_cuda_top_k_top_p_matches_float64_sort_reference(kind: str, every_row_top_k: bool) -> None:
+    for rows, vocab in [(16, 32000), (8, 128256)]:
+        logits = _logits_kind(kind, rows, vocab, seed=rows)
+        ks, ps = _filter_params(rows, vocab, seed=rows, every_row_top_k=every_row_top_k)
+        params = [SamplingParams(top_k=k if k < vocab else 0, top_p=p) for k, p in zip(ks, ps, strict=True)]
+        new = filter_top_k_top_p(logits.cuda(), [make_row(param) for param in params]).cpu()
+        _assert_same_or_boundary_ties(new, reference_top_k_top_p(logits, ks, ps, torch.float64), logits)
+
+
+@pytest.mark.gpu
+def test_cuda_penalties_identical_to_cpu_reference() -> None:
+    logits = random_logits(6, vocab=32000, seed=13)
+    rows = [row for row in _mixed_rows(32000) if row.params.min_tokens == 0]
+    assert torch.equal(apply_logits_processors(logits.cuda(), rows).cpu(), reference_penalties(logits, rows))
+
+
+@pytest.mark.gpu
+def test_cuda_seeded_rows_reproduce_alone_and_in_mixed_batch() -> None:
+    steps = [random_logits(6, vocab=128256, seed=30 + step).cuda() for step in range(4)]
+    batched = _run_steps(_mixed_rows(128256), steps, keep=[1])
+    alone = _run_steps([_mixed_rows(128256)[1]], [s[1:2] for s in steps], keep=[0])
+    assert batched == alone
