@@ -9,6 +9,10 @@ whatever the batch holds and however large the vocabulary, and every step of the
 so the same seed gives the same tokens alone or batched. Sampling is inverse-CDF: the first token whose
 cumulative probability reaches `u * total`, which picks token i with probability probs[i]. (One draw per
 row instead of the exponential race's V draws: V CPU exponentials cost ~1 ms per row at V=49k.)
+
+No host sync and no sort of the vocabulary: `Sampler.sample` only enqueues device work (uploads from pinned
+memory); top-k uses ``topk``, top-p a radix select weighted by exact fixed-point probabilities (or a cumsum over
+the top-k candidates), min-p compares exp(logit - max), and penalties count token occurrences on the device.
 """
 
 from __future__ import annotations
@@ -345,7 +349,7 @@ def _fixed_point_mass(logits: torch.Tensor, row_max: torch.Tensor, scale: float)
     Exact sums do not depend on summation order (the same alone or batched, under atomics or not); the
     scale 2**(62 - bits(V)) keeps a row's total below 2**62 and its rounding below V * 2**-45 of the top.
     """
-    return ((logits - row_max).exp_() * scale).long()
+    return (logits - row_max).exp_().mul_(scale).long()
 
 
 def _mass_needed(p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -366,8 +370,8 @@ def _top_p_threshold(logits: torch.Tensor, p: torch.Tensor, scale: float) -> tor
     need = _mass_needed(p, mass.sum(dim=-1))
     high = (keys >> _RADIX_BITS) + _RADIX_BINS // 2  # in [0, 65536), same order as keys
     high_bin, mass_above = _radix_pass(high.long(), mass, torch.zeros_like(need), need)
-    in_bin = high == high_bin.unsqueeze(1)
-    low_bin, _ = _radix_pass((keys & (_RADIX_BINS - 1)).long(), mass.masked_fill_(~in_bin, 0), mass_above, need)
+    outside_bin = high != high_bin.int().unsqueeze(1)  # int32 against int32: no int64 copy of `high`
+    low_bin, _ = _radix_pass((keys & (_RADIX_BINS - 1)).long(), mass.masked_fill_(outside_bin, 0), mass_above, need)
     return key_to_float((high_bin - _RADIX_BINS // 2) * _RADIX_BINS + low_bin).unsqueeze(1)
 
 
@@ -405,7 +409,7 @@ def _top_p_threshold_from_candidates(logits: torch.Tensor, top_k: _TopK, p: torc
 def sortable_keys(logits: torch.Tensor) -> torch.Tensor:
     """int32 keys ordered exactly as the float32 values (-0.0 equals 0.0, -inf lowest; no NaN expected)."""
     bits = (logits.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
 
 
 def key_to_float(keys: torch.Tensor) -> torch.Tensor:
