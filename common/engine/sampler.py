@@ -238,12 +238,14 @@ def _apply_frequency_presence(logits: torch.Tensor, rows: Sequence[SamplingRow])
         return
     local_rows = list(range(len(chosen)))
     local_idx, token_idx = token_occurrences(local_rows, [(rows[i].output_token_ids,) for i in chosen], logits)
-    counts = torch.zeros(len(chosen), logits.shape[1], dtype=logits.dtype, device=logits.device)
-    counts.index_put_((local_idx, token_idx), torch.ones_like(token_idx, dtype=logits.dtype), accumulate=True)
+    # integer counts by float atomics: exact (below 2**24) whatever order they land in
+    flat_idx = local_idx * logits.shape[1] + token_idx
+    counts = torch.zeros(len(chosen) * logits.shape[1], dtype=logits.dtype, device=logits.device)
+    counts.index_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=logits.dtype))
     row_idx = _long(chosen, logits)[local_idx]
     frequency = _floats([row.params.frequency_penalty for row in rows], logits)[row_idx]
     presence = _floats([row.params.presence_penalty for row in rows], logits)[row_idx]
-    logits[row_idx, token_idx] -= frequency * counts[local_idx, token_idx] + presence
+    logits[row_idx, token_idx] -= frequency * counts[flat_idx] + presence
 
 
 def token_occurrences(
@@ -339,8 +341,9 @@ TOP_P_TOLERANCE = 2.0**-24
 """Float32 resolution: a nucleus whose probability is this close below p counts as reaching p (so 0.5 + 0.5
 split at p=0.5 keeps one token, whichever way the float32 probabilities round)."""
 
-_RADIX_BITS = 16
-_RADIX_BINS = 1 << _RADIX_BITS
+RADIX_SMALL_VOCAB = 1 << 14
+"""Below this vocabulary size the top-p radix select takes 8 bits per pass (4 passes of 256 bins), else 16 (2
+passes of 65536 bins): a 65536-bin histogram per row would cost more than the row itself."""
 
 
 def _fixed_point_mass(logits: torch.Tensor, row_max: torch.Tensor, scale: float) -> torch.Tensor:
@@ -361,26 +364,31 @@ def _mass_needed(p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
 def _top_p_threshold(logits: torch.Tensor, p: torch.Tensor, scale: float) -> torch.Tensor:
     """[R, 1]: the smallest kept logit, by a radix select weighted by mass (no sort, no host sync).
 
-    Two passes over the logits' order-preserving int32 keys, the high 16 bits then the low 16: each
-    histograms the fixed-point mass into 65536 bins per row (one ``scatter_add_``) and picks the lowest bin
-    whose mass above stays below what p needs. Every comparison is on exact integers.
+    Passes over the logits' order-preserving keys (as unsigned 32 bits), most significant digit first
+    (two 16-bit digits, or four 8-bit ones for small vocabularies): each histograms the fixed-point mass
+    of the tokens matching the digits chosen so far (one ``scatter_add_``) and picks the lowest digit whose
+    mass above stays below what p needs. Every comparison is on exact integers.
     """
-    keys = sortable_keys(logits)
+    keys = sortable_keys(logits).long() + 2**31
     mass = _fixed_point_mass(logits, logits.amax(dim=-1, keepdim=True), scale)
     need = _mass_needed(p, mass.sum(dim=-1))
-    high = (keys >> _RADIX_BITS) + _RADIX_BINS // 2  # in [0, 65536), same order as keys
-    high_bin, mass_above = _radix_pass(high.long(), mass, torch.zeros_like(need), need)
-    outside_bin = high != high_bin.int().unsqueeze(1)  # int32 against int32: no int64 copy of `high`
-    low_bin, _ = _radix_pass((keys & (_RADIX_BINS - 1)).long(), mass.masked_fill_(outside_bin, 0), mass_above, need)
-    return key_to_float((high_bin - _RADIX_BINS // 2) * _RADIX_BINS + low_bin).unsqueeze(1)
+    bits = 8 if logits.shape[1] < RADIX_SMALL_VOCAB else 16
+    prefix, mass_above = torch.zeros_like(need), torch.zeros_like(need)
+    for shift in range(32 - bits, -1, -bits):
+        leading = keys >> shift  # the digits chosen so far, then this pass's digit
+        if shift < 32 - bits:
+            mass = mass.masked_fill_((leading >> bits) != prefix.unsqueeze(1), 0)
+        digit, mass_above = _radix_pass(leading & ((1 << bits) - 1), mass, mass_above, need, 1 << bits)
+        prefix = (prefix << bits) + digit
+    return key_to_float(prefix - 2**31).unsqueeze(1)
 
 
 def _radix_pass(
-    digits: torch.Tensor, mass: torch.Tensor, mass_above: torch.Tensor, need: torch.Tensor
+    digits: torch.Tensor, mass: torch.Tensor, mass_above: torch.Tensor, need: torch.Tensor, bins: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The lowest digit whose tokens are kept (mass in higher digits plus `mass_above` below `need`), and
     the mass strictly above that digit (plus `mass_above`)."""
-    histogram = torch.zeros(mass.shape[0], _RADIX_BINS, dtype=torch.long, device=mass.device)
+    histogram = torch.zeros(mass.shape[0], bins, dtype=torch.long, device=mass.device)
     histogram.scatter_add_(1, digits, mass)
     # mass in digits > d: total - (mass in digits <= d)
     above = (mass_above + histogram.sum(dim=-1)).unsqueeze(1) - histogram.cumsum(dim=-1)
