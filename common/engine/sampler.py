@@ -393,6 +393,7 @@ def _radix_pass(
     # mass in digits > d: total - (mass in digits <= d)
     above = (mass_above + histogram.sum(dim=-1)).unsqueeze(1) - histogram.cumsum(dim=-1)
     digit = (above >= need.unsqueeze(1)).sum(dim=-1)  # above is non-increasing: the count is the first kept
+    digit.clamp_(max=bins - 1)  # a no-op unless the row had NaN logits: keep the gather in bounds
     return digit, above.gather(1, digit.unsqueeze(1)).squeeze(1)
 
 
@@ -405,7 +406,7 @@ def _top_p_threshold_from_candidates(logits: torch.Tensor, top_k: _TopK, p: torc
     """
     largest = top_k.largest
     mass = _fixed_point_mass(largest, largest[:, :1], scale)
-    kept_candidates = (largest >= top_k.kth).sum(dim=-1, keepdim=True)
+    kept_candidates = (largest >= top_k.kth).sum(dim=-1, keepdim=True).clamp_(min=1)  # >= 1 unless NaN
     tied_beyond = (logits >= top_k.kth).sum(dim=-1, keepdim=True) - kept_candidates
     kth_mass = mass.gather(1, kept_candidates - 1)
     total = mass.sum(dim=-1) + (tied_beyond * kth_mass).squeeze(1)
