@@ -9,13 +9,19 @@ whatever the batch holds and however large the vocabulary, and every step of the
 so the same seed gives the same tokens alone or batched. Sampling is inverse-CDF: the first token whose
 cumulative probability reaches `u * total`, which picks token i with probability probs[i]. (One draw per
 row instead of the exponential race's V draws: V CPU exponentials cost ~1 ms per row at V=49k.)
+
+No host sync and no sort of the vocabulary: `Sampler.sample` only enqueues device work (uploads from pinned
+memory); top-k uses ``topk``, top-p a radix select weighted by exact fixed-point probabilities (or a cumsum over
+the top-k candidates), min-p compares exp(logit - max), and penalties count token occurrences on the device.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from common.engine.device_copy import record_event, to_device, to_host_async
@@ -206,7 +212,9 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
     Repetition (HF/vLLM): a seen token's positive logit is divided by the penalty, a negative one
     multiplied. Frequency/presence (OpenAI): logit -= frequency * count + presence * (count > 0).
-    Both touch only the seen (row, token) pairs, so the cost is O(tokens seen), not O(batch * vocab).
+    The host only flattens the token ids (one upload per penalty kind); the device counts them and
+    updates every occurrence at once (an occurrence's duplicates write the same value), so the cost is
+    O(tokens seen) plus, for frequency/presence, one [rows, V] count buffer.
     """
     _apply_repetition_penalty(logits, rows)
     _apply_frequency_presence(logits, rows)
@@ -216,8 +224,9 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow])
     chosen = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     if not chosen:
         return
-    sequences = [[*rows[i].prompt_token_ids, *rows[i].output_token_ids] for i in chosen]
-    row_idx, token_idx, _ = seen_token_counts(chosen, sequences, logits)
+    row_idx, token_idx = token_occurrences(
+        chosen, [(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in chosen], logits
+    )
     penalty = _floats([row.params.repetition_penalty for row in rows], logits)[row_idx]
     values = logits[row_idx, token_idx]
     logits[row_idx, token_idx] = torch.where(values > 0, values / penalty, values * penalty)
@@ -227,27 +236,32 @@ def _apply_frequency_presence(logits: torch.Tensor, rows: Sequence[SamplingRow])
     chosen = [i for i, row in enumerate(rows) if row.params.frequency_penalty or row.params.presence_penalty]
     if not chosen:
         return
-    row_idx, token_idx, counts = seen_token_counts(chosen, [rows[i].output_token_ids for i in chosen], logits)
+    local_rows = list(range(len(chosen)))
+    local_idx, token_idx = token_occurrences(local_rows, [(rows[i].output_token_ids,) for i in chosen], logits)
+    # integer counts by float atomics: exact (below 2**24) whatever order they land in
+    flat_idx = local_idx * logits.shape[1] + token_idx
+    counts = torch.zeros(len(chosen) * logits.shape[1], dtype=logits.dtype, device=logits.device)
+    counts.index_add_(0, flat_idx, torch.ones_like(flat_idx, dtype=logits.dtype))
+    row_idx = _long(chosen, logits)[local_idx]
     frequency = _floats([row.params.frequency_penalty for row in rows], logits)[row_idx]
     presence = _floats([row.params.presence_penalty for row in rows], logits)[row_idx]
-    logits[row_idx, token_idx] -= frequency * counts.to(logits.dtype) + presence
+    logits[row_idx, token_idx] -= frequency * counts[flat_idx] + presence
 
 
-def seen_token_counts(
-    row_ids: Sequence[int], sequences: Sequence[Sequence[int]], like: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Distinct (row, token) pairs in `sequences` (row_ids[j] owns sequences[j]) and their counts.
+def token_occurrences(
+    row_ids: Sequence[int], sequences: Sequence[tuple[Sequence[int], ...]], like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every (row, token) occurrence in `sequences` (row_ids[j] owns the parts of sequences[j]), duplicates
+    included, as row indices and token ids on `like`'s device; ids outside [0, V) are left out.
 
-    Returns row indices, token ids and counts on `like`'s device; ids outside [0, V) are ignored.
+    Flattened by numpy in C (no per-token Python), uploaded without a host sync.
     """
-    vocab = like.shape[1]
-    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
-    tokens = torch.cat([torch.as_tensor(list(seq), dtype=torch.long) for seq in sequences])
-    owners = torch.repeat_interleave(torch.tensor(list(row_ids), dtype=torch.long), lengths)
-    valid = (tokens >= 0) & (tokens < vocab)
-    keys, counts = torch.unique(owners[valid] * vocab + tokens[valid], return_counts=True)
-    keys, counts = to_device(keys, like.device), to_device(counts, like.device)
-    return keys // vocab, keys % vocab, counts
+    lengths = [sum(len(part) for part in parts) for parts in sequences]
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(sequences))
+    tokens = np.fromiter(flat, dtype=np.int64, count=sum(lengths))
+    owners = np.repeat(np.asarray(row_ids, dtype=np.int64), lengths)
+    valid = (tokens >= 0) & (tokens < like.shape[1])
+    return to_device(owners[valid], like.device), to_device(tokens[valid], like.device)
 
 
 def _floats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -264,53 +278,171 @@ def _long(values: Sequence[int], like: torch.Tensor) -> torch.Tensor:
 def filter_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Set logits outside each row's top-k / top-p nucleus to -inf; rows without either are untouched.
 
-    Top-k keeps ties with the k-th value; top-p keeps the smallest set of most likely tokens whose
-    probability reaches p, and always keeps the most likely token.
+    Top-k keeps ties with the k-th value. Top-p (over what top-k kept) keeps token i iff the probability of
+    the tokens with a strictly larger logit is below p: the smallest set of most likely tokens whose
+    probability reaches p, the most likely token always, and every token tied with the last one kept (equal
+    logits are kept or dropped together, where a sort would split them). Nothing sorts the vocabulary and
+    nothing waits for the device: see `_top_p_threshold` and `_top_p_threshold_from_candidates`.
     """
     chosen = [i for i, row in enumerate(rows) if row.params.uses_top_k or row.params.top_p < 1.0]
     if not chosen:
         return logits
     vocab = logits.shape[1]
-    ks = [min(rows[i].params.top_k, vocab) if rows[i].params.uses_top_k else vocab for i in chosen]
+    ks = [rows[i].params.top_k if rows[i].params.uses_top_k else vocab for i in chosen]
     ps = [rows[i].params.top_p for i in chosen]
-    index = _long(chosen, logits)
+    every_row = len(chosen) == len(rows)
+    block = logits if every_row else logits[_long(chosen, logits)]
+    top_k = None
+    if min(ks) < vocab:  # decided from the host's values: no device sync
+        block, top_k = _top_k(block, ks)
+    if min(ps) < 1.0:
+        block = _top_p(block, ps, top_k if max(ks) < vocab else None)
+    if every_row:
+        return block
     out = logits.clone()
-    if all(p >= 1.0 for p in ps):  # decided from the host's values: no device sync
-        out[index] = _top_k_only(logits[index], _long(ks, logits), max(ks))
-    else:
-        out[index] = _top_k_top_p(logits[index], _long(ks, logits), _column(ps, logits))
+    out[_long(chosen, logits)] = block
     return out
 
 
-def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    ascending, order = logits.sort(dim=-1, descending=False)
-    kth = ascending.gather(1, (logits.shape[1] - k).unsqueeze(1))
-    ascending.masked_fill_(ascending < kth, float("-inf"))
-    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
-    outside = cumulative <= 1.0 - p
-    outside[:, -1] = False
-    ascending.masked_fill_(outside, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, ascending)
+@dataclass
+class _TopK:
+    """What top-k leaves for top-p: `largest` [R, max_k] descending, -inf past the kept ones; `kth` [R, 1]."""
+
+    largest: torch.Tensor
+    kth: torch.Tensor
 
 
-def _top_k_only(logits: torch.Tensor, k: torch.Tensor, max_k: int) -> torch.Tensor:
-    """Top-k without a full sort (same result as the sorted path, ties with the k-th value kept)."""
+def _top_k(logits: torch.Tensor, ks: Sequence[int]) -> tuple[torch.Tensor, _TopK]:
+    """Top-k with ``topk`` (ties with the k-th value kept); rows with k >= V keep everything."""
+    vocab = logits.shape[1]
+    max_k = max(k for k in ks if k < vocab)
     largest = logits.topk(max_k, dim=-1).values
-    kth = largest.gather(1, (k - 1).unsqueeze(1))
-    return logits.masked_fill(logits < kth, float("-inf"))
+    kth = largest.gather(1, _long([min(k, max_k) - 1 for k in ks], logits).unsqueeze(1))
+    kth = torch.minimum(kth, _column([float("-inf") if k >= vocab else float("inf") for k in ks], logits))
+    return logits.masked_fill(logits < kth, float("-inf")), _TopK(
+        largest.masked_fill(largest < kth, float("-inf")), kth
+    )
+
+
+def _top_p(logits: torch.Tensor, ps: Sequence[float], top_k: _TopK | None) -> torch.Tensor:
+    """Top-p per row (rows with p >= 1 keep everything); `top_k` when every row has one (a cheaper path)."""
+    p = _column(ps, logits)
+    scale = 2.0 ** (62 - logits.shape[1].bit_length())
+    if top_k is None:
+        threshold = _top_p_threshold(logits, p, scale)
+    else:
+        threshold = _top_p_threshold_from_candidates(logits, top_k, p, scale)
+    if max(ps) >= 1.0:  # from the host's values; those rows keep even tokens of negligible mass
+        threshold = threshold.masked_fill(p >= 1.0, float("-inf"))
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+TOP_P_TOLERANCE = 2.0**-24
+"""Float32 resolution: a nucleus whose probability is this close below p counts as reaching p (so 0.5 + 0.5
+split at p=0.5 keeps one token, whichever way the float32 probabilities round)."""
+
+RADIX_SMALL_VOCAB = 1 << 14
+"""Below this vocabulary size the top-p radix select takes 8 bits per pass (4 passes of 256 bins), else 16 (2
+passes of 65536 bins): a 65536-bin histogram per row would cost more than the row itself."""
+
+
+def _fixed_point_mass(logits: torch.Tensor, row_max: torch.Tensor, scale: float) -> torch.Tensor:
+    """int64 floor(exp(logit - row max) * scale): unnormalized probabilities whose sums are exact integers.
+
+    Exact sums do not depend on summation order (the same alone or batched, under atomics or not); the
+    scale 2**(62 - bits(V)) keeps a row's total below 2**62 and its rounding below V * 2**-45 of the top.
+    """
+    return (logits - row_max).exp_().mul_(scale).long()
+
+
+def _mass_needed(p: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """[R]: a token is kept iff the mass strictly above it is below this (at least 1: the top is kept)."""
+    # above < (p - tol) * total  <=>  above < ceil((p - tol) * total), above being an integer
+    return ((p.squeeze(1).double() - TOP_P_TOLERANCE) * total).ceil().long().clamp_(min=1)
+
+
+def _top_p_threshold(logits: torch.Tensor, p: torch.Tensor, scale: float) -> torch.Tensor:
+    """[R, 1]: the smallest kept logit, by a radix select weighted by mass (no sort, no host sync).
+
+    Passes over the logits' order-preserving keys (as unsigned 32 bits), most significant digit first
+    (two 16-bit digits, or four 8-bit ones for small vocabularies): each histograms the fixed-point mass
+    of the tokens matching the digits chosen so far (one ``scatter_add_``) and picks the lowest digit whose
+    mass above stays below what p needs. Every comparison is on exact integers.
+    """
+    keys = sortable_keys(logits).long() + 2**31
+    mass = _fixed_point_mass(logits, logits.amax(dim=-1, keepdim=True), scale)
+    need = _mass_needed(p, mass.sum(dim=-1))
+    bits = 8 if logits.shape[1] < RADIX_SMALL_VOCAB else 16
+    prefix, mass_above = torch.zeros_like(need), torch.zeros_like(need)
+    for shift in range(32 - bits, -1, -bits):
+        leading = keys >> shift  # the digits chosen so far, then this pass's digit
+        if shift < 32 - bits:
+            mass = mass.masked_fill_((leading >> bits) != prefix.unsqueeze(1), 0)
+        digit, mass_above = _radix_pass(leading & ((1 << bits) - 1), mass, mass_above, need, 1 << bits)
+        prefix = (prefix << bits) + digit
+    return key_to_float(prefix - 2**31).unsqueeze(1)
+
+
+def _radix_pass(
+    digits: torch.Tensor, mass: torch.Tensor, mass_above: torch.Tensor, need: torch.Tensor, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest digit whose tokens are kept (mass in higher digits plus `mass_above` below `need`), and
+    the mass strictly above that digit (plus `mass_above`)."""
+    histogram = torch.zeros(mass.shape[0], bins, dtype=torch.long, device=mass.device)
+    histogram.scatter_add_(1, digits, mass)
+    # mass in digits > d: total - (mass in digits <= d)
+    above = (mass_above + histogram.sum(dim=-1)).unsqueeze(1) - histogram.cumsum(dim=-1)
+    digit = (above >= need.unsqueeze(1)).sum(dim=-1)  # above is non-increasing: the count is the first kept
+    digit.clamp_(max=bins - 1)  # a no-op unless the row had NaN logits: keep the gather in bounds
+    return digit, above.gather(1, digit.unsqueeze(1)).squeeze(1)
+
+
+def _top_p_threshold_from_candidates(logits: torch.Tensor, top_k: _TopK, p: torch.Tensor, scale: float) -> torch.Tensor:
+    """[R, 1]: the smallest kept logit when every row has a top-k: the kept tokens are ``top_k.largest``
+    (already sorted) plus any further ties with the k-th value, so a cumsum over max_k values decides.
+
+    Same fixed-point masses and totals as `_top_p_threshold`, hence the same result, without the
+    vocabulary-wide passes (one count of the kept tokens aside).
+    """
+    largest = top_k.largest
+    mass = _fixed_point_mass(largest, largest[:, :1], scale)
+    kept_candidates = (largest >= top_k.kth).sum(dim=-1, keepdim=True).clamp_(min=1)  # >= 1 unless NaN
+    tied_beyond = (logits >= top_k.kth).sum(dim=-1, keepdim=True) - kept_candidates
+    kth_mass = mass.gather(1, kept_candidates - 1)
+    total = mass.sum(dim=-1) + (tied_beyond * kth_mass).squeeze(1)
+    above = mass.cumsum(dim=-1) - mass  # a tie's first member has the mass strictly above the tie
+    kept = above < _mass_needed(p, total).unsqueeze(1)
+    return largest.masked_fill(~kept, float("inf")).amin(dim=-1, keepdim=True)
+
+
+def sortable_keys(logits: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered exactly as the float32 values (-0.0 equals 0.0, -inf lowest; no NaN expected)."""
+    bits = (logits.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    return (bits >> 31).bitwise_and_(0x7FFFFFFF).bitwise_xor_(bits)
+
+
+def key_to_float(keys: torch.Tensor) -> torch.Tensor:
+    """The inverse of `sortable_keys` (the flip is its own inverse)."""
+    bits = keys.int()
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).view(torch.float32)
 
 
 def filter_min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Set logits whose probability is below min_p * (the row's top probability) to -inf."""
+    """Set logits whose probability is below min_p * (the row's top probability) to -inf.
+
+    probs[i] / max(probs) = exp(logits[i] - max(logits)): no softmax (no normalizing pass) needed.
+    """
     chosen = [i for i, row in enumerate(rows) if row.params.min_p > 0.0]
     if not chosen:
         return logits
-    index = _long(chosen, logits)
-    block = logits[index]
-    probs = block.softmax(dim=-1)
-    threshold = _column([rows[i].params.min_p for i in chosen], logits) * probs.amax(dim=-1, keepdim=True)
+    every_row = len(chosen) == len(rows)
+    block = logits if every_row else logits[_long(chosen, logits)]
+    relative = (block - block.amax(dim=-1, keepdim=True)).exp_()
+    block = block.masked_fill(relative < _column([rows[i].params.min_p for i in chosen], logits), float("-inf"))
+    if every_row:
+        return block
     out = logits.clone()
-    out[index] = block.masked_fill(probs < threshold, float("-inf"))
+    out[_long(chosen, logits)] = block
     return out
 
 

@@ -102,6 +102,161 @@ def test_top_p_keeps_smallest_nucleus() -> None:
     assert kept(0.99).tolist() == [True, True, True, True]
 
 
+# -- the sort-free filters against the sort-based reference they replaced ---------------------------------
+
+
+def reference_top_k_top_p(
+    logits: torch.Tensor, ks: list[int], ps: list[float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The former sort-based top-k/top-p (k=V and p=1 mean off), optionally computed in float64.
+
+    In float32 its softmax and cumsum over 128k tokens drift by ~1e-5, which can move the cut by tokens.
+    """
+    vocab = logits.shape[1]
+    k = torch.tensor([min(k, vocab) for k in ks])
+    p = torch.tensor(ps).unsqueeze(1).to(dtype)
+    ascending, order = logits.to(dtype).sort(dim=-1, descending=False)
+    kth = ascending.gather(1, (vocab - k).unsqueeze(1))
+    ascending.masked_fill_(ascending < kth, float("-inf"))
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    outside = cumulative <= 1.0 - p
+    outside[:, -1] = False
+    ascending.masked_fill_(outside, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, ascending.to(logits.dtype))
+
+
+def reference_min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = torch.tensor(min_ps).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def _filter_params(rows: int, vocab: int, seed: int, every_row_top_k: bool) -> tuple[list[int], list[float]]:
+    """Random top-k (some off unless `every_row_top_k`) and top-p (some 1.0) per row."""
+    generator = torch.Generator().manual_seed(seed)
+    ks = torch.randint(1 if every_row_top_k else 0, min(vocab, 60), (rows,), generator=generator).tolist()
+    ks = [vocab if k == 0 else k for k in ks]
+    ps = [1.0 if p > 0.95 else max(p, 0.01) for p in torch.rand(rows, generator=generator).tolist()]
+    ps[0] = 0.9  # at least one row with top-p
+    if not every_row_top_k:
+        ks[0] = vocab  # at least one row without top-k: the radix path
+    return ks, ps
+
+
+def _logits_kind(kind: str, rows: int, vocab: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # few distinct values: many tokens tie at every threshold
+        return torch.randint(0, 6, (rows, vocab), generator=generator).float()
+    scale = {"peaked": 12.0, "normal": 3.0, "flat": 0.05}[kind]
+    return torch.randn(rows, vocab, generator=generator) * scale
+
+
+def _assert_same_or_boundary_ties(new: torch.Tensor, old: torch.Tensor, logits: torch.Tensor) -> None:
+    """Same kept sets, except that where the old sort split a tie at the cut, all of the tie is kept."""
+    kept_new, kept_old = torch.isfinite(new), torch.isfinite(old)
+    assert torch.equal(new[kept_new], logits[kept_new])
+    assert not (kept_old & ~kept_new).any()
+    cut = logits.masked_fill(~kept_old, float("inf")).amin(dim=-1, keepdim=True)
+    extra = kept_new & ~kept_old
+    assert torch.equal(logits[extra], cut.expand_as(logits)[extra])
+
+
+@pytest.mark.parametrize("every_row_top_k", [False, True])
+@pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "ties"])
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 7), (9, 1000), (5, 32000), (2, 128256)])
+def test_top_k_top_p_matches_sort_reference(kind: str, rows: int, vocab: int, every_row_top_k: bool) -> None:
+    for seed in range(3):
+        logits = _logits_kind(kind, rows, vocab, seed=100 * seed + rows)
+        ks, ps = _filter_params(rows, vocab, seed, every_row_top_k)
+        params = [SamplingParams(top_k=k if k < vocab else 0, top_p=p) for k, p in zip(ks, ps, strict=True)]
+        new = filter_top_k_top_p(logits, [make_row(param) for param in params])
+        # the float32 reference is exact at small V; at 128k its float32 drift can move the cut (see its docstring)
+        old = reference_top_k_top_p(logits, ks, ps, torch.float32 if vocab <= 32000 else torch.float64)
+        if kind == "ties":
+            _assert_same_or_boundary_ties(new, old, logits)
+        else:
+            assert torch.equal(torch.isfinite(new), torch.isfinite(old))
+            assert torch.equal(new[torch.isfinite(new)], logits[torch.isfinite(new)])
+
+
+@pytest.mark.parametrize("kind", ["normal", "flat", "ties"])
+def test_top_p_same_alone_or_batched_and_by_either_path(kind: str) -> None:
+    """A row's kept set is the same in any batch: with all rows top-k'd (candidates) or not (radix)."""
+    logits = _logits_kind(kind, 8, 5000, seed=21)
+    params = [SamplingParams(top_k=k, top_p=p) for k, p in zip([3, 40, 40, 7, 25, 1, 40, 12], [0.3, 0.9] * 4)]
+    batched = filter_top_k_top_p(logits, [make_row(param) for param in params])
+    with_radix_row = filter_top_k_top_p(
+        torch.cat([logits, logits[:1]]), [make_row(param) for param in params] + [make_row(SamplingParams(top_p=0.5))]
+    )
+    assert torch.equal(with_radix_row[:8], batched)
+    for i, param in enumerate(params):
+        assert torch.equal(filter_top_k_top_p(logits[i : i + 1], [make_row(param)]), batched[i : i + 1])
+
+
+@pytest.mark.parametrize(
+    ("probs", "top_p", "expected"),
+    [
+        ([0.5, 0.3, 0.2], 0.8, [True, True, False]),
+        ([0.6, 0.3, 0.1], 0.6, [True, False, False]),
+        ([0.7, 0.2, 0.1], 0.9, [True, True, False]),
+        ([0.5, 0.4, 0.1], 0.9, [True, True, False]),
+        ([0.3, 0.3, 0.2, 0.2], 0.6, [True, True, False, False]),
+    ],
+)
+def test_top_p_reached_exactly_stops_the_nucleus(probs: list[float], top_p: float, expected: list[bool]) -> None:
+    """Reaching p exactly is enough, though float32 probabilities of these sum a few ulps above or below it."""
+    for every_row_top_k in (False, True):
+        params = SamplingParams(top_p=top_p, top_k=len(probs) if every_row_top_k else 0)
+        kept = torch.isfinite(filter_top_k_top_p(torch.log(torch.tensor([probs])), [make_row(params)]))
+        assert kept[0].tolist() == expected
+
+
+def test_top_p_counts_ties_with_the_kth_value_beyond_the_candidates() -> None:
+    """top_k=2 keeps the 10 and all ten 9s: their mass (not one 9's) decides where top-p cuts."""
+    logits = torch.tensor([[10.0] + [9.0] * 10 + [0.0] * 5])
+    kept = torch.isfinite(filter_top_k_top_p(logits, [make_row(SamplingParams(top_k=2, top_p=0.5))]))
+    assert kept[0].tolist() == [True] * 11 + [False] * 5
+    kept = torch.isfinite(filter_top_k_top_p(logits, [make_row(SamplingParams(top_k=2, top_p=0.2))]))
+    assert kept[0].tolist() == [True] + [False] * 15
+
+
+def test_top_p_keeps_the_whole_tie_at_the_cut() -> None:
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.2, 0.0], [0.4, 0.3, 0.1, 0.1, 0.1]]))
+    rows = [make_row(SamplingParams(top_p=0.5)), make_row(SamplingParams(top_p=0.75))]
+    kept = torch.isfinite(filter_top_k_top_p(logits, rows))
+    # row 0: 0.4 < 0.5, so the next value (0.2) is kept, all three tokens that have it; row 1: 0.7 < 0.75
+    assert kept.tolist() == [[True, True, True, True, False], [True, True, True, True, True]]
+
+
+def test_top_p_one_keeps_tokens_of_negligible_probability() -> None:
+    logits = torch.tensor([[0.0, -40.0, -90.0, float("-inf")], [0.0, -40.0, -90.0, float("-inf")]])
+    rows = [make_row(SamplingParams(top_k=3)), make_row(SamplingParams(top_p=0.5))]
+    kept = torch.isfinite(filter_top_k_top_p(logits, rows))
+    assert kept.tolist() == [[True, True, True, False], [True, False, False, False]]
+
+
+def test_top_k_top_p_only_touch_their_rows() -> None:
+    logits = random_logits(4, seed=11)
+    rows = [
+        make_row(SamplingParams()),
+        make_row(SamplingParams(top_p=0.3)),
+        make_row(SamplingParams(min_p=0.2)),
+        make_row(SamplingParams(top_k=4, top_p=0.99)),
+    ]
+    filtered = filter_top_k_top_p(logits, rows)
+    assert torch.equal(filtered[[0, 2]], logits[[0, 2]])
+    reference = reference_top_k_top_p(logits[[1, 3]], [VOCAB, 4], [0.3, 0.99])
+    assert torch.equal(torch.isfinite(filtered[[1, 3]]), torch.isfinite(reference))
+
+
+@pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "ties"])
+def test_min_p_matches_softmax_reference(kind: str) -> None:
+    logits = _logits_kind(kind, 6, 5000, seed=3)
+    min_ps = [0.0, 0.01, 0.1, 0.5, 0.9, 1.0]
+    rows = [make_row(SamplingParams(min_p=m)) for m in min_ps]
+    assert torch.equal(filter_min_p(logits, rows), reference_min_p(logits, min_ps))
+
+
 def test_min_p_masks_below_fraction_of_top_probability() -> None:
     logits = torch.log(torch.tensor([[0.5, 0.05, 0.3, 0.15], [0.5, 0.05, 0.3, 0.15]]))
     rows = [make_row(SamplingParams(min_p=0.35)), make_row(SamplingParams())]
@@ -127,6 +282,43 @@ def test_penalties_match_hand_computed_example() -> None:
     # repetition over {0, 1, 3}: 2/2=1, -1*2=-2, 3/2=1.5; then output counts {1: 1, 3: 2}:
     # token 1: -2 - 0.5*1 - 0.25 = -2.75; token 3: 1.5 - 0.5*2 - 0.25 = 0.25
     assert out.tolist() == [[1.0, -2.75, 0.5, 0.25, -2.0]]
+
+
+def reference_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The former penalties: distinct (row, token) pairs and counts from a host torch.unique, row by row."""
+    out, vocab = logits.clone(), logits.shape[1]
+
+    def pairs(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = torch.tensor([i * vocab + t for i, seq in enumerate(sequences) for t in seq if 0 <= t < vocab])
+        keys, counts = torch.unique(keys, return_counts=True)
+        return keys // vocab, keys % vocab, counts
+
+    reps = torch.tensor([row.params.repetition_penalty for row in rows])
+    row_idx, token_idx, _ = pairs([[*row.prompt_token_ids, *row.output_token_ids] for row in rows])
+    row_idx, token_idx = row_idx[reps[row_idx] != 1.0], token_idx[reps[row_idx] != 1.0]
+    values, penalty = out[row_idx, token_idx], reps[row_idx]
+    out[row_idx, token_idx] = torch.where(values > 0, values / penalty, values * penalty)
+    frequency = torch.tensor([row.params.frequency_penalty for row in rows])
+    presence = torch.tensor([row.params.presence_penalty for row in rows])
+    row_idx, token_idx, counts = pairs([list(row.output_token_ids) for row in rows])
+    out[row_idx, token_idx] -= frequency[row_idx] * counts.float() + presence[row_idx]
+    return out
+
+
+def test_penalties_identical_to_unique_pair_reference() -> None:
+    generator = torch.Generator().manual_seed(4)
+    logits = random_logits(12, vocab=300, seed=9)
+    rows = []
+    for i in range(12):
+        prompt = torch.randint(0, 320, (int(torch.randint(0, 60, (1,), generator=generator)),), generator=generator)
+        output = torch.randint(0, 40, (int(torch.randint(0, 30, (1,), generator=generator)),), generator=generator)
+        params = SamplingParams(
+            repetition_penalty=[1.0, 1.3, 0.7][i % 3],
+            frequency_penalty=[0.0, 0.5, -1.25, 2.0][i % 4],
+            presence_penalty=[0.0, -0.5, 1.5][i % 3],
+        )
+        rows.append(make_row(params, prompt.tolist(), output.tolist()))  # ids >= 300 are outside the vocab
+    assert torch.equal(apply_logits_processors(logits, rows), reference_penalties(logits, rows))
 
 
 def test_frequency_presence_ignore_prompt_tokens() -> None:
@@ -301,3 +493,63 @@ def test_token_logprobs_to_vllm_dict() -> None:
     assert entry.to_dict() == {9: Logprob(-3.0, 4), 1: Logprob(-0.1, 1), 2: Logprob(-0.5, 2)}
     inside = TokenLogprobs(token_id=2, logprob=-0.5, rank=2, top=((1, -0.1), (2, -0.5)))
     assert inside.to_dict(str) == {2: Logprob(-0.5, 2, "2"), 1: Logprob(-0.1, 1, "1")}
+
+
+# -- on the GPU (the coordinator runs these on an H200) --------------------------------------------------
+
+
+def _mixed_rows(vocab: int) -> list[SamplingRow]:
+    prompt, output = list(range(0, vocab, 97)), [5, 5, 9, vocab - 1]
+    return [
+        make_row(SamplingParams(temperature=0.0)),
+        make_row(SamplingParams(temperature=0.8, top_p=0.9), seed=3),
+        make_row(SamplingParams(top_k=50, top_p=0.9)),
+        make_row(SamplingParams(top_k=20, min_p=0.05, logprobs=5)),
+        make_row(SamplingParams(repetition_penalty=1.2, frequency_penalty=0.5, presence_penalty=0.2), prompt, output),
+        make_row(SamplingParams(temperature=0.0, logit_bias={7: 3.0}, min_tokens=9), output=output, eos=frozenset({2})),
+    ]
+
+
+@pytest.mark.gpu
+def test_cuda_sample_enqueues_without_host_sync() -> None:
+    logits = random_logits(6, vocab=32000, seed=12).cuda()
+    sampler = new_sampler()
+    for every_row_top_k in (False, True):
+        rows = _mixed_rows(32000)
+        if every_row_top_k:
+            rows = [make_row(SamplingParams(top_k=40, top_p=0.8), seed=i) for i in range(6)]
+        sampler.sample(logits, rows).result()  # warm-up: lazy CUDA initialization may synchronize
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            pending = sampler.sample(logits, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(pending.result().token_ids) == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["normal", "peaked", "flat", "ties"])
+@pytest.mark.parametrize("every_row_top_k", [False, True])
+def test_cuda_top_k_top_p_matches_float64_sort_reference(kind: str, every_row_top_k: bool) -> None:
+    for rows, vocab in [(16, 32000), (8, 128256)]:
+        logits = _logits_kind(kind, rows, vocab, seed=rows)
+        ks, ps = _filter_params(rows, vocab, seed=rows, every_row_top_k=every_row_top_k)
+        params = [SamplingParams(top_k=k if k < vocab else 0, top_p=p) for k, p in zip(ks, ps, strict=True)]
+        new = filter_top_k_top_p(logits.cuda(), [make_row(param) for param in params]).cpu()
+        _assert_same_or_boundary_ties(new, reference_top_k_top_p(logits, ks, ps, torch.float64), logits)
+
+
+@pytest.mark.gpu
+def test_cuda_penalties_identical_to_cpu_reference() -> None:
+    logits = random_logits(6, vocab=32000, seed=13)
+    rows = [row for row in _mixed_rows(32000) if row.params.min_tokens == 0]
+    assert torch.equal(apply_logits_processors(logits.cuda(), rows).cpu(), reference_penalties(logits, rows))
+
+
+@pytest.mark.gpu
+def test_cuda_seeded_rows_reproduce_alone_and_in_mixed_batch() -> None:
+    steps = [random_logits(6, vocab=128256, seed=30 + step).cuda() for step in range(4)]
+    batched = _run_steps(_mixed_rows(128256), steps, keep=[1])
+    alone = _run_steps([_mixed_rows(128256)[1]], [s[1:2] for s in steps], keep=[0])
+    assert batched == alone
