@@ -294,12 +294,13 @@ def paged_prefill_attention(
 
 def warm_up_attention_kernels(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     """Compile every variant the eager path can launch (each prefill query tile height, each decode split
-    count) on a dummy one-block sequence, so the first requests after start-up do not wait for Triton's JIT
+    count) on a dummy sequence whose every block is block 0, so the first requests after start-up do not wait for Triton's JIT
     (seconds on a cold cache). Reads the cache, writes nothing to it. Returns how many launches it made."""
     device, dtype, head_dim = k_cache.device, k_cache.dtype, k_cache.shape[-1]
     group_pad = triton.next_power_of_2(num_heads // k_cache.shape[2])
     rows = prefill_tiles(head_dim, dtype).rows // group_pad
-    tables = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    # Every position of the longest dummy query maps to block 0: the table must cover all of them.
+    tables = torch.zeros(1, triton.cdiv(max(rows, 1), k_cache.shape[1]), dtype=torch.int32, device=device)
     launches = 0
     query_len = 1
     while query_len <= max(rows, 1):  # every BLOCK_Q the prefill wrapper can pick

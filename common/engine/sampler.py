@@ -204,7 +204,9 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     ]
     if entries:
         row_idx, token_idx = zip(*entries, strict=True)
-        logits[_long(row_idx, logits), _long(token_idx, logits)] = float("-inf")
+        # A device-side fill value: a Python scalar here would be uploaded with a blocking (syncing) copy.
+        masked = logits.new_full((len(row_idx),), float("-inf"))
+        logits.index_put_((_long(row_idx, logits), _long(token_idx, logits)), masked)
 
 
 def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

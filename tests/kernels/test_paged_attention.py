@@ -401,8 +401,8 @@ def test_decode_kernel_under_cuda_graph(gen):
 def test_warm_up_launches_every_tile_height_and_split_count_and_leaves_the_cache_alone(gen):
     from kernels.paged_attention import MAX_DECODE_SPLITS, prefill_tiles, warm_up_attention_kernels
 
-    k_cache = torch.randn(4, 16, 2, 64, generator=gen).to(DEVICE)  # [blocks, block_size, kv_heads, head_dim]
-    v_cache = torch.randn(4, 16, 2, 64, generator=gen).to(DEVICE)
+    k_cache = torch.randn(4, 4, 2, 64, generator=gen).to(DEVICE)  # [blocks, block_size, kv_heads, head_dim]
+    v_cache = torch.randn(4, 4, 2, 64, generator=gen).to(DEVICE)  # block size 4: the longest query spans 4 blocks
     before = k_cache.clone(), v_cache.clone()
 
     launches = warm_up_attention_kernels(8, k_cache, v_cache)
