@@ -68,6 +68,7 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 
 def cmd_planner(args: argparse.Namespace) -> int:
+    from services.planner.actuate import ScaleError
     from services.planner.loop import run_planner
 
     try:
@@ -75,6 +76,9 @@ def cmd_planner(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a missing or unreadable profile, limits out of order
         print(f"tandem planner: {exc}", file=sys.stderr)
         return 2
+    except ScaleError as exc:  # a Deployment missing or not ours to scale: stop loudly, not retry forever
+        print(f"tandem planner: {exc}", file=sys.stderr)
+        return 1
 
 
 class _Shutdown(Exception):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 from kubernetes import client
+from prometheus_client import generate_latest
 
 from services.launch import main
 from services.planner.actuate import DryRun, KubernetesScaler
@@ -16,6 +17,7 @@ from services.planner.loop import Planner
 from services.planner.observe import promql
 from tests.services.planner.fake_servers import FakeScaleApi, routes_handler, serve
 from tests.services.planner.test_decide import PROFILE
+from tests.services.planner.test_observe import FakeCluster
 
 POLICY = Policy(Slo(0.5, 0.03), PoolLimits(1, 8), PoolLimits(1, 8), cooldown_s=60.0)
 
@@ -92,3 +94,31 @@ def test_tandem_planner_dry_run_prints_one_decision_per_pool(prometheus, tmp_pat
 def test_tandem_planner_without_a_profile_says_so(capsys):
     assert main(["planner", "--dry-run", "--iterations", "1"]) == 2
     assert "needs --profile" in capsys.readouterr().err
+
+
+def test_tandem_planner_dry_run_scrapes_the_workers_through_the_router(tmp_path, capsys):
+    """No Prometheus: the first scrape primes, the second gives rates, and that one decision is printed."""
+    cluster = FakeCluster()
+    scrapes = {"prefill": 0, "decode": 0}
+
+    def worker_metrics(role: str):
+        def answer(_query):
+            scrapes[role] += 1  # each scrape finds 400 more 1000-token prompts prefilled: far past 8 workers
+            cluster.finish(role, 400)
+            cluster.set_engine(role, running=1, waiting=0, prefill_tokens=400_000 * scrapes[role], generation_tokens=0)
+            return 200, "text/plain", generate_latest(cluster.workers[role].registry).decode()
+        return answer
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(PROFILE.model_dump_json())
+    with serve(routes_handler({"/metrics": worker_metrics("prefill")})) as prefill_url, \
+         serve(routes_handler({"/metrics": worker_metrics("decode")})) as decode_url:
+        ports = {"prefill": int(prefill_url.rsplit(":", 1)[1]), "decode": int(decode_url.rsplit(":", 1)[1])}
+        with serve(routes_handler(cluster.routes(ports))) as router_url:
+            code = main(["planner", "--dry-run", "--iterations", "1", "--interval-s", "0.05", "--router-url",
+                         router_url, "--profile", str(profile), "--slo-ttft-ms", "500", "--slo-tpot-ms", "30"])
+    assert code == 0 and scrapes == {"prefill": 2, "decode": 2}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("prefill: 1 -> 8: up: predicted TTFT inf ms at 1")
+    assert lines[1] == "decode: 1 -> 1: hold: 1 needed (TPOT SLO 30 ms)"  # no output tokens: no decode load
+    assert len(lines) == 2
