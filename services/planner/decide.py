@@ -151,8 +151,8 @@ def decide_pool(profile: Profile, policy: Policy, role: str, load: PoolLoad, sta
             PoolState(needed)
     relaxed = needed_replicas(profile, role, load, limits, slo_s * (1 - policy.band))
     if relaxed >= current:
-        return Decision(role, current, current, f"hold: {current} needed ({_metric(role)} SLO {slo_s * 1e3:g} ms)"), \
-            PoolState(current)
+        reason = f"hold: {current} needed ({_metric(role)} SLO {slo_s * 1e3:g} ms with a {policy.band:.0%} margin)"
+        return Decision(role, current, current, reason), PoolState(current)
     return _scale_down(policy, role, load, state, now, relaxed, slo_s)
 
 
@@ -177,10 +177,13 @@ def _metric(role: str) -> str:
 
 
 def _why(profile: Profile, role: str, load: PoolLoad, current: int, needed: int, slo_s: float) -> str:
-    at_current = predicted_s(profile, role, load, current, slo_s) * 1e3
-    at_needed = predicted_s(profile, role, load, needed, slo_s) * 1e3
-    return (f"up: predicted {_metric(role)} {at_current:.0f} ms at {current} > SLO {slo_s * 1e3:g} ms; "
-            f"{at_needed:.0f} ms at {needed}")
+    at_current = _ms(predicted_s(profile, role, load, current, slo_s))
+    at_needed = _ms(predicted_s(profile, role, load, needed, slo_s))
+    return f"up: predicted {_metric(role)} {at_current} at {current} > SLO {slo_s * 1e3:g} ms; {at_needed} at {needed}"
+
+
+def _ms(seconds: float) -> str:
+    return "unbounded (over capacity)" if math.isinf(seconds) else f"{seconds * 1e3:.0f} ms"
 
 
 def decide(profile: Profile, policy: Policy, load: ClusterLoad,

@@ -85,7 +85,7 @@ def test_tandem_planner_dry_run_prints_one_decision_per_pool(prometheus, tmp_pat
                  "--profile", str(profile), "--slo-ttft-ms", "500"])
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("prefill: 1 -> 3: up: predicted TTFT inf ms at 1 > SLO 500 ms")
+    assert lines[0].startswith("prefill: 1 -> 3: up: predicted TTFT unbounded (over capacity) at 1 > SLO 500 ms")
     # 1000 tokens/s: one worker would do even at the 24 ms margin (1000 x 0.024 / 45.1 streams), after the cool-down
     assert lines[1] == "decode: 2 -> 2: hold: 1 would do; cool-down 0/180 s"
     assert len(lines) == 2
@@ -119,6 +119,7 @@ def test_tandem_planner_dry_run_scrapes_the_workers_through_the_router(tmp_path,
                          router_url, "--profile", str(profile), "--slo-ttft-ms", "500", "--slo-tpot-ms", "30"])
     assert code == 0 and scrapes == {"prefill": 2, "decode": 2}
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("prefill: 1 -> 8: up: predicted TTFT inf ms at 1")
-    assert lines[1] == "decode: 1 -> 1: hold: 1 needed (TPOT SLO 30 ms)"  # no output tokens: no decode load
+    assert lines[0].startswith("prefill: 1 -> 8: up: predicted TTFT unbounded (over capacity) at 1")
+    # no output tokens, so no decode load
+    assert lines[1] == "decode: 1 -> 1: hold: 1 needed (TPOT SLO 30 ms with a 20% margin)"
     assert len(lines) == 2
