@@ -23,8 +23,6 @@ from dataclasses import dataclass, replace
 from services.planner.load import ClusterLoad, PoolLoad
 from services.planner.profile import DecodeProfile, PrefillProfile, Profile
 
-ROLES = ("prefill", "decode")
-
 
 @dataclass(frozen=True)
 class Slo:
@@ -143,12 +141,12 @@ def decide_pool(profile: Profile, policy: Policy, role: str, load: PoolLoad, sta
     current = state.replicas
     if limits.clamp(current) != current:
         desired = limits.clamp(current)
-        return Decision(role, current, desired, f"clamped to [{limits.min_replicas}, {limits.max_replicas}]"), \
-            PoolState(desired)
+        reason = f"clamped to [{limits.min_replicas}, {limits.max_replicas}]"
+        return Decision(role, current, desired, reason), PoolState(desired)
     needed = needed_replicas(profile, role, load, limits, slo_s)
     if needed > current:
-        return Decision(role, current, needed, _why(profile, role, load, current, needed, slo_s)), \
-            PoolState(needed)
+        reason = _why(profile, role, load, current, needed, slo_s)
+        return Decision(role, current, needed, reason), PoolState(needed)
     relaxed = needed_replicas(profile, role, load, limits, slo_s * (1 - policy.band))
     if relaxed >= current:
         reason = f"hold: {current} needed ({_metric(role)} SLO {slo_s * 1e3:g} ms with a {policy.band:.0%} margin)"
