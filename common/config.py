@@ -178,3 +178,31 @@ class ServeConfig:
     decode: int = setting(1, metavar="M", help="decode workers (default: %(default)s)")
     ready_timeout_s: float = setting(120.0, help="how long each process may take to come up (default: %(default)s)")
     log_dir: str | None = setting(None, help="folder for the processes' logs (default: a new temporary folder)")
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """`tandem planner`: where it reads the load, the SLO it plans for, its pacing, limits and the Deployments."""
+
+    router_url: str = setting("http://127.0.0.1:8000",
+                              help="router whose /prometheus/targets lists the workers (default: %(default)s)")
+    prometheus_url: str | None = setting(None, help="read the load from this Prometheus HTTP API instead")
+    profile: str | None = setting(None, metavar="FILE",
+                                  help="capacity profile JSON, or a pd_goodput --result-json (required)")
+    slo_ttft_ms: float = setting(1000.0, help="TTFT target (default: %(default)s)")
+    slo_tpot_ms: float = setting(50.0, help="TPOT target (default: %(default)s)")
+    interval_s: float = setting(15.0, help="seconds between decisions (default: %(default)s)")
+    window_s: float = setting(60.0, help="Prometheus rate/quantile window (default: %(default)s)")
+    cooldown_s: float = setting(180.0, help="a lower count must be wanted this long before each step down "
+                                            "(default: %(default)s)")
+    band: float = setting(0.2, help="hysteresis: scale down only if the lower count keeps the predicted latency "
+                                    "within (1 - band) x SLO (default: %(default)s)")
+    min_prefill: int = setting(1, help="default: %(default)s")
+    max_prefill: int = setting(8, help="default: %(default)s")
+    min_decode: int = setting(1, help="default: %(default)s")
+    max_decode: int = setting(8, help="default: %(default)s")
+    k8s_namespace: str = setting("default", help="namespace of the worker Deployments (default: %(default)s)")
+    prefill_deployment: str = setting("tandem-prefill", help="default: %(default)s")
+    decode_deployment: str = setting("tandem-decode", help="default: %(default)s")
+    dry_run: bool = setting(False, help="print each decision; scale nothing")
+    iterations: int = setting(0, help="stop after this many decisions; 0 = run until stopped (default: %(default)s)")

@@ -20,6 +20,7 @@ from common.config import (
     CoordConfig,
     EngineConfig,
     ModelConfig,
+    PlannerConfig,
     RouterConfig,
     ServeConfig,
     TransferConfig,
@@ -28,7 +29,7 @@ from common.config import (
 )
 from common.settings import SettingField, SettingValueError, env_var_name, parse_bool, setting_fields
 
-SUBCOMMANDS = ("prefill", "decode", "router", "serve", "chat", "generate")
+SUBCOMMANDS = ("prefill", "decode", "router", "serve", "planner", "chat", "generate")
 WORKER_ROLES = ("prefill", "decode")
 _ROUTER_MODEL_FIELDS = ("model", "download_dir")
 
@@ -186,6 +187,10 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
     return config_from_args(ServeConfig, args)
 
 
+def planner_config(args: argparse.Namespace) -> PlannerConfig:
+    return config_from_args(PlannerConfig, args)
+
+
 # ---------------------------------------------------------------------------------------------------- parsers
 
 
@@ -252,6 +257,12 @@ def _add_serve_command(sub: Any, env: EnvDefaults, common: list[argparse.Argumen
     add_settings(g, env, TransferConfig)
 
 
+def _add_planner_command(sub: Any, env: EnvDefaults, common: list[argparse.ArgumentParser]) -> None:
+    cmd = sub.add_parser("planner", parents=common,
+                         help="scale the prefill and decode Deployments to meet the TTFT / TPOT SLO")
+    add_settings(cmd.add_argument_group("planner"), env, PlannerConfig)
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole CLI; flag defaults come from `environ` (default: os.environ). `args.command` names the subcommand."""
     return _build(EnvDefaults(environ))
@@ -265,6 +276,7 @@ def _build(env: EnvDefaults) -> argparse.ArgumentParser:
         _add_worker_command(sub, env, role, common)
     _add_router_command(sub, env, common)
     _add_serve_command(sub, env, common)
+    _add_planner_command(sub, env, common)
     sub.add_parser("chat", parents=[*common, engine_parser(env), _sampling_parser(env)],
                    help="chat with an in-process engine on stdin (one message a line)")
     gen = sub.add_parser("generate", parents=[*common, engine_parser(env), _sampling_parser(env)],

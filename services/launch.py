@@ -4,6 +4,7 @@ Subcommands:
   prefill | decode   one worker process (gRPC), registered in Redis        -> services.worker_process.run_worker
   router             the HTTP gateway                                      -> services.router.server.main_router
   serve              Redis + router + N prefill + M decode on this machine -> services.cluster.LocalCluster
+  planner            scale the prefill / decode Deployments to the SLO     -> services.planner.loop.run_planner
   chat               chat with an in-process engine on stdin (one message a line)
   generate           one completion for one prompt, in process
 
@@ -29,6 +30,7 @@ from services.flags import (
     engine_argv,
     engine_config,
     known_env_vars,
+    planner_config,
     router_config,
     serve_config,
     transfer_config,
@@ -63,6 +65,20 @@ def cmd_router(args: argparse.Namespace) -> int:
     from services.router.server import main_router
 
     return main_router(args.model, router_config(args), coord_config(args), transfer_config(args), args.download_dir)
+
+
+def cmd_planner(args: argparse.Namespace) -> int:
+    from services.planner.actuate import ScaleError
+    from services.planner.loop import run_planner
+
+    try:
+        return run_planner(planner_config(args), lambda line: print(line, flush=True))
+    except ValueError as exc:  # a missing or unreadable profile, limits out of order
+        print(f"tandem planner: {exc}", file=sys.stderr)
+        return 2
+    except ScaleError as exc:  # a Deployment missing or not ours to scale: stop loudly, not retry forever
+        print(f"tandem planner: {exc}", file=sys.stderr)
+        return 1
 
 
 class _Shutdown(Exception):
@@ -212,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prefill": cmd_worker, "decode": cmd_worker, "router": cmd_router, "serve": cmd_serve,
-            "chat": cmd_chat, "generate": cmd_generate}
+            "planner": cmd_planner, "chat": cmd_chat, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

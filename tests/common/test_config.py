@@ -12,6 +12,7 @@ from common.config import (
     CoordConfig,
     EngineConfig,
     ModelConfig,
+    PlannerConfig,
     RouterConfig,
     SchedulerConfig,
     ServeConfig,
@@ -22,7 +23,7 @@ from common.settings import SettingValueError, parse_csv, setting_field, setting
 from services.flags import build_parser, engine_config, router_config
 
 CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, CoordConfig, TransferConfig, WorkerConfig, RouterConfig,
-           ServeConfig)
+           ServeConfig, PlannerConfig)
 # Flags that are per-invocation inputs or CLI behaviour, not settings of a component.
 NOT_SETTINGS = {"--help", "--verbose", "--max-tokens", "--temperature", "--prompt", "--chat"}
 

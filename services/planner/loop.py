@@ -1,0 +1,107 @@
+"""The planner loop: observe -> decide -> actuate, every ``interval_s``, from a ``PlannerConfig``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import httpx
+
+from common.config import PlannerConfig
+from services.planner.actuate import Actuator, DryRun, KubernetesScaler
+from services.planner.decide import Decision, PlannerState, Policy, PoolLimits, Slo, decide
+from services.planner.load import ClusterLoad
+from services.planner.observe import LoadSource, PrometheusSource, ScrapeSource
+from services.planner.profile import Profile, profile_from_file
+
+log = logging.getLogger("tandem.planner")
+
+
+@dataclass
+class Planner:
+    """One planner: its models, where it looks, what it moves, and its state between steps.
+
+    The count each pool starts from (and is re-synced to when someone else changes it) is what the actuator
+    reports (a Deployment's spec.replicas), else the replicas observed.
+    """
+
+    profile: Profile
+    policy: Policy
+    source: LoadSource
+    actuator: Actuator
+    clock: Callable[[], float] = time.monotonic
+    state: PlannerState | None = field(default=None)
+
+    def step(self) -> tuple[Decision, Decision] | None:
+        """One decision per pool, applied where it changes the count; None while the source has no load yet."""
+        load = self.source.observe(self.clock())
+        if load is None:
+            return None
+        decisions, self.state = decide(self.profile, self.policy, load, self._synced(load))
+        for decision in decisions:
+            if decision.changed:
+                self.actuator.scale(decision.role, decision.desired, decision.reason)
+        return decisions
+
+    def _synced(self, load: ClusterLoad) -> PlannerState:
+        state = self.state or PlannerState.from_load(load)
+        pools = {}
+        for role in ("prefill", "decode"):
+            pool, actual = getattr(state, role), self.actuator.replicas(role)
+            pools[role] = pool if actual is None or actual == pool.replicas else replace(pool, replicas=actual,
+                                                                                         down_since=None)
+        return PlannerState(**pools)
+
+
+def policy_from(config: PlannerConfig) -> Policy:
+    return Policy(Slo(config.slo_ttft_ms / 1e3, config.slo_tpot_ms / 1e3),
+                  PoolLimits(config.min_prefill, config.max_prefill), PoolLimits(config.min_decode, config.max_decode),
+                  config.cooldown_s, config.band)
+
+
+def source_from(config: PlannerConfig, client: httpx.Client) -> LoadSource:
+    if config.prometheus_url:
+        return PrometheusSource(client, config.prometheus_url, config.window_s)
+    return ScrapeSource(client, config.router_url)
+
+
+def actuator_from(config: PlannerConfig) -> Actuator:
+    if config.dry_run:
+        return DryRun()  # logs what it would do; the loop prints every decision
+    deployments = {"prefill": config.prefill_deployment, "decode": config.decode_deployment}
+    return KubernetesScaler.from_cluster(config.k8s_namespace, deployments)
+
+
+def describe(decision: Decision) -> str:
+    return f"{decision.role}: {decision.current} -> {decision.desired}: {decision.reason}"
+
+
+def run_planner(config: PlannerConfig, report: Callable[[str], None],
+                sleep: Callable[[float], None] = time.sleep) -> int:
+    """Plan until stopped (or for ``config.iterations`` decisions); with ``dry_run`` every decision is reported."""
+    if not config.profile:
+        raise ValueError("tandem planner needs --profile (a profile JSON or a pd_goodput --result-json)")
+    with httpx.Client(timeout=min(10.0, max(config.interval_s, 1.0))) as client:
+        planner = Planner(profile_from_file(config.profile), policy_from(config), source_from(config, client),
+                          actuator_from(config))
+        decided = 0
+        while not config.iterations or decided < config.iterations:
+            decisions = _step_logged(planner)
+            decided += decisions is not None
+            for decision in decisions or ():
+                if config.dry_run or decision.changed:
+                    report(describe(decision))
+            if not config.iterations or decided < config.iterations:
+                sleep(config.interval_s)
+    return 0
+
+
+def _step_logged(planner: Planner) -> tuple[Decision, Decision] | None:
+    """A step; an unreachable source is logged and skipped (the next interval tries again)."""
+    try:
+        return planner.step()
+    except httpx.HTTPError as exc:
+        log.warning("planner: cannot read the load: %s", exc)
+        return None
