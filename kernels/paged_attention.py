@@ -294,8 +294,8 @@ def paged_prefill_attention(
 
 def warm_up_attention_kernels(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
     """Compile every variant the eager path can launch (each prefill query tile height, each decode split
-    count) on a dummy sequence whose every block is block 0, so the first requests after start-up do not wait for Triton's JIT
-    (seconds on a cold cache). Reads the cache, writes nothing to it. Returns how many launches it made."""
+    count) on a dummy sequence whose every block is block 0, so the first requests after start-up do not wait
+    for Triton's JIT (seconds on a cold cache). Reads the cache, writes nothing to it. Returns the launch count."""
     device, dtype, head_dim = k_cache.device, k_cache.dtype, k_cache.shape[-1]
     group_pad = triton.next_power_of_2(num_heads // k_cache.shape[2])
     rows = prefill_tiles(head_dim, dtype).rows // group_pad
