@@ -11,8 +11,8 @@ scheduler counts N's tokens as pending; N+1 takes them on the device. Invariants
   result dropped; the row only ever wrote KV into blocks the request owned when it was scheduled.
 - Such blocks may be free while that step still runs: a KV reservation that gets one waits for the step
   first (``reserve_blocks``), because imports write from another stream or process.
-- A step with a request whose next step needs host-side history (``Request.needs_host_tokens``: penalties,
-  min_tokens, forking, KV export) is applied before the next one is scheduled, as without async scheduling.
+- A step with a request whose next step needs the host to have its tokens (``Request.needs_host_tokens``: a
+  prompt about to fork its n samples, a prefill export) is applied before the next one is scheduled.
 Greedy output is identical either way; only a stop is noticed one step later (one discarded row).
 """
 

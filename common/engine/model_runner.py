@@ -123,7 +123,8 @@ class ModelRunner:
         if self._can_replay(step):
             batch = self._decode_batch(step.scheduled, pending, token_row)
             patch = self._patcher(pending, previous)
-            self._sample(self.decode_graphs.run(batch, patch), [item.request for item in step.scheduled], launched)
+            requests = [item.request for item in step.scheduled]
+            self._sample(self.decode_graphs.run(batch, patch), requests, launched, _pending_tokens(previous, token_row))
         else:
             self._launch_eager(step, pending, token_row, previous, launched)
         launched.done = record_event(self.device)
@@ -145,7 +146,8 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         if plan.sample_rows:
             row_index = to_device(np.asarray([row for _, row in plan.sample_rows]), hidden.device)
-            self._sample(hidden[row_index], [request for request, _ in plan.sample_rows], launched)
+            requests = [request for request, _ in plan.sample_rows]
+            self._sample(hidden[row_index], requests, launched, _pending_tokens(previous, token_row))
         for request, rows, targets in plan.prompt_rows:  # host-synchronizing: such steps run synchronously
             logits = self.model.compute_logits(hidden[rows])
             k = request.sampling_params.prompt_logprobs or 0
@@ -275,7 +277,13 @@ class ModelRunner:
             return None
         return self.decode_graphs.splits_for(self.decode_graphs.bucket_for(size))
 
-    def _sample(self, hidden: torch.Tensor, requests: list[Request], launched: LaunchedStep) -> None:
+    def _sample(
+        self,
+        hidden: torch.Tensor,
+        requests: list[Request],
+        launched: LaunchedStep,
+        pending_token: Callable[[Request], torch.Tensor | None],
+    ) -> None:
         """Sample each request from its row of ``hidden``; a request about to fork samples once per sample."""
         logits = self.model.compute_logits(hidden)
         expanded, rows, owners = [], [], []
@@ -289,6 +297,7 @@ class ModelRunner:
                         output_token_ids=request.output_token_ids,
                         generator=generator,
                         eos_token_ids=request.eos_token_ids,
+                        pending_token=pending_token(request),
                     )
                 )
                 owners.append(request.request_id)
@@ -296,3 +305,16 @@ class ModelRunner:
             logits = logits[to_device(np.asarray(expanded), logits.device)]
         launched.sample = self.sampler.sample(logits, rows)
         launched.owners = owners
+
+
+def _pending_tokens(
+    previous: LaunchedStep | None, token_row: dict[str, int]
+) -> Callable[[Request], torch.Tensor | None]:
+    """A request's newest token while only the device has it (a view of ``previous``'s sampled ids), else None."""
+
+    def pending_token(request: Request) -> torch.Tensor | None:
+        if not request.num_pending_tokens or previous is None or previous.sample is None:
+            return None
+        return previous.sample.token_ids[token_row[request.request_id]]
+
+    return pending_token

@@ -94,15 +94,10 @@ class Request:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """Its next step must see every token on the host first (async scheduling waits for this one):
-        penalties and min_tokens read the token history, a first sample forks, a prefill export gathers KV."""
-        params = self.sampling_params
-        return (
-            self.export_kv
-            or self.pending_forks > 0
-            or params.has_penalties
-            or (params.min_tokens > 0 and self.num_output_tokens <= params.min_tokens)
-        )
+        """Its next step must see every token on the host first (async scheduling waits for this one): a first
+        sample forks, a prefill export gathers KV. (Penalties and min_tokens take the newest token from the
+        device: ``SamplingRow.pending_token``.)"""
+        return self.export_kv or self.pending_forks > 0
 
     @property
     def is_finished(self) -> bool:

@@ -36,8 +36,10 @@ PROMPT_LOGPROBS_CHUNK = 512
 class SamplingRow:
     """One batch row's request state, as the sampler needs it for this step.
 
-    `output_token_ids` are the tokens generated so far (not counting this step's). `generator` is the
-    request's own CPU generator (seeded requests); None means draw from the sampler's shared generator.
+    `output_token_ids` are the tokens generated so far that the host has (not counting this step's).
+    `pending_token`, with async scheduling, is the newest generated token, still on the device: a one-element
+    view of the previous step's sampled ids; it counts after `output_token_ids`. `generator` is the request's own
+    CPU generator (seeded requests); None means draw from the sampler's shared generator.
     """
 
     params: SamplingParams
@@ -45,6 +47,11 @@ class SamplingRow:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    pending_token: torch.Tensor | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids) + (self.pending_token is not None)
 
 
 @dataclass
@@ -170,7 +177,7 @@ def apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
 
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.params
-    under_min = len(row.output_token_ids) < params.min_tokens
+    under_min = row.num_output_tokens < params.min_tokens
     return bool(params.logit_bias) or under_min or params.has_penalties
 
 
@@ -198,7 +205,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     entries = [
         (i, token_id)
         for i, row in enumerate(rows)
-        if len(row.output_token_ids) < row.params.min_tokens
+        if row.num_output_tokens < row.params.min_tokens
         for token_id in sorted(row.eos_token_ids | set(row.params.stop_token_ids))
         if token_id < vocab
     ]
@@ -229,6 +236,7 @@ def _apply_repetition_penalty(logits: torch.Tensor, rows: Sequence[SamplingRow])
     row_idx, token_idx = token_occurrences(
         chosen, [(rows[i].prompt_token_ids, rows[i].output_token_ids) for i in chosen], logits
     )
+    row_idx, token_idx = _with_pending_tokens(row_idx, token_idx, chosen, [rows[i] for i in chosen], logits)
     penalty = _floats([row.params.repetition_penalty for row in rows], logits)[row_idx]
     values = logits[row_idx, token_idx]
     logits[row_idx, token_idx] = torch.where(values > 0, values / penalty, values * penalty)
@@ -240,6 +248,7 @@ def _apply_frequency_presence(logits: torch.Tensor, rows: Sequence[SamplingRow])
         return
     local_rows = list(range(len(chosen)))
     local_idx, token_idx = token_occurrences(local_rows, [(rows[i].output_token_ids,) for i in chosen], logits)
+    local_idx, token_idx = _with_pending_tokens(local_idx, token_idx, local_rows, [rows[i] for i in chosen], logits)
     # integer counts by float atomics: exact (below 2**24) whatever order they land in
     flat_idx = local_idx * logits.shape[1] + token_idx
     counts = torch.zeros(len(chosen) * logits.shape[1], dtype=logits.dtype, device=logits.device)
@@ -264,6 +273,23 @@ def token_occurrences(
     owners = np.repeat(np.asarray(row_ids, dtype=np.int64), lengths)
     valid = (tokens >= 0) & (tokens < like.shape[1])
     return to_device(owners[valid], like.device), to_device(tokens[valid], like.device)
+
+
+def _with_pending_tokens(
+    row_idx: torch.Tensor,
+    token_idx: torch.Tensor,
+    row_ids: Sequence[int],
+    rows: Sequence[SamplingRow],
+    like: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The occurrences plus each row's token still on the device (row_ids[j] owns rows[j]), gathered there."""
+    pending = [(row_id, row.pending_token) for row_id, row in zip(row_ids, rows, strict=True)]
+    pending = [(row_id, token) for row_id, token in pending if token is not None]
+    if not pending:
+        return row_idx, token_idx
+    owners = _long([row_id for row_id, _ in pending], like)
+    tokens = torch.cat([token.reshape(1).to(torch.long) for _, token in pending])
+    return torch.cat([row_idx, owners]), torch.cat([token_idx, tokens])
 
 
 def _floats(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:

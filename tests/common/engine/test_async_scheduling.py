@@ -40,7 +40,8 @@ OVERLAPPED = [
     GREEDY.replace(max_tokens=7, ignore_eos=False),
     GREEDY.replace(temperature=0.7, top_k=20, seed=3, logprobs=2),
 ]
-# Requests whose next step needs every token on the host (each makes its steps synchronous).
+# Requests whose sampling reads the token history (penalties, min_tokens: the newest token comes from the
+# device) or that fork n samples (that one step runs synchronously).
 HOST_SIDE = [
     GREEDY.replace(n=2, temperature=0.8, seed=7),
     GREEDY.replace(min_tokens=6, ignore_eos=False, max_tokens=16),
@@ -87,10 +88,26 @@ def _count_launches_fed_from_the_device(llm: LLM) -> list[int]:
     return counts
 
 
+def _count_history_rows_with_a_pending_token(llm: LLM) -> list[int]:
+    """Wrap the sampler: per call, the rows with penalties or min_tokens whose newest token is on the device."""
+    sampler, counts = llm.engine.runner.sampler, []
+    sample = sampler.sample
+
+    def counting(logits, rows):
+        counts.append(
+            sum(1 for r in rows if r.pending_token is not None and (r.params.has_penalties or r.params.min_tokens))
+        )
+        return sample(logits, rows)
+
+    sampler.sample = counting
+    return counts
+
+
 @pytest.mark.parametrize("params", [OVERLAPPED, HOST_SIDE + OVERLAPPED[:4]], ids=["overlapped", "host-side"])
 def test_output_equals_the_synchronous_engine_under_chunking_preemption_and_stops(engines, params):
     async_llm, sync_llm = engines
     fed = _count_launches_fed_from_the_device(async_llm)
+    history_rows = _count_history_rows_with_a_pending_token(async_llm)
     preempted = [llm.engine.scheduler.num_preemptions for llm in engines]
 
     got = async_llm.generate(PROMPTS, params)
@@ -99,8 +116,9 @@ def test_output_equals_the_synchronous_engine_under_chunking_preemption_and_stop
     assert _summary(got) == _summary(want)
     _assert_logprobs_close(got, want)
     assert not async_llm.engine.step_in_flight  # generate() settles the rows it launched past a stop
-    if params is OVERLAPPED:
-        assert sum(fed) > 50, f"async scheduling fed only {sum(fed)} tokens from the device"
+    assert sum(fed) > 50, f"async scheduling fed only {sum(fed)} tokens from the device"
+    if params is not OVERLAPPED:  # penalty and min_tokens rows ran ahead, their newest token taken on the device
+        assert sum(history_rows) > 20, f"only {sum(history_rows)} penalty rows ran ahead"
     assert [llm.engine.scheduler.num_preemptions for llm in engines] > preempted
     for llm in engines:
         pool = llm.engine.kv_cache_manager.pool

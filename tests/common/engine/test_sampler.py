@@ -553,3 +553,30 @@ def test_cuda_seeded_rows_reproduce_alone_and_in_mixed_batch() -> None:
     batched = _run_steps(_mixed_rows(128256), steps, keep=[1])
     alone = _run_steps([_mixed_rows(128256)[1]], [s[1:2] for s in steps], keep=[0])
     assert batched == alone
+
+
+def test_a_pending_token_on_the_device_counts_as_the_newest_output_token() -> None:
+    """Async scheduling: the newest token is still on the device; penalties and min_tokens must see it exactly
+    as if the host had appended it."""
+    logits = random_logits(4, seed=21)
+    sampled = torch.tensor([7, 3, 7, 11])  # the previous step's sampled ids (the device tensor)
+    prompt, output = [1, 2, 3, 7], [3, 5]
+    params = [
+        SamplingParams(repetition_penalty=1.7),
+        SamplingParams(frequency_penalty=0.9, presence_penalty=0.4),
+        SamplingParams(min_tokens=3),  # 2 on the host + 1 pending = 3: EOS no longer masked
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, min_tokens=4),
+    ]
+    pending = [
+        SamplingRow(p, prompt, output, eos_token_ids=frozenset({0}), pending_token=sampled[i])
+        for i, p in enumerate(params)
+    ]
+    appended = [
+        SamplingRow(p, prompt, [*output, int(sampled[i])], eos_token_ids=frozenset({0}))
+        for i, p in enumerate(params)
+    ]
+    assert torch.equal(apply_logits_processors(logits, pending), apply_logits_processors(logits, appended))
+    assert not torch.equal(
+        apply_logits_processors(logits, pending),
+        apply_logits_processors(logits, [SamplingRow(p, prompt, output, eos_token_ids=frozenset({0})) for p in params]),
+    )
