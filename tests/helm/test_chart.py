@@ -39,7 +39,12 @@ from tests.helm.chart import (
 )
 
 KUBERNETES_VERSION = "1.35"
-SCENARIOS = {"defaults": (), **{path.stem: (str(path),) for path in example_files()}}
+PLANNER_VALUES = REPO / "tests" / "helm" / "values" / "planner.yaml"
+SCENARIOS = {
+    "defaults": (),
+    **{path.stem: (str(path),) for path in example_files()},
+    "planner": (str(PLANNER_VALUES),),
+}
 # Custom resources have no schema in kubernetes-validate: each gets a check of the fields its operator requires.
 CRD_REQUIRED = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): ("spec.selector.matchLabels", "spec.endpoints"),
@@ -579,3 +584,200 @@ def test_notes_say_how_to_reach_scale_and_observe() -> None:
         assert f"kubectl -n {NAMESPACE} scale deployment/{RELEASE}-tandem-{role} --replicas=" in notes
     assert f"port-forward svc/{RELEASE}-tandem-router" in notes
     assert "/v1/chat/completions" in notes and "Grafana" in notes and "/metrics" in notes
+
+
+# ---------------------------------------------------------------------------------------------------- planner
+
+
+PLANNER = f"{RELEASE}-tandem-planner"
+PLANNER_KINDS = ("Deployment", "ServiceAccount", "Role", "RoleBinding", "ConfigMap")
+
+
+def _planner_objects(rendered: Render) -> dict[str, dict[str, Any]]:
+    """Kind -> the object of the planner component (at most one per kind)."""
+    found: dict[str, dict[str, Any]] = {}
+    for obj in rendered.objects:
+        if obj["metadata"]["labels"].get("app.kubernetes.io/component") == "planner":
+            assert obj["kind"] not in found, f"two planner {obj['kind']}s"
+            found[obj["kind"]] = obj
+    return found
+
+
+def _planner_args(rendered: Render) -> tuple[dict[str, Any], Any]:
+    (container,) = rendered.get("Deployment", PLANNER)["spec"]["template"]["spec"]["containers"]
+    return container, _parse_cli(container["args"])
+
+
+def test_planner_objects_exist_only_when_enabled() -> None:
+    assert not _planner_objects(render()), "planner.enabled defaults to false"
+    objects = _planner_objects(render(SCENARIOS["planner"]))
+    assert sorted(objects) == sorted(PLANNER_KINDS)
+    assert {o["metadata"]["name"] for k, o in objects.items() if k != "ConfigMap"} == {PLANNER}
+
+
+def test_planner_args_are_accepted_by_the_real_cli_and_target_this_release() -> None:
+    rendered = render(SCENARIOS["planner"])
+    deployment = rendered.get("Deployment", PLANNER)
+    container, args = _planner_args(rendered)
+    assert args.command == "planner" and deployment["spec"]["replicas"] == 1
+    assert args.k8s_namespace == NAMESPACE
+    assert args.prefill_deployment == rendered.deployment("prefill")["metadata"]["name"]
+    assert args.decode_deployment == rendered.deployment("decode")["metadata"]["name"]
+    service = rendered.get("Service", f"{RELEASE}-tandem-router")
+    assert args.router_url == f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    assert args.prometheus_url is None and args.dry_run is False
+    values = yaml.safe_load(PLANNER_VALUES.read_text())["planner"]
+    assert (args.slo_ttft_ms, args.slo_tpot_ms, args.cooldown_s) == (500, 30, 120)
+    assert (args.min_prefill, args.max_prefill) == (values["prefill"]["minReplicas"], values["prefill"]["maxReplicas"])
+    assert (args.min_decode, args.max_decode) == (values["decode"]["minReplicas"], values["decode"]["maxReplicas"])
+    assert (args.interval_s, args.window_s, args.band) == (15, 60, 0.2), "the chart's defaults reach the flags"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert Path(args.profile).parent == Path(mounts["profile"])
+
+
+def test_planner_values_reach_the_flags_and_image() -> None:
+    rendered = render(
+        SCENARIOS["planner"],
+        sets=(
+            "planner.prometheusUrl=http://prometheus-operated.monitoring:9090",
+            "planner.dryRun=true",
+            "planner.image.repository=registry.example.com/tandem-planner",
+            "planner.extraArgs={--iterations,3}",
+        ),
+    )
+    container, args = _planner_args(rendered)
+    assert args.prometheus_url == "http://prometheus-operated.monitoring:9090"
+    assert "--router-url" not in container["args"]
+    assert args.dry_run is True and args.iterations == 3
+    assert container["image"] == "registry.example.com/tandem-planner:0.1.0"
+    (chart_default,) = [
+        c["image"] for d, c in render(SCENARIOS["planner"]).containers() if d["metadata"]["name"] == PLANNER
+    ]
+    (router,) = render(SCENARIOS["planner"]).deployment("router")["spec"]["template"]["spec"]["containers"]
+    assert chart_default == router["image"], "the planner runs the chart's image by default"
+
+
+def test_planner_role_only_gets_and_patches_the_two_worker_scales() -> None:
+    rendered = render(SCENARIOS["planner"])
+    role = rendered.get("Role", PLANNER)
+    workers = sorted(rendered.deployment(w)["metadata"]["name"] for w in WORKERS)
+    (rule,) = role["rules"]
+    assert rule["apiGroups"] == ["apps"] and rule["resources"] == ["deployments/scale"]
+    assert sorted(rule["verbs"]) == ["get", "patch"] and sorted(rule["resourceNames"]) == workers
+    binding = rendered.get("RoleBinding", PLANNER)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": PLANNER}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": PLANNER, "namespace": NAMESPACE}]
+    pod = rendered.get("Deployment", PLANNER)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == rendered.get("ServiceAccount", PLANNER)["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True, "the in-cluster client reads the mounted token"
+    assert not rendered.of_kind("ClusterRole") and not rendered.of_kind("ClusterRoleBinding")
+    assert len(rendered.of_kind("Role")) == 1, "the router and workers get no API access"
+
+
+def test_planner_pod_runs_non_root_on_a_read_only_root() -> None:
+    pod = render(SCENARIOS["planner"]).get("Deployment", PLANNER)["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {"/tmp", container_env(container)["HOME"]["value"]} <= {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_planner_profile_configmap_holds_a_profile_the_planner_loads(tmp_path: Path) -> None:
+    from services.planner.profile import load_profile
+
+    rendered = render(SCENARIOS["planner"])
+    configmap = _planner_objects(rendered)["ConfigMap"]
+    container, args = _planner_args(rendered)
+    volume = {v["name"]: v for v in rendered.get("Deployment", PLANNER)["spec"]["template"]["spec"]["volumes"]}
+    assert volume["profile"]["configMap"]["name"] == configmap["metadata"]["name"]
+    ((key, text),) = configmap["data"].items()
+    assert Path(args.profile).name == key
+    (tmp_path / key).write_text(text)
+    assert load_profile(tmp_path / key).prefill.tokens_per_s == 20000
+    string_values = tmp_path / "profile-as-string.yaml"
+    string_values.write_text(yaml.safe_dump({"planner": {"profile": {"json": text}}}))
+    as_string = render((*SCENARIOS["planner"], str(string_values)))
+    assert json.loads(_planner_objects(as_string)["ConfigMap"]["data"][key]) == json.loads(text)
+
+
+def test_planner_rolls_on_a_new_profile_and_mounts_an_existing_configmap() -> None:
+    def annotations(rendered: Render) -> dict[str, str]:
+        return rendered.get("Deployment", PLANNER)["spec"]["template"]["metadata"]["annotations"]
+
+    base = render(SCENARIOS["planner"])
+    faster = render(SCENARIOS["planner"], sets=("planner.profile.json.prefill.tokens_per_s=40000",))
+    assert annotations(base)["checksum/profile"] != annotations(faster)["checksum/profile"]
+    mine = render(
+        SCENARIOS["planner"], sets=("planner.profile.existingConfigMap=my-profile", "planner.profile.key=p.json")
+    )
+    assert "ConfigMap" not in _planner_objects(mine)
+    container, args = _planner_args(mine)
+    volume = {v["name"]: v for v in mine.get("Deployment", PLANNER)["spec"]["template"]["spec"]["volumes"]}
+    assert volume["profile"]["configMap"] == {"name": "my-profile", "items": [{"key": "p.json", "path": "p.json"}]}
+    assert Path(args.profile).name == "p.json"
+
+
+def test_worker_replicas_are_left_to_the_planner() -> None:
+    rendered = render(SCENARIOS["planner"])
+    for role in WORKERS:
+        assert "replicas" not in rendered.deployment(role)["spec"], f"helm upgrade would reset the planner's {role}"
+    assert not rendered.of_kind("HorizontalPodAutoscaler") and not rendered.of_kind("ScaledObject")
+
+
+PLANNER_ON = ("planner.enabled=true", "planner.profile.existingConfigMap=p")
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            (*PLANNER_ON, "decode.autoscaling.enabled=true"),
+            "planner.enabled and decode.autoscaling.enabled are both on",
+        ),
+        (
+            (*PLANNER_ON, "prefill.autoscaling.enabled=true", "prefill.autoscaling.type=keda"),
+            "planner.enabled and prefill.autoscaling.enabled are both on",
+        ),
+        ((*PLANNER_ON, "planner.decode.minReplicas=5", "planner.decode.maxReplicas=4"), "must not exceed"),
+        (("planner.enabled=true",), "planner.profile.json (the capacity profile) or planner.profile.existingConfigMap"),
+    ],
+)
+def test_chart_refuses_inconsistent_planner_values(sets: tuple[str, ...], message: str) -> None:
+    result = run_helm("template", RELEASE, "{chart}", *(a for s in sets for a in ("--set", s)))
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "planner.cooldownSeconds=-1",
+        "planner.intervalSeconds=0",
+        "planner.slo.ttftMs=0",
+        "planner.slo.tpotMs=fast",
+        "planner.band=1",
+        "planner.prefill.minReplicas=-1",
+        "planner.decode.maxReplicas=0",
+        "planner.prometheusUrl=prometheus:9090",
+        "planner.dryRun=maybe",
+        "planner.replicas=2",
+    ],
+)
+def test_schema_rejects_bad_planner_values(item: str) -> None:
+    result = run_helm("template", RELEASE, "{chart}", "--set", item)
+    assert result.returncode != 0
+    assert "schema" in result.stderr, result.stderr
+    path = item.split("=")[0]
+    where = "/planner" if path == "planner.replicas" else "/" + path.replace(".", "/")
+    assert where in result.stderr, result.stderr
+
+
+def test_notes_say_what_the_planner_does() -> None:
+    result = run_helm(
+        "install", RELEASE, "{chart}", "--dry-run=client", "--namespace", NAMESPACE, "-f", str(PLANNER_VALUES)
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert f"logs deployment/{PLANNER}" in notes
+    assert "TTFT 500 ms / TPOT 30 ms" in notes and "prefill 0-4, decode 1-6" in notes
+    assert "scale deployment/" not in notes, "no manual scaling advice while the planner owns the counts"
+    assert "the chart refuses" in notes

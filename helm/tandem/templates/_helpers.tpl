@@ -189,3 +189,32 @@ minAvailable: {{ $min }}
 maxUnavailable: {{ $max }}
 {{- end }}
 {{- end }}
+
+{{/* Planner ---------------------------------------------------------------------------------------------------- */}}
+
+{{- define "tandem.planner.validate" -}}
+{{- $p := .Values.planner }}
+{{- range $pool := list "prefill" "decode" }}
+{{- if (index $.Values $pool).autoscaling.enabled }}
+{{- fail (printf "planner.enabled and %s.autoscaling.enabled are both on: the planner and the autoscaler would fight over the %s replicas; turn one off" $pool $pool) }}
+{{- end }}
+{{- $limits := index $p $pool }}
+{{- if gt (int $limits.minReplicas) (int $limits.maxReplicas) }}
+{{- fail (printf "planner.%s.minReplicas (%d) must not exceed planner.%s.maxReplicas (%d)" $pool (int $limits.minReplicas) $pool (int $limits.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- if and (empty $p.profile.json) (not $p.profile.existingConfigMap) }}
+{{- fail "planner.enabled: set planner.profile.json (the capacity profile) or planner.profile.existingConfigMap" }}
+{{- end }}
+{{- end }}
+
+{{/* The inline profile as JSON text (a string value is taken as written). */}}
+{{- define "tandem.planner.profileJson" -}}
+{{- $json := .Values.planner.profile.json }}
+{{- if kindIs "string" $json }}{{ $json }}{{ else }}{{ toJson $json }}{{ end }}
+{{- end }}
+
+{{- define "tandem.planner.image" -}}
+{{- $i := .Values.planner.image }}
+{{- printf "%s:%s" (default .Values.image.repository $i.repository) (default (default .Chart.AppVersion .Values.image.tag) $i.tag) }}
+{{- end }}

@@ -18,7 +18,8 @@ metadata:
   labels:
     {{- include "tandem.labels" . | nindent 4 }}
 spec:
-  {{- if not $w.autoscaling.enabled }}
+  {{- /* An autoscaler or the planner owns replicas when on: an upgrade must not reset them. */}}
+  {{- if not (or $w.autoscaling.enabled $root.Values.planner.enabled) }}
   replicas: {{ $w.replicas }}
   {{- end }}
   selector:
