@@ -781,3 +781,8 @@ def test_notes_say_what_the_planner_does() -> None:
     assert "TTFT 500 ms / TPOT 30 ms" in notes and "prefill 0-4, decode 1-6" in notes
     assert "scale deployment/" not in notes, "no manual scaling advice while the planner owns the counts"
     assert "the chart refuses" in notes
+    assert "WARNING" not in notes
+    two_routers = run_helm(
+        "install", RELEASE, "{chart}", "--dry-run=client", "-f", str(PLANNER_VALUES), "--set", "router.replicas=2"
+    )
+    assert "WARNING: several router pods and no planner.prometheusUrl" in two_routers.stdout
