@@ -8,6 +8,7 @@ routes from services/router/server.py, worker routes from a live `WorkerHttpServ
 
 from __future__ import annotations
 
+import argparse
 import ast
 import base64
 import json
@@ -606,6 +607,21 @@ def _planner_objects(rendered: Render) -> dict[str, dict[str, Any]]:
 def _planner_args(rendered: Render) -> tuple[dict[str, Any], Any]:
     (container,) = rendered.get("Deployment", PLANNER)["spec"]["template"]["spec"]["containers"]
     return container, _parse_cli(container["args"])
+
+
+def _planner_option_strings() -> set[str]:
+    """Every option string `tandem planner` defines (argparse would also take an abbreviation: the chart must not)."""
+    parser = build_parser({})
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(commands.choices["planner"]._option_string_actions)
+
+
+@pytest.mark.parametrize("sets", [(), ("planner.prometheusUrl=http://prometheus:9090", "planner.dryRun=true")])
+def test_planner_flags_are_the_parsers_own_names(sets: tuple[str, ...]) -> None:
+    container, _ = _planner_args(render(SCENARIOS["planner"], sets=sets))
+    flags = {a for a in container["args"] if a.startswith("--")}
+    assert flags <= _planner_option_strings(), sorted(flags - _planner_option_strings())
+    assert {"--profile", "--k8s-namespace", "--prefill-deployment", "--decode-deployment"} <= flags
 
 
 def test_planner_objects_exist_only_when_enabled() -> None:
