@@ -37,7 +37,7 @@ class DryRun:
         return self.counts.get(role)
 
     def available(self, role: str) -> int | None:
-        return self.counts.get(role)  # nothing to place: every count it "set" is there
+        return None  # it places nothing: the workers observed are what is there
 
     def scale(self, role: str, replicas: int, reason: str) -> None:
         self.counts[role] = replicas

@@ -11,7 +11,7 @@ import httpx
 from prometheus_client import start_http_server
 
 from common.config import PlannerConfig
-from services.planner.actuate import Actuator, DryRun, KubernetesScaler
+from services.planner.actuate import Actuator, DryRun, KubernetesScaler, ScaleError
 from services.planner.decide import Decision, PlannerState, Policy, PoolLimits, Slo, decide, predicted_s
 from services.planner.load import ClusterLoad
 from services.planner.metrics import PlacementWatch, PlannerMetrics
@@ -60,9 +60,18 @@ class Planner:
                                       predicted_s(self.profile, "prefill", load.prefill, prefill.desired, slo.ttft_s),
                                       predicted_s(self.profile, "decode", load.decode, decode.desired, slo.tpot_s))
         for decision, observed in ((prefill, load.prefill.replicas), (decode, load.decode.replicas)):
-            available = self.actuator.available(decision.role)
+            available = self._available(decision.role)
             unplaceable = self.placement.unplaceable(decision.role, decision.desired, available, load.at)
             self.metrics.record_placement(decision.role, observed if available is None else available, unplaceable)
+
+    def _available(self, role: str) -> int | None:
+        """The actuator's available replicas; one it cannot read (e.g. no RBAC on deployments/status) is unknown,
+        so metrics never stop the planner."""
+        try:
+            return self.actuator.available(role)
+        except ScaleError as exc:
+            log.warning("planner: cannot read %s availability: %s", role, exc)
+            return None
 
     def _synced(self, load: ClusterLoad) -> PlannerState:
         state = self.state or PlannerState.from_load(load)

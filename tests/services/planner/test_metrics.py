@@ -11,7 +11,7 @@ from kubernetes import client
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.planner.actuate import DryRun, KubernetesScaler
+from services.planner.actuate import DryRun, KubernetesScaler, ScaleError
 from services.planner.decide import REASON_KINDS
 from services.planner.loop import Planner, metrics_from
 from services.planner.metrics import PlacementWatch, PlannerMetrics
@@ -38,7 +38,7 @@ def test_one_step_records_desired_actual_predictions_inputs_and_the_decision():
     found = samples(metrics)
     assert (prefill.current, prefill.desired, decode.desired) == (1, 3, 1)
     assert value(found, "tandem_planner_desired_replicas", pool="prefill") == 3
-    assert value(found, "tandem_planner_actual_replicas", pool="prefill") == 3  # the dry run "placed" them
+    assert value(found, "tandem_planner_actual_replicas", pool="prefill") == 1  # a dry run places nothing
     assert value(found, "tandem_planner_unplaceable_replicas", pool="prefill") == 0
     assert value(found, "tandem_planner_decisions_total", pool="prefill", direction="up") == 1
     assert value(found, "tandem_planner_decisions_total", pool="decode", direction="hold") == 1
@@ -84,6 +84,22 @@ def test_replicas_the_cluster_cannot_place_are_reported_after_the_bound():
         found = samples(metrics)
     assert value(found, "tandem_planner_unplaceable_replicas", pool="prefill") == 2
     assert value(found, "tandem_planner_unplaceable_replicas", pool="decode") == 0
+
+
+def test_an_unreadable_deployment_status_leaves_placement_unknown_and_the_planner_running():
+    fake = FakeScaleApi({("serving", "tandem-prefill"): 1, ("serving", "tandem-decode"): 1})
+    with serve(fake.handler()) as url:
+        configuration = client.Configuration(host=url)
+        configuration.retries = 0
+        scaler = KubernetesScaler(client.AppsV1Api(client.ApiClient(configuration)), "serving",
+                                  {"prefill": "tandem-prefill", "decode": "tandem-decode"})
+        scaler.available = lambda role: (_ for _ in ()).throw(ScaleError("cannot read: HTTP 403 Forbidden"))
+        metrics = PlannerMetrics("m")
+        planner = Planner(PROFILE, POLICY, TraceSource([(20.0, 1000, 50)]), scaler, clock=ticking(), metrics=metrics)
+        assert planner.step() is not None
+    found = samples(metrics)
+    assert value(found, "tandem_planner_actual_replicas", pool="prefill") == 1  # the workers observed
+    assert value(found, "tandem_planner_unplaceable_replicas", pool="prefill") == 0
 
 
 def test_the_placement_watch_forgets_a_shortfall_once_placed():
