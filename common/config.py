@@ -206,3 +206,8 @@ class PlannerConfig:
     decode_deployment: str = setting("tandem-decode", help="default: %(default)s")
     dry_run: bool = setting(False, help="print each decision; scale nothing")
     iterations: int = setting(0, help="stop after this many decisions; 0 = run until stopped (default: %(default)s)")
+    metrics_port: int = setting(0, help="serve the planner's /metrics on this port (all interfaces); 0 = off "
+                                        "(default: %(default)s)")
+    model: str = setting("", help="the `model` label on the planner's metrics (default: empty)")
+    unplaceable_after_s: float = setting(120.0, help="a pool short of available replicas this long counts as "
+                                                     "unplaceable (default: %(default)s)")

@@ -48,6 +48,7 @@ class Panel:
     width: int = 12
     height: int = 8
     max: float | None = None
+    text_mode: str = "auto"  # stat panels: "name" shows the series' legend instead of its value
 
 
 @dataclass(frozen=True)
@@ -285,9 +286,80 @@ def slo_overview() -> Dashboard:
     return Dashboard(
         "tandem-slo",
         "Tandem / SLO overview",
-        "User-facing latency against SLOs, goodput, traffic and errors (measured at the routers)",
-        (stats, latency, traffic),
+        "User-facing latency against SLOs, goodput, traffic and errors (measured at the routers), and the planner",
+        (stats, latency, traffic, planner_row()),
         slo_variables(),
+    )
+
+
+def planner_row() -> Row:
+    """What `tandem planner` wants and why (its own metrics), next to what the routers observe."""
+
+    def predicted_vs_observed(name: str, histogram: str) -> tuple[Target, ...]:
+        return (
+            Target(f"max(tandem_planner_predicted_{name}_seconds{{{SEL}}})", "predicted at desired replicas"),
+            Target(f"max(tandem_planner_observed_{name}_p90_seconds{{{SEL}}})", "p90 the planner observed"),
+            Target(
+                f'histogram_quantile(0.9, sum by (le) (rate({histogram}_bucket{{{SEL}, role="router"}}[{RATE}])))',
+                "p90 at the routers",
+            ),
+        )
+
+    return Row(
+        "Planner",
+        (
+            Panel(
+                "Desired vs actual replicas",
+                (
+                    Target(f"max by (pool) (tandem_planner_desired_replicas{{{SEL}}})", "desired {{pool}}"),
+                    Target(f"max by (pool) (tandem_planner_actual_replicas{{{SEL}}})", "available {{pool}}"),
+                    Target(f"max by (pool) (tandem_planner_unplaceable_replicas{{{SEL}}})", "unplaceable {{pool}}"),
+                ),
+                "short",
+                description="Replicas the planner wants per pool, those available, and those the cluster has not "
+                "placed for longer than the planner's bound (TandemPlannerCannotPlace fires after 10 minutes)",
+            ),
+            Panel(
+                "Planner decisions",
+                (
+                    Target(
+                        f"sum by (pool, direction) (increase(tandem_planner_decisions_total{{{SEL}}}[{RATE}]))",
+                        "{{pool}} {{direction}}",
+                    ),
+                ),
+                "short",
+                description="Decisions per pool by direction (up | down | hold), one per planner interval",
+            ),
+            Panel(
+                "Predicted vs observed TTFT",
+                predicted_vs_observed("ttft", "tandem_time_to_first_token_seconds"),
+                "s",
+                description="The profile's TTFT at the desired prefill replicas against the observed p90",
+                width=8,
+            ),
+            Panel(
+                "Predicted vs observed TPOT",
+                predicted_vs_observed("tpot", "tandem_time_per_output_token_seconds"),
+                "s",
+                description="The profile's TPOT at the desired decode replicas against the observed p90",
+                width=8,
+            ),
+            Panel(
+                "Last planner decision",
+                (
+                    Target(
+                        f"max by (pool, kind) (tandem_planner_last_decision_reason{{{SEL}}}) == 1",
+                        "{{pool}}: {{kind}}",
+                    ),
+                ),
+                "short",
+                "stat",
+                "The kind of each pool's last decision's reason (clamped | up | hold | hold_observed | "
+                "hold_cooldown | down); the planner's log has the full reason",
+                width=8,
+                text_mode="name",
+            ),
+        ),
     )
 
 
@@ -655,7 +727,7 @@ def _panel(panel: Panel, panel_id: int, grid: dict) -> dict:
             "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
             "colorMode": "value",
             "graphMode": "none",
-            "textMode": "auto",
+            "textMode": panel.text_mode,
         }
     else:
         defaults["custom"] = {

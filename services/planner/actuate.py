@@ -19,6 +19,10 @@ class Actuator(Protocol):
     def replicas(self, role: str) -> int | None:
         """The pool's spec.replicas now (None: not known to this actuator)."""
 
+    def available(self, role: str) -> int | None:
+        """The pool's replicas up and available now (None: not known); below spec.replicas while pods start or
+        cannot be placed."""
+
     def scale(self, role: str, replicas: int, reason: str) -> None: ...
 
 
@@ -31,6 +35,9 @@ class DryRun:
 
     def replicas(self, role: str) -> int | None:
         return self.counts.get(role)
+
+    def available(self, role: str) -> int | None:
+        return None  # it places nothing: the workers observed are what is there
 
     def scale(self, role: str, replicas: int, reason: str) -> None:
         self.counts[role] = replicas
@@ -60,6 +67,12 @@ class KubernetesScaler:
     def replicas(self, role: str) -> int | None:
         scale = self._call("read", role, lambda name: self.api.read_namespaced_deployment_scale(name, self.namespace))
         return scale.spec.replicas
+
+    def available(self, role: str) -> int | None:
+        """The Deployment's status.availableReplicas (absent in the status while none is available: 0)."""
+        deployment = self._call("read", role,
+                                lambda name: self.api.read_namespaced_deployment_status(name, self.namespace))
+        return (deployment.status.available_replicas or 0) if deployment.status else 0
 
     def scale(self, role: str, replicas: int, reason: str) -> None:
         body = {"spec": {"replicas": replicas}}

@@ -76,14 +76,19 @@ class PlannerState:
         return PlannerState(PoolState(load.prefill.replicas), PoolState(load.decode.replicas))
 
 
+REASON_KINDS = ("clamped", "up", "hold", "hold_observed", "hold_cooldown", "down")
+
+
 @dataclass(frozen=True)
 class Decision:
-    """One pool's decision: `current` (the count before), `desired` (after), why."""
+    """One pool's decision: `current` (the count before), `desired` (after), why; `kind` is the reason's kind,
+    one of ``REASON_KINDS`` (a bounded label value for metrics, where `reason` is free text)."""
 
     role: str
     current: int
     desired: int
     reason: str
+    kind: str = "hold"
 
     @property
     def changed(self) -> bool:
@@ -142,15 +147,15 @@ def decide_pool(profile: Profile, policy: Policy, role: str, load: PoolLoad, sta
     if limits.clamp(current) != current:
         desired = limits.clamp(current)
         reason = f"clamped to [{limits.min_replicas}, {limits.max_replicas}]"
-        return Decision(role, current, desired, reason), PoolState(desired)
+        return Decision(role, current, desired, reason, "clamped"), PoolState(desired)
     needed = needed_replicas(profile, role, load, limits, slo_s)
     if needed > current:
         reason = _why(profile, role, load, current, needed, slo_s)
-        return Decision(role, current, needed, reason), PoolState(needed)
+        return Decision(role, current, needed, reason, "up"), PoolState(needed)
     relaxed = needed_replicas(profile, role, load, limits, slo_s * (1 - policy.band))
     if relaxed >= current:
         reason = f"hold: {current} needed ({_metric(role)} SLO {slo_s * 1e3:g} ms with a {policy.band:.0%} margin)"
-        return Decision(role, current, current, reason), PoolState(current)
+        return Decision(role, current, current, reason, "hold"), PoolState(current)
     return _scale_down(policy, role, load, state, now, relaxed, slo_s)
 
 
@@ -161,13 +166,13 @@ def _scale_down(policy: Policy, role: str, load: PoolLoad, state: PoolState, now
     observed = load.ttft_p90_s if role == "prefill" else load.tpot_p90_s
     if observed is not None and observed > slo_s:
         reason = f"hold: {relaxed} would do but observed {_metric(role)} p90 {observed * 1e3:.0f} ms > SLO"
-        return Decision(role, current, current, reason), PoolState(current)
+        return Decision(role, current, current, reason, "hold_observed"), PoolState(current)
     since = now if state.down_since is None else state.down_since
     if now - since < policy.cooldown_s:
         reason = f"hold: {relaxed} would do; cool-down {now - since:.0f}/{policy.cooldown_s:g} s"
-        return Decision(role, current, current, reason), replace(state, down_since=since)
+        return Decision(role, current, current, reason, "hold_cooldown"), replace(state, down_since=since)
     reason = f"down by one: {relaxed} would do for {now - since:.0f} s (cool-down {policy.cooldown_s:g} s)"
-    return Decision(role, current, current - 1, reason), PoolState(current - 1, down_since=now)
+    return Decision(role, current, current - 1, reason, "down"), PoolState(current - 1, down_since=now)
 
 
 def _metric(role: str) -> str:

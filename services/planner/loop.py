@@ -8,11 +8,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import httpx
+from prometheus_client import start_http_server
 
 from common.config import PlannerConfig
-from services.planner.actuate import Actuator, DryRun, KubernetesScaler
-from services.planner.decide import Decision, PlannerState, Policy, PoolLimits, Slo, decide
+from services.planner.actuate import Actuator, DryRun, KubernetesScaler, ScaleError
+from services.planner.decide import Decision, PlannerState, Policy, PoolLimits, Slo, decide, predicted_s
 from services.planner.load import ClusterLoad
+from services.planner.metrics import PlacementWatch, PlannerMetrics
 from services.planner.observe import LoadSource, PrometheusSource, ScrapeSource
 from services.planner.profile import Profile, profile_from_file
 
@@ -33,6 +35,8 @@ class Planner:
     actuator: Actuator
     clock: Callable[[], float] = time.monotonic
     state: PlannerState | None = field(default=None)
+    metrics: PlannerMetrics | None = None
+    placement: PlacementWatch = field(default_factory=lambda: PlacementWatch(120.0))
 
     def step(self) -> tuple[Decision, Decision] | None:
         """One decision per pool, applied where it changes the count; None while the source has no load yet."""
@@ -43,7 +47,31 @@ class Planner:
         for decision in decisions:
             if decision.changed:
                 self.actuator.scale(decision.role, decision.desired, decision.reason)
+        if self.metrics is not None:
+            self._record(load, decisions)
         return decisions
+
+    def _record(self, load: ClusterLoad, decisions: tuple[Decision, Decision]) -> None:
+        """Export what this step saw and decided; placement is read back from the actuator after scaling."""
+        prefill, decode = decisions
+        slo = self.policy.slo
+        self.metrics.record_load(load)
+        self.metrics.record_decisions(decisions,
+                                      predicted_s(self.profile, "prefill", load.prefill, prefill.desired, slo.ttft_s),
+                                      predicted_s(self.profile, "decode", load.decode, decode.desired, slo.tpot_s))
+        for decision, observed in ((prefill, load.prefill.replicas), (decode, load.decode.replicas)):
+            available = self._available(decision.role)
+            unplaceable = self.placement.unplaceable(decision.role, decision.desired, available, load.at)
+            self.metrics.record_placement(decision.role, observed if available is None else available, unplaceable)
+
+    def _available(self, role: str) -> int | None:
+        """The actuator's available replicas; one it cannot read (e.g. no RBAC on deployments/status) is unknown,
+        so metrics never stop the planner."""
+        try:
+            return self.actuator.available(role)
+        except ScaleError as exc:
+            log.warning("planner: cannot read %s availability: %s", role, exc)
+            return None
 
     def _synced(self, load: ClusterLoad) -> PlannerState:
         state = self.state or PlannerState.from_load(load)
@@ -74,6 +102,15 @@ def actuator_from(config: PlannerConfig) -> Actuator:
     return KubernetesScaler.from_cluster(config.k8s_namespace, deployments)
 
 
+def metrics_from(config: PlannerConfig) -> PlannerMetrics | None:
+    """The planner's metrics, served on ``config.metrics_port`` for the process's life (None: port 0, off)."""
+    if not config.metrics_port:
+        return None
+    metrics = PlannerMetrics(config.model)
+    start_http_server(config.metrics_port, registry=metrics.registry)
+    return metrics
+
+
 def describe(decision: Decision) -> str:
     return f"{decision.role}: {decision.current} -> {decision.desired}: {decision.reason}"
 
@@ -85,7 +122,8 @@ def run_planner(config: PlannerConfig, report: Callable[[str], None],
         raise ValueError("tandem planner needs --profile (a profile JSON or a pd_goodput --result-json)")
     with httpx.Client(timeout=min(10.0, max(config.interval_s, 1.0))) as client:
         planner = Planner(profile_from_file(config.profile), policy_from(config), source_from(config, client),
-                          actuator_from(config))
+                          actuator_from(config), metrics=metrics_from(config),
+                          placement=PlacementWatch(config.unplaceable_after_s))
         decided = 0
         while not config.iterations or decided < config.iterations:
             decisions = _step_logged(planner)

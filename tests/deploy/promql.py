@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from common.engine.stats import EngineStats, FinishedRequest
 from common.metrics import RouterMetrics, WorkerMetrics
+from services.planner.metrics import PlannerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD_DIR = REPO / "deploy" / "grafana" / "dashboards"
@@ -117,9 +118,10 @@ def _without_threshold(part: str) -> str:
 
 
 def exported_metric_names() -> set[str]:
-    """Every series name the router and the workers expose (histogram/counter suffixes included), from real objects."""
+    """Every series name the router, the workers and the planner expose (histogram/counter suffixes included), from
+    real objects."""
     router = RouterMetrics.create("m")
-    names = _sample_names(router.registry)
+    names = _sample_names(router.registry) | _sample_names(PlannerMetrics("m").registry)
     for role in ("prefill", "decode"):
         worker = WorkerMetrics("m", role)
         worker.update(EngineStats(10, 5, 1, 1, 2), [FinishedRequest("stop", 0.1, 0.2, 0.3, 5, 3)])

@@ -33,6 +33,7 @@ REQUIRED = {
     "no prefill or no decode workers": {"TandemNoPrefillWorkers", "TandemNoDecodeWorkers"},
     "transfer failures": {"TandemKVTransferFailures", "TandemKVChecksumMismatch"},
     "error-rate spikes": {"TandemErrorRateHigh"},
+    "planner wants more replicas than the cluster can place": {"TandemPlannerCannotPlace"},
 }
 
 
@@ -93,7 +94,7 @@ def test_slo_thresholds_are_bucket_bounds():
         "tandem_time_per_output_token_seconds_bucket": {label_value(b) for b in TOKEN_LATENCY_BUCKETS},
     }
     for rule in rules():
-        for metric, le in re.findall(r'(tandem_\w+_bucket)\{[^}]*le="([^"]+)"', rule["expr"]):
+        for metric, le in re.findall(r'(tandem_\w+_bucket)\{[^}]*\ble="([^"]+)"', rule["expr"]):
             assert le in bounds[metric], f"{rule['record']}: le={le} is not a bucket bound of {metric}"
 
 

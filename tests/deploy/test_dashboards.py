@@ -36,6 +36,11 @@ REQUIRED_PANELS = {
         "Error rate",
         "Requests",
         "Request rate",
+        "Desired vs actual replicas",
+        "Predicted vs observed TTFT",
+        "Predicted vs observed TPOT",
+        "Planner decisions",
+        "Last planner decision",
     },
     "tandem-pools.json": {
         "Workers by pool",
@@ -84,6 +89,29 @@ def test_json_files_are_what_the_builder_makes():
 def test_required_panels_exist(name):
     titles = {panel["title"] for panel in panels(dashboards()[name])}
     assert REQUIRED_PANELS[name] <= titles, f"missing {REQUIRED_PANELS[name] - titles}"
+
+
+def test_the_slo_dashboard_has_a_planner_row_reading_every_planner_metric():
+    """Issue 13: desired vs actual replicas per pool, predicted vs observed TTFT / TPOT, decisions, the last reason."""
+    from services.planner.metrics import PlannerMetrics
+
+    dashboard = dashboards()["tandem-slo.json"]
+    titles = [panel["title"] for panel in dashboard["panels"]]
+    assert "Planner" in titles
+    row = dashboard["panels"][titles.index("Planner")]
+    assert row["type"] == "row"
+    following = dashboard["panels"][titles.index("Planner") + 1 :]
+    in_row = following[: next((i for i, p in enumerate(following) if p["type"] == "row"), len(following))]
+    read = {name for panel in in_row for target in panel["targets"] for name in metric_names(target["expr"])}
+    planner = {family.name for family in PlannerMetrics("m").registry.collect()}
+    shown = {name.removesuffix("_total") for name in read}
+    expected = planner - {"tandem_planner_observed_request_rate", "tandem_planner_observed_prompt_tokens_per_second",
+                          "tandem_planner_observed_output_tokens_per_second"}  # inputs: on the rules, not the row
+    assert expected <= shown, f"planner metrics not on the row: {expected - shown}"
+    assert read <= exported_metric_names()
+    by_title = {panel["title"]: panel for panel in in_row}
+    assert by_title["Last planner decision"]["options"]["textMode"] == "name"
+    assert "{{pool}}" in by_title["Desired vs actual replicas"]["targets"][0]["legendFormat"]
 
 
 def test_templated_by_datasource_namespace_and_model():

@@ -1,8 +1,9 @@
 """A real Prometheus scraping a real local cluster: every dashboard query and alert signal returns data.
 
 Redis, the router, one prefill and one decode worker run as processes on 127.0.0.1 (CPU, the default model);
-Prometheus runs with deploy/prometheus/prometheus-local.yml (router address substituted, 1 s intervals), so the
-router's HTTP service discovery of the workers is exercised too. The prefill worker corrupts its first KV transfer
+Prometheus runs with deploy/prometheus/prometheus-local.yml (router and planner addresses substituted, 1 s
+intervals), so the router's HTTP service discovery of the workers is exercised too. A dry-run `tandem planner`
+reads the cluster through the router and serves its metrics. The prefill worker corrupts its first KV transfer
 on purpose, so transfer failures, checksum mismatches and the router's re-prefill are real events, not zeros.
 """
 
@@ -15,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,7 @@ from tests.deploy.promql import (
     substitute,
     variables,
 )
+from tests.services.planner.test_decide import PROFILE
 from tests.services.test_cluster_e2e import ROUTER_ARGS, WORKER_ARGS
 
 pytestmark = [
@@ -60,7 +63,11 @@ PROMPTS = [
 ]
 NUM_OK = len(PROMPTS)
 # Panel queries that may come back empty or without one finite value, and why. Keep it short and explicit.
-EXPECTED_EMPTY: dict[str, str] = {}
+EXPECTED_EMPTY: dict[str, str] = {
+    # The dry-run planner's window is its 1 s interval: after the load, its own p90 has no requests (NaN).
+    f"tandem-slo.json / Predicted vs observed {name} / B": "no request in the planner's last 1 s window"
+    for name in ("TTFT", "TPOT")
+}
 # Variable queries that may be empty here: a local Prometheus attaches no Kubernetes `namespace` label.
 EXPECTED_EMPTY_VARIABLES = {"namespace": "no Kubernetes namespace label outside Kubernetes"}
 
@@ -77,12 +84,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def prometheus_config(router_url: str, directory: Path) -> Path:
-    """prometheus-local.yml pointed at this router, scraping and evaluating every second."""
+def prometheus_config(router_url: str, directory: Path, planner_port: int) -> Path:
+    """prometheus-local.yml pointed at this router and planner, scraping and evaluating every second."""
     config = yaml.safe_load(LOCAL_CONFIG.read_text())
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(RULES_FILE)]
     text = yaml.safe_dump(config).replace("127.0.0.1:8000", router_url.removeprefix("http://"))
+    text = text.replace("127.0.0.1:9500", f"127.0.0.1:{planner_port}")
     text = text.replace("refresh_interval: 5s", "refresh_interval: 1s")
     path = directory / "prometheus.yml"
     path.write_text(text)
@@ -106,6 +114,16 @@ def start_prometheus(config: Path, directory: Path) -> tuple[subprocess.Popen, s
         process.kill()
         process.wait()
     raise AssertionError(f"prometheus did not start: {(directory / 'prometheus.log').read_text()[-2000:]}")
+
+
+def start_planner(router_url: str, directory: Path) -> tuple[subprocess.Popen, int]:
+    """A dry-run planner deciding every second from the router's view of the workers, its metrics on a free port."""
+    profile, port = directory / "profile.json", free_port()
+    profile.write_text(PROFILE.model_dump_json())
+    command = [sys.executable, "-m", "services.launch", "planner", "--dry-run", "--router-url", router_url,
+               "--profile", str(profile), "--interval-s", "1", "--metrics-port", str(port), "--model", MODEL]
+    with open(directory / "planner.log", "w") as log:
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), port
 
 
 def up_or_exited(process: subprocess.Popen, url: str) -> bool:
@@ -178,17 +196,22 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         run_dir=directory / "cluster",
         environ=environ,
     ) as cluster:
-        process, url = start_prometheus(prometheus_config(cluster.router_url, directory), directory)
+        planner, planner_port = start_planner(cluster.router_url, directory)
+        process, url = start_prometheus(prometheus_config(cluster.router_url, directory, planner_port), directory)
         try:
-            assert wait_for(lambda: scalar(url, "sum(up)") == 3, 30), query(url, "up")
+            assert wait_for(lambda: scalar(url, "sum(up)") == 4, 30), query(url, "up")
             send_load(cluster.router_url)
             settled = f'sum(tandem_requests_finished_total{{role="router"}}) >= {NUM_OK}'
             assert wait_for(lambda: bool(query(url, settled)), 30), query(url, "tandem_requests_finished_total")
             assert wait_for(lambda: rules_evaluated(url), 30), "rules not evaluated without errors"
+            decided = "sum(tandem_planner_decisions_total) > 0"
+            assert wait_for(lambda: bool(query(url, decided)), 30), (directory / "planner.log").read_text()[-2000:]
             yield Stack(url, cluster)
         finally:
             process.terminate()
             process.wait(timeout=30)
+            planner.terminate()
+            planner.wait(timeout=30)
 
 
 def rules_evaluated(prometheus: str) -> bool:
@@ -212,7 +235,8 @@ def has_finite_value(result: list[dict]) -> bool:
 
 def test_every_target_is_scraped(stack):
     jobs = {(s["metric"]["job"], s["metric"].get("worker_id", "router")) for s in query(stack.prometheus, "up == 1")}
-    assert jobs == {("tandem-router", "router"), ("tandem-workers", "prefill-0"), ("tandem-workers", "decode-0")}
+    assert jobs == {("tandem-router", "router"), ("tandem-workers", "prefill-0"), ("tandem-workers", "decode-0"),
+                    ("tandem-planner", "router")}
 
 
 def test_every_dashboard_query_returns_data(stack):

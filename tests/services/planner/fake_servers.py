@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-SCALE_PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)/scale$")
+SCALE_PATH = re.compile(r"^/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)/(scale|status)$")
 # What GET paths answer: path -> callable(query) -> (status, content type, body)
 Routes = dict[str, Callable[[dict[str, list[str]]], tuple[int, str, str]]]
 
@@ -62,10 +62,12 @@ def routes_handler(routes: Routes) -> type[BaseHTTPRequestHandler]:
 
 
 class FakeScaleApi:
-    """Deployments' spec.replicas by (namespace, name), served as autoscaling/v1 Scale objects; PATCH sets them."""
+    """Deployments' spec.replicas by (namespace, name), served as autoscaling/v1 Scale objects; PATCH sets them.
+    GET .../status answers the Deployment with status.availableReplicas from `available` (default: all of them)."""
 
     def __init__(self, replicas: dict[tuple[str, str], int]) -> None:
         self.replicas = dict(replicas)
+        self.available: dict[tuple[str, str], int] = {}
         self.patches: list[tuple[str, str, str, dict]] = []  # (namespace, name, content type, body)
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
@@ -81,7 +83,7 @@ class FakeScaleApi:
 
             def answer(self, patch: dict | None) -> None:
                 match = SCALE_PATH.match(urlsplit(self.path).path)
-                key = match.groups() if match else None
+                key = match.groups()[:2] if match else None
                 if key not in api.replicas:
                     status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
                               "code": 404, "message": f'deployments.apps "{key and key[1]}" not found'}
@@ -90,7 +92,8 @@ class FakeScaleApi:
                 if patch is not None:
                     api.patches.append((*key, self.headers["Content-Type"], patch))
                     api.replicas[key] = patch["spec"]["replicas"]
-                self.reply(200, "application/json", json.dumps(api.scale_object(*key)))
+                body = api.scale_object(*key) if match.group(3) == "scale" else api.deployment(*key)
+                self.reply(200, "application/json", json.dumps(body))
 
         return Handler
 
@@ -99,3 +102,10 @@ class FakeScaleApi:
                 "metadata": {"name": name, "namespace": namespace},
                 "spec": {"replicas": self.replicas[(namespace, name)]},
                 "status": {"replicas": self.replicas[(namespace, name)], "selector": f"app={name}"}}
+
+    def deployment(self, namespace: str, name: str) -> dict:
+        labels, replicas = {"app": name}, self.replicas[(namespace, name)]
+        return {"kind": "Deployment", "apiVersion": "apps/v1", "metadata": {"name": name, "namespace": namespace},
+                "spec": {"replicas": replicas, "selector": {"matchLabels": labels},
+                         "template": {"metadata": {"labels": labels}, "spec": {"containers": []}}},
+                "status": {"replicas": replicas, "availableReplicas": self.available.get((namespace, name), replicas)}}

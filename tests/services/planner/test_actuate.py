@@ -34,6 +34,14 @@ def test_the_scaler_reads_and_patches_each_pools_deployment_scale(fake_api):
     assert scaler.replicas("prefill") == 5
 
 
+def test_the_scaler_reads_available_replicas_from_the_deployment_status(fake_api):
+    fake, api = fake_api
+    scaler = KubernetesScaler(api, "serving", DEPLOYMENTS)
+    fake.available[("serving", "tandem-decode")] = 1
+    assert (scaler.available("prefill"), scaler.available("decode")) == (2, 1)
+    assert DryRun().available("decode") is None  # a dry run places nothing
+
+
 def test_a_missing_deployment_is_a_clear_error(fake_api):
     _, api = fake_api
     scaler = KubernetesScaler(api, "serving", {"prefill": "no-such", "decode": "tandem-decode"})
