@@ -591,7 +591,7 @@ def test_notes_say_how_to_reach_scale_and_observe() -> None:
 
 
 PLANNER = f"{RELEASE}-tandem-planner"
-PLANNER_KINDS = ("Deployment", "ServiceAccount", "Role", "RoleBinding", "ConfigMap")
+PLANNER_KINDS = ("Deployment", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "Service", "ServiceMonitor")
 
 
 def _planner_objects(rendered: Render) -> dict[str, dict[str, Any]]:
@@ -673,13 +673,15 @@ def test_planner_values_reach_the_flags_and_image() -> None:
     assert chart_default == router["image"], "the planner runs the chart's image by default"
 
 
-def test_planner_role_only_gets_and_patches_the_two_worker_scales() -> None:
+def test_planner_role_only_gets_and_patches_the_two_worker_scales_and_reads_their_status() -> None:
     rendered = render(SCENARIOS["planner"])
     role = rendered.get("Role", PLANNER)
     workers = sorted(rendered.deployment(w)["metadata"]["name"] for w in WORKERS)
-    (rule,) = role["rules"]
-    assert rule["apiGroups"] == ["apps"] and rule["resources"] == ["deployments/scale"]
-    assert sorted(rule["verbs"]) == ["get", "patch"] and sorted(rule["resourceNames"]) == workers
+    scale, status = role["rules"]
+    assert scale["apiGroups"] == ["apps"] and scale["resources"] == ["deployments/scale"]
+    assert sorted(scale["verbs"]) == ["get", "patch"] and sorted(scale["resourceNames"]) == workers
+    assert status["apiGroups"] == ["apps"] and status["resources"] == ["deployments/status"]
+    assert status["verbs"] == ["get"] and sorted(status["resourceNames"]) == workers, "read-only: availability"
     binding = rendered.get("RoleBinding", PLANNER)
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": PLANNER}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": PLANNER, "namespace": NAMESPACE}]
@@ -802,3 +804,18 @@ def test_notes_say_what_the_planner_does() -> None:
         "install", RELEASE, "{chart}", "--dry-run=client", "-f", str(PLANNER_VALUES), "--set", "router.replicas=2"
     )
     assert "WARNING: several router pods and no planner.prometheusUrl" in two_routers.stdout
+
+
+def test_planner_metrics_are_served_and_scraped() -> None:
+    rendered = render(SCENARIOS["planner"])
+    (container,) = rendered.get("Deployment", PLANNER)["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--metrics-port") + 1] == "9500"
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9500}]
+    service = rendered.get("Service", PLANNER)
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9500, "targetPort": "metrics"}]
+    pod_labels = rendered.get("Deployment", PLANNER)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    monitor = rendered.get("ServiceMonitor", PLANNER)
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
