@@ -178,6 +178,12 @@ class ServeConfig:
     decode: int = setting(1, metavar="M", help="decode workers (default: %(default)s)")
     ready_timeout_s: float = setting(120.0, help="how long each process may take to come up (default: %(default)s)")
     log_dir: str | None = setting(None, help="folder for the processes' logs (default: a new temporary folder)")
+    autoscale: bool = setting(False, help="run the planner in-process: it starts and drains workers of each pool "
+                                          "to meet the SLO it is given in --planner-args")
+    planner_args: str = setting("", metavar="FLAGS",
+                                help="`tandem planner` flags for --autoscale, e.g. \"--profile p.json "
+                                     "--slo-ttft-ms 500 "
+                                     "--slo-tpot-ms 30 --max-decode 4\" (the router URL is the cluster's)")
 
 
 @dataclass(frozen=True)

@@ -539,7 +539,8 @@ class LocalCluster:
     # -- stopping
 
     def _children(self) -> list[WorkerProcess]:
-        return ([self.router] if self.router is not None else []) + list(self.workers.values())
+        # dict(...) copies in one step: the autoscaler's thread may add or end workers meanwhile
+        return ([self.router] if self.router is not None else []) + list(dict(self.workers).values())
 
     def _child(self, worker_id: str) -> WorkerProcess:
         for proc in self._children():
@@ -573,3 +574,31 @@ def _signal(proc: WorkerProcess, sig: int) -> None:
     if proc.popen.poll() is None:
         proc.popen.send_signal(sig)
         proc.popen.send_signal(signal.SIGCONT)
+
+
+class LocalScaler:
+    """The planner's actuator for `tandem serve --autoscale`: a pool grows by starting workers (each waits for
+    READY) and shrinks by SIGTERM to its newest workers, which drain (finish their streams) before they exit.
+
+    Called from the planner's thread; it only uses LocalCluster's add_worker / terminate.
+    """
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+
+    def replicas(self, role: str) -> int:
+        return len(self._alive(role))
+
+    def available(self, role: str) -> int:
+        return len(self._alive(role))
+
+    def scale(self, role: str, replicas: int, reason: str) -> None:
+        log.info("autoscale %s: %d -> %d (%s)", role, self.replicas(role), replicas, reason)
+        while self.replicas(role) < replicas:
+            self.cluster.add_worker(role)
+        for proc in reversed(self._alive(role)[replicas:]):  # the newest first
+            self.cluster.terminate(proc.worker_id)
+
+    def _alive(self, role: str) -> list[WorkerProcess]:
+        """The pool's live workers, oldest first (they were started in this order)."""
+        return [proc for proc in dict(self.cluster.workers).values() if proc.role == role and proc.alive]

@@ -16,9 +16,12 @@ engine, the services) is imported until a subcommand runs, so ``--help`` stays f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
@@ -39,6 +42,7 @@ from services.flags import (
 )
 
 if TYPE_CHECKING:
+    from common.config import PlannerConfig
     from services.cluster import LocalCluster
 
 # Re-exported: the command line's helpers, importable from the command's own module.
@@ -139,18 +143,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Resolve (convert/download) once here, so the processes do not all convert the same GGUF at once.
     print(f"tandem: model {args.model} -> {resolve_model_path(args.model, args.download_dir)}", file=sys.stderr)
+    planner = _autoscale_config(args)  # a bad planner flag or profile fails before anything starts
     cluster = _cluster_from_args(args)
+    stop = threading.Event()
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with cluster:
             _print_banner(cluster, sys.stdout)
+            if planner is not None:
+                _start_autoscaler(cluster, dataclasses.replace(planner, router_url=cluster.router_url), stop)
             return _supervise(cluster)
     except _Shutdown as exc:
         print(f"tandem: {exc}: stopped", file=sys.stderr)
         return 0
     finally:
+        stop.set()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _autoscale_config(args: argparse.Namespace) -> PlannerConfig | None:
+    """The planner's config for `tandem serve --autoscale` (None without it); exits 2 on a bad flag or profile."""
+    from services.planner.profile import profile_from_file
+
+    shape = serve_config(args)
+    if not shape.autoscale:
+        return None
+    planner_args = build_parser().parse_args(["planner", *shlex.split(shape.planner_args)])
+    config = planner_config(planner_args)
+    try:
+        if not config.profile:
+            raise ValueError("--autoscale needs --planner-args with --profile FILE")
+        profile_from_file(config.profile)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"tandem serve: {exc}") from None
+    return config
+
+
+def _start_autoscaler(cluster: LocalCluster, config: PlannerConfig, stop: threading.Event) -> threading.Thread:
+    """The planner on a thread of this process, scaling the cluster's pools until ``stop`` is set."""
+    from services.cluster import LocalScaler
+    from services.planner.loop import run_planner
+
+    def plan() -> None:
+        try:
+            run_planner(config, lambda line: print(f"tandem autoscale: {line}", file=sys.stderr, flush=True),
+                        sleep=stop.wait, actuator=LocalScaler(cluster), should_stop=stop.is_set)
+        except Exception:  # noqa: BLE001 - the cluster keeps serving at its current size
+            log.exception("the autoscaler stopped")
+
+    thread = threading.Thread(target=plan, name="tandem-autoscale", daemon=True)
+    thread.start()
+    return thread
 
 
 # ---------------------------------------------------------------------------------------------------- in process

@@ -116,16 +116,18 @@ def describe(decision: Decision) -> str:
 
 
 def run_planner(config: PlannerConfig, report: Callable[[str], None],
-                sleep: Callable[[float], None] = time.sleep) -> int:
-    """Plan until stopped (or for ``config.iterations`` decisions); with ``dry_run`` every decision is reported."""
+                sleep: Callable[[float], None] = time.sleep, actuator: Actuator | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> int:
+    """Plan until ``should_stop()`` (or for ``config.iterations`` decisions); with ``dry_run`` every decision is
+    reported. ``actuator`` replaces the one the config names (``tandem serve --autoscale`` passes its own)."""
     if not config.profile:
         raise ValueError("tandem planner needs --profile (a profile JSON or a pd_goodput --result-json)")
     with httpx.Client(timeout=min(10.0, max(config.interval_s, 1.0))) as client:
         planner = Planner(profile_from_file(config.profile), policy_from(config), source_from(config, client),
-                          actuator_from(config), metrics=metrics_from(config),
+                          actuator or actuator_from(config), metrics=metrics_from(config),
                           placement=PlacementWatch(config.unplaceable_after_s))
         decided = 0
-        while not config.iterations or decided < config.iterations:
+        while (not config.iterations or decided < config.iterations) and not should_stop():
             decisions = _step_logged(planner)
             decided += decisions is not None
             for decision in decisions or ():

@@ -241,3 +241,38 @@ def test_sigterm_on_a_busy_worker_finishes_its_requests(tmp_path, reference):
         tokens = [t for e in events for t in e["token_ids"]]
         assert tokens == reference[prompt][:40]
         assert decode.popen.wait(30) == 0
+
+
+def test_autoscale_starts_the_workers_its_limits_require_then_stops_with_the_cluster(tmp_path):
+    """`tandem serve --autoscale`'s loop on a real cluster: the planner reads the load from the router's targets
+    and, with at least 2 decode workers required, starts the second one through LocalScaler."""
+    from common.config import PlannerConfig
+    from services.launch import _start_autoscaler
+    from services.planner.profile import DecodeProfile, PrefillProfile, Profile, save_profile
+
+    profile = tmp_path / "profile.json"
+    save_profile(Profile(prefill=PrefillProfile(tokens_per_s=10_000),
+                         decode=DecodeProfile(tpot_ms_by_batch=((1, 10.0), (64, 30.0)), max_batch=128)), profile)
+    with start_cluster(tmp_path / "run", 0, 1) as cluster:
+        config = PlannerConfig(router_url=cluster.router_url, profile=str(profile), interval_s=0.5,
+                               min_prefill=0, max_prefill=0, min_decode=2, max_decode=2)
+        stop = threading.Event()
+        thread = _start_autoscaler(cluster, config, stop)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and sum(w.role == "decode" and w.alive for w in cluster.workers.values()) < 2:
+            time.sleep(0.5)
+        stop.set()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the autoscaler stops when asked"
+        assert sum(w.role == "decode" and w.alive for w in cluster.workers.values()) == 2
+        wait_for_ready_counts(cluster.router_url, decode=2)
+
+
+def wait_for_ready_counts(url: str, decode: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/ready", timeout=5).json().get("decode_workers") == decode:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"the router never counted {decode} decode workers")

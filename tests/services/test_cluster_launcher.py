@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import threading
+from types import SimpleNamespace
 
 import pytest
 
@@ -173,3 +174,44 @@ def test_a_child_that_exits_before_ready_fails_start_with_its_stderr(tmp_path):
     assert "--max-retries" in (tmp_path / "router.log").read_text()
     assert not [t for t in threading.enumerate() if t.name.startswith("router-") and t.is_alive()]
     cluster.stop()
+
+
+class _FakeCluster:
+    """What LocalScaler uses of LocalCluster: its workers, add_worker and terminate."""
+
+    def __init__(self, decode: int) -> None:
+        self.workers: dict[str, SimpleNamespace] = {}
+        self.terminated: list[str] = []
+        for _ in range(decode):
+            self.add_worker("decode")
+
+    def add_worker(self, role: str) -> SimpleNamespace:
+        proc = SimpleNamespace(role=role, worker_id=f"{role}-{len(self.workers)}", alive=True)
+        self.workers[proc.worker_id] = proc
+        return proc
+
+    def terminate(self, worker_id: str) -> int:
+        self.workers[worker_id].alive = False
+        self.terminated.append(worker_id)
+        return 0
+
+
+def test_local_scaler_starts_workers_up_and_drains_the_newest_down():
+    from services.cluster import LocalScaler
+
+    cluster = _FakeCluster(decode=1)
+    scaler = LocalScaler(cluster)
+    scaler.scale("decode", 3, "load")
+    assert scaler.replicas("decode") == scaler.available("decode") == 3 and scaler.replicas("prefill") == 0
+    scaler.scale("decode", 1, "cool-down")
+    assert cluster.terminated == ["decode-2", "decode-1"] and scaler.replicas("decode") == 1  # newest first
+    scaler.scale("prefill", 1, "prompts")
+    assert scaler.replicas("prefill") == 1 and scaler.replicas("decode") == 1
+
+
+def test_serve_autoscale_without_a_profile_is_a_clear_error_before_anything_starts(capsys):
+    from services.launch import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--autoscale", "--planner-args", "--slo-ttft-ms 500"])
+    assert "--autoscale needs --planner-args with --profile FILE" in str(exited.value)
