@@ -10,18 +10,14 @@ carries the next one; several in flight, direct and buffered mixed, all arrive.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import traceback
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from common.config import TransferConfig
-from common.transfer.base import KVReceiver, KVTransferHeader, grpc_message_options
-from tests.common.transfer.conftest import random_kv
+from common.transfer.base import KVReceiver, KVTransferHeader
+from tests.common.transfer.conftest import corruptible_nccl_sender, kv_digest, random_kv, run_with_receiver_child
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,24 +27,13 @@ CONFIG = TransferConfig(transport="nccl", timeout_s=20.0)
 CACHE_SHAPE = (4, 2, 64, 16, 8, 128)  # bf16: 16 MiB
 
 
-def _digest(kv: torch.Tensor) -> str:
-    return hashlib.sha256(kv.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def _kv(num_blocks: int, seed: int) -> torch.Tensor:
     return random_kv((*CACHE_SHAPE[:2], num_blocks, *CACHE_SHAPE[3:]), torch.bfloat16, seed=seed)
 
 
-def _receiver(port_queue: Any, result_queue: Any, stop: Any) -> None:
-    try:
-        asyncio.run(_receive_until_stopped(port_queue, result_queue, stop))
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
-        result_queue.put(("error", traceback.format_exc()))
-
-
-async def _receive_until_stopped(port_queue: Any, result_queue: Any, stop: Any) -> None:
-    import grpc
-
+def _build_receiver(result_queue: Any) -> KVReceiver:
+    """The receiver child's endpoint on GPU 1 (run_with_receiver_child): direct placements into its own cache,
+    each commit, abandon and buffered on_kv queued with a digest of the bytes."""
     from common.transfer.nccl_transport import NcclReceiver
     from common.transfer.placement import DirectPlacement
 
@@ -61,23 +46,14 @@ async def _receive_until_stopped(port_queue: Any, result_queue: Any, stop: Any) 
         rid, ids = header.request_id, list(header.block_ids)
 
         def commit() -> None:
-            result_queue.put(("commit", rid, _digest(cache[:, :, ids])))
+            result_queue.put(("commit", rid, kv_digest(cache[:, :, ids])))
 
         return DirectPlacement(cache, commit, lambda: result_queue.put(("abandon", rid, "")))
 
     async def on_kv(header: KVTransferHeader, kv: torch.Tensor) -> None:
-        result_queue.put(("kv", header.request_id, _digest(kv)))
+        result_queue.put(("kv", header.request_id, kv_digest(kv)))
 
-    server = grpc.aio.server(options=grpc_message_options(CONFIG.grpc_chunk_bytes))
-    nccl = NcclReceiver("cuda:1", CONFIG.timeout_s, place=place)
-    receiver = KVReceiver(on_kv, device="cuda:1", nccl=nccl)
-    receiver.add_to_server(server)
-    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
-    await server.start()
-    while not stop.is_set():
-        await asyncio.sleep(0.05)
-    await receiver.close()
-    await server.stop(grace=None)
+    return KVReceiver(on_kv, device="cuda:1", nccl=NcclReceiver("cuda:1", CONFIG.timeout_s, place=place))
 
 
 PLANS: dict[str, tuple[str, list[int]]] = {
@@ -101,17 +77,8 @@ def _tensors() -> dict[str, torch.Tensor]:
 
 
 async def _send_all(address: str) -> dict[str, Any]:
-    from common.transfer.nccl_transport import NcclKVSender
-
-    class CorruptibleSender(NcclKVSender):
-        corrupt = False
-
-        def _checksum_sums(self, kv: torch.Tensor) -> torch.Tensor:
-            sums = super()._checksum_sums(kv)
-            return sums + 1 if self.corrupt else sums
-
     torch.cuda.set_device(0)
-    sender = CorruptibleSender(CONFIG, "prefill-direct", "cuda:0")
+    sender = corruptible_nccl_sender(CONFIG, "prefill-direct", "cuda:0")
     tensors = {name: t.cuda(0) for name, t in _tensors().items()}
     results = {}
     try:
@@ -127,25 +94,15 @@ async def _send_all(address: str) -> dict[str, Any]:
 
 
 def test_nccl_direct_receive_into_cache_blocks_fallback_and_corruption() -> None:
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    ctx = mp.get_context("spawn")
-    port_queue, result_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    process = ctx.Process(target=_receiver, args=(port_queue, result_queue, stop))
-    process.start()
-    try:
-        port = port_queue.get(timeout=60)
-        results = asyncio.run(asyncio.wait_for(_send_all(f"127.0.0.1:{port}"), 120))
-    finally:
-        stop.set()
-        process.join(30)
+    results, items = run_with_receiver_child(_build_receiver, _send_all)
     events: dict[str, list[tuple[str, str]]] = {}
-    while not result_queue.empty():
-        kind, name, digest = result_queue.get()
-        assert kind != "error", name
+    for item in items:
+        assert item[0] != "error", item[1]
+        kind, name, digest = item
         events.setdefault(name, []).append((kind, digest))
     assert {name: r.ok for name, r in results.items()} == {name: name != "corrupt" for name in PLANS | MANY}
     assert "checksum mismatch" in results["corrupt"].error
-    expected = {name: _digest(t) for name, t in _tensors().items()}
+    expected = {name: kv_digest(t) for name, t in _tensors().items()}
     direct = ["one-run", "two-runs", "after", "many-direct-0", "many-direct-2"]
     buffered = ["scattered", "many-buffered-1", "many-buffered-3"]
     for name in direct:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
-import traceback
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from common.config import TransferConfig
-from common.transfer.base import KVReceiver, KVTransferHeader, grpc_message_options
-from tests.common.transfer.conftest import random_kv
+from common.transfer.base import KVReceiver, KVTransferHeader
+from tests.common.transfer.conftest import corruptible_nccl_sender, kv_digest, random_kv, run_with_receiver_child
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,20 +22,8 @@ MAX_BYTES = 4 * 2**20
 TOO_BIG = (4, 2, 32, 16, 8, 128)  # 8 MiB of bf16: the receiver refuses it before any data moves
 
 
-def _digest(kv: torch.Tensor) -> str:
-    return hashlib.sha256(kv.cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
-def _receiver(port_queue: Any, result_queue: Any, stop: Any) -> None:
-    try:
-        asyncio.run(_receive_until_stopped(port_queue, result_queue, stop))
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
-        result_queue.put(("error", traceback.format_exc()))
-
-
-async def _receive_until_stopped(port_queue: Any, result_queue: Any, stop: Any) -> None:
-    import grpc
-
+def _build_receiver(result_queue: Any) -> KVReceiver:
+    """The receiver child's endpoint on GPU 1 (run_with_receiver_child): it queues a digest of each KV it gets."""
     from common.transfer.nccl_transport import NcclReceiver
 
     torch.cuda.set_device(1)
@@ -47,38 +31,14 @@ async def _receive_until_stopped(port_queue: Any, result_queue: Any, stop: Any) 
     async def on_kv(header: KVTransferHeader, kv: torch.Tensor) -> None:
         if header.reservation_id == "unknown":
             raise ValueError("unknown reservation")
-        # A digest, not the bytes: large queue items would block the child's exit until the parent reads them.
-        result_queue.put(("kv", header.request_id, kv.device.index, _digest(kv)))
+        result_queue.put(("kv", header.request_id, kv.device.index, kv_digest(kv)))
 
-    server = grpc.aio.server(options=grpc_message_options(CONFIG.grpc_chunk_bytes))
-    nccl = NcclReceiver("cuda:1", CONFIG.timeout_s)
-    receiver = KVReceiver(on_kv, device="cuda:1", nccl=nccl, max_bytes=MAX_BYTES)
-    receiver.add_to_server(server)
-    port_queue.put(server.add_insecure_port("127.0.0.1:0"))
-    await server.start()
-    while not stop.is_set():
-        await asyncio.sleep(0.05)
-    await receiver.close()
-    await server.stop(grace=None)
-
-
-def _corruptible_sender() -> Any:
-    """An NcclKVSender whose in-band checksum sums are off by one while ``corrupt`` is set."""
-    from common.transfer.nccl_transport import NcclKVSender
-
-    class CorruptibleSender(NcclKVSender):
-        corrupt = False
-
-        def _checksum_sums(self, kv: torch.Tensor) -> torch.Tensor:
-            sums = super()._checksum_sums(kv)
-            return sums + 1 if self.corrupt else sums
-
-    return CorruptibleSender(CONFIG, "prefill-test", "cuda:0")
+    return KVReceiver(on_kv, device="cuda:1", nccl=NcclReceiver("cuda:1", CONFIG.timeout_s), max_bytes=MAX_BYTES)
 
 
 async def _send_all(address: str) -> list[Any]:
     torch.cuda.set_device(0)
-    sender = _corruptible_sender()
+    sender = corruptible_nccl_sender(CONFIG, "prefill-test", "cuda:0")
     results = []
     try:
         for index, shape in enumerate(SHAPES):
@@ -104,20 +64,9 @@ async def _send_all(address: str) -> list[Any]:
 
 
 def test_nccl_round_trip_and_errors() -> None:
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    ctx = mp.get_context("spawn")
-    port_queue, result_queue, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    process = ctx.Process(target=_receiver, args=(port_queue, result_queue, stop))
-    process.start()
-    try:
-        port = port_queue.get(timeout=60)
-        results = asyncio.run(asyncio.wait_for(_send_all(f"127.0.0.1:{port}"), 120))
-    finally:
-        stop.set()
-        process.join(30)
+    results, items = run_with_receiver_child(_build_receiver, _send_all)
     received = {}
-    while not result_queue.empty():
-        item = result_queue.get()
+    for item in items:
         assert item[0] == "kv", item[1]
         received[item[1]] = item
     assert [r.ok for r in results] == [True, True, False, True, False, True, False, True] + [True] * 4, results
@@ -127,10 +76,10 @@ def test_nccl_round_trip_and_errors() -> None:
         _, _, device_index, got = received[f"r{index}"]
         assert device_index == 1
         expected = random_kv(shape, torch.bfloat16, seed=index)
-        assert got == _digest(expected)
+        assert got == kv_digest(expected)
     for i in range(4):
         expected = random_kv(SHAPES[1], torch.bfloat16, seed=50 + i)
-        assert received[f"many{i}"][3] == _digest(expected)
+        assert received[f"many{i}"][3] == kv_digest(expected)
     assert set(received) == {"r0", "r1", "after", "recovered", "fixed"} | {f"many{i}" for i in range(4)}
 
 
