@@ -51,8 +51,15 @@ class Recorder:
 @asynccontextmanager
 async def serving(on_kv: OnKV, chunk_bytes: int, device: str = "cpu") -> AsyncIterator[str]:
     """A real grpc.aio server on a free 127.0.0.1 port hosting one KVReceiver; yields its address."""
-    server = grpc.aio.server(options=grpc_message_options(chunk_bytes))
-    KVReceiver(on_kv, device=device).add_to_server(server)
+    async with hosting(KVReceiver(on_kv, device=device), grpc_message_options(chunk_bytes)) as address:
+        yield address
+
+
+@asynccontextmanager
+async def hosting(receiver: KVReceiver, options: list[tuple[str, int]] | None = None) -> AsyncIterator[str]:
+    """``receiver`` on a real grpc.aio server on a free 127.0.0.1 port; yields its address."""
+    server = grpc.aio.server(options=options)
+    receiver.add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
-import grpc
 import pytest
 import torch
 
@@ -23,7 +22,7 @@ from common.transfer.base import KVReceiver, KVTransferHeader
 from common.transfer.nccl_transport import NcclKVSender, NcclReceiver
 from common.transfer.pair_backend import GlooBackend
 from services.decode.service import DecodeService, Reservation
-from tests.common.transfer.conftest import random_kv, run
+from tests.common.transfer.conftest import hosting, random_kv, run
 
 CONFIG = TransferConfig(transport="nccl", timeout_s=8.0)
 CACHE_SHAPE = (2, 2, 12, 4, 2, 8)  # [layers, 2, blocks, block_size, heads, dim]
@@ -81,15 +80,11 @@ class GatedOnKV:
 async def receiving(
     service: DecodeService, on_kv: GatedOnKV, timeout_s: float = CONFIG.timeout_s
 ) -> AsyncIterator[str]:
-    server = grpc.aio.server()
     nccl = NcclReceiver("cpu", timeout_s, backend=GlooBackend(), place=service.place_kv)
-    KVReceiver(on_kv, nccl=nccl).add_to_server(server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        async with hosting(KVReceiver(on_kv, nccl=nccl)) as address:
+            yield address
     finally:
-        await server.stop(grace=None)
         await nccl.close()
         await service.close()
 
