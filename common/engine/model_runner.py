@@ -11,7 +11,6 @@ sampled-token tensor (a device-side gather), so the host never waits for N to bu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,10 +44,6 @@ class LaunchedStep:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     done: torch.cuda.Event | None = None
 
-    def token_row(self) -> dict[str, int]:
-        """Row of ``sample.token_ids`` per request id (a request that sampled once)."""
-        return {owner: row for row, owner in enumerate(self.owners)}
-
     def wait(self) -> None:
         """Block until every kernel of this step has run (its KV writes included)."""
         if self.done is not None:
@@ -63,17 +58,37 @@ class LaunchedStep:
         return output
 
 
-@dataclass
-class _PendingInputs:
-    """Rows whose input token is still on the device: ``rows[i]`` takes ``source[source_rows[i]]``."""
+class _DeviceTokens:
+    """The newest tokens the host has not appended yet: the previous launched step's sampled ids, on the device.
 
-    rows: list[int] = field(default_factory=list)
-    source_rows: list[int] = field(default_factory=list)
+    Input rows that need one are recorded with ``defer`` and filled by ``fill`` after the upload; ``newest``
+    hands the sampler a request's such token (penalties and min_tokens count it).
+    """
 
-    def apply(self, input_ids: torch.Tensor, source: torch.Tensor) -> None:
-        if self.rows:
-            rows = to_device(np.asarray(self.rows), input_ids.device)
-            input_ids[rows] = source[to_device(np.asarray(self.source_rows), input_ids.device)]
+    def __init__(self, previous: LaunchedStep | None) -> None:
+        self._ids = previous.sample.token_ids if previous is not None and previous.sample is not None else None
+        self._row = {owner: row for row, owner in enumerate(previous.owners)} if previous is not None else {}
+        self._rows: list[int] = []
+        self._source_rows: list[int] = []
+
+    def defer(self, row: int, request: Request) -> None:
+        """Input row ``row`` takes ``request``'s newest token from the device."""
+        if self._ids is None:
+            raise RuntimeError("a scheduled token is neither on the host nor sampled by the previous step")
+        self._rows.append(row)
+        self._source_rows.append(self._row[request.request_id])
+
+    def fill(self, input_ids: torch.Tensor) -> None:
+        """On the device, after the upload: the deferred rows of ``input_ids``."""
+        if self._rows:
+            rows = to_device(np.asarray(self._rows), input_ids.device)
+            input_ids[rows] = self._ids[to_device(np.asarray(self._source_rows), input_ids.device)]
+
+    def newest(self, request: Request) -> torch.Tensor | None:
+        """``request``'s newest token while only the device has it (a view, no sync), else None."""
+        if not request.num_pending_tokens or self._ids is None:
+            return None
+        return self._ids[self._row[request.request_id]]
 
 
 @dataclass
@@ -117,51 +132,30 @@ class ModelRunner:
     def launch(self, step: SchedulerOutput, previous: LaunchedStep | None = None) -> LaunchedStep:
         """Enqueue one step. Tokens not yet appended on the host come from ``previous``'s sampled tensor."""
         launched = LaunchedStep(step, time.monotonic())
-        pending = _PendingInputs()
-        token_row = previous.token_row() if previous is not None else {}
+        device_tokens = _DeviceTokens(previous)
         self._apply_block_copies(step)
         if self._can_replay(step):
-            batch = self._decode_batch(step.scheduled, pending, token_row)
-            patch = self._patcher(pending, previous)
-            requests = [item.request for item in step.scheduled]
-            self._sample(self.decode_graphs.run(batch, patch), requests, launched, _pending_tokens(previous, token_row))
+            batch = self._decode_batch(step.scheduled, device_tokens)
+            hidden = self.decode_graphs.run(batch, device_tokens.fill)
+            self._sample(hidden, [item.request for item in step.scheduled], launched, device_tokens)
         else:
-            self._launch_eager(step, pending, token_row, previous, launched)
+            self._launch_eager(step, device_tokens, launched)
         launched.done = record_event(self.device)
         return launched
 
-    def _launch_eager(
-        self,
-        step: SchedulerOutput,
-        pending: _PendingInputs,
-        token_row: dict[str, int],
-        previous: LaunchedStep | None,
-        launched: LaunchedStep,
-    ) -> None:
-        plan = self._plan(step.scheduled, pending, token_row)
+    def _launch_eager(self, step: SchedulerOutput, device_tokens: _DeviceTokens, launched: LaunchedStep) -> None:
+        plan = self._plan(step.scheduled, device_tokens)
         input_ids, positions, metadata = self._to_tensors(plan)
-        patch = self._patcher(pending, previous)
-        if patch is not None:
-            patch(input_ids)
+        device_tokens.fill(input_ids)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         if plan.sample_rows:
             row_index = to_device(np.asarray([row for _, row in plan.sample_rows]), hidden.device)
             requests = [request for request, _ in plan.sample_rows]
-            self._sample(hidden[row_index], requests, launched, _pending_tokens(previous, token_row))
+            self._sample(hidden[row_index], requests, launched, device_tokens)
         for request, rows, targets in plan.prompt_rows:  # host-synchronizing: such steps run synchronously
             logits = self.model.compute_logits(hidden[rows])
             k = request.sampling_params.prompt_logprobs or 0
             launched.prompt_logprobs[request.request_id] = compute_prompt_logprobs(logits, targets, k)
-
-    @staticmethod
-    def _patcher(pending: _PendingInputs, previous: LaunchedStep | None) -> Callable[[torch.Tensor], None] | None:
-        """The device-side fill of the rows whose input token ``previous`` sampled (None when there are none)."""
-        if not pending.rows:
-            return None
-        if previous is None or previous.sample is None:
-            raise RuntimeError("a scheduled token is neither on the host nor sampled by the previous step")
-        source = previous.sample.token_ids
-        return lambda input_ids: pending.apply(input_ids, source)
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         """Pure decode (one new token per sequence, no prompt logprobs) within the captured batch sizes."""
@@ -173,9 +167,7 @@ class ModelRunner:
             for item in step.scheduled
         )
 
-    def _decode_batch(
-        self, scheduled: tuple[ScheduledRequest, ...], pending: _PendingInputs, token_row: dict[str, int]
-    ) -> DecodeBatch:
+    def _decode_batch(self, scheduled: tuple[ScheduledRequest, ...], device_tokens: _DeviceTokens) -> DecodeBatch:
         """One token per sequence, at position num_computed_tokens: known on the host, or still on the device."""
         size, block_size = len(scheduled), self.block_size
         token_ids = np.zeros(size, dtype=np.int64)
@@ -187,8 +179,7 @@ class ModelRunner:
             if position < len(known):
                 token_ids[row] = known[position]
             else:
-                pending.rows.append(row)
-                pending.source_rows.append(token_row[item.request.request_id])
+                device_tokens.defer(row, item.request)
             positions[row] = position
             slots[row] = item.block_ids[position // block_size] * block_size + position % block_size
         seq_lens = (positions + 1).astype(np.int32)
@@ -198,16 +189,14 @@ class ModelRunner:
         for copy in step.block_copies:
             self.kv_cache[:, :, copy.dst].copy_(self.kv_cache[:, :, copy.src])
 
-    def _plan(
-        self, scheduled: tuple[ScheduledRequest, ...], pending: _PendingInputs, token_row: dict[str, int]
-    ) -> _BatchPlan:
+    def _plan(self, scheduled: tuple[ScheduledRequest, ...], device_tokens: _DeviceTokens) -> _BatchPlan:
         plan = _BatchPlan()
         num_rows = 0
         for item in scheduled:
             start, end = item.num_computed_tokens, item.num_computed_tokens + item.num_new_tokens
             positions = np.arange(start, end, dtype=np.int64)
             block_ids = np.asarray(item.block_ids, dtype=np.int64)
-            plan.token_ids.append(self._known_tokens(item, start, end, num_rows, pending, token_row))
+            plan.token_ids.append(self._known_tokens(item, start, end, num_rows, device_tokens))
             plan.positions.append(positions)
             plan.slots.append(block_ids[positions // self.block_size] * self.block_size + positions % self.block_size)
             plan.query_lens.append(item.num_new_tokens)
@@ -221,15 +210,14 @@ class ModelRunner:
 
     @staticmethod
     def _known_tokens(
-        item: ScheduledRequest, start: int, end: int, first_row: int, pending: _PendingInputs, token_row: dict[str, int]
+        item: ScheduledRequest, start: int, end: int, first_row: int, device_tokens: _DeviceTokens
     ) -> np.ndarray:
         """Input ids of positions [start, end); a last position past the host's tokens is filled on the device."""
         tokens = np.zeros(end - start, dtype=np.int64)
         known = item.request.all_token_ids[start:end]
         tokens[: len(known)] = known
         if len(known) < end - start:  # only the newest token can still be on the device
-            pending.rows.append(first_row + end - start - 1)
-            pending.source_rows.append(token_row[item.request.request_id])
+            device_tokens.defer(first_row + end - start - 1, item.request)
         return tokens
 
     def _plan_prompt_logprobs(self, plan: _BatchPlan, item: ScheduledRequest, first_row: int) -> None:
@@ -282,7 +270,7 @@ class ModelRunner:
         hidden: torch.Tensor,
         requests: list[Request],
         launched: LaunchedStep,
-        pending_token: Callable[[Request], torch.Tensor | None],
+        device_tokens: _DeviceTokens,
     ) -> None:
         """Sample each request from its row of ``hidden``; a request about to fork samples once per sample."""
         logits = self.model.compute_logits(hidden)
@@ -297,7 +285,7 @@ class ModelRunner:
                         output_token_ids=request.output_token_ids,
                         generator=generator,
                         eos_token_ids=request.eos_token_ids,
-                        pending_token=pending_token(request),
+                        pending_token=device_tokens.newest(request),
                     )
                 )
                 owners.append(request.request_id)
@@ -305,16 +293,3 @@ class ModelRunner:
             logits = logits[to_device(np.asarray(expanded), logits.device)]
         launched.sample = self.sampler.sample(logits, rows)
         launched.owners = owners
-
-
-def _pending_tokens(
-    previous: LaunchedStep | None, token_row: dict[str, int]
-) -> Callable[[Request], torch.Tensor | None]:
-    """A request's newest token while only the device has it (a view of ``previous``'s sampled ids), else None."""
-
-    def pending_token(request: Request) -> torch.Tensor | None:
-        if not request.num_pending_tokens or previous is None or previous.sample is None:
-            return None
-        return previous.sample.token_ids[token_row[request.request_id]]
-
-    return pending_token
