@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work in one call: bash benchmarks/gpu_run.sh STAGE... (logs and JSON under $OUT).
-# Stages: tests (gpu-marked kernel + engine tests), async | sync (W1, W2, batch-1 latency with async scheduling
+# Stages: tests (gpu-marked kernel + engine tests), profile (GPU time per kernel class of a prefill, mixed and
+# decode step), async | sync (W1, W2, batch-1 latency with async scheduling
 # on | off), kernels (attention micro-benchmark), w1 | w2 | latency |
 # prefill | preempt (throughput.py on the 8B shape), small (SmolLM2 shape W1+W2), hf (HF baseline on W1),
 # vllm (the peer, after the bundle is unpacked to /tmp/vllm-site), gateway (router vs direct gRPC streams),
@@ -25,6 +26,7 @@ for stage in "$@"; do
     tests) run tests 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels tests/common/engine/test_gpu_path.py tests/common/transfer ;;
     gpupath) run gpupath 300 python3 -m pytest -q -s -p no:cacheprovider tests/common/engine/test_gpu_path.py ;;
     breakdown) run breakdown 300 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown --json "$OUT/breakdown.json" ;;
+    profile) run profile 300 python3 -m benchmarks.step_profile --shape llama8b --json "$OUT/profile.json" ;;
     kernels) run kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json" ;;
     w1|w2|latency|prefill|preempt)
       wl=$stage; case $stage in w1|w2) wl=$(echo "$stage" | sed "s/^w/W/")-breakdown ;; esac

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common.models.attention import PagedAttention
 from common.models.rotary import RotaryEmbedding, rope_parameters
+from kernels.activation import silu_and_mul
 from kernels.attention_metadata import AttentionMetadata
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
 
@@ -104,8 +104,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
