@@ -4,7 +4,9 @@
 
 Phases: ``prefill`` (8 prompts of 2048 tokens: one 16,384-token step, as the ``prefill`` workload runs),
 ``mixed`` (64 decode streams plus one 2,048-token prompt arriving: the mixed steps of serving), ``decode``
-(256 streams at context ~300, eager: graphs hide their kernels from some CUPTI versions). Per phase it prints the
+(256 streams at context ~300, eager: graphs hide their kernels from some CUPTI versions). ``host`` runs alone, on
+an engine with CUDA graphs: W1 under cProfile, the host functions by own time, to show what the host does per
+decode step while the GPU replays the graph. Per phase it prints the
 GPU time by kernel class (gemm, attention, norm, rotary, activation, sampling, copy, other) and the top kernels,
 and the GEMMs' achieved TFLOP/s (2 x non-embedding parameters x tokens over GEMM time) against the measured
 matmul peak, so each class reads as a share of the step and the GEMMs as a ratio to the hardware.
@@ -13,15 +15,19 @@ matmul peak, so each class reads as a share of the step and the GEMMs as a ratio
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import re
+import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.attention_kernels import matmul_rate
-from benchmarks.workloads import SHAPES, random_prompts, write_shape_config
+from benchmarks.workloads import SHAPES, Workload, random_prompts, workload, write_shape_config
 from common.engine import LLM, SamplingParams
 
 # First match wins; patterns are matched against the lower-cased kernel name.
@@ -107,6 +113,88 @@ def phase_mixed(llm: LLM, vocab: int) -> tuple[object, int]:
     return profiled(llm, prompts, 24), 64 * 512 + 2048 + 64 * 23 + 23
 
 
+def host_profile(llm: LLM, vocab: int, top: int) -> dict:
+    """W1 (256 x 256 prompt, 256 output) under cProfile: wall time and the host functions by own time."""
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in random_prompts([256] * 16, vocab, 98)], params)
+    requests = [{"prompt_token_ids": p} for p in random_prompts([256] * 256, vocab, 14)]
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    profiler.enable()
+    llm.generate(requests, params)
+    torch.cuda.synchronize()
+    profiler.disable()
+    wall = time.perf_counter() - started
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    print(f"== host: W1 under cProfile, {wall:.3f} s wall\n{text.getvalue()}")
+    runtime = runtime_calls(llm, vocab, top)
+    timelines = {name: gpu_timeline(llm, workload(name, vocab)) for name in ("W1", "W2")}
+    return {"wall_s": round(wall, 3), "stats": text.getvalue(), "runtime": runtime, "timelines": timelines}
+
+
+def gpu_timeline(llm: LLM, load: Workload) -> dict:
+    """``load`` without any profiler: per launched step, a CUDA event before its first kernel and its ``done`` event.
+
+    GPU idle between steps = start(N+1) - done(N) summed (the GPU reached step N+1's start only when the host had
+    enqueued it); the span of a step = done - start (host-paced launches inside an eager step count here).
+    """
+    runner = llm.engine.runner
+    original, marks = runner.launch, []
+
+    def launch(step, previous=None):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        launched = original(step, previous)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        marks.append((start, end, runner._can_replay(step), len(step.scheduled)))
+        return launched
+
+    runner.launch = launch
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in load.output_lens]
+    requests = [{"prompt_token_ids": p} for p in load.prompts]
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    try:
+        llm.generate(requests, params)
+        torch.cuda.synchronize()
+    finally:
+        del runner.launch
+    wall = time.perf_counter() - started
+    spans = {"graph": 0.0, "eager": 0.0}
+    gaps = {"graph": 0.0, "eager": 0.0}
+    for (start, end, replay, _), (next_start, _, next_replay, _) in zip(marks, marks[1:] + [(None, None, None, 0)]):
+        spans["graph" if replay else "eager"] += start.elapsed_time(end)
+        if next_start is not None:
+            gaps["graph" if next_replay else "eager"] += max(end.elapsed_time(next_start), 0.0)
+    report = {
+        "workload": load.name,
+        "wall_s": round(wall, 3),
+        "output_tok_s": round(load.output_tokens / wall, 1),
+        "steps": len(marks),
+        "span_ms": spans,
+        "gap_before_ms": gaps,
+        "graph_steps": sum(1 for m in marks if m[2]),
+    }
+    print(f"== host: {load.name} GPU timeline (no profiler): {json.dumps(report)}")
+    return report
+
+
+def runtime_calls(llm: LLM, vocab: int, top: int) -> str:
+    """torch.profiler's CPU-side view of 256 streams decoding 48 steps: which ops and CUDA runtime calls hold the
+    host (a launch that blocks shows up as a long cudaLaunchKernel / cudaGraphLaunch / cudaMalloc)."""
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in random_prompts([256] * 256, vocab, 15)]
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(requests, params)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    print(f"== host: CPU-side ops and CUDA runtime calls, 256 streams x 48 tokens\n{table}")
+    return table
+
+
 def build(shape: str, eager: bool) -> LLM:
     return LLM(
         str(write_shape_config(shape)),
@@ -123,13 +211,18 @@ def build(shape: str, eager: bool) -> LLM:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama8b", choices=sorted(SHAPES))
-    parser.add_argument("--phases", default="prefill,mixed,decode")
+    parser.add_argument("--phases", default="prefill,mixed,decode", help="or: host (alone)")
     parser.add_argument("--top", type=int, default=14)
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     peak = matmul_rate().rate
     phases = {"prefill": phase_prefill, "mixed": phase_mixed, "decode": phase_decode}
     report = {"gpu": torch.cuda.get_device_name(), "matmul_TFLOP_s": round(peak, 1), "phases": {}}
+    if args.phases == "host":
+        llm = build(args.shape, eager=False)
+        report["host"] = host_profile(llm, llm.engine.hf_config.vocab_size, args.top * 3)
+        _write(args.json, report)
+        return
     llm = build(args.shape, eager=True)  # eager: every kernel is visible to the profiler
     vocab = llm.engine.hf_config.vocab_size
     flops_per_token = 2.0 * linear_params(llm)
@@ -146,8 +239,12 @@ def main() -> None:
             print(f"   {label:<11} {ms:9.2f} ms  {ms / summary['gpu_ms']:6.1%}")
         for kernel, ms, calls in summary["top"]:
             print(f"   {ms:9.2f} ms {calls:6d}x  {kernel}")
-    if args.json:
-        with open(args.json, "w") as handle:
+    _write(args.json, report)
+
+
+def _write(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as handle:
             json.dump(report, handle, indent=1)
 
 
