@@ -288,7 +288,7 @@ class FunctionDefinition(_Strict):
 
     name: Annotated[str, Field(pattern=TOOL_NAME_PATTERN)]
     description: str | None = None
-    parameters: Annotated[dict[str, Any] | None, AfterValidator(_object_schema)] = None
+    parameters: Annotated[dict[str, Any] | None, AfterValidator(_object_schema)] = Field(None, validate_default=True)
     strict: bool | None = None
 
 
@@ -315,6 +315,19 @@ class FunctionCall(_Strict):
 
     name: str
     arguments: str
+
+
+def _tool_choice(value: Any) -> Any:
+    """One readable error for a bad tool_choice (not one per member of the union)."""
+    if isinstance(value, dict):
+        try:
+            return NamedToolChoice.model_validate(value)
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            raise ValueError(f"{_path(first['loc'])}: {first['msg']}") from None
+    if value not in ("none", "auto", "required"):
+        raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    return value
 
 
 class MessageToolCall(_Strict):
@@ -412,7 +425,8 @@ class ChatCompletionRequest(_SamplingRequest):
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice | None,
+                           BeforeValidator(_tool_choice)] = None
     parallel_tool_calls: bool = True
 
     @model_validator(mode="before")
