@@ -150,7 +150,8 @@ def test_unknown_nested_fields_are_named_with_openai_paths():
 def test_message_function_call_is_unsupported():
     message = {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}
     error = refused(parse_chat, {"model": "m", "messages": [*USER, message]})
-    assert (error.param, error.message) == ("messages[1].function_call", "messages[1].function_call is not supported yet")
+    assert error.param == "messages[1].function_call"
+    assert error.message == "messages[1].function_call is not supported yet"
 
 
 # -- messages ------------------------------------------------------------------------------------------

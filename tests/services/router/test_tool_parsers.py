@@ -43,7 +43,7 @@ PLAIN = [
     (Llama3JsonScanner, '{"answer": 42} is JSON but no call', '{"answer": 42} is JSON but no call'),
     (Llama3JsonScanner, "Paris is the capital.", "Paris is the capital."),
     (Llama3JsonScanner, '{"name": "f", "parameters": {', '{"name": "f", "parameters": {'),
-    (MistralScanner, "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": 1}]", "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": 1}]"),
+    (MistralScanner, '[TOOL_CALLS][{"name": "f", "arguments": 1}]', '[TOOL_CALLS][{"name": "f", "arguments": 1}]'),
     (MistralScanner, "[TOOL_CALLS] not json", "[TOOL_CALLS] not json"),
     (RequiredScanner, "I will not call anything", "I will not call anything"),
 ]
