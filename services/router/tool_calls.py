@@ -32,9 +32,16 @@ from dataclasses import dataclass
 
 from common.engine.sampling_params import SamplingParams
 from services.router import protocol
-from services.router.protocol import ChatCompletionRequest, FunctionDefinition, NamedToolChoice, ProtocolError
+from services.router.protocol import (
+    ChatCompletionRequest,
+    FunctionDefinition,
+    NamedToolChoice,
+    ProtocolError,
+    new_tool_call_id,
+)
 from services.router.tool_parsers import (
     CALL_FORMATS,
+    CALL_IDS,
     SCANNERS,
     NamedScanner,
     RequiredScanner,
@@ -94,7 +101,8 @@ class ToolPlan:
 
     def stream(self) -> ToolCallStream | None:
         scanner = self.scanner()
-        return None if scanner is None else ToolCallStream(scanner, self.parallel)
+        new_id = CALL_IDS.get(self.call_format, new_tool_call_id)
+        return None if scanner is None else ToolCallStream(scanner, self.parallel, new_id)
 
 
 def plan_tools(request: ChatCompletionRequest, config: ToolCallConfig) -> ToolPlan | None:

@@ -25,11 +25,13 @@ whitespace (interior whitespace, including around calls, is kept), and is None w
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import secrets
+import string
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.router.protocol import ToolCall, tool_call_delta
+from services.router.protocol import ToolCall, new_tool_call_id, tool_call_delta
 
 PARSERS = ("hermes", "llama3_json", "mistral")
 
@@ -238,6 +240,11 @@ def _array_calls(value: Any) -> list[Piece] | None:
     return None if not calls or any(call is None for call in calls) else calls
 
 
+def mistral_call_id() -> str:
+    """Mistral's templates take only 9 letters and digits as a call id (vLLM makes them the same way)."""
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
+
 def mistral_calls(calls: Sequence[tuple[str, dict | str]]) -> str:
     items = ", ".join(f'{{"name": {json.dumps(name)}, "arguments": {_arguments_json(arguments)}}}'
                       for name, arguments in calls)
@@ -306,10 +313,11 @@ class NamedScanner:
 class ToolCallStream:
     """One choice's text turned into content and calls. ``feed`` returns the OpenAI deltas to send; after the
     final ``feed``, ``content`` and ``calls`` are the whole message. With ``parallel`` False only the first call is
-    kept (later ones are dropped, as vLLM does)."""
+    kept (later ones are dropped, as vLLM does). ``new_id`` names each call."""
 
     scanner: Scanner
     parallel: bool = True
+    new_id: Callable[[], str] = new_tool_call_id
     text: str = ""
     calls: list[ToolCall] = field(default_factory=list)
     _content: list[str] = field(default_factory=list)
@@ -355,7 +363,7 @@ class ToolCallStream:
         if self.calls and not self.parallel:
             return
         self._close_open_call()
-        call = ToolCall(piece.name, piece.arguments or "")
+        call = ToolCall(piece.name, piece.arguments or "", self.new_id())
         self.calls.append(call)
         position = len(self.calls) - 1
         out.append({"tool_calls": [tool_call_delta(position, call.id, call.name)]})
@@ -378,5 +386,6 @@ def parse(scanner: Scanner, text: str, parallel: bool = True) -> tuple[str | Non
     return stream.content, stream.calls
 
 
+CALL_IDS = {"mistral": mistral_call_id}
 SCANNERS = {"hermes": HermesScanner, "llama3_json": Llama3JsonScanner, "mistral": MistralScanner}
 CALL_FORMATS = {"hermes": hermes_calls, "llama3_json": llama3_calls, "mistral": mistral_calls}

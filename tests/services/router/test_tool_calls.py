@@ -13,14 +13,15 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
+from common.config import CoordConfig, RouterConfig, TransferConfig
 from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics
 from common.models.loader import resolve_model_path
 from services.router.admission import AdmissionQueue, ApiKeys
 from services.router.openai_api import Gateway
 from services.router.orchestrator import TokenEvent
-from services.router.protocol import ProtocolError, chat_completion, parse_chat
-from services.router.server import RouterState, build_app
+from services.router.protocol import ChoiceResult, ProtocolError, ToolCall, chat_completion, parse_chat, usage
+from services.router.server import RouterState, build_app, main_router
 from services.router.tool_calls import (
     ToolCallConfig,
     default_tool_messages,
@@ -319,11 +320,22 @@ async def test_auto_without_the_flags_is_400():
 
 
 def test_chat_completion_with_calls_has_null_content():
-    from services.router.protocol import ChoiceResult, ToolCall, usage
-
     body = chat_completion("chatcmpl-1", "m", 1, [ChoiceResult(0, None, "tool_calls", (), None,
                                                                (ToolCall("f", "{}", "call_x"),))], usage(1, 1))
     message = body["choices"][0]["message"]
     assert message["content"] is None and message["tool_calls"] == [
         {"id": "call_x", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
     assert openai.types.chat.ChatCompletion.model_validate(body).choices[0].message.tool_calls[0].id == "call_x"
+
+
+def test_mistral_format_names_calls_as_mistral_templates_require():
+    plan = plan_tools(chat(tools=[WEATHER]), ToolCallConfig(parser="mistral", enable_auto=True))
+    stream = plan.stream()
+    stream.feed('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}]', final=True)
+    (call,) = stream.calls
+    assert len(call.id) == 9 and call.id.isalnum()
+
+
+def test_router_refuses_auto_tool_choice_without_a_parser():
+    with pytest.raises(SystemExit, match="--tool-call-parser"):
+        main_router(MODEL, RouterConfig(enable_auto_tool_choice=True), CoordConfig(), TransferConfig())
