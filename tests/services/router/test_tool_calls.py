@@ -14,6 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from common.config import CoordConfig, RouterConfig, TransferConfig
+from common.engine.outputs import Logprob
 from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics
 from common.models.loader import resolve_model_path
@@ -213,7 +214,9 @@ class ScriptedOrchestrator:
         tokens = [ord(ch) for ch in self.answer]
         for start in range(0, len(tokens), 3):
             last = start + 3 >= len(tokens)
-            yield TokenEvent(tuple(tokens[start : start + 3]), finish_reason="stop" if last else None)
+            step = tuple(tokens[start : start + 3])
+            logprobs = tuple({token: Logprob(-0.5, 1)} for token in step) if params.logprobs is not None else ()
+            yield TokenEvent(step, logprobs, finish_reason="stop" if last else None)
 
     async def close(self) -> None:
         return None
@@ -339,3 +342,24 @@ def test_mistral_format_names_calls_as_mistral_templates_require():
 def test_router_refuses_auto_tool_choice_without_a_parser():
     with pytest.raises(SystemExit, match="--tool-call-parser"):
         main_router(MODEL, RouterConfig(enable_auto_tool_choice=True), CoordConfig(), TransferConfig())
+
+
+@pytest.mark.asyncio
+async def test_the_readme_round_trip_sends_the_reply_message_back():
+    client, _ = app_client(CALL_TEXT)
+    reply = (await client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER])).choices[0]
+    call = reply.message.tool_calls[0]
+    messages = [*USER, reply.message, {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 C"}]
+    follow_up = await client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER])
+    assert follow_up.choices[0].message.tool_calls[0].function.name == "get_weather"
+
+
+@pytest.mark.asyncio
+async def test_streamed_calls_keep_every_tokens_logprob():
+    client, _ = app_client(CALL_TEXT)
+    stream = await client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER], stream=True,
+                                                  logprobs=True, stream_options={"include_usage": True})
+    chunks = [chunk async for chunk in stream]
+    entries = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
+    assert "".join(entry.token for entry in entries) == CALL_TEXT
+    assert chunks[-1].usage.completion_tokens == len(CALL_TEXT)
