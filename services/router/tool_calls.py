@@ -150,6 +150,9 @@ def constrained_params(params: SamplingParams, plan: ToolPlan | None) -> Samplin
     schema = tool_constraint(plan)
     if schema is None or StructuredOutputs is None:
         return params
+    if getattr(params, "structured_outputs", None) is not None:
+        raise ProtocolError(f'tool_choice: "{plan.choice}" tool choice constrains the output itself; it cannot be '
+                            "combined with response_format or structured_outputs", param="tool_choice")
     return dataclasses.replace(params, structured_outputs=StructuredOutputs(json=json.dumps(schema)))
 
 

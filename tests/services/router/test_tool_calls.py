@@ -25,6 +25,7 @@ from services.router.protocol import ChoiceResult, ProtocolError, ToolCall, chat
 from services.router.server import RouterState, build_app, main_router
 from services.router.tool_calls import (
     ToolCallConfig,
+    constrained_params,
     default_tool_messages,
     plan_tools,
     render_chat,
@@ -363,3 +364,11 @@ async def test_streamed_calls_keep_every_tokens_logprob():
     entries = [entry for c in chunks if c.choices and c.choices[0].logprobs for entry in c.choices[0].logprobs.content]
     assert "".join(entry.token for entry in entries) == CALL_TEXT
     assert chunks[-1].usage.completion_tokens == len(CALL_TEXT)
+
+
+def test_mistral_auto_keeps_special_tokens_so_the_marker_reaches_the_parser():
+    params = SamplingParams()
+    mistral = ToolCallConfig(parser="mistral", enable_auto=True)
+    assert constrained_params(params, plan_tools(chat(tools=[WEATHER]), mistral)).skip_special_tokens is False
+    assert constrained_params(params, plan_tools(chat(tools=[WEATHER]), AUTO)).skip_special_tokens is True
+    assert constrained_params(params, None) == params
