@@ -483,7 +483,6 @@ class OpenAIOutput:
                                               state.finish_reason, offset, job.include_usage)
         return protocol.sse(chunk)
 
-
     def _tool_call_chunks(self, state: ChoiceState, text: str, entries: list) -> bytes:
         """The parser's deltas for this text, one chunk each: the first carries the event's logprobs, the last
         the finish reason ("tool_calls" when the message has calls); an event that decides nothing yet sends a
