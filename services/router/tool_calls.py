@@ -153,7 +153,10 @@ def constrained_params(params: SamplingParams, plan: ToolPlan | None) -> Samplin
     if getattr(params, "structured_outputs", None) is not None:
         raise ProtocolError(f'tool_choice: "{plan.choice}" tool choice constrains the output itself; it cannot be '
                             "combined with response_format or structured_outputs", param="tool_choice")
-    return dataclasses.replace(params, structured_outputs=StructuredOutputs(json=json.dumps(schema)))
+    try:
+        return dataclasses.replace(params, structured_outputs=StructuredOutputs(json=json.dumps(schema)))
+    except ValueError as error:  # a tool's parameters that the grammar library cannot take: the client's error
+        raise ProtocolError(f"tools: {error}", param="tools") from error
 
 
 # ---------------------------------------------------------------------------------------------- prompt
