@@ -168,6 +168,10 @@ class RouterConfig:
     processes: int = setting(1, help="router processes sharing --port (each a core's worth of streaming; queue "
                                      "limits are per process) (default: %(default)s)")
     reuse_port: bool = setting(False, help="bind with SO_REUSEPORT so other processes can share the port")
+    tool_call_parser: str | None = setting(None, choices=("hermes", "llama3_json", "mistral"),
+                                           help="format of the model's tool calls, for tool_choice \"auto\" and "
+                                                "the default tool prompt (default: hermes' format, no auto)")
+    enable_auto_tool_choice: bool = setting(False, help="allow tool_choice \"auto\" (needs --tool-call-parser)")
 
 
 @dataclass(frozen=True)

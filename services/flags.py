@@ -253,7 +253,7 @@ def _add_serve_command(sub: Any, env: EnvDefaults, common: list[argparse.Argumen
                          help="Redis + router + N prefill + M decode workers on this machine")
     g = cmd.add_argument_group("cluster")
     add_settings(g, env, ServeConfig)
-    add_settings(g, env, RouterConfig, ("host", "port"))
+    add_settings(g, env, RouterConfig, ("host", "port", "tool_call_parser", "enable_auto_tool_choice"))
     add_settings(g, env, TransferConfig)
 
 

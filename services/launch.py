@@ -111,6 +111,10 @@ def _cluster_from_args(args: argparse.Namespace) -> LocalCluster:
     router_args = ["--transport", args.transport, *verbose]
     if args.download_dir:
         router_args += ["--download-dir", args.download_dir]
+    if args.tool_call_parser:
+        router_args += ["--tool-call-parser", args.tool_call_parser]
+    if args.enable_auto_tool_choice:
+        router_args += ["--enable-auto-tool-choice"]
     return LocalCluster(
         args.model, shape.prefill, shape.decode, args.port, args.host, worker_args, args.redis_url,
         Path(shape.log_dir) if shape.log_dir else None,

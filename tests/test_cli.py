@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from services import launch
 from services.launch import (
     build_parser,
     chat_repl,
@@ -91,6 +92,17 @@ def test_router_defaults_and_config():
     config = router_config(args)
     assert (config.weight_load, config.weight_free_blocks, config.weight_prefix_hits) == (1.0, 1.0, 3.0)
     assert config.local_prefill_max_tokens == 32
+
+
+def test_tool_call_flags_reach_the_router_of_serve():
+    config = router_config(parse(["router", "--tool-call-parser", "mistral", "--enable-auto-tool-choice"]))
+    assert (config.tool_call_parser, config.enable_auto_tool_choice) == ("mistral", True)
+    assert router_config(parse(["router"])).tool_call_parser is None
+    with pytest.raises(SystemExit):
+        parse(["router", "--tool-call-parser", "xml"])
+    args = parse(["serve", "--tool-call-parser", "hermes"], {"TANDEM_ENABLE_AUTO_TOOL_CHOICE": "1"})
+    router_args = launch._cluster_from_args(args).router_args
+    assert router_args[-3:] == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
 
 
 def test_serve_defaults():

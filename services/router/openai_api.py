@@ -28,6 +28,8 @@ from services.router.admission import AdmissionError, AdmissionQueue, ApiKeys, R
 from services.router.orchestrator import InvalidRequestError, NoWorkersError, Orchestrator, TokenEvent
 from services.router.streams import merge_streams, until_disconnected
 from services.router.text import TextAssembler
+from services.router.tool_calls import ToolCallConfig, ToolPlan, constrained_params, plan_tools, render_chat
+from services.router.tool_parsers import ToolCallStream
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class Gateway:
     queue: AdmissionQueue
     metrics: RouterMetrics
     created: int = field(default_factory=lambda: int(time.time()))
+    tool_calls: ToolCallConfig = field(default_factory=ToolCallConfig)
 
 
 @dataclass
@@ -61,6 +64,7 @@ class Job:
     include_usage: bool
     echo: bool = False
     num_logprobs: int | None = None
+    tools: ToolPlan | None = None  # chat only: how the answer's tool calls are read
     arrival: float = field(default_factory=time.perf_counter)
     queue_wait: float = 0.0  # seconds waiting for an admission slot (backpressure, not overhead)
     dispatched: float | None = None  # choice streams created: the worker RPCs start now
@@ -81,6 +85,14 @@ class ChoiceState:
     logprobs: list[protocol.TokenLogprob] = field(default_factory=list)
     full_text: str = ""
     finish_reason: str | None = None
+    tool_calls: ToolCallStream | None = None  # the chat message's content and calls when the request has tools
+
+    @property
+    def chat_finish_reason(self) -> str | None:
+        """``finish_reason``, except "tool_calls" when the message ended (not cut by length) with calls."""
+        if self.finish_reason == "stop" and self.tool_calls is not None and self.tool_calls.calls:
+            return "tool_calls"
+        return self.finish_reason
 
 
 # ---------------------------------------------------------------------------------------------- entry points
@@ -134,8 +146,11 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) ->
         raise protocol.model_not_found(parsed.model)
     params = parsed.sampling_params()
     _check_vocab(gateway, params)
+    tools = None
     if endpoint == "chat":
-        texts = [_render_chat(gateway, parsed)]
+        tools = plan_tools(parsed, gateway.tool_calls)
+        params = constrained_params(params, tools)
+        texts = [render_chat(gateway.tokenizer, parsed, tools, gateway.tool_calls.call_format)]
         prompts = [gateway.tokenizer.encode(texts[0], add_special_tokens=False)]
         num_logprobs = (parsed.top_logprobs or 0) if parsed.logprobs else None
         echo = False
@@ -147,7 +162,7 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) ->
             raise protocol.ProtocolError("echo with logprobs is not supported yet", param="echo")
     return Job(endpoint=endpoint, response_id=protocol.new_id(endpoint), request_id=request_id,
                model=gateway.model_id, prompts=prompts, prompt_texts=texts, params=params, stream=parsed.stream,
-               include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs)
+               include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs, tools=tools)
 
 
 def _generate_job(gateway: Gateway, body: bytes, request_id: str) -> Job:
@@ -174,14 +189,6 @@ def _generate_prompt(gateway: Gateway, parsed: protocol.GenerateBody) -> list[in
     if any(not 0 <= token < vocab for token in ids):
         raise protocol.ProtocolError(f"prompt_token_ids: token ids must be in [0, {vocab})", param="prompt_token_ids")
     return ids
-
-
-def _render_chat(gateway: Gateway, parsed: protocol.ChatCompletionRequest) -> str:
-    try:
-        return gateway.tokenizer.apply_chat_template(protocol.messages_for_template(parsed), tokenize=False,
-                                                     add_generation_prompt=True)
-    except Exception as error:  # noqa: BLE001 - templates raise anything (jinja errors on bad roles/order)
-        raise protocol.ProtocolError(f"messages: the chat template rejected them: {error}", param="messages") from error
 
 
 def _completion_prompts(gateway: Gateway, parsed: protocol.CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -213,7 +220,9 @@ def _choice_streams(gateway: Gateway, job: Job) -> tuple[list[ChoiceState], list
         for sample in range(job.params.n):
             index = prompt_index * job.params.n + sample
             params = job.params.replace(n=1, seed=None if job.params.seed is None else job.params.seed + sample)
-            states.append(ChoiceState(index, prompt_index, TextAssembler(gateway.tokenizer, prompt, params)))
+            tool_calls = job.tools.stream() if job.tools is not None else None
+            states.append(ChoiceState(index, prompt_index, TextAssembler(gateway.tokenizer, prompt, params),
+                                      tool_calls=tool_calls))
             streams.append(gateway.orchestrator.generate(prompt, params, f"{job.request_id}-{index}"))
     return states, streams
 
@@ -334,8 +343,11 @@ def _final_body(gateway: Gateway, job: Job, states: Sequence[ChoiceState]) -> di
     for state in states:
         text = job.prompt_texts[state.prompt_index] + state.full_text if job.echo else state.full_text
         logprobs = tuple(state.logprobs) if job.num_logprobs is not None else None
-        choices.append(protocol.ChoiceResult(state.index, text, state.finish_reason or "stop",
-                                             tuple(state.token_ids), logprobs))
+        calls = ()
+        if state.tool_calls is not None:
+            text, calls = state.tool_calls.content, tuple(state.tool_calls.calls)
+        choices.append(protocol.ChoiceResult(state.index, text, state.chat_finish_reason or "stop",
+                                             tuple(state.token_ids), logprobs, calls))
     usage = protocol.usage(_prompt_tokens(job), sum(len(s.token_ids) for s in states))
     build = protocol.chat_completion if job.endpoint == "chat" else protocol.completion
     return build(job.response_id, job.model, gateway.created, choices, usage)
@@ -426,7 +438,9 @@ class OpenAIOutput:
         self.sent_chars: dict[int, int] = {}
 
     def fold(self, state: ChoiceState, event: TokenEvent) -> None:
-        _apply(self.gateway, self.job, state, event)
+        text, _ = _apply(self.gateway, self.job, state, event)
+        if state.tool_calls is not None:
+            state.tool_calls.feed(text, state.finish_reason is not None)
 
     def final(self, states: Sequence[ChoiceState]) -> dict:
         return _final_body(self.gateway, self.job, states)
@@ -453,6 +467,8 @@ class OpenAIOutput:
 
     def delta(self, state: ChoiceState, event: TokenEvent) -> bytes:
         text, entries = _apply(self.gateway, self.job, state, event)
+        if state.tool_calls is not None:
+            return self._tool_call_chunks(state, text, entries)
         if not text and state.finish_reason is None and not entries:
             return b""
         job, created = self.job, self.gateway.created
@@ -466,6 +482,22 @@ class OpenAIOutput:
             chunk = protocol.completion_chunk(job.response_id, job.model, created, state.index, text, logprobs,
                                               state.finish_reason, offset, job.include_usage)
         return protocol.sse(chunk)
+
+    def _tool_call_chunks(self, state: ChoiceState, text: str, entries: list) -> bytes:
+        """The parser's deltas for this text, one chunk each: the first carries the event's logprobs, the last
+        the finish reason ("tool_calls" when the message has calls); an event that decides nothing yet sends a
+        chunk only for its logprobs or its finish."""
+        deltas = state.tool_calls.feed(text, state.finish_reason is not None)
+        logprobs = entries if self.job.num_logprobs is not None else None
+        finish = state.chat_finish_reason
+        if not deltas and (finish is not None or entries):
+            deltas = [{}]
+        job, created = self.job, self.gateway.created
+        return b"".join(
+            protocol.sse(protocol.chat_chunk(job.response_id, job.model, created, state.index, delta,
+                                             logprobs if k == 0 else None,
+                                             finish if k == len(deltas) - 1 else None, job.include_usage))
+            for k, delta in enumerate(deltas))
 
 
 class GenerateOutput:

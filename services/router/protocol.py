@@ -10,8 +10,8 @@ Rules shared by both endpoints:
 - A JSON ``null`` means "absent" (the field's default) for every top-level field except ``max_tokens``, where it
   means "up to the context" as in vLLM.
 - An unknown field is a 400 ("Unrecognized request argument supplied: foo", as OpenAI says); a known OpenAI field
-  we cannot honour (``tools``, ``response_format`` other than text, ...) is a 400 "<field> is not supported yet",
-  unless its value is the no-op one (``tool_choice: "none"``, ``response_format: {"type": "text"}``,
+  we cannot honour (``functions``, ``response_format`` other than text, ...) is a 400 "<field> is not supported
+  yet", unless its value is the no-op one (``function_call: "none"``, ``response_format: {"type": "text"}``,
   ``service_tier: "auto"``, ``store: false``, ...), which is accepted and dropped.
 - Types are strict (no "3" for 3, no 1 for true); ranges follow OpenAI where it is stricter than vLLM
   (temperature <= 2, n <= 128) and vLLM for its extras (top_k, min_p, repetition_penalty, min_tokens, ...).
@@ -52,7 +52,7 @@ MIN_LOGPROB = -9999.0
 """Stand-in for -inf, which JSON cannot carry (OpenAI's and vLLM's choice)."""
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "tool_calls")
 CHAT_OBJECT, CHAT_CHUNK_OBJECT, COMPLETION_OBJECT = "chat.completion", "chat.completion.chunk", "text_completion"
 OWNED_BY = "tandem"
 DONE = b"data: [DONE]\n\n"
@@ -78,12 +78,9 @@ failures as ``server_error``. Clients (the ``openai`` package included) branch o
 _Accepts = Callable[[Any], bool]
 _NONE: _Accepts = lambda value: value is None
 _CHAT_UNSUPPORTED: dict[str, _Accepts] = {
-    "tools": _NONE,
-    "tool_choice": lambda value: value in (None, "none"),
     "functions": _NONE,
     "function_call": lambda value: value in (None, "none"),
     "response_format": lambda value: value is None or value == {"type": "text"},
-    "parallel_tool_calls": _NONE,
     "audio": _NONE,
     "modalities": lambda value: value is None or value == ["text"],
     "prediction": _NONE,
@@ -101,7 +98,6 @@ _COMPLETION_UNSUPPORTED: dict[str, _Accepts] = {
     "service_tier": _CHAT_UNSUPPORTED["service_tier"],
 }
 _MESSAGE_UNSUPPORTED: dict[str, _Accepts] = {
-    "tool_calls": lambda value: value in (None, []),
     "function_call": _NONE,
     "audio": _NONE,
 }
@@ -272,14 +268,86 @@ class StreamOptions(_Strict):
     include_obfuscation: bool | None = None
 
 
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+"""OpenAI's rule for function names (also what the prompt and the parsers may rely on: no quotes, no spaces)."""
+
+
+def _object_schema(schema: dict[str, Any] | None) -> dict[str, Any]:
+    """A function's ``parameters``: a JSON schema for an object (absent: one that takes no arguments)."""
+    if schema is None:
+        return {"type": "object", "properties": {}}
+    kind = schema.get("type", "object")
+    if kind != "object":
+        raise ValueError(f"must be a JSON schema of type 'object', got type {json.dumps(kind)}")
+    return schema
+
+
+class FunctionDefinition(_Strict):
+    """A tool's function. Invariant: ``parameters`` is an object schema (``{"type": "object", "properties": {}}``
+    when the client gave none)."""
+
+    name: Annotated[str, Field(pattern=TOOL_NAME_PATTERN)]
+    description: str | None = None
+    parameters: Annotated[dict[str, Any] | None, AfterValidator(_object_schema)] = Field(None, validate_default=True)
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    """One entry of ``tools``: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: the model must call that function."""
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+class FunctionCall(_Strict):
+    """A call the assistant made: the function's name and its arguments as JSON text (as the model wrote them)."""
+
+    name: str
+    arguments: str
+
+
+def _tool_choice(value: Any) -> Any:
+    """One readable error for a bad tool_choice (not one per member of the union)."""
+    if isinstance(value, dict):
+        try:
+            return NamedToolChoice.model_validate(value)
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            raise ValueError(f"{_path(first['loc'])}: {first['msg']}") from None
+    if value not in ("none", "auto", "required"):
+        raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+    return value
+
+
+class MessageToolCall(_Strict):
+    """An entry of an assistant message's ``tool_calls`` in a follow-up request."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    """One chat message. Invariant (checked by the request): only assistant messages may lack content."""
+    """One chat message. Invariants (checked by the request): only assistant messages may lack content, and only
+    they carry ``tool_calls``; a ``tool`` message names the call it answers (``tool_call_id``)."""
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
     refusal: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
     @property
     def text(self) -> str:
@@ -356,6 +424,10 @@ class ChatCompletionRequest(_SamplingRequest):
     metadata: dict[str, str] | None = None
     safety_identifier: str | None = None
     prompt_cache_key: str | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice | None,
+                           BeforeValidator(_tool_choice)] = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="before")
     @classmethod
@@ -376,12 +448,21 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise ProtocolError(
                     f"messages[{i}].content: List should have at least 1 item", param=f"messages[{i}].content"
                 )
+            _check_message_tool_fields(i, message)
+        _check_tools(self.tools or [], self.tool_choice)
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError(
                 "top_logprobs: when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs"
             )
         self._check_stream_options()
         return self
+
+    @property
+    def effective_tool_choice(self) -> str | NamedToolChoice:
+        """``tool_choice`` as OpenAI defaults it: "auto" when tools are given, else "none"."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -398,6 +479,30 @@ class ChatCompletionRequest(_SamplingRequest):
         fields["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
         max_name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         return _build_params(fields, {"max_tokens": max_name, "logprobs": "top_logprobs"})
+
+
+def _check_message_tool_fields(i: int, message: ChatMessage) -> None:
+    if message.tool_calls and message.role != "assistant":
+        raise ProtocolError(f"messages[{i}].tool_calls: only assistant messages may carry tool calls",
+                            param=f"messages[{i}].tool_calls")
+    if message.role == "tool" and message.tool_call_id is None:
+        raise ProtocolError(f"messages[{i}].tool_call_id: Field required for role 'tool'",
+                            param=f"messages[{i}].tool_call_id")
+
+
+def _check_tools(tools: Sequence[Tool], choice: str | NamedToolChoice | None) -> None:
+    """Tool names are unique; a tool_choice other than "none" needs tools; a named choice names one of them."""
+    names = [tool.function.name for tool in tools]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise ProtocolError(f"tools[{i}].function.name: duplicate function name '{name}'",
+                                param=f"tools[{i}].function.name")
+    if choice not in (None, "none") and not tools:
+        raise ProtocolError("tool_choice: 'tool_choice' is only allowed when 'tools' are specified.",
+                            param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise ProtocolError(f"tool_choice: function '{choice.function.name}' is not among the tools",
+                            param="tool_choice")
 
 
 def _screen_message(i: int, message: Any) -> Any:
@@ -608,8 +713,22 @@ def messages_for_template(request: ChatCompletionRequest) -> list[dict[str, str]
             item["name"] = message.name
         if message.tool_call_id is not None:
             item["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            item["tool_calls"] = [_template_tool_call(call) for call in message.tool_calls]
         out.append(item)
     return out
+
+
+def _template_tool_call(call: MessageToolCall) -> dict:
+    """A call as HF chat templates take it: ``arguments`` as a dict (templates ``tojson`` it), as vLLM passes them;
+    arguments that are not a JSON object stay text."""
+    try:
+        arguments = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    function = {"name": call.function.name, "arguments": arguments if isinstance(arguments, dict) else
+                call.function.arguments}
+    return {"id": call.id, "type": "function", "function": function}
 
 
 # -- response inputs ---------------------------------------------------------------------------------------
@@ -639,14 +758,29 @@ class TokenLogprob:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made. Invariant: ``id`` is unique in its response (``call_<24 hex>``)."""
+
+    name: str
+    arguments: str
+    id: str = dataclasses.field(default_factory=lambda: new_tool_call_id())
+
+    def wire(self) -> dict:
+        """The ``message.tool_calls[i]`` object."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
 class ChoiceResult:
-    """One finished choice. Invariant: ``finish_reason`` is "stop" or "length" (an aborted request has no choice)."""
+    """One finished choice. Invariants: ``finish_reason`` is in FINISH_REASONS (an aborted request has no choice);
+    ``text`` is None only for a chat message that has ``tool_calls``."""
 
     index: int
-    text: str
+    text: str | None
     finish_reason: str
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
     def __post_init__(self) -> None:
         _check_finish_reason(self.finish_reason)
@@ -681,6 +815,11 @@ def token_logprob(
 def new_id(kind: Literal["chat", "completion"]) -> str:
     """A fresh response id: ``chatcmpl-<32 hex>`` or ``cmpl-<32 hex>``."""
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def new_tool_call_id() -> str:
+    """A fresh tool call id: ``call_<24 hex>``."""
+    return "call_" + uuid.uuid4().hex[:24]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
@@ -767,7 +906,7 @@ def chat_completion(request_id: str, model: str, created: int, choices: Sequence
         [
             {
                 "index": choice.index,
-                "message": {"role": "assistant", "content": choice.text, "refusal": None},
+                "message": _chat_message(choice),
                 "logprobs": _chat_logprobs(choice.logprobs),
                 "finish_reason": choice.finish_reason,
             }
@@ -776,6 +915,14 @@ def chat_completion(request_id: str, model: str, created: int, choices: Sequence
     )
     body["usage"] = usage
     return body
+
+
+def _chat_message(choice: ChoiceResult) -> dict:
+    """The assistant message; ``tool_calls`` only when the model made calls (as api.openai.com sends it)."""
+    message = {"role": "assistant", "content": choice.text, "refusal": None}
+    if choice.tool_calls:
+        message["tool_calls"] = [call.wire() for call in choice.tool_calls]
+    return message
 
 
 def completion(request_id: str, model: str, created: int, choices: Sequence[ChoiceResult], usage: dict) -> dict:
@@ -823,10 +970,34 @@ def chat_chunk_delta(
     include_usage: bool = False,
 ) -> dict:
     """A content chunk; the final one carries ``finish_reason`` (and ``delta: {}`` when it adds no text)."""
-    _check_finish_reason(finish_reason)
     delta = {} if finish_reason is not None and not text else {"content": text}
-    choice = {"index": index, "delta": delta, "logprobs": _chat_logprobs(logprobs), "finish_reason": finish_reason}
+    return chat_chunk(request_id, model, created, index, delta, logprobs, finish_reason, include_usage)
+
+
+def chat_chunk(
+    request_id: str,
+    model: str,
+    created: int,
+    index: int,
+    delta: Mapping[str, Any],
+    logprobs: Sequence[TokenLogprob] | None = None,
+    finish_reason: str | None = None,
+    include_usage: bool = False,
+) -> dict:
+    """A chunk with any ``delta``: ``{"content": ...}``, ``{"tool_calls": [...]}`` (``tool_call_delta``) or ``{}``."""
+    _check_finish_reason(finish_reason)
+    choice = {"index": index, "delta": dict(delta), "logprobs": _chat_logprobs(logprobs),
+              "finish_reason": finish_reason}
     return _with_usage_null(_envelope(request_id, CHAT_CHUNK_OBJECT, model, created, [choice]), include_usage)
+
+
+def tool_call_delta(position: int, call_id: str | None = None, name: str | None = None, arguments: str = "") -> dict:
+    """``delta.tool_calls[i]`` in OpenAI's stream: the first one of a call has ``id``, ``type`` and the name
+    (``arguments: ""``); later ones only ``index`` and a piece of ``arguments``."""
+    if call_id is None:
+        return {"index": position, "function": {"arguments": arguments}}
+    return {"index": position, "id": call_id, "type": "function",
+            "function": {"name": name, "arguments": arguments}}
 
 
 def completion_chunk(

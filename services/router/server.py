@@ -36,6 +36,7 @@ from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
 from services.router.openai_api import Gateway
 from services.router.orchestrator import Orchestrator
 from services.router.processes import reuse_port_socket, supervise
+from services.router.tool_calls import ToolCallConfig
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ async def router_state(
     gateway = Gateway(model_id=served, tokenizer=tokenizer, orchestrator=orchestrator,
                       keys=ApiKeys.load(router.api_keys), limiter=limiter,
                       queue=AdmissionQueue(router.max_running, router.max_waiting),
-                      metrics=metrics)
+                      metrics=metrics,
+                      tool_calls=ToolCallConfig(router.tool_call_parser, router.enable_auto_tool_choice))
     try:
         yield RouterState(model=model, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher,
                           gateway=gateway)
@@ -204,6 +206,8 @@ def main_router(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
     if router.processes < 1:
         raise SystemExit(f"tandem router: --processes must be >= 1, got {router.processes}")
+    if router.enable_auto_tool_choice and router.tool_call_parser is None:
+        raise SystemExit("tandem router: --enable-auto-tool-choice needs --tool-call-parser")
     if router.processes > 1:
         return supervise(sys.argv[1:], router.host, router.port, router.processes)
     return run_event_loop(serve_router(model, router, coord, transfer, download_dir))

@@ -7,16 +7,19 @@ extra router processes on the same Redis cover rate limits, a full queue and "no
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
 
 import httpx
 import hypothesis
+import jsonschema
 import openai
 import pytest
 import schemathesis
 
+from common.engine.sampling_params import SamplingParams
 from services.cluster import LocalCluster, parse_ready_line
 from tests.services.test_cluster_e2e import WORKER_ARGS, assert_no_leak
 
@@ -295,3 +298,78 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(cluster, path, 
 
 def test_after_fuzzing_every_block_is_back(cluster):
     assert_no_leak(cluster, timeout=60)
+
+
+# ------------------------------------------------------------------------------------------------ tool calls
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER_QUESTION = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+
+
+@pytest.fixture(scope="module")
+def tool_client(cluster):
+    """A router started for tool_choice "auto" with the Hermes parser, on the module's workers."""
+    process, url = start_router(cluster, "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                "--local-prefill-max-tokens", "4")
+    yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+    stop_router(process)
+
+
+def assert_well_formed_tool_answer(choice) -> None:
+    """Whatever the model chose: calls with known names and JSON object arguments (finish "tool_calls"), or
+    plain content."""
+    if choice.message.tool_calls:
+        assert choice.finish_reason == "tool_calls"
+        for call in choice.message.tool_calls:
+            assert call.id.startswith("call_") and call.function.name == "get_weather"
+            assert isinstance(json.loads(call.function.arguments), dict)
+    else:
+        assert isinstance(choice.message.content, str) and choice.finish_reason in ("stop", "length")
+
+
+def test_auto_tool_choice_on_smollm2_is_well_formed_and_streams_the_same(tool_client):
+    kwargs = dict(model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], max_tokens=48, temperature=0)
+    whole = tool_client.chat.completions.create(**kwargs)
+    assert_well_formed_tool_answer(whole.choices[0])
+    chunks = list(tool_client.chat.completions.create(stream=True, **kwargs))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [item for c in chunks if c.choices for item in c.choices[0].delta.tool_calls or []]
+    assert content == (whole.choices[0].message.content or "")
+    assert [item.function.name for item in calls if item.id] == [
+        call.function.name for call in whole.choices[0].message.tool_calls or []]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_follow_up_with_a_tool_call_and_its_result_answers(tool_client):
+    messages = [*WEATHER_QUESTION,
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                    "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 21 degrees Celsius"}]
+    response = tool_client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL],
+                                                   max_tokens=24, temperature=0)
+    assert_well_formed_tool_answer(response.choices[0])
+    assert response.usage.prompt_tokens > 150  # the tools block and the tool turns are in the prompt
+
+
+@pytest.mark.skipif(not hasattr(SamplingParams, "structured_outputs"),
+                    reason="constrained decoding (SamplingParams.structured_outputs) is on the structured branch")
+@pytest.mark.parametrize("stream", [False, True])
+def test_required_and_named_tool_choice_always_give_valid_calls(tool_client, stream):
+    schema = WEATHER_TOOL["function"]["parameters"]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in ("required", named):
+        kwargs = dict(model=MODEL, messages=WEATHER_QUESTION, tools=[WEATHER_TOOL], tool_choice=choice,
+                      max_tokens=64, temperature=0.8, seed=5)
+        if stream:
+            chunks = list(tool_client.chat.completions.create(stream=True, **kwargs))
+            items = [item for c in chunks if c.choices for item in c.choices[0].delta.tool_calls or []]
+            names = [item.function.name for item in items if item.id]
+            arguments = ["".join(i.function.arguments for i in items if i.index == k) for k in range(len(names))]
+        else:
+            calls = tool_client.chat.completions.create(**kwargs).choices[0].message.tool_calls
+            names = [call.function.name for call in calls]
+            arguments = [call.function.arguments for call in calls]
+        assert names and set(names) == {"get_weather"}
+        for text in arguments:
+            jsonschema.validate(json.loads(text), schema)

@@ -72,12 +72,9 @@ def completion_error(**fields) -> ProtocolError:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("tool_choice", "auto"),
         ("functions", [{"name": "f"}]),
         ("function_call", "auto"),
         ("response_format", {"type": "json_object"}),
-        ("parallel_tool_calls", True),
         ("audio", {"voice": "alloy", "format": "mp3"}),
         ("modalities", ["text", "audio"]),
         ("prediction", {"type": "content", "content": "x"}),
@@ -150,10 +147,11 @@ def test_unknown_nested_fields_are_named_with_openai_paths():
     assert error.param == "messages[0].content[0].cache_control"
 
 
-def test_message_tool_calls_are_unsupported():
-    message = {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}
+def test_message_function_call_is_unsupported():
+    message = {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}
     error = refused(parse_chat, {"model": "m", "messages": [*USER, message]})
-    assert (error.param, error.message) == ("messages[1].tool_calls", "messages[1].tool_calls is not supported yet")
+    assert error.param == "messages[1].function_call"
+    assert error.message == "messages[1].function_call is not supported yet"
 
 
 # -- messages ------------------------------------------------------------------------------------------
