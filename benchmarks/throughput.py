@@ -131,6 +131,12 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-async-scheduling", action="store_true", help="each step waits for the previous one")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each workload this many times in a row (the H200's clocks vary by ~5%% between runs)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -170,7 +176,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
     vocab = llm.engine.hf_config.vocab_size
     run_workload(llm, Workload("warmup", random_prompts([64] * 8, vocab, 7), [16] * 8))
-    for name in args.workloads.split(","):
+    for name in [name for name in args.workloads.split(",") for _ in range(args.repeat)]:
         if name == "latency":
             for context in (512, 4096):
                 ms = decode_ms_per_token(generate_one(llm), vocab, context)
