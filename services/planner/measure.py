@@ -4,7 +4,7 @@ Prefill: batches of seeded random prompts of the workload's length, each prompt 
 rate is its prompt tokens over the wall time until all finished, and the median batch counts (the first, untimed
 prompt warms the model up). Decode: at each running batch size b of the ladder, b streams with prompts of the
 workload's length are prefilled, then ``warmup_steps`` engine steps run untimed and ``decode_steps`` timed; TPOT(b)
-is the mean step time (every step then samples one token per stream). The ladder is cut at ``max_batch``, the
+is the median step time (every step then samples one token per stream). The ladder is cut at ``max_batch``, the
 streams of prompt + output tokens the KV cache holds (and at most ``max_num_seqs``); a ladder past it ends with
 ``max_batch`` itself.
 
@@ -116,7 +116,8 @@ def measure_prefill(engine: LLMEngine, prompts: PromptSource, config: ProfileCon
 
 
 def measure_step_ms(engine: LLMEngine, prompts: PromptSource, batch: int, config: ProfileConfig) -> float:
-    """Mean engine step time (ms) with `batch` streams decoding; ValueError if they did not all stay running."""
+    """Median engine step time (ms) with `batch` streams decoding (the median, not the mean: a neighbour's burst
+    on a shared machine slows a few steps, not the engine); ValueError if the streams did not all stay running."""
     steps = config.warmup_steps + config.decode_steps
     params = SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True)  # none ends while timed
     before = engine.stats()
@@ -126,12 +127,13 @@ def measure_step_ms(engine: LLMEngine, prompts: PromptSource, batch: int, config
             engine.step()
         for _ in range(config.warmup_steps):
             engine.step()
-        started = time.perf_counter()
+        step_s = []
         for _ in range(config.decode_steps):
+            started = time.perf_counter()
             engine.step()
-        elapsed = time.perf_counter() - started
+            step_s.append(time.perf_counter() - started)
         _check_steady(engine, before.num_preemptions, batch)
-        return elapsed / config.decode_steps * 1e3
+        return statistics.median(step_s) * 1e3
     finally:
         for request_id in request_ids:
             engine.abort_request(request_id)
