@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import shlex
 import signal
 import subprocess
@@ -84,6 +85,7 @@ class Run:
     decisions: list[tuple[float, str]] = field(default_factory=list)
     records: list[RequestRecord] = field(default_factory=list)
     load_start: float = 0.0  # the monotonic clock when the first step began; decisions are kept on that clock
+    worker_starts: dict[str, float] = field(default_factory=dict)  # worker id -> when its log file appeared
 
     def rate_at(self, t: float) -> float:
         step = int(t // self.step_s)
@@ -146,12 +148,27 @@ def step_table(run: Run) -> list[str]:
     return lines
 
 
+def worker_events(run: Run) -> list[str]:
+    """When each worker added during the run was started (its log appeared) and when the router's counts changed."""
+    started = [(t, f"{worker_id} started") for worker_id, t in run.worker_starts.items() if t > 0]
+    seen, last = [], None
+    for sample in run.samples:
+        counts = _counts(sample, "ready")
+        if last is not None and counts != last:
+            seen.append((sample.t, f"the router sees {counts} workers P/D"))
+        last = counts
+    return [f"- {t:.0f} s: {text}" for t, text in sorted(started + seen)] or ["- (none)"]
+
+
 def report(run: Run, row_s: float) -> str:
     decisions = [f"- {at - run.load_start:.0f} s: {line}" for at, line in run.decisions] or ["- (none)"]
+    events = ["", "Workers (a pool's new workers start when the planner decides; LocalScaler waits for each to be "
+                  "READY, pools one after the other; the decision is printed after that):", *worker_events(run)]
     overall = f"{slo_share(run.records, run.slo_ms):.1%}" if run.records else "-"
     slo = ", ".join(f"{name.upper()} <= {ms:g} ms" for name, ms in run.slo_ms.items())
     return "\n".join([f"SLO: {slo}; met by {overall} of {len(run.records)} requests", "", *timeline_table(run, row_s),
-                      "", *step_table(run), "", "Planner decisions (time from the load's start):", *decisions])
+                      "", *step_table(run), "", "Planner decisions (time from the load's start, printed once its "
+                      "workers were up):", *decisions, *events])
 
 
 # ---------------------------------------------------------------------------------------------------- the cluster
@@ -202,10 +219,19 @@ async def take_sample(client: httpx.AsyncClient, router_url: str, planner_url: s
     return Sample(t, ready, gauges["desired"], gauges["actual"])
 
 
-async def sample_forever(client: httpx.AsyncClient, router_url: str, planner_url: str, run: Run, start: float,
+def note_worker_starts(run: Run, log_dir: Path, t: float) -> None:
+    """LocalCluster opens `<worker id>.log` when it spawns a worker: the first time one is seen is its start."""
+    for path in log_dir.glob("*.log"):
+        if re.fullmatch(r"(prefill|decode)-\d+", path.stem):
+            run.worker_starts.setdefault(path.stem, t)
+
+
+async def sample_forever(client: httpx.AsyncClient, router_url: str, planner_url: str, run: Run, log_dir: Path,
                          period_s: float) -> None:
     while True:
-        run.samples.append(await take_sample(client, router_url, planner_url, time.monotonic() - start))
+        t = time.monotonic() - run.load_start
+        note_worker_starts(run, log_dir, t)
+        run.samples.append(await take_sample(client, router_url, planner_url, t))
         await asyncio.sleep(period_s)
 
 
@@ -232,15 +258,15 @@ async def one_step(client: httpx.AsyncClient, url: str, model: str, args: argpar
     return records
 
 
-async def drive(opts: argparse.Namespace, router_url: str, planner_url: str, run: Run) -> None:
+async def drive(opts: argparse.Namespace, router_url: str, planner_url: str, run: Run, log_dir: Path) -> None:
     """Every step on its schedule while the sampler runs; the records land in `run`."""
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         model = await first_model(client, router_url)
         url = api_url(router_url, ENDPOINT_PATHS["completions"])
         run.load_start = time.monotonic()
-        sampler = asyncio.create_task(sample_forever(client, router_url, planner_url, run, run.load_start,
-                                                     opts.sample_s))
+        note_worker_starts(run, log_dir, 0.0)  # the first workers: started before the load, not listed
+        sampler = asyncio.create_task(sample_forever(client, router_url, planner_url, run, log_dir, opts.sample_s))
         try:
             steps = [one_step(client, url, model, step_args(opts, rate, i), i * opts.step_s)
                      for i, rate in enumerate(opts.rates)]
@@ -266,7 +292,7 @@ def run_autoscale(opts: argparse.Namespace) -> Run:
         try:
             router_url = f"http://127.0.0.1:{port}"
             wait_workers(router_url, 1, 1, opts.ready_timeout_s)
-            asyncio.run(drive(opts, router_url, f"http://127.0.0.1:{metrics_port}", run))
+            asyncio.run(drive(opts, router_url, f"http://127.0.0.1:{metrics_port}", run, log_dir))
         finally:
             stop_session(popen)
             reader.join(timeout=10)
@@ -314,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def save(run: Run, opts: argparse.Namespace, path: str) -> None:
     document = {"argv": sys.argv, "options": vars(opts), "samples": [asdict(s) for s in run.samples],
-                "decisions": run.decisions, "records": [asdict(r) for r in run.records]}
+                "decisions": [(at - run.load_start, line) for at, line in run.decisions],
+                "worker_starts": run.worker_starts, "records": [asdict(r) for r in run.records]}
     Path(path).write_text(json.dumps(document, indent=1, default=str))
 
 

@@ -8,7 +8,16 @@ import shlex
 
 import pytest
 
-from benchmarks.autoscale_run import Run, Sample, build_parser, planner_gauges, report, serve_command, step_table
+from benchmarks.autoscale_run import (
+    Run,
+    Sample,
+    build_parser,
+    note_worker_starts,
+    planner_gauges,
+    report,
+    serve_command,
+    step_table,
+)
 from benchmarks.serve import RequestRecord
 
 PLANNER_METRICS = """\
@@ -57,6 +66,7 @@ def test_the_timeline_has_a_row_per_period_with_the_workers_seen_at_its_end():
     run.records = [record(1.0, 0.2, 0.03), record(5.0, 0.9, 0.03), record(12.0, 0.3, 0.04),
                    record(21.0, 0.1, 0.02), record(22.0, 0.1, 0.02, success=False), record(30.0, 0.4, 0.09)]
     run.decisions = [(117.0, "prefill: 1 -> 2: up: ...")]
+    run.worker_starts = {"prefill-0": 0.0, "decode-0": 0.0, "prefill-1": 16.5}
     text = report(run, row_s=10.0)
     lines = text.splitlines()
     assert lines[0] == "SLO: TTFT <= 500 ms, TPOT <= 50 ms; met by 50.0% of 6 requests"
@@ -66,4 +76,16 @@ def test_the_timeline_has_a_row_per_period_with_the_workers_seen_at_its_end():
     assert lines[7] == "| 30-40 | 2 | 2/1 | 2/1 | 1 | 0% | 400 | 90 |"
     assert lines[8] == ""
     assert step_table(run)[2:] == ["| 1 | 1 | 1/1 | 3 | 67% | 300 | 30 |", "| 2 | 2 | 2/1 | 3 | 33% | 250 | 55 |"]
-    assert lines[-1] == "- 17 s: prefill: 1 -> 2: up: ..."
+    assert lines[-5] == "- 17 s: prefill: 1 -> 2: up: ..."
+    assert lines[-2:] == ["- 16 s: prefill-1 started", "- 25 s: the router sees 2/1 workers P/D"]
+
+
+def test_new_workers_are_noted_by_their_log_files(tmp_path):
+    run = Run([1.0], step_s=10.0, slo_ms={})
+    for name in ("prefill-0", "decode-0", "router", "serve"):
+        (tmp_path / f"{name}.log").write_text("")
+    note_worker_starts(run, tmp_path, 0.0)
+    (tmp_path / "decode-1.log").write_text("")
+    note_worker_starts(run, tmp_path, 12.0)
+    note_worker_starts(run, tmp_path, 14.0)
+    assert run.worker_starts == {"prefill-0": 0.0, "decode-0": 0.0, "decode-1": 12.0}
