@@ -1,9 +1,13 @@
 """`tandem serve --autoscale` under a rising load: the replica counts the planner chose over time, and the SLO share.
 
+    export OMP_NUM_THREADS=1   # on a small shared CPU: one thread per engine process
     .venv/bin/python -m services.launch profile --device cpu --max-model-len 512 --kv-cache-memory 128MiB \\
-        --prompt-tokens 256 --output-tokens 16 --decode-batches 1,4,8 --output /tmp/cpu-profile.json
-    timeout 600 .venv/bin/python benchmarks/autoscale_run.py --profile /tmp/cpu-profile.json \\
-        --rates 0.5,1,2,3 --step-s 60 --result-json /tmp/autoscale.json
+        --prompt-tokens 128 --output-tokens 24 --decode-batches 1,4,8,16 --output /tmp/cpu-profile.json
+    timeout 540 .venv/bin/python benchmarks/autoscale_run.py --profile /tmp/cpu-profile.json \\
+        --rates 0.2,0.4,0.8,1.2 --input-len 128 --slo-ttft-ms 2000 --slo-tpot-ms 400 --result-json /tmp/autoscale.json
+
+(benchmarks/RESULTS.md has this run on a shared 2-core CPU.) The profile should be measured right before the run
+with the workers' engine flags (`--worker-args`), on the same machine.
 
 Starts `tandem serve --autoscale` with one prefill and one decode worker (its own Redis, a free port; the planner
 gets `--profile`, the SLO, its pacing and limits through `--planner-args` and serves its /metrics on a free port),
@@ -313,14 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--profile", required=True, help="the planner's profile (from `tandem profile` on this machine)")
-    add("--rates", type=parse_rates, default=[0.5, 1.0, 2.0, 3.0], help="req/s of each step (default: 0.5,1,2,3)")
+    add("--rates", type=parse_rates, default=[0.2, 0.4, 0.8, 1.2], help="req/s of each step (default: 0.2,0.4,0.8,1.2)")
     add("--step-s", type=float, default=60.0, help="seconds per step (default: %(default)s)")
-    add("--input-len", type=int, default=256, help="prompt words (about one token each) (default: %(default)s)")
+    add("--input-len", type=int, default=128, help="prompt words (about one token each) (default: %(default)s)")
     add("--output-len", type=int, default=16, help="default: %(default)s")
-    add("--slo-ttft-ms", type=float, default=1000.0, help="default: %(default)s")
-    add("--slo-tpot-ms", type=float, default=500.0, help="default: %(default)s")
+    add("--slo-ttft-ms", type=float, default=2000.0, help="default: %(default)s")
+    add("--slo-tpot-ms", type=float, default=400.0, help="default: %(default)s")
     add("--interval-s", type=float, default=10.0, help="the planner's (default: %(default)s)")
-    add("--cooldown-s", type=float, default=60.0, help="the planner's (default: %(default)s)")
+    add("--cooldown-s", type=float, default=120.0, help="the planner's (default: %(default)s)")
     add("--max-prefill", type=int, default=3, help="default: %(default)s")
     add("--max-decode", type=int, default=3, help="default: %(default)s")
     add("--planner-arg", default="", help="more `tandem planner` flags, one string")
