@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from common.settings import parse_bytes, parse_csv, setting
+from common.settings import SettingValueError, parse_bytes, parse_csv, setting
 
 DEFAULT_MODEL = "smollm2"
 
@@ -221,3 +221,35 @@ class PlannerConfig:
     model: str = setting("", help="the `model` label on the planner's metrics (default: empty)")
     unplaceable_after_s: float = setting(120.0, help="a pool short of available replicas this long counts as "
                                                      "unplaceable (default: %(default)s)")
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """'1, 4,16' -> (1, 4, 16): positive and strictly increasing."""
+    try:
+        sizes = tuple(int(item) for item in parse_csv(text))
+    except ValueError:
+        raise SettingValueError(f"not a comma-separated list of batch sizes: {text!r} (try 1,4,16,64)") from None
+    if not sizes or sizes[0] < 1 or any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise SettingValueError(f"batch sizes must be positive and increasing: {text!r}")
+    return sizes
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """`tandem profile`: the workload it measures the engine under, how long it measures, and where it writes."""
+
+    prompt_tokens: int = setting(2048, help="prompt length of the workload (default: %(default)s)")
+    output_tokens: int = setting(256, help="output length of the workload; with --prompt-tokens, the context one "
+                                           "decode stream holds, which sets max_batch (default: %(default)s)")
+    prefill_batches: int = setting(3, help="timed prefill batches; the median rate counts (default: %(default)s)")
+    prefill_batch_size: int = setting(4, help="prompts per prefill batch (default: %(default)s)")
+    decode_batches: tuple[int, ...] = setting((1, 4, 16, 64), parse=parse_batch_sizes, metavar="B1,B2,...",
+                                              help="running batch sizes to time decode at, cut at what the KV "
+                                                   "cache holds (default: 1,4,16,64)")
+    decode_steps: int = setting(16, help="timed decode steps per batch size (default: %(default)s)")
+    warmup_steps: int = setting(4, help="untimed decode steps before them (default: %(default)s)")
+    prompt_seed: int = setting(0, help="seed of the random prompt tokens (default: %(default)s)")
+    ttft_overhead_ms: float = setting(0.0, help="TTFT the serving path adds outside the engine (routing, KV "
+                                                "transfer); not measured here, written as is (default: %(default)s)")
+    output: str = setting("tandem-profile.json", metavar="FILE", help="where to write the profile "
+                                                                      "(default: %(default)s)")

@@ -21,6 +21,7 @@ from common.config import (
     EngineConfig,
     ModelConfig,
     PlannerConfig,
+    ProfileConfig,
     RouterConfig,
     ServeConfig,
     TransferConfig,
@@ -29,7 +30,7 @@ from common.config import (
 )
 from common.settings import SettingField, SettingValueError, env_var_name, parse_bool, setting_fields
 
-SUBCOMMANDS = ("prefill", "decode", "router", "serve", "planner", "chat", "generate")
+SUBCOMMANDS = ("prefill", "decode", "router", "serve", "planner", "profile", "chat", "generate")
 WORKER_ROLES = ("prefill", "decode")
 _ROUTER_MODEL_FIELDS = ("model", "download_dir")
 
@@ -191,6 +192,10 @@ def planner_config(args: argparse.Namespace) -> PlannerConfig:
     return config_from_args(PlannerConfig, args)
 
 
+def profile_config(args: argparse.Namespace) -> ProfileConfig:
+    return config_from_args(ProfileConfig, args)
+
+
 # ---------------------------------------------------------------------------------------------------- parsers
 
 
@@ -263,6 +268,12 @@ def _add_planner_command(sub: Any, env: EnvDefaults, common: list[argparse.Argum
     add_settings(cmd.add_argument_group("planner"), env, PlannerConfig)
 
 
+def _add_profile_command(sub: Any, env: EnvDefaults, common: list[argparse.ArgumentParser]) -> None:
+    cmd = sub.add_parser("profile", parents=[*common, engine_parser(env)],
+                         help="measure this machine's prefill rate and decode TPOT; write the planner's profile")
+    add_settings(cmd.add_argument_group("profile"), env, ProfileConfig)
+
+
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     """The whole CLI; flag defaults come from `environ` (default: os.environ). `args.command` names the subcommand."""
     return _build(EnvDefaults(environ))
@@ -277,6 +288,7 @@ def _build(env: EnvDefaults) -> argparse.ArgumentParser:
     _add_router_command(sub, env, common)
     _add_serve_command(sub, env, common)
     _add_planner_command(sub, env, common)
+    _add_profile_command(sub, env, common)
     sub.add_parser("chat", parents=[*common, engine_parser(env), _sampling_parser(env)],
                    help="chat with an in-process engine on stdin (one message a line)")
     gen = sub.add_parser("generate", parents=[*common, engine_parser(env), _sampling_parser(env)],

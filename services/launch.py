@@ -5,6 +5,7 @@ Subcommands:
   router             the HTTP gateway                                      -> services.router.server.main_router
   serve              Redis + router + N prefill + M decode on this machine -> services.cluster.LocalCluster
   planner            scale the prefill / decode Deployments to the SLO     -> services.planner.loop.run_planner
+  profile            measure this machine's capacity: the planner's profile -> services.planner.measure.measure
   chat               chat with an in-process engine on stdin (one message a line)
   generate           one completion for one prompt, in process
 
@@ -34,6 +35,7 @@ from services.flags import (
     engine_config,
     known_env_vars,
     planner_config,
+    profile_config,
     router_config,
     serve_config,
     transfer_config,
@@ -83,6 +85,24 @@ def cmd_planner(args: argparse.Namespace) -> int:
     except ScaleError as exc:  # a Deployment missing or not ours to scale: stop loudly, not retry forever
         print(f"tandem planner: {exc}", file=sys.stderr)
         return 1
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure the engine in process with the workers' engine flags; print the table, write --output."""
+    from services.planner.measure import format_table, measure, source_line
+    from services.planner.profile import save_profile
+
+    config = profile_config(args)
+    llm = load_engine(args)
+    try:
+        measured = measure(llm.engine, config, lambda line: print(f"tandem profile: {line}", file=sys.stderr))
+    except ValueError as exc:  # the workload does not fit the model's length or the KV cache
+        print(f"tandem profile: {exc}", file=sys.stderr)
+        return 2
+    save_profile(measured.profile(config.ttft_overhead_ms, source_line(llm.engine, config)), config.output)
+    print(format_table(measured))
+    print(f"wrote {config.output}")
+    return 0
 
 
 class _Shutdown(Exception):
@@ -276,7 +296,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prefill": cmd_worker, "decode": cmd_worker, "router": cmd_router, "serve": cmd_serve,
-            "planner": cmd_planner, "chat": cmd_chat, "generate": cmd_generate}
+            "planner": cmd_planner, "profile": cmd_profile, "chat": cmd_chat, "generate": cmd_generate}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ from common.config import (
     EngineConfig,
     ModelConfig,
     PlannerConfig,
+    ProfileConfig,
     RouterConfig,
     SchedulerConfig,
     ServeConfig,
@@ -23,7 +24,7 @@ from common.settings import SettingValueError, parse_csv, setting_field, setting
 from services.flags import build_parser, engine_config, router_config
 
 CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, CoordConfig, TransferConfig, WorkerConfig, RouterConfig,
-           ServeConfig, PlannerConfig)
+           ServeConfig, PlannerConfig, ProfileConfig)
 # Flags that are per-invocation inputs or CLI behaviour, not settings of a component.
 NOT_SETTINGS = {"--help", "--verbose", "--max-tokens", "--temperature", "--prompt", "--chat"}
 
