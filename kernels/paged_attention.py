@@ -171,15 +171,16 @@ def _decodes_then_prefill(
     )
     rest_lens = md.query_lens_cpu[decodes:]
     paged_prefill_attention(
-        q[decodes:],
+        q,
         k_cache,
         v_cache,
-        md.query_start_loc[decodes:] - decodes,
-        md.seq_lens[decodes:],
-        md.block_tables[decodes:],
+        md.query_start_loc,
+        md.seq_lens,
+        md.block_tables,
         max(rest_lens),
         scale,
-        out=out[decodes:],
+        out=out,
+        first_seq=decodes,
     )
     return out
 
@@ -260,14 +261,17 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    first_seq: int = 0,
 ) -> torch.Tensor:
     """Varlen causal attention of every query row over its sequence's paged context (Triton).
 
     Same contract as ``paged_attention_reference`` for any mix of query lengths >= 1; ``max_query_len``
-    (a host int) sizes the grid. Writes ``out`` (allocated when None) except rows past
-    ``query_start_loc[-1]``, which keep whatever they held.
+    (a host int) sizes the grid. Only sequences ``first_seq..`` are attended (a mixed batch's decode rows go
+    to the decode kernel): their rows of ``out`` are written, every other row keeps whatever it held. The
+    metadata tensors are passed whole, not sliced: a slice starting at an odd row is a pointer that is not
+    16-byte aligned, and Triton compiles a separate variant for it (seconds on a cold cache, mid-serving).
     """
-    num_seqs, num_kv_heads = seq_lens.shape[0], k_cache.shape[2]
+    num_seqs, num_kv_heads = seq_lens.shape[0] - first_seq, k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
     group_pad = triton.next_power_of_2(group)
     tiles = prefill_tiles(q.shape[-1], q.dtype)
@@ -284,7 +288,7 @@ def paged_prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0),
+        block_tables.stride(0), first_seq,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=tiles.block_n, HEAD_DIM=q.shape[-1],
         BLOCK_SIZE=k_cache.shape[1], DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -429,20 +433,22 @@ def _attend_tile(
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
-@triton.jit
+# The block-table width and the first sequence change from step to step; specializing on them (== 1, % 16)
+# would compile new variants while serving. Their values cost nothing at run time.
+@triton.jit(do_not_specialize=["stride_table", "first_seq"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_table,
+    stride_table, first_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Program (query tile, sequence, kv head): BLOCK_Q query tokens x the GROUP query heads of one kv
     head as ``BLOCK_Q * GROUP_PAD`` rows (row r = token r // GROUP_PAD, head r % GROUP_PAD)."""
     tile = tl.num_programs(0) - 1 - tl.program_id(0)  # longest (last) tiles first: better load balance
-    seq = tl.program_id(1)
+    seq = first_seq + tl.program_id(1)
     kv_head = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -483,7 +489,7 @@ def _prefill_kernel(
     tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2,

@@ -410,3 +410,29 @@ def test_warm_up_launches_every_tile_height_and_split_count_and_leaves_the_cache
     tile_heights = prefill_tiles(64, torch.float32).rows // 4  # group 4: rows // group_pad query tokens
     assert launches == tile_heights.bit_length() + MAX_DECODE_SPLITS.bit_length()
     assert torch.equal(k_cache, before[0]) and torch.equal(v_cache, before[1])
+
+
+def compiled_variants(kernel) -> int:
+    """How many specializations of a Triton kernel this process has compiled (Triton's per-device caches)."""
+    return sum(len(entry[0]) for entry in kernel.device_caches.values())
+
+
+@pytest.mark.gpu
+def test_mixed_batches_compile_nothing_after_the_warm_up(gen):
+    """After warm_up_attention_kernels, mixed steps of any shape launch only variants it compiled: an odd number
+    of leading decodes (metadata rows at unaligned addresses) and block tables of any width (3, 7, 33, 16
+    blocks here) must not specialize a new kernel, which on a cold cache stalled serving for seconds."""
+    from kernels import paged_attention as pa
+
+    kv = torch.randn(2, 512, 16, 8, 128, device="cuda", dtype=torch.bfloat16)
+    pa.warm_up_attention_kernels(32, kv[0], kv[1])
+    before = compiled_variants(pa._prefill_kernel), compiled_variants(pa._decode_split_kernel)
+    for decodes, (chunk, context) in [(1, (40, 40)), (2, (3, 100)), (3, (300, 520)), (5, (17, 250)), (6, (9, 9))]:
+        query_lens = [1] * decodes + [chunk]
+        seq_lens = [16 * (i + 1) + 1 for i in range(decodes)] + [context]
+        md = on_device(make_paged_batch(query_lens, seq_lens, 16, 512, gen).metadata, torch.device("cuda"))
+        q = torch.randn(sum(query_lens), 32, 128, device="cuda", dtype=torch.bfloat16)
+        out = paged_attention(q, kv[0], kv[1], md, 0.1)
+        assert_close_rel(out, sampled_reference(q, kv[0], kv[1], md, 0.1, range(decodes + 1)), torch.bfloat16)
+    torch.cuda.synchronize()
+    assert (compiled_variants(pa._prefill_kernel), compiled_variants(pa._decode_split_kernel)) == before
