@@ -413,7 +413,8 @@ def within_tpot_budget(decode: DecodeLoad, prefill_tokens: int, rate: float | No
                        spread_steps: int) -> bool:
     """Prefilling ``prefill_tokens`` more (besides what it already prefills) keeps the decode worker's predicted
     TPOT within ``target_ms``. True without a target (0) or without a stream to slow; False when the rate is
-    unknown (the streams' TPOT cannot be predicted, so they are kept safe)."""
+    unknown (the streams' TPOT cannot be predicted, so they are kept safe). The recent TPOT may already hold part
+    of the prefills in flight, which are counted again: the error is on the side of the streams."""
     if target_ms <= 0 or decode.running <= 0:
         return True
     if rate is None or rate <= 0:
