@@ -156,8 +156,18 @@ class RouterConfig:
                   "queued prompt tokens over its measured rate) exceeds this many ms; 0 = only short prompts "
                   "(default: %(default)s)")
     local_prefill_budget_tokens: int = setting(
-        4096, help="prompt tokens a decode worker may be prefilling at once under --auto-prefill-ttft-ms "
-                   "(default: %(default)s)")
+        4096, help="prompt tokens a decode worker may be prefilling at once under --auto-prefill-ttft-ms when "
+                   "--slo-tpot-ms is 0 (default: %(default)s)")
+    slo_tpot_ms: float = setting(
+        0.0, help="TPOT target: under --auto-prefill-ttft-ms a decode worker prefills a prompt only while its "
+                  "predicted TPOT stays within it, and a busier one sends prompts its cache holds to an idle "
+                  "prefill pool; 0 = unknown (default: %(default)s)")
+    local_prefill_tokens_per_s: float = setting(
+        0.0, help="a decode worker's prefill rate until the router has measured it; 0 = the prefill workers' "
+                  "measured rate (default: %(default)s)")
+    local_prefill_spread_tokens: int = setting(
+        256, help="output tokens of a running stream over which --slo-tpot-ms averages a local prefill's stall "
+                  "(a request's TPOT is its mean time per token) (default: %(default)s)")
     served_model_name: str | None = setting(None, help="model id clients send (default: --model)")
     api_keys: tuple[str, ...] = setting((), parse=parse_csv,
                                         help="comma-separated accepted API keys (default: none = open)")

@@ -99,6 +99,13 @@ ROUTER_FINISH_REASONS = ("stop", "length", "abort", "error")
 WORKER_FINISH_REASONS = ("stop", "length", "abort")
 ERROR_STATUSES = (400, 401, 404, 429, 500, 503)  # created at start; any other status appears when first used
 RETRY_REASONS = ("prefill_failed", "decode_failed", "kv_transfer_failed")
+# The router's prefill placements and their reasons (services/router/policy.py place_prefill; the last three
+# local ones are the orchestrator's fallbacks after a remote decision).
+PLACEMENT_REASONS: dict[str, tuple[str, ...]] = {
+    "local": ("no_prefill_worker", "short_prompt", "decode_cache_hit", "prefill_saturated",
+              "decode_full", "prefill_unavailable", "remote_failed"),
+    "remote": ("prefill_pool", "decode_busy", "local_budget", "decode_kv_full", "decode_over_tpot", "local_slower"),
+}
 ENDPOINTS = ("chat", "completion")
 TRANSPORTS = ("grpc", "nccl")
 
@@ -150,6 +157,7 @@ class RouterMetrics:
     errors: Counter
     finished: Counter
     retries: Counter
+    placements: Counter
     workers: Gauge
     slo_met: Counter
     slo_cells: tuple[tuple[Counter, ...], ...]  # [ttft index][tpot index] -> bound child of slo_met
@@ -239,6 +247,14 @@ class RouterMetrics:
             retries=family(
                 Counter, "tandem_router_retries_total", "Failures the router retried around, by what failed", "reason"
             ),
+            placements=family(
+                Counter,
+                "tandem_router_prefill_placements_total",
+                "Prompts prefilled on a prefill worker (remote) or on their decode worker (local), by the reason "
+                "the router placed them there",
+                "placement",
+                "reason",
+            ),
             workers=Gauge(
                 "tandem_workers",
                 "Live workers the router sees, by pool (role = the pool counted)",
@@ -263,6 +279,9 @@ class RouterMetrics:
             self.finished.labels(**labels, finish_reason=reason)
         for reason in RETRY_REASONS:
             self.retries.labels(**labels, reason=reason)
+        for placement, reasons in PLACEMENT_REASONS.items():
+            for reason in reasons:
+                self.placements.labels(**labels, placement=placement, reason=reason)
         for role in WORKER_ROLES:
             self.workers.labels(model=self.model, role=role)
 
@@ -281,6 +300,10 @@ class RouterMetrics:
             self.migrations.inc()
         else:
             self.retries.labels(**self._labels(), reason=reason).inc()
+
+    def count_placement(self, placement: str, reason: str) -> None:
+        """The orchestrator's placement hook: one try's prefill went ``placement`` (local | remote) for ``reason``."""
+        self.placements.labels(**self._labels(), placement=placement, reason=reason).inc()
 
     def set_workers(self, role: str, count: int) -> None:
         self.workers.labels(model=self.model, role=role).set(count)

@@ -28,7 +28,7 @@ from common.engine.async_engine import AsyncEngine
 from common.engine.engine import LLMEngine
 from common.engine.engine_process import EngineProcess
 from common.engine.llm import validate_engine_args
-from common.engine.stats import EngineStats, FinishedRequest
+from common.engine.stats import EngineStats, FinishedRequest, StepClock
 from common.metrics import WorkerMetrics
 from common.transfer.base import grpc_message_options
 from proto import worker_pb2_grpc
@@ -63,6 +63,7 @@ class WorkerRuntime:
         self.address = ""
         self.reservations = 0
         self.stats = EngineStats(engine.num_blocks, engine.num_blocks, 0, 0, 0)
+        self.step_time = RecentStepTime()
         self.metrics = metrics or WorkerMetrics(self.model_name, self.role)
         self.health = health or WorkerHealth()
         self.metrics_port = metrics_port
@@ -92,13 +93,16 @@ class WorkerRuntime:
             free_blocks=self.stats.free_blocks,
             running=self.stats.running,
             waiting=self.stats.waiting,
+            tpot_ms=self.step_time.ms,
             draining=self.draining,
             started_at=self.started_at,
         )
 
     async def refresh_stats(self, prefix: PrefixPublisher | None) -> None:
         self.stats, finished = await self.engine.call(_stats_and_finished)
-        self.metrics.update(self.stats, finished, self.reservations, self.engine.step_clock.snapshot())
+        steps = self.engine.step_clock.snapshot()
+        self.step_time.update(steps)
+        self.metrics.update(self.stats, finished, self.reservations, steps)
         if prefix is not None:
             events = await self.engine.call(_take_cache_events)
             prefix.record([h for h, cached in events if cached], [h for h, cached in events if not cached])
@@ -114,6 +118,31 @@ class WorkerRuntime:
         return False
 
 
+class RecentStepTime:
+    """The engine's recent mean time per step with output, in ms: what each running stream waits between two of
+    its tokens (the heartbeat's ``tpot_ms``). Each ``update`` takes the step clock's growth since the previous one
+    as a window and folds its mean into an exponential moving average (``weight`` on the newest window).
+
+    Invariants: 0 until a window holds a step; a window without steps (idle) or with a clock that went back (a
+    new engine) leaves the figure as it was.
+    """
+
+    def __init__(self, weight: float = 0.5) -> None:
+        if not 0 < weight <= 1:
+            raise ValueError(f"weight must be in (0, 1], got {weight}")
+        self.weight = weight
+        self.ms = 0.0
+        self._last = StepClock()
+
+    def update(self, clock: StepClock) -> float:
+        steps, seconds = clock.steps - self._last.steps, clock.seconds - self._last.seconds
+        self._last = clock
+        if steps > 0 and seconds >= 0:
+            window_ms = 1e3 * seconds / steps
+            self.ms = window_ms if self.ms == 0 else self.weight * window_ms + (1 - self.weight) * self.ms
+        return self.ms
+
+
 def _stats_and_finished(engine: LLMEngine) -> tuple[EngineStats, list[FinishedRequest]]:
     return engine.stats(), engine.stats_recorder.take_finished()
 
@@ -124,8 +153,9 @@ def _take_cache_events(engine: LLMEngine) -> list:
 
 def configure_for_role(engine: LLMEngine, role: str) -> None:
     """What a worker's engine records beyond the offline engine: finished-request records for the metrics, and
-    (prefill) prefix-cache events for the Redis prefix index."""
-    engine.kv_cache_manager.pool.track_cache_events = role == "prefill"
+    prefix-cache events for the Redis prefix index (both roles publish one: the router routes by cache across
+    both pools)."""
+    engine.kv_cache_manager.pool.track_cache_events = role in ("prefill", "decode")
     engine.stats_recorder.collect_finished = True
 
 
@@ -184,7 +214,7 @@ async def _serve_loaded(runtime: WorkerRuntime, servicer_factory) -> int:
 async def _run_registered(runtime: WorkerRuntime, server: grpc.aio.Server, health_servicer, servicer) -> int:
     settings = runtime.settings
     client = connect(settings.coord)
-    prefix = PrefixPublisher(client, settings.coord, runtime.worker_id) if runtime.role == "prefill" else None
+    prefix = PrefixPublisher(client, settings.coord, runtime.worker_id)
     registration = WorkerRegistration(client, settings.coord, runtime.info, prefix=prefix)
     stop = _stop_event()
     stats_task = asyncio.create_task(_refresh_forever(runtime, prefix, settings.coord.heartbeat_s, stop))

@@ -25,6 +25,7 @@ class WorkerInfo:
     free_blocks: int = 0
     running: int = 0
     waiting: int = 0
+    tpot_ms: float = 0.0  # recent mean engine time per step with output (a stream's time per token); 0 = unknown
     draining: bool = False
     started_at: float = 0.0
     version: str = "0.1.0"

@@ -21,20 +21,21 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from common.config import RouterConfig, TransferConfig
-from common.coord.prefix_index import PrefixLookup
+from common.coord.prefix_index import MAX_LOOKUP_BLOCKS, PrefixLookup
 from common.coord.watcher import RegistryWatcher
 from common.coord.worker_info import WorkerInfo
 from common.engine.block_pool import hash_full_blocks
 from common.engine.outputs import Logprob
 from common.engine.sampling_params import SamplingParams
 from proto import worker_pb2, worker_pb2_grpc
-from services.router.policy import RoutingPolicy, RoutingRequest, prefill_pool_saturated
+from services.router.policy import DecodeLoad, Placement, PlacementSignals, RoutingPolicy, RoutingRequest
 from services.router.prefill_load import PrefillLoad
 from services.wire import logprobs_from_proto, sampling_to_proto
 
 logger = logging.getLogger(__name__)
 
 StubFactory = Callable[[str], worker_pb2_grpc.WorkerStub]  # grpc address -> stub (the Worker service's RPCs)
+_UNDECIDED = Placement(False, "prefill_pool")  # a request's placement before its first decision
 
 
 class NoWorkersError(RuntimeError):
@@ -83,7 +84,7 @@ class _RequestState:
     failed: set[str] = field(default_factory=set)  # workers that failed this request: never picked again
     prefix_hits: dict[str, int] = field(default_factory=dict)
     remote_prefill_failed: bool = False  # a prefill worker or a KV transfer has failed this request
-    placed_locally: bool = False  # the automatic placement sent this attempt's prefill to the decode worker
+    placement: Placement = _UNDECIDED  # where this attempt's prompt is prefilled, and why
 
     @property
     def context(self) -> list[int]:
@@ -132,10 +133,14 @@ class Orchestrator:
     decode worker: a migration). A failure with no retry left ends the request with NoWorkersError. So one
     request makes at most ``max_retries + 1`` Prefill RPCs and ``max_retries + 1`` Generate streams.
 
-    Falling back to a prefill on the decode worker itself spends nothing: it happens for short prompts (the
-    policy), when no prefill worker is alive or untried, when the decode worker is full (its engine queues the
-    request), and on the request's last try once a remote prefill has failed (repeated transfer failures thus
-    end on the decode worker, which needs no transfer). No decode worker to pick: NoWorkersError at once.
+    Each try first looks up the context's prefix-cache hits on every worker of both pools (one Redis round trip),
+    so the decode pick scores them; then the policy places the prefill (``policy.place_prefill``: local for short
+    or decode-cached prompts and, under --auto-prefill-ttft-ms, for a saturated prefill pool within the decode
+    worker's TPOT budget; remote otherwise). Falling back to a prefill on the decode worker itself spends
+    nothing: it happens when no prefill worker is alive or untried, when the decode worker is full (its engine
+    queues the request), and on the request's last try once a remote prefill has failed (repeated transfer
+    failures thus end on the decode worker, which needs no transfer). Each try's final placement and its reason
+    go to ``on_placement``. No decode worker to pick: NoWorkersError at once.
     """
 
     def __init__(
@@ -148,6 +153,7 @@ class Orchestrator:
         block_size: int = 16,
         on_retry: Callable[[str], None] | None = None,
         stubs: StubFactory | None = None,
+        on_placement: Callable[[str, str], None] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -165,6 +171,7 @@ class Orchestrator:
         self.num_migrations = 0
         # metrics hook: "migration", or what failed: "prefill_failed" | "decode_failed" | "kv_transfer_failed"
         self.on_retry = on_retry
+        self.on_placement = on_placement  # metrics hook: (placement, reason) of each try's prefill
 
     async def generate(
         self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -175,6 +182,7 @@ class Orchestrator:
         )
         self._check_context_length(len(state.prompt))
         while True:
+            state.prefix_hits = await self._prefix_hits(state)
             decode = self._pick_decode(state)
             if decode is None:
                 raise self._no_decode_error(state)
@@ -256,18 +264,25 @@ class Orchestrator:
 
     # ----------------------------------------------------------------- remote prefill
     async def _prefill_for(self, decode: WorkerInfo, state: _RequestState) -> _Handoff | None:
+        """Place the prefill, then run it remotely if so placed; None when ``decode`` prefills itself. Reports the
+        try's final placement (a fallback to the decode worker replaces the decision)."""
+        state.placement = self._place(decode, state)
+        handoff = await self._prefill_remote(decode, state)
+        if handoff is None and not state.placement.local:
+            state.placement = self._fallback(state)
+        self._report_placement(decode, state)
+        return handoff
+
+    async def _prefill_remote(self, decode: WorkerInfo, state: _RequestState) -> _Handoff | None:
         """Reserve on ``decode`` and prefill on a prefill worker; None when ``decode`` should prefill itself.
 
         A failed KV transfer releases the reservation, spends a retry and starts over with a new reservation.
         """
-        state.placed_locally = False
-        if self._prefill_remotely(decode, state):
-            state.prefix_hits = await self._prefix_hits(state)
-            state.placed_locally = self._prefill_pool_saturated(decode, state)
-        while self._prefill_remotely(decode, state):
+        while self._prefill_remotely(state):
             reservation = await self._reserve(decode, state)
             if reservation is None:
-                return None  # full right now: its engine queues the request and prefills it
+                state.placement = Placement(True, "decode_full")  # its engine queues the request and prefills it
+                return None
             try:
                 return await self._prefill_reserved(decode, reservation, state)
             except _TransferFailed as failure:
@@ -301,7 +316,7 @@ class Orchestrator:
         self, decode: WorkerInfo, reservation: worker_pb2.ReserveReply, state: _RequestState
     ) -> worker_pb2.PrefillReply | None:
         """Prefill on the best prefill worker, on another after each failure; None when none is left to try."""
-        while self._prefill_remotely(decode, state):
+        while self._prefill_remotely(state):
             prefill = self._pick_prefill(state)
             if prefill is None:
                 return None
@@ -428,31 +443,66 @@ class Orchestrator:
     def _pick_prefill(self, state: _RequestState) -> WorkerInfo | None:
         return self.policy.pick_prefill(self._alive("prefill"), self._routing_request(state))
 
-    def _prefill_remotely(self, decode: WorkerInfo, state: _RequestState) -> bool:
-        """The policy wants a prefill worker, unless this is the last try and a remote prefill already failed, or
-        the automatic placement chose the decode worker for this attempt."""
-        if state.placed_locally or (state.remote_prefill_failed and state.retries_left == 0):
+    def _prefill_remotely(self, state: _RequestState) -> bool:
+        """The placement chose a prefill worker and one is alive, unless this is the last try and a remote prefill
+        already failed."""
+        if state.placement.local or (state.remote_prefill_failed and state.retries_left == 0):
             return False
-        prefill_available = bool(self._alive("prefill"))
-        return not self.policy.prefill_locally(self._routing_request(state), decode, prefill_available)
+        return bool(self._alive("prefill"))
 
-    def _prefill_pool_saturated(self, decode: WorkerInfo, state: _RequestState) -> bool:
-        """--auto-prefill-ttft-ms: every prefill worker would keep this prompt waiting too long, and ``decode`` has
-        room for it (see policy.prefill_pool_saturated)."""
+    def _place(self, decode: WorkerInfo, state: _RequestState) -> Placement:
+        """This try's placement: the policy's, or the decode worker once remote prefills failed up to the last try."""
+        if state.remote_prefill_failed and state.retries_left == 0:
+            return Placement(True, "remote_failed")
+        return self.policy.place(self._placement_signals(decode, state))
+
+    def _fallback(self, state: _RequestState) -> Placement:
+        """Why a remote placement ended on the decode worker: the last try after failures, or no prefill worker."""
+        if state.remote_prefill_failed and state.retries_left == 0:
+            return Placement(True, "remote_failed")
+        return Placement(True, "prefill_unavailable")
+
+    def _placement_signals(self, decode: WorkerInfo, state: _RequestState) -> PlacementSignals:
+        """The live signals of both pools for placing this try's prompt (see policy.PlacementSignals)."""
         request = self._routing_request(state)
-        candidates = [w for w in self._alive("prefill") if w.worker_id not in state.failed]
-        waits = [self.prefill_load.predicted_wait_s(w.worker_id, request.uncached_on(w)) for w in candidates]
-        return prefill_pool_saturated(waits, self.config.auto_prefill_ttft_ms,
-                                      self.local_prefill_load.tokens_in_flight(decode.worker_id),
-                                      request.uncached_on(decode), self.config.local_prefill_budget_tokens)
+        prefills = [w for w in self._alive("prefill") if w.worker_id not in state.failed]
+        rates = [r for w in prefills if (r := self.prefill_load.tokens_per_s(w.worker_id)) is not None]
+        return PlacementSignals(
+            prompt_tokens=request.num_prompt_tokens,
+            uncached_local=request.uncached_on(decode),
+            blocks_needed=request.num_blocks_needed,
+            prefill_available=bool(self._alive("prefill")),
+            prefill_waits_s=tuple(self.prefill_load.predicted_wait_s(w.worker_id, request.uncached_on(w))
+                                  for w in prefills),
+            prefill_idle=any(w.load == 0 and self.prefill_load.tokens_in_flight(w.worker_id) == 0 for w in prefills),
+            prefill_rate=max(rates, default=None),
+            decode=self._decode_load(decode),
+        )
+
+    def _decode_load(self, decode: WorkerInfo) -> DecodeLoad:
+        """``decode`` as picked (its running count holds this router's requests in flight before this one)."""
+        return DecodeLoad(
+            running=decode.running,
+            free_blocks=decode.free_blocks,
+            tpot_ms=decode.tpot_ms,
+            local_tokens_in_flight=self.local_prefill_load.tokens_in_flight(decode.worker_id),
+            local_rate=self.local_prefill_load.tokens_per_s(decode.worker_id),
+        )
+
+    def _report_placement(self, decode: WorkerInfo, state: _RequestState) -> None:
+        placement = state.placement
+        logger.debug("request %s: prefill %s on %s (%s)", state.request_id, placement.placement,
+                     decode.worker_id if placement.local else "a prefill worker", placement.reason)
+        if self.on_placement is not None:
+            self.on_placement(placement.placement, placement.reason)
 
     async def _prefix_hits(self, state: _RequestState) -> dict[str, int]:
-        """Leading prompt blocks each prefill worker holds in its prefix cache (from the Redis index)."""
-        prefills = self._alive("prefill")
-        if self.prefix_lookup is None or not prefills:
+        """Leading context blocks each worker of both pools holds in its prefix cache (one Redis round trip)."""
+        workers = self._alive("prefill") + self._alive("decode")
+        if self.prefix_lookup is None or not workers:
             return {}
-        hashes = hash_full_blocks(state.context, self.block_size)
-        return await self.prefix_lookup.matched_blocks([w.worker_id for w in prefills], hashes)
+        hashes = hash_full_blocks(state.context[: MAX_LOOKUP_BLOCKS * self.block_size], self.block_size)
+        return await self.prefix_lookup.matched_blocks([w.worker_id for w in workers], hashes)
 
     # ----------------------------------------------------------------- failures
     def _spend_retry(self, state: _RequestState, failure: _WorkerFailed | _TransferFailed) -> None:

@@ -290,6 +290,10 @@ class RoutingPolicy:
         """``should_prefill_locally`` with this policy's ``local_prefill_max_tokens``."""
         return should_prefill_locally(request, prefill_available, self.config.local_prefill_max_tokens, decode_worker)
 
+    def place(self, signals: PlacementSignals) -> Placement:
+        """``place_prefill`` with this policy's config."""
+        return place_prefill(signals, self.config)
+
 
 def should_prefill_locally(
     request: RoutingRequest, prefill_available: bool, local_prefill_max_tokens: int, decode_worker: WorkerInfo
@@ -313,8 +317,160 @@ def prefill_pool_saturated(predicted_waits_s: Sequence[float | None], target_ms:
     ``target_ms``, and the decode worker's own prefill work stays within ``local_budget_tokens`` with this prompt
     (so its running streams lose at most that much to prefill at once).
     """
+    return waits_exceed(predicted_waits_s, target_ms) and within_token_budget(
+        local_tokens_in_flight, uncached_local, local_budget_tokens
+    )
+
+
+# ---------------------------------------------------------------------------------------------- placement
+#
+# Where one attempt's prompt is prefilled: on a prefill worker (remote) or on the decode worker already picked
+# (local). ``place_prefill`` applies the rules below in order; each is a small pure function tested on its own.
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a prompt is prefilled and why. ``reason`` is a metric label: one of common.metrics.PLACEMENT_REASONS
+    for its placement (the orchestrator's fallbacks after a decision included)."""
+
+    local: bool
+    reason: str
+
+    @property
+    def placement(self) -> str:
+        return "local" if self.local else "remote"
+
+
+@dataclass(frozen=True)
+class DecodeLoad:
+    """The picked decode worker as the placement sees it.
+
+    ``running``: streams in its batch (heartbeat count plus this router's requests in flight, this one excluded);
+    ``tpot_ms``: its recent time per token (0 = unknown); ``local_tokens_in_flight``: prompt tokens it is prefilling
+    for this router now; ``local_rate``: its prefill tokens/s as this router measured them (None = not yet).
+    """
+
+    running: int
+    free_blocks: int
+    tpot_ms: float
+    local_tokens_in_flight: int
+    local_rate: float | None
+
+
+@dataclass(frozen=True)
+class PlacementSignals:
+    """Everything one placement decision reads; counts are tokens unless named blocks.
+
+    ``prefill_waits_s``: each candidate prefill worker's predicted wait for this prompt (None = its rate is not
+    measured yet); ``prefill_idle``: some candidate has nothing queued; ``prefill_rate``: the best measured prefill
+    worker rate (None = none measured).
+    """
+
+    prompt_tokens: int
+    uncached_local: int  # what the decode worker would compute: the prompt minus its cached leading blocks
+    blocks_needed: int  # KV blocks the request needs on the decode worker (prompt + expected output)
+    prefill_available: bool
+    prefill_waits_s: tuple[float | None, ...]
+    prefill_idle: bool
+    prefill_rate: float | None
+    decode: DecodeLoad
+
+
+def waits_exceed(predicted_waits_s: Sequence[float | None], target_ms: float) -> bool:
+    """The prefill pool is saturated: the mode is on (``target_ms`` > 0) and every candidate's predicted wait is
+    known and above ``target_ms``. No candidate, or one not yet measured: not saturated."""
     if target_ms <= 0 or not predicted_waits_s or any(wait is None for wait in predicted_waits_s):
         return False
-    if min(predicted_waits_s) * 1e3 <= target_ms:
+    return min(w for w in predicted_waits_s if w is not None) * 1e3 > target_ms
+
+
+def within_token_budget(local_tokens_in_flight: int, uncached_local: int, budget_tokens: int) -> bool:
+    """The decode worker's prefill work with this prompt stays within ``budget_tokens``."""
+    return local_tokens_in_flight + uncached_local <= budget_tokens
+
+
+def has_kv_headroom(decode: DecodeLoad, blocks_needed: int) -> bool:
+    """The request fits in the decode worker's free blocks, so prefilling it there preempts no running stream."""
+    return decode.free_blocks >= blocks_needed
+
+
+def local_prefill_rate(decode: DecodeLoad, configured: float, prefill_rate: float | None) -> float | None:
+    """The decode worker's prefill rate: measured, else ``configured`` (> 0), else the prefill pool's (None when
+    nothing is known)."""
+    if decode.local_rate is not None and decode.local_rate > 0:
+        return decode.local_rate
+    return configured if configured > 0 else prefill_rate
+
+
+def predicted_tpot_ms(base_tpot_ms: float, prefill_tokens: int, rate: float, spread_steps: int) -> float:
+    """A decode worker's TPOT while it prefills ``prefill_tokens``: its recent TPOT plus the prefill's time
+    (tokens / ``rate``) spread over ``spread_steps`` of its streams' tokens. A request's TPOT is the mean over its
+    output, so a stall of S seconds adds S / (output tokens) to the TPOT of every stream it lands in."""
+    return base_tpot_ms + 1e3 * prefill_tokens / rate / max(spread_steps, 1)
+
+
+def within_tpot_budget(decode: DecodeLoad, prefill_tokens: int, rate: float | None, target_ms: float,
+                       spread_steps: int) -> bool:
+    """Prefilling ``prefill_tokens`` more (besides what it already prefills) keeps the decode worker's predicted
+    TPOT within ``target_ms``. True without a target (0) or without a stream to slow; False when the rate is
+    unknown (the streams' TPOT cannot be predicted, so they are kept safe). The recent TPOT may already hold part
+    of the prefills in flight, which are counted again: the error is on the side of the streams."""
+    if target_ms <= 0 or decode.running <= 0:
+        return True
+    if rate is None or rate <= 0:
         return False
-    return local_tokens_in_flight + uncached_local <= local_budget_tokens
+    tokens = decode.local_tokens_in_flight + prefill_tokens
+    return predicted_tpot_ms(decode.tpot_ms, tokens, rate, spread_steps) <= target_ms
+
+
+def over_tpot_target(decode: DecodeLoad, target_ms: float) -> bool:
+    """The decode worker is busy: it has streams and its recent TPOT already exceeds a known ``target_ms``."""
+    return target_ms > 0 and decode.running > 0 and decode.tpot_ms > target_ms
+
+
+def local_not_slower(signals: PlacementSignals, rate: float | None) -> bool:
+    """The prompt's predicted wait on the decode worker (its prefill queue plus the prompt, over ``rate``) is no
+    longer than on the fastest prefill worker. True when either is unknown (the other rules decide)."""
+    waits = [w for w in signals.prefill_waits_s if w is not None]
+    if rate is None or rate <= 0 or not waits:
+        return True
+    return (signals.decode.local_tokens_in_flight + signals.uncached_local) / rate <= min(waits)
+
+
+def place_saturated(signals: PlacementSignals, config: RouterConfig) -> Placement:
+    """The prefill pool is saturated: the decode worker takes the prompt if it has the room, keeps its streams
+    within the TPOT target (or, without one, within the local token budget) and would not be slower itself."""
+    decode, uncached = signals.decode, signals.uncached_local
+    if config.slo_tpot_ms <= 0 and not within_token_budget(decode.local_tokens_in_flight, uncached,
+                                                           config.local_prefill_budget_tokens):
+        return Placement(False, "local_budget")
+    if not has_kv_headroom(decode, signals.blocks_needed):
+        return Placement(False, "decode_kv_full")
+    rate = local_prefill_rate(decode, config.local_prefill_tokens_per_s, signals.prefill_rate)
+    if not within_tpot_budget(decode, uncached, rate, config.slo_tpot_ms, config.local_prefill_spread_tokens):
+        return Placement(False, "decode_over_tpot")
+    if not local_not_slower(signals, rate):
+        return Placement(False, "local_slower")
+    return Placement(True, "prefill_saturated")
+
+
+def place_prefill(signals: PlacementSignals, config: RouterConfig) -> Placement:
+    """Where to prefill this attempt's prompt, by the first rule that applies:
+
+    1. no prefill worker -> local; 2. a short prompt (<= local_prefill_max_tokens) -> local; 3. a prompt whose
+    uncached part on the decode worker is that short (its prefix cache holds the rest) -> local, unless the
+    decode worker is over its TPOT target while a prefill worker is idle -> remote; 4. every prefill worker's
+    predicted wait above auto_prefill_ttft_ms -> ``place_saturated``; 5. otherwise remote.
+    """
+    limit = config.local_prefill_max_tokens
+    if not signals.prefill_available:
+        return Placement(True, "no_prefill_worker")
+    if signals.prompt_tokens <= limit:
+        return Placement(True, "short_prompt")
+    if signals.uncached_local <= limit:
+        if signals.prefill_idle and over_tpot_target(signals.decode, config.slo_tpot_ms):
+            return Placement(False, "decode_busy")
+        return Placement(True, "decode_cache_hit")
+    if waits_exceed(signals.prefill_waits_s, config.auto_prefill_ttft_ms):
+        return place_saturated(signals, config)
+    return Placement(False, "prefill_pool")

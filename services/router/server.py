@@ -160,7 +160,7 @@ async def router_state(
     metrics = RouterMetrics.create(served)
 
     orchestrator = Orchestrator(model, router, transfer, watcher, PrefixLookup(client, coord),
-                                on_retry=metrics.count_retry)
+                                on_retry=metrics.count_retry, on_placement=metrics.count_placement)
     limiter = None
     if router.rate_limit_rpm or router.rate_limit_tpm:
         limiter = RateLimiter(client, coord.namespace, router.rate_limit_rpm, router.rate_limit_tpm)

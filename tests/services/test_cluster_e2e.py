@@ -276,3 +276,33 @@ def wait_for_ready_counts(url: str, decode: int, timeout_s: float = 30.0) -> Non
                 return
         time.sleep(0.3)
     raise AssertionError(f"the router never counted {decode} decode workers")
+
+
+def test_a_prompt_cached_on_the_decode_worker_is_prefilled_there_with_the_same_output(tmp_path):
+    """Decode workers publish their prefix index (`<ns>:prefix:<id>` in Redis); the router finds the first answer's
+    prompt there and places the repeat on the decode worker (its cache leaves < 16 tokens): the same greedy tokens
+    as the remote prefill gave."""
+    import redis
+    from prometheus_client.parser import text_string_to_metric_families
+
+    args = [*ROUTER_ARGS, "--local-prefill-max-tokens", "16"]
+    with LocalCluster("smollm2", 1, 1, router_port=0, worker_args=WORKER_ARGS, router_args=args,
+                      run_dir=tmp_path) as cluster:
+        wait_ready(cluster.router_url, 1, 1)
+        prompt = long_prompt()
+        remote = generate(cluster.router_url, prompt)["token_ids"]
+        decode = next(w for w in cluster.workers.values() if w.role == "decode")
+        key = f"{cluster.namespace}:prefix:{decode.worker_id}"
+        with redis.Redis.from_url(cluster.redis_url) as client:
+            deadline = time.monotonic() + 10
+            while client.scard(key) == 0:
+                assert time.monotonic() < deadline, f"{key} never appeared in Redis"
+                time.sleep(0.1)
+        assert generate(cluster.router_url, prompt)["token_ids"] == remote
+        text = httpx.get(f"{cluster.router_url}/metrics", timeout=5).text
+        placed = {(s.labels["placement"], s.labels["reason"]): s.value
+                  for family in text_string_to_metric_families(text)
+                  if family.name == "tandem_router_prefill_placements" for s in family.samples
+                  if s.name.endswith("_total")}
+        assert (placed[("remote", "prefill_pool")], placed[("local", "decode_cache_hit")]) == (1, 1)
+        assert_no_leak(cluster)

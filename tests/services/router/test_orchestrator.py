@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import anyio
 import grpc
@@ -535,4 +535,155 @@ async def test_automatic_placement_prefills_on_the_decode_worker_when_the_prefil
     load.finish("p0", 1000, completed=False)
     events = await collect(orchestrator)  # the queue drained: remote again
     assert prefill.calls == {"Prefill": 2}
+    cluster.assert_nothing_held()
+
+
+# ---------------------------------------------------------------------------------------------- placement
+
+
+class FakePrefixLookup:
+    """The Redis prefix index: ``hits[worker_id]`` leading blocks cached (capped at the context's full blocks)."""
+
+    def __init__(self, hits: dict[str, int]) -> None:
+        self.hits = hits
+        self.lookups: list[list[str]] = []  # the worker ids of each round trip
+
+    async def matched_blocks(self, worker_ids: list[str], block_hashes: list[bytes]) -> dict[str, int]:
+        self.lookups.append(list(worker_ids))
+        return {w: min(self.hits.get(w, 0), len(block_hashes)) for w in worker_ids}
+
+
+def placing_orchestrator(cluster: FakeCluster, placements: list[tuple[str, str]],
+                         lookup: FakePrefixLookup | None = None, **settings: object) -> Orchestrator:
+    config = RouterConfig(**{"local_prefill_max_tokens": 4, **settings})
+    return Orchestrator(MODEL, config, TransferConfig(), cluster.watcher, lookup, stubs=cluster.stub,
+                        on_placement=lambda placement, reason: placements.append((placement, reason)))
+
+
+def set_live(cluster: FakeCluster, worker_id: str, **live: object) -> None:
+    """What the worker's next heartbeat would say."""
+    cluster.watcher.snapshot[worker_id] = replace(cluster.watcher.snapshot[worker_id], **live)
+
+
+def saturate(orchestrator: Orchestrator, queued: int = 1000) -> PrefillLoad:
+    """p0 measured at 8,192 tok/s with ``queued`` tokens ahead: the prompt's predicted wait is (queued + 20) / 8192
+    s."""
+    clock = iter([0.0, 1.0, *[1.0] * 1000])
+    load = orchestrator.prefill_load = PrefillLoad(lambda: next(clock))
+    load.start("p0", 8192)
+    load.finish("p0", 8192, completed=True)
+    if queued:
+        load.start("p0", queued)
+    return load
+
+
+@pytest.mark.asyncio
+async def test_prefix_hits_on_a_decode_worker_steer_the_pick_and_place_the_prefill_there():
+    cluster = FakeCluster(num_prefill=1, num_decode=2)
+    (prefill,), (d0, d1) = cluster.prefills, cluster.decodes
+    placements: list[tuple[str, str]] = []
+    prompt = list(range(1, 37))  # 36 tokens: 2 full blocks and 4 tokens
+    lookup = FakePrefixLookup({"d1": 2})  # d1 (the busier one) holds both full blocks: 4 tokens left to compute
+    events = await collect(placing_orchestrator(cluster, placements, lookup), prompt=prompt)
+    assert tokens_of(events) == expected_tokens(prompt, MAX_TOKENS)
+    assert {e.worker_id for e in events} == {"d1"}
+    assert (prefill.calls, d0.calls, d1.calls) == ({}, {}, {"Generate": 1})
+    assert d1.generate_calls[0][0].reservation_id == ""
+    assert placements == [("local", "decode_cache_hit")]
+    assert lookup.lookups == [["p0", "d0", "d1"]]  # both pools in one round trip
+    lookup.hits = {}  # without the hit: the idler d0, and a prefill worker
+    events = await collect(placing_orchestrator(cluster, placements, lookup), prompt=prompt)
+    assert {e.worker_id for e in events} == {"d0"}
+    assert (prefill.calls, placements[-1]) == ({"Prefill": 1}, ("remote", "prefill_pool"))
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_saturated_prefill_pool_places_locally_on_a_decode_worker_within_its_tpot_budget():
+    cluster = FakeCluster(num_prefill=1, num_decode=1)
+    (prefill,), (decode,) = cluster.prefills, cluster.decodes
+    # 20 tokens at the pool's 8,192 tok/s over 256 tokens: +0.0095 ms on 19.99 ms <= 20 ms
+    set_live(cluster, "d0", running=4, tpot_ms=19.99)
+    placements: list[tuple[str, str]] = []
+    orchestrator = placing_orchestrator(cluster, placements, auto_prefill_ttft_ms=100, slo_tpot_ms=20)
+    saturate(orchestrator)  # (1000 + 20) / 8192 s > 100 ms
+    events = await collect(orchestrator)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert (prefill.calls, decode.calls) == ({}, {"Generate": 1})
+    assert decode.generate_calls[0][0].reservation_id == ""
+    assert placements == [("local", "prefill_saturated")]
+    assert orchestrator.local_prefill_load.tokens_in_flight("d0") == 0
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_saturated_prefill_pool_queues_on_the_prefill_worker_when_the_decode_worker_is_over_budget():
+    cluster = FakeCluster(num_prefill=1, num_decode=1)
+    (prefill,), (decode,) = cluster.prefills, cluster.decodes
+    set_live(cluster, "d0", running=4, tpot_ms=19.995)  # + 0.0095 ms > 20 ms
+    placements: list[tuple[str, str]] = []
+    orchestrator = placing_orchestrator(cluster, placements, auto_prefill_ttft_ms=100, slo_tpot_ms=20)
+    load = saturate(orchestrator)
+    events = await collect(orchestrator)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert (prefill.calls, decode.calls) == ({"Prefill": 1}, {"Reserve": 1, "Generate": 1})
+    assert placements == [("remote", "decode_over_tpot")]
+    assert load.tokens_in_flight("p0") == 1000  # queued behind the 1,000 tokens, and answered
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_idle_prefill_pool_keeps_long_prompts_even_from_an_idle_decode_worker():
+    cluster = FakeCluster(num_prefill=1, num_decode=1)
+    (prefill,), (decode,) = cluster.prefills, cluster.decodes
+    placements: list[tuple[str, str]] = []
+    orchestrator = placing_orchestrator(cluster, placements, auto_prefill_ttft_ms=100, slo_tpot_ms=20)
+    saturate(orchestrator, queued=0)  # 20 / 8192 s: well under 100 ms
+    events = await collect(orchestrator)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert (prefill.calls, decode.calls) == ({"Prefill": 1}, {"Reserve": 1, "Generate": 1})
+    assert placements == [("remote", "prefill_pool")]
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_busy_decode_worker_sends_a_prompt_it_caches_to_the_idle_prefill_pool():
+    cluster = FakeCluster(num_prefill=1, num_decode=1)
+    (prefill,), (decode,) = cluster.prefills, cluster.decodes
+    set_live(cluster, "d0", running=4, tpot_ms=25.0)
+    placements: list[tuple[str, str]] = []
+    orchestrator = placing_orchestrator(cluster, placements, FakePrefixLookup({"d0": 1}), slo_tpot_ms=20)
+    assert tokens_of(await collect(orchestrator)) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert prefill.calls == {"Prefill": 1}
+    set_live(cluster, "p0", running=1)  # the prefill worker is busy now: the decode worker's cache wins
+    assert tokens_of(await collect(orchestrator)) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert prefill.calls == {"Prefill": 1}
+    assert decode.generate_calls[-1][0].reservation_id == ""
+    assert placements == [("remote", "decode_busy"), ("local", "decode_cache_hit")]
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_each_try_reports_its_final_placement_fallbacks_included():
+    cluster = FakeCluster(num_prefill=1, num_decode=2)
+    (prefill,), (d0, _) = cluster.prefills, cluster.decodes
+    placements: list[tuple[str, str]] = []
+    d0.full = True
+    await collect(placing_orchestrator(cluster, placements))
+    d0.full, d0.corrupt_transfers = False, 1000
+    await collect(placing_orchestrator(cluster, placements, max_retries=1))
+    d0.corrupt_transfers, d0.die_after_chunks = 0, 2
+    await collect(placing_orchestrator(cluster, placements))  # d0 dies: the migration is a second try on d1
+    assert await collect(placing_orchestrator(cluster, placements), prompt=[1, 2, 3])  # 3 tokens: d1 itself
+    prefill.dead = True
+    await collect(placing_orchestrator(cluster, placements))  # p0 fails: d1 prefills, p0 leaves the snapshot
+    await collect(placing_orchestrator(cluster, placements))
+    assert placements == [
+        ("local", "decode_full"),
+        ("local", "remote_failed"),
+        ("remote", "prefill_pool"), ("remote", "prefill_pool"),
+        ("local", "short_prompt"),
+        ("local", "prefill_unavailable"),
+        ("local", "no_prefill_worker"),
+    ]
     cluster.assert_nothing_held()
