@@ -111,16 +111,18 @@ class Layout:
     router_args: tuple[str, ...] = ()
     data_parallel: int = 0
     worker_args: tuple[str, ...] = ()
+    tpot_aware: bool = False  # the router gets the workload's TPOT target (--slo-tpot-ms) for its placement
 
 
 LAYOUTS: dict[str, Layout] = {
     # --local-prefill-max-tokens 0: every prompt is prefilled on the prefill worker, whatever its length.
     "1p1d": Layout("1p1d", "Tandem 1P1D", "tandem", 1, 1, ("--local-prefill-max-tokens", "0")),
     "0p2d": Layout("0p2d", "Tandem 0P2D", "tandem", 0, 2),
-    # 1P1D whose router prefills on the decode worker when the prefill worker's predicted wait passes 300 ms (a
-    # first form of the control plane's automatic mode; RouterConfig.auto_prefill_ttft_ms).
-    "1p1d-auto": Layout("1p1d-auto", "Tandem 1P1D auto", "tandem", 1, 1,
-                        ("--auto-prefill-ttft-ms", "300", "--local-prefill-budget-tokens", "4096")),
+    # 1P1D whose router prefills on the decode worker when the prefill worker's predicted wait passes 300 ms and
+    # the decode worker's predicted TPOT with that prompt stays within the workload's target (the control plane's
+    # automatic placement: services/router/policy.py place_prefill).
+    "1p1d-auto": Layout("1p1d-auto", "Tandem 1P1D auto", "tandem", 1, 1, ("--auto-prefill-ttft-ms", "300"),
+                        tpot_aware=True),
     "vllm-dp2": Layout("vllm-dp2", "vLLM DP2", "vllm", data_parallel=2),
     # One GPU, colocated: what each GPU of 0p2d / vllm-dp2 does, for a machine with a single GPU (run half the rates).
     "0p1d": Layout("0p1d", "Tandem 0P1D (1 GPU)", "tandem", 0, 1),
@@ -358,6 +360,8 @@ def tandem_server(layout: Layout, model_dir: str, workload: ServingWorkload, opt
                    str(workload.max_model_len), "--transport", opts.transport, "--metrics-port", "0",
                    *layout.worker_args, *opts.worker_arg]
     router_args = ["--transport", opts.transport, *layout.router_args, *opts.router_arg]
+    if layout.tpot_aware:
+        router_args += ["--slo-tpot-ms", f"{workload.slo_ms['tpot']:g}"]
     cluster = LocalCluster(model_dir, layout.prefill, layout.decode, router_port=0, worker_args=worker_args,
                            router_args=router_args, run_dir=run_dir, ready_timeout_s=opts.ready_timeout_s)
     with cluster:
