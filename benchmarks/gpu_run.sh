@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's work in one call: bash benchmarks/gpu_run.sh STAGE... (logs and JSON under $OUT).
-# Stages: tests (gpu-marked kernel + engine tests), profile (GPU time per kernel class of a prefill, mixed and
-# decode step), async | sync (W1, W2, batch-1 latency with async scheduling
+# Stages: tests (gpu-marked kernel + engine tests), quicktests (the kernel, GPU-path, sampler and structured-output
+# ones), structured (TPOT with and without a JSON schema), goodput1 (S1 on one GPU: 0P1D at 8 and 12 req/s),
+# profile (GPU time per kernel class of a prefill, mixed and decode step), async | sync (W1, W2, batch-1 latency with async scheduling
 # on | off), kernels (attention micro-benchmark), w1 | w2 | latency |
 # prefill | preempt (throughput.py on the 8B shape), small (SmolLM2 shape W1+W2), hf (HF baseline on W1),
 # vllm (the peer, after the bundle is unpacked to /tmp/vllm-site), gateway (router vs direct gRPC streams),
@@ -26,6 +27,15 @@ for stage in "$@"; do
     tests) run tests 420 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels tests/common/engine/test_gpu_path.py tests/common/transfer ;;
     gpupath) run gpupath 300 python3 -m pytest -q -s -p no:cacheprovider tests/common/engine/test_gpu_path.py ;;
     breakdown) run breakdown 300 python3 -m benchmarks.throughput --shape llama8b --workloads W1-breakdown --json "$OUT/breakdown.json" ;;
+    quicktests) run quicktests 300 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/kernels/test_activation.py \
+                  tests/kernels/test_paged_attention.py tests/common/engine/test_gpu_path.py \
+                  tests/common/engine/test_sampler.py tests/common/engine/test_structured.py ;;
+    structured) run structured 300 python3 benchmarks/structured_bench.py --engine --batches 1,64 ;;
+    goodput1)
+      model=smollm2; [ -d /tmp/carry/.gpu_model/smollm2 ] && model=/tmp/carry/.gpu_model/smollm2
+      run goodput1 400 python3 benchmarks/pd_goodput.py --workloads S1 --rates "${PD_RATES:-8,12}" \
+        --duration-s "${PD_DURATION_S:-20}" --layouts "${PD_LAYOUTS:-0p1d}" --no-engine-step --model "$model" \
+        --run-dir "$OUT/goodput1-logs" --result-json "$OUT/goodput1.json" ;;
     profile) run profile 300 python3 -m benchmarks.step_profile --shape llama8b --json "$OUT/profile.json" ;;
     kernels) run kernels 240 python3 benchmarks/attention_kernels.py --json "$OUT/kernels.json" ;;
     w1|w2|latency|prefill|preempt)
