@@ -4,13 +4,15 @@ Library: xgrammar. ``benchmarks/structured_bench.py`` measured it against llguid
 49,152-token vocabulary, a typical nested JSON schema, 2 CPU threads): per-step mask time 0.006 ms (xgrammar) vs
 0.049 ms (llguidance) at batch 1 and 0.45 vs 1.73 ms at batch 64 (masks and token accepts together); schema
 compile 19 ms vs 1.3 ms. xgrammar pays once per distinct schema (cached here) to precompute its token masks and
-then wins every decode step, which is where the TPOT budget is spent; it also gives matchers a rollback and a
-fork (n > 1), and a Triton kernel that applies the bitmask to CUDA logits. It is vLLM's default backend too.
+then wins every decode step, which is where the TPOT budget is spent; it also forks matchers (n > 1), has a
+Triton kernel that applies the bitmask to CUDA logits, and is vLLM's default backend.
 
 Invariants:
 - ``GrammarState`` has accepted exactly its request's output tokens so far (``Request.append_output_token``
-  advances it), so a preempted request, recomputed from its tokens, keeps its state; a resumed request (decode
-  pool, migration) rebuilds it by accepting the tokens generated elsewhere.
+  advances it). Preemption recomputes KV but keeps the output tokens, so the state stays right and needs no
+  rollback; no token is ever taken back (a structured request's steps are applied before its next one is
+  scheduled, so async scheduling never samples past a stop for it). A resumed request (decode pool,
+  migration) rebuilds its state by accepting the tokens generated elsewhere.
 - Masks are filled on the host from the states as they are when the step is sampled, applied to a copy of the
   logits on the logits' device (logprobs stay from the raw logits), and never inside a captured CUDA graph.
 - A compile failure is a ValueError naming the constraint and the problem; nothing is cached for it.
@@ -59,10 +61,6 @@ class GrammarState:
     def is_terminated(self) -> bool:
         """The grammar is complete and a stop token was accepted: nothing more may follow."""
         return self._matcher.is_terminated()
-
-    def rollback(self, num_tokens: int) -> None:
-        """Forget the newest ``num_tokens`` accepted tokens."""
-        self._matcher.rollback(num_tokens)
 
     def fork(self) -> GrammarState:
         """An independent copy at the same place (another sample of the same request)."""
