@@ -4,10 +4,12 @@ the same batch left exactly as they were."""
 
 from __future__ import annotations
 
+import gc
 import json
 
 import jsonschema
 import pytest
+import torch
 
 from common.engine import LLM, SamplingParams
 from common.engine.sampling_params import StructuredOutputs
@@ -140,3 +142,20 @@ def test_outputs_survive_preemption(smol):
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == [o.outputs[0].token_ids for o in smol.generate(prompts, params)]
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_and_eager_give_the_same_valid_output():
+    """Decode steps replay CUDA graphs; the mask is applied to the logits outside the captured forward."""
+    questions = [ASK, "Reply in JSON with the colors Bo likes: red and blue."]
+    params = [json_params(COLORS), constrained(PHONE)]
+    outputs = {}
+    for eager in (False, True):
+        llm = LLM("smollm2", dtype="float32", device="cuda", gpu_memory_utilization=0.3, enforce_eager=eager)
+        assert (llm.engine.runner.decode_graphs is None) == eager
+        outputs[eager] = [o.outputs[0] for o in llm.chat([chat(q) for q in questions], params)]
+        del llm
+        gc.collect()  # its KV cache is sized from the free memory: give the first engine's back
+        torch.cuda.empty_cache()
+    jsonschema.validate(json.loads(outputs[False][0].text), COLORS)
+    assert [o.token_ids for o in outputs[False]] == [o.token_ids for o in outputs[True]]

@@ -164,3 +164,32 @@ def test_sampler_min_tokens_does_not_empty_a_complete_grammar(compiler, smollm2_
     )
     result = Sampler(torch.Generator().manual_seed(0))(torch.randn(1, VOCAB), [row])
     assert result.token_ids == [EOS]
+
+
+# -- on the GPU (the coordinator runs these on an H200) --------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_masks_apply_on_the_device_without_host_sync(compiler, smollm2_tokenizer):
+    """Masks are filled on the host and uploaded from pinned memory: enqueueing a constrained step never waits."""
+    logits = torch.randn(4, VOCAB, generator=torch.Generator().manual_seed(1))
+    choice = StructuredOutputs(choice=("yes", "no"))
+    digits = compiler.new_state(StructuredOutputs(regex="[0-9]+"), smollm2_tokenizer.encode("4"))
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0), [1], [], grammar=compiler.new_state(choice)),
+        SamplingRow(SamplingParams(temperature=0.0), [1], []),
+        SamplingRow(SamplingParams(temperature=0.8, min_tokens=3), [1], [0], frozenset({EOS}), grammar=digits),
+        SamplingRow(SamplingParams(temperature=0.0, logprobs=3), [1], [], grammar=compiler.new_state(choice)),
+    ]
+    sampler = Sampler(torch.Generator().manual_seed(0))
+    expected = sampler(logits, rows).token_ids  # the CPU path, for the greedy rows
+    sampler.sample(logits.cuda(), rows).result()  # warm-up: xgrammar's Triton kernel compiles on first use
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pending = sampler.sample(logits.cuda(), rows)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    tokens = pending.result().token_ids
+    assert [tokens[i] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
+    assert tokens[2] in mask_of(digits) and tokens[2] != EOS
