@@ -7,7 +7,13 @@ stepping through the whole answer; the time is averaged over steps. Batch 64 run
 call (xgrammar's BatchGrammarMatcher, llguidance's LLExecutor), each over ``--threads`` threads. Also: applying
 the bitmask to [batch, V] float32 logits on the CPU (each library's own in-place kernel).
 
+``--engine`` instead measures the engine's TPOT with and without the schema (the issue's target: <= 5% more at
+batch 1, <= 10% at batch 64, on an H200 with the 8B shape's random weights and SmolLM2's tokenizer), as
+(time of N + 1 tokens - time of 1 token) / N per batch, and the first request's compile (tokenizer table
+included) on a fresh compiler.
+
     PYTHONPATH=. python benchmarks/structured_bench.py [--threads 2] [--rounds 3]
+    PYTHONPATH=. python benchmarks/structured_bench.py --engine [--shape llama8b] [--batches 1,64] [--tokens 32]
 """
 
 from __future__ import annotations
@@ -151,11 +157,52 @@ def apply_seconds(case, batch: int) -> float:
     return min(timed(lambda: case.apply(logits, bitmask))[0] for _ in range(20))
 
 
+def engine_overhead(shape: str, batches: list[int], tokens: int) -> None:
+    """TPOT of B requests of random 128-token prompts, greedy, plain and under SCHEMA (cached after warm-up)."""
+    from benchmarks.workloads import random_prompts, shape_model_folder
+    from common.engine import LLM, SamplingParams
+    from common.engine.sampling_params import StructuredOutputs
+    from common.engine.structured import GrammarCompiler
+    from common.models.loader import resolve_model_path
+
+    cuda = torch.cuda.is_available()
+    folder = shape_model_folder(shape, resolve_model_path("smollm2", None))
+    memory = {"gpu_memory_utilization": 0.9} if cuda else {"kv_cache_memory": 512 * 2**20}
+    llm = LLM(str(folder), load_format="dummy", dtype="bfloat16" if cuda else "float32", **memory)
+    engine = llm.engine
+    fresh = GrammarCompiler(engine.tokenizer, engine.hf_config.vocab_size, engine.eos_token_ids)
+    first_ms = timed(lambda: fresh.compile(StructuredOutputs(json=json.dumps(SCHEMA))))[0] * 1e3
+    print(f"first request's compile (tokenizer table included): {first_ms:.0f} ms; device {engine.device}")
+    plain = SamplingParams(temperature=0.0, ignore_eos=True)
+    constrained = plain.replace(structured_outputs=StructuredOutputs(json=json.dumps(SCHEMA)))
+
+    def seconds(params: SamplingParams, batch: int, max_tokens: int) -> float:
+        prompts = [{"prompt_token_ids": p} for p in random_prompts([128] * batch, engine.hf_config.vocab_size, batch)]
+        outputs, elapsed = None, 0.0
+        for _ in range(2):  # the first warms up (kernels, graphs, the grammar cache); the second is timed
+            elapsed, outputs = timed(lambda: llm.generate(prompts, params.replace(max_tokens=max_tokens)))
+        if any(len(o.outputs[0].token_ids) != max_tokens for o in outputs):
+            raise RuntimeError("a request ended early: raise the schema's minimum length or lower --tokens")
+        return elapsed
+
+    print("| batch | TPOT plain (ms) | TPOT JSON schema (ms) | overhead |\n|---|---|---|---|")
+    for batch in batches:
+        tpot = [(seconds(p, batch, tokens + 1) - seconds(p, batch, 1)) / tokens * 1e3 for p in (plain, constrained)]
+        print(f"| {batch} | {tpot[0]:.2f} | {tpot[1]:.2f} | {tpot[1] / tpot[0] - 1:+.1%} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="repeats of each measurement (the median is shown)")
+    parser.add_argument("--engine", action="store_true", help="measure the engine's TPOT overhead instead")
+    parser.add_argument("--shape", default="llama8b", help="--engine: the model shape (benchmarks/workloads.py)")
+    parser.add_argument("--batches", default="1,64", help="--engine: batch sizes")
+    parser.add_argument("--tokens", type=int, default=32, help="--engine: decode tokens timed per request")
     args = parser.parse_args()
+    if args.engine:
+        engine_overhead(args.shape, [int(b) for b in args.batches.split(",")], args.tokens)
+        return
     tokenizer = smollm2_tokenizer()
     tokens = tokenizer.encode(json.dumps(ANSWER), add_special_tokens=False)
     print(f"answer: {len(tokens)} tokens; vocab {VOCAB}; threads {args.threads}\n")
