@@ -1,11 +1,11 @@
 """Constrained decoding: compiled grammars (cached), each sample's place in its grammar, token masks on the logits.
 
 Library: xgrammar. ``benchmarks/structured_bench.py`` measured it against llguidance on our workload (SmolLM2's
-49,152-token vocabulary, a typical nested JSON schema, 2 CPU threads): per-step mask time 0.006 ms (xgrammar) vs
-0.049 ms (llguidance) at batch 1 and 0.45 vs 1.73 ms at batch 64 (masks and token accepts together); schema
-compile 19 ms vs 1.3 ms. xgrammar pays once per distinct schema (cached here) to precompute its token masks and
-then wins every decode step, which is where the TPOT budget is spent; it also forks matchers (n > 1), has a
-Triton kernel that applies the bitmask to CUDA logits, and is vLLM's default backend.
+49,152-token vocabulary, a typical nested JSON schema, 2 CPU threads): per-step mask time 0.010 ms (xgrammar) vs
+0.044 ms (llguidance) at batch 1 and 0.58 vs 1.85 ms at batch 64 (masks and token accepts together); schema
+compile 25 ms vs 1.3 ms (benchmarks/RESULTS.md). xgrammar pays once per distinct schema (cached here) to
+precompute its token masks and then wins every decode step, which is where the TPOT budget is spent; it also
+forks matchers (n > 1), has a Triton kernel that applies the bitmask to CUDA logits, and is vLLM's default.
 
 Invariants:
 - ``GrammarState`` has accepted exactly its request's output tokens so far (``Request.append_output_token``
