@@ -87,6 +87,14 @@ def test_compiles_are_cached_by_kind_and_spec_with_a_bound(smollm2_tokenizer):
     assert (compiler.hits, compiler.misses) == (1, 4)
 
 
+def test_the_cache_is_bounded_in_bytes_too(smollm2_tokenizer):
+    compiler = GrammarCompiler(smollm2_tokenizer, VOCAB, {EOS}, cache_bytes=1)
+    compiler.compile(StructuredOutputs(regex="a+"))
+    kept = compiler.compile(StructuredOutputs(regex="b+"))  # the newest stays, whatever its size
+    assert compiler.cached_bytes == kept.memory_size_bytes > 1
+    assert compiler.compile(StructuredOutputs(regex="b+")) is kept and compiler.misses == 2
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
