@@ -186,7 +186,9 @@ def test_cuda_masks_apply_on_the_device_without_host_sync(compiler, smollm2_toke
     rows = [
         SamplingRow(SamplingParams(temperature=0.0), [1], [], grammar=compiler.new_state(choice)),
         SamplingRow(SamplingParams(temperature=0.0), [1], []),
-        SamplingRow(SamplingParams(temperature=0.8, min_tokens=3), [1], [0], frozenset({EOS}), grammar=digits),
+        SamplingRow(
+            SamplingParams(temperature=0.8, min_tokens=3), [1], [0], eos_token_ids=frozenset({EOS}), grammar=digits
+        ),
         SamplingRow(SamplingParams(temperature=0.0, logprobs=3), [1], [], grammar=compiler.new_state(choice)),
     ]
     sampler = Sampler(torch.Generator().manual_seed(0))
