@@ -118,6 +118,13 @@ def test_a_resumed_request_continues_the_same_grammar(smol):
         prompt_token_ids=prompt_ids, output_token_ids=tokens[:3], sampling_params=params
     )
     assert run_to_end(smol, request_id).outputs[0].token_ids == tokens
+    # a prefill worker taking over a migrated request (services/prefill first_token_request): one more token
+    prefill = params.replace(max_tokens=4)
+    request_id = smol.engine.add_request(
+        prompt_token_ids=prompt_ids, output_token_ids=tokens[:3], sampling_params=prefill, export_kv=True
+    )
+    exported = run_to_end(smol, request_id)
+    assert exported.outputs[0].token_ids == tokens[:4] and exported.exported_kv is not None
     broken = tokens[:2] + smol.get_tokenizer().encode("x")
     with pytest.raises(
         ValueError, match="output_token_ids: token .* at position 2 does not follow the structured_outputs regex"
