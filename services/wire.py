@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any
 
 from common.engine.outputs import Logprob
-from common.engine.sampling_params import SamplingParams
+from common.engine.sampling_params import SamplingParams, StructuredOutputs
 from proto import worker_pb2
 
 _EMPTY_MEANS_NONE = frozenset({"logit_bias"})
@@ -14,10 +14,13 @@ _EMPTY_MEANS_NONE = frozenset({"logit_bias"})
 
 
 def _wire_kind(name: str) -> str | None:
-    """How SamplingParams' field `name` is carried: map | repeated | optional | scalar (None: the proto lacks it)."""
+    """How SamplingParams' field `name` is carried: map | repeated | optional | scalar | structured (the
+    StructuredOutputs message); None: the proto lacks it."""
     field = worker_pb2.SamplingOptions.DESCRIPTOR.fields_by_name.get(name)
     if field is None:
         return None
+    if name == "structured_outputs":
+        return "structured"
     if field.message_type is not None and field.message_type.GetOptions().map_entry:
         return "map"
     if field.is_repeated:
@@ -36,7 +39,10 @@ def sampling_to_proto(params: SamplingParams) -> worker_pb2.SamplingOptions:
         value = getattr(params, name)
         if kind is None:
             raise ValueError(f"SamplingParams.{name} has no field in worker.proto's SamplingOptions")
-        if kind == "map":
+        if kind == "structured":
+            if value is not None:
+                options.structured_outputs.CopyFrom(structured_to_proto(value))
+        elif kind == "map":
             getattr(options, name).update(value or {})
         elif kind == "repeated":
             getattr(options, name).extend(value)
@@ -53,6 +59,8 @@ def sampling_from_proto(options: worker_pb2.SamplingOptions) -> SamplingParams:
 def _field_from_proto(options: worker_pb2.SamplingOptions, name: str, kind: str | None) -> Any:
     if kind is None:
         raise ValueError(f"SamplingParams.{name} has no field in worker.proto's SamplingOptions")
+    if kind == "structured":
+        return structured_from_proto(options.structured_outputs) if options.HasField(name) else None
     value = getattr(options, name)
     if kind == "map":
         return dict(value) or (None if name in _EMPTY_MEANS_NONE else {})
@@ -61,6 +69,28 @@ def _field_from_proto(options: worker_pb2.SamplingOptions, name: str, kind: str 
     if kind == "optional" and not options.HasField(name):
         return None
     return value
+
+
+def structured_to_proto(spec: StructuredOutputs) -> worker_pb2.StructuredOutputs:
+    """Field by field; ``choice`` None crosses as an empty list (a set choice is never empty)."""
+    return worker_pb2.StructuredOutputs(
+        json=spec.json, json_object=spec.json_object, regex=spec.regex, choice=spec.choice or (), grammar=spec.grammar
+    )
+
+
+def structured_from_proto(message: worker_pb2.StructuredOutputs) -> StructuredOutputs:
+    """Rebuild (and so re-validate: exactly one kind) a constraint; ValueError naming what is wrong."""
+
+    def optional(name: str) -> str | None:
+        return getattr(message, name) if message.HasField(name) else None
+
+    return StructuredOutputs(
+        json=optional("json"),
+        json_object=message.json_object,
+        regex=optional("regex"),
+        choice=tuple(message.choice) or None,
+        grammar=optional("grammar"),
+    )
 
 
 def logprobs_to_proto(token_id: int, entries: dict[int, Logprob]) -> worker_pb2.TokenLogprobs:

@@ -39,6 +39,7 @@ from common.engine.sampler import Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler, SchedulerOutput
 from common.engine.stats import EngineStats, EngineStatsRecorder
+from common.engine.structured import GrammarCompiler
 
 
 class LLMEngine:
@@ -65,9 +66,11 @@ class LLMEngine:
             self.model, loaded.kv_cache, block_size, self.device, Sampler(self.generator), loaded.decode_graphs
         )
         self.stats_recorder = EngineStatsRecorder()
-        self.validator = RequestValidator(self.tokenizer, self.hf_config.vocab_size, self.max_model_len)
+        self.grammars = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
+        self.validator = RequestValidator(self.tokenizer, self.hf_config.vocab_size, self.max_model_len, self.grammars)
         self.requests = RequestLifecycle(
-            self.scheduler, self.kv_cache_manager, self.stats_recorder, self.tokenizer, self.eos_token_ids, block_size
+            self.scheduler, self.kv_cache_manager, self.stats_recorder, self.tokenizer, self.eos_token_ids, block_size,
+            self.grammars,
         )
         self.kv_transfer = KVTransfer(self.kv_cache_manager, loaded.kv_cache, self.requests, self.validator)
         self.sampled_tokens = SampledTokenApplier(self.requests, self.kv_transfer, self.max_model_len)

@@ -286,6 +286,7 @@ class ModelRunner:
                         generator=generator,
                         eos_token_ids=request.eos_token_ids,
                         pending_token=device_tokens.newest(request),
+                        grammar=request.grammar,
                     )
                 )
                 owners.append(request.request_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -11,6 +12,9 @@ import torch
 from common.engine.block_pool import BlockHash, hash_full_blocks
 from common.engine.outputs import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
+from common.engine.structured import GrammarState
+
+logger = logging.getLogger(__name__)
 
 
 class RequestStatus(enum.Enum):
@@ -32,6 +36,9 @@ class Request:
 
     For ``n > 1`` the prompt runs once as sample 0; when its prefill completes the engine forks
     samples 1..n-1 from it (sharing its KV blocks copy-on-write).
+
+    ``grammar`` (structured outputs) has accepted exactly ``output_token_ids``: tokens advance it as they are
+    appended, a fork gets its own copy, and preemption keeps it (the outputs are kept too).
     """
 
     request_id: str
@@ -59,6 +66,8 @@ class Request:
     # Tokens sampled by launched steps whose results the host has not applied yet (async scheduling): they
     # count towards what is scheduled next, and their ids reach the next step on the device.
     num_pending_tokens: int = 0
+    grammar: GrammarState | None = None
+    grammar_rejected: bool = False  # a sampled token broke the grammar (a bug: the mask allowed it); it stops
 
     def __post_init__(self) -> None:
         self.group_id = self.group_id or self.request_id
@@ -95,9 +104,9 @@ class Request:
     @property
     def needs_host_tokens(self) -> bool:
         """Its next step must see every token on the host first (async scheduling waits for this one): a first
-        sample forks, a prefill export gathers KV. (Penalties and min_tokens take the newest token from the
-        device: ``SamplingRow.pending_token``.)"""
-        return self.export_kv or self.pending_forks > 0
+        sample forks, a prefill export gathers KV, a grammar's next mask needs the newest token accepted.
+        (Penalties and min_tokens take the newest token from the device: ``SamplingRow.pending_token``.)"""
+        return self.export_kv or self.pending_forks > 0 or self.grammar is not None
 
     @property
     def is_finished(self) -> bool:
@@ -112,6 +121,9 @@ class Request:
         self.all_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            logger.error("%s: sampled token %d is outside its grammar; stopping it", self.request_id, token_id)
+            self.grammar_rejected = True
         self._extend_block_hashes()
 
     def fork(self, sample_index: int, generator: torch.Generator | None) -> Request:
@@ -130,6 +142,7 @@ class Request:
             status=self.status,
             num_computed_tokens=self.num_computed_tokens,
             num_cached_tokens=self.num_cached_tokens,
+            grammar=self.grammar.fork() if self.grammar is not None else None,
         )
         return child
 

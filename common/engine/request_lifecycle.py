@@ -13,13 +13,15 @@ from common.engine.request import Request, RequestStatus
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler
 from common.engine.stats import EngineStatsRecorder
+from common.engine.structured import GrammarCompiler, GrammarState
 
 
 class RequestLifecycle:
     """Owns ``groups``: a request's group is there from admission until all its ``n`` samples have finished.
 
     Every sample in a group is either in the scheduler (waiting or running, holding blocks) or finished.
-    Callers validate first: nothing here checks token ids or lengths.
+    Callers validate first: nothing here checks token ids or lengths (a resumed request's tokens are checked
+    against its grammar, since its matcher is built here).
     """
 
     def __init__(
@@ -30,6 +32,7 @@ class RequestLifecycle:
         tokenizer,
         eos_token_ids: frozenset[int],
         block_size: int,
+        grammars: GrammarCompiler | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.kv_cache_manager = kv_cache_manager
@@ -37,6 +40,7 @@ class RequestLifecycle:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.block_size = block_size
+        self.grammars = grammars
         self.groups: dict[str, RequestGroup] = {}
         self._request_counter = itertools.count()
 
@@ -73,9 +77,13 @@ class RequestLifecycle:
         output_token_ids: Sequence[int],
         prompt: str | None = None,
     ) -> Request:
-        """A request's first sample (its forks come later) under a request id not yet in use."""
+        """A request's first sample (its forks come later) under a request id not yet in use.
+
+        A structured-output request's matcher has accepted ``output_token_ids`` (ValueError if they break it).
+        """
         if request_id in self.groups:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        grammar = self._grammar_state(params, output_token_ids)
         return Request(
             request_id=request_id,
             prompt_token_ids=token_ids,
@@ -87,7 +95,15 @@ class RequestLifecycle:
             pending_forks=params.n - 1,
             fork_generators=[seeded_generator(params, i) for i in range(1, params.n)],
             output_token_ids=list(output_token_ids),
+            grammar=grammar,
         )
+
+    def _grammar_state(self, params: SamplingParams, output_token_ids: Sequence[int]) -> GrammarState | None:
+        if params.structured_outputs is None:
+            return None
+        if self.grammars is None:
+            raise ValueError("structured_outputs: this engine has no grammar compiler")
+        return self.grammars.new_state(params.structured_outputs, output_token_ids)
 
     def fork_samples(self, request: Request, num_samples: int) -> list[Request]:
         """``request`` and ``num_samples - 1`` new samples forked from it, in sample order.

@@ -5,15 +5,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from common.engine.sampling_params import SamplingParams
+from common.engine.structured import GrammarCompiler
 
 
 class RequestValidator:
-    """Checks prompts and resumed outputs against the vocabulary and ``max_model_len``; never mutates anything."""
+    """Checks prompts and resumed outputs against the vocabulary and ``max_model_len``, and compiles a request's
+    structured-output constraint (into ``grammars``' cache); never mutates any request state."""
 
-    def __init__(self, tokenizer, vocab_size: int, max_model_len: int) -> None:
+    def __init__(
+        self, tokenizer, vocab_size: int, max_model_len: int, grammars: GrammarCompiler | None = None
+    ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
+        self.grammars = grammars
 
     def validate_prompt(
         self, prompt: str | None, prompt_token_ids: Sequence[int] | None, params: SamplingParams
@@ -30,6 +35,7 @@ class RequestValidator:
             raise ValueError("prompt: the prompt is empty")
         vocab = self.vocab_size
         params.check_token_ids(vocab)
+        self.validate_constraint(params)
         if any(t < 0 or t >= vocab for t in token_ids):
             raise ValueError(f"prompt_token_ids: token ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
@@ -38,6 +44,14 @@ class RequestValidator:
                 "(it must leave room for at least one generated token)"
             )
         return token_ids
+
+    def validate_constraint(self, params: SamplingParams) -> None:
+        """ValueError naming the problem unless the request's structured-output constraint compiles."""
+        if params.structured_outputs is None:
+            return
+        if self.grammars is None:
+            raise ValueError("structured_outputs: this engine has no grammar compiler")
+        self.grammars.compile(params.structured_outputs)
 
     def validate_resume(
         self, prompt_ids: list[int], output_ids: Sequence[int], params: SamplingParams, export_kv: bool

@@ -1,8 +1,8 @@
 """Turn one step's logits into next tokens (and logprobs), request by request, in one batched pass.
 
-Order per step (as vLLM): logprobs come from the RAW logits; then logit_bias, the min_tokens mask,
-repetition penalty, frequency/presence penalties; then greedy rows take the argmax, the others apply
-temperature, top-k, top-p, min-p and sample.
+Order per step (as vLLM): logprobs come from the RAW logits; then logit_bias, the structured-output grammar
+mask (common/engine/structured.py), the min_tokens mask, repetition penalty, frequency/presence penalties;
+then greedy rows take the argmax, the others apply temperature, top-k, top-p, min-p and sample.
 
 Reproducibility invariant: a row with its own generator draws exactly one uniform from it per step,
 whatever the batch holds and however large the vocabulary, and every step of the computation is row-wise,
@@ -27,6 +27,7 @@ import torch
 from common.engine.device_copy import record_event, to_device, to_host_async
 from common.engine.outputs import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
+from common.engine.structured import GrammarState, apply_grammar_masks
 
 PROMPT_LOGPROBS_CHUNK = 512
 """Positions per log_softmax pass in `compute_prompt_logprobs`, to bound the [chunk, V] temporaries."""
@@ -39,7 +40,8 @@ class SamplingRow:
     `output_token_ids` are the tokens generated so far that the host has (not counting this step's).
     `pending_token`, with async scheduling, is the newest generated token, still on the device: a one-element
     view of the previous step's sampled ids; it counts after `output_token_ids`. `generator` is the request's own
-    CPU generator (seeded requests); None means draw from the sampler's shared generator.
+    CPU generator (seeded requests); None means draw from the sampler's shared generator. `grammar` (a
+    structured-output request) says which tokens may come next; its request's tokens are all on the host.
     """
 
     params: SamplingParams
@@ -48,6 +50,7 @@ class SamplingRow:
     generator: torch.Generator | None = None
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
     pending_token: torch.Tensor | None = None
+    grammar: GrammarState | None = None
 
     @property
     def num_output_tokens(self) -> int:
@@ -161,7 +164,7 @@ def _column(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """logit_bias, min_tokens mask, repetition and frequency/presence penalties.
+    """logit_bias, grammar masks, min_tokens mask, repetition and frequency/presence penalties.
 
     Returns `logits` itself when no row needs any of them (argmax needs no float32 copy of a bf16 [B, V]: at batch
     256 x 128k vocabulary that copy was 196 MB of traffic a step), else a processed float32 copy.
@@ -170,6 +173,7 @@ def apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
         return logits
     out = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
     apply_logit_bias(out, rows)
+    apply_grammar_masks(out, [row.grammar for row in rows], [_min_tokens_stops(row) for row in rows])
     apply_min_tokens(out, rows)
     apply_penalties(out, rows)
     return out
@@ -178,7 +182,14 @@ def apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -
 def _needs_processing(row: SamplingRow) -> bool:
     params = row.params
     under_min = row.num_output_tokens < params.min_tokens
-    return bool(params.logit_bias) or under_min or params.has_penalties
+    return bool(params.logit_bias) or under_min or params.has_penalties or row.grammar is not None
+
+
+def _min_tokens_stops(row: SamplingRow) -> list[int]:
+    """The ids min_tokens keeps off a grammar row (its mask does it: see ``apply_min_tokens``)."""
+    if row.grammar is None or row.num_output_tokens >= row.params.min_tokens:
+        return []
+    return sorted(row.eos_token_ids | set(row.params.stop_token_ids))
 
 
 def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
@@ -199,13 +210,15 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """In place: while a row has fewer than min_tokens outputs, its EOS and stop token ids get -inf.
 
-    EOS is masked even for ignore_eos rows: min_tokens promises that many tokens before any stop.
+    EOS is masked even for ignore_eos rows: min_tokens promises that many tokens before any stop. Rows with a
+    grammar are left to their mask, which keeps those ids off unless the grammar allows nothing else (so a
+    complete JSON value still ends rather than sampling from an all -inf row).
     """
     vocab = logits.shape[1]
     entries = [
         (i, token_id)
         for i, row in enumerate(rows)
-        if row.num_output_tokens < row.params.min_tokens
+        if row.num_output_tokens < row.params.min_tokens and row.grammar is None
         for token_id in sorted(row.eos_token_ids | set(row.params.stop_token_ids))
         if token_id < vocab
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,12 +22,66 @@ INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
+class StructuredOutputs:
+    """A constraint on what a request may generate (vLLM's ``StructuredOutputsParams``).
+
+    Exactly one constraint kind is set (ValueError otherwise); ``choice`` is a non-empty tuple of strings; a
+    ``json`` schema given as a dict (as JSON clients send it) is kept as its JSON text. The engine compiles it
+    into a token grammar when it admits the request (an invalid schema, regex or grammar is a ValueError then);
+    here only the shape is checked, so the router can build one cheaply.
+    """
+
+    json: str | None = None  # a JSON schema, as JSON text
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # EBNF (GBNF, ``root ::= ...``) or Lark (``start: ...``) text
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, Mapping):
+            object.__setattr__(self, "json", json.dumps(self.json))
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError(f"structured_outputs.choice must be a list of strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+            if not self.choice:
+                raise ValueError("structured_outputs.choice must not be empty")
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got {type(value).__name__}")
+        kinds = self.kinds
+        if len(kinds) != 1:
+            given = " and ".join(kinds) if kinds else "none"
+            raise ValueError(
+                f"structured_outputs takes exactly one of json, json_object, regex, choice, grammar; got {given}"
+            )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The names of the constraint kinds that are set (exactly one after construction)."""
+        values = {
+            "json": self.json,
+            "json_object": self.json_object or None,
+            "regex": self.regex,
+            "choice": self.choice,
+            "grammar": self.grammar,
+        }
+        return tuple(name for name, value in values.items() if value is not None)
+
+    @property
+    def kind(self) -> str:
+        return self.kinds[0]
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one request and when to stop.
 
     Invariants after construction: every field is in range (otherwise `ValueError` naming the field and
     the value); `stop` is a tuple of non-empty strings; `stop_token_ids` is a tuple of ints;
-    `logit_bias` maps int token ids to floats. `top_k` of 0 or -1 means off. Greedy requests
+    `logit_bias` maps int token ids to floats. `top_k` of 0 or -1 means off. `structured_outputs`, when set,
+    constrains every generated token to its grammar (see common/engine/structured.py). Greedy requests
     (`is_greedy`) ignore top_p, top_k, min_p and seed. `max_tokens=None` means up to the model's length.
     """
 
@@ -50,6 +105,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -58,6 +114,9 @@ class SamplingParams:
         self._validate_lengths()
         self._validate_logprobs()
         self._validate_stops()
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            kind = type(self.structured_outputs).__name__
+            raise ValueError(f"structured_outputs must be a StructuredOutputs, got {kind}")
 
     # -- normalization ---------------------------------------------------------------------------------
 
@@ -74,6 +133,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         if self.logit_bias is not None:
             object.__setattr__(self, "logit_bias", _normalize_logit_bias(self.logit_bias))
+        if isinstance(self.structured_outputs, Mapping):
+            object.__setattr__(self, "structured_outputs", _structured_from_mapping(self.structured_outputs))
 
     # -- validation ------------------------------------------------------------------------------------
 
@@ -176,6 +237,15 @@ def _require_int(name: str, value: object, limit: int = INT32_MAX) -> None:
         raise ValueError(f"{name} must be an integer, got {value!r}")
     if not -limit - 1 <= value <= limit:
         raise ValueError(f"{name} must be at most {limit} in magnitude, got {value}")
+
+
+def _structured_from_mapping(fields: Mapping[str, Any]) -> StructuredOutputs:
+    """Accept a JSON-style ``{"json": {...}}`` / ``{"choice": [...]}`` as clients send it."""
+    known = {field.name for field in dataclasses.fields(StructuredOutputs)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"structured_outputs: unknown field {unknown[0]!r} (expected one of {sorted(known)})")
+    return StructuredOutputs(**fields)
 
 
 def _normalize_logit_bias(bias: Mapping[Any, Any]) -> dict[int, float]:

@@ -10,6 +10,7 @@ def token_stop_status(sample: Request, token: int, max_model_len: int) -> Reques
     """The finish status ``token`` (already appended to ``sample``) causes, or None to go on.
 
     Stop tokens and EOS count only once ``min_tokens`` are out; a stop token becomes the sample's stop_reason.
+    A structured-output sample stops once its grammar has terminated (it allows nothing more).
     """
     params = sample.sampling_params
     if sample.num_output_tokens >= params.min_tokens:
@@ -18,6 +19,9 @@ def token_stop_status(sample: Request, token: int, max_model_len: int) -> Reques
             return RequestStatus.FINISHED_STOPPED
         if not params.ignore_eos and token in sample.eos_token_ids:
             return RequestStatus.FINISHED_STOPPED
+    grammar = sample.grammar
+    if grammar is not None and (grammar.is_terminated or sample.grammar_rejected):
+        return RequestStatus.FINISHED_STOPPED
     if params.max_tokens is not None and sample.num_output_tokens >= params.max_tokens:
         return RequestStatus.FINISHED_LENGTH
     if sample.num_tokens >= max_model_len:

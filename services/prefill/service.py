@@ -54,10 +54,11 @@ class PrefillService(BaseWorkerService):
         started = time.perf_counter()
         try:
             params = sampling_from_proto(request.sampling)
-            local = first_token_params(params, request.num_generated)
+            prompt, generated, local = first_token_request(params, list(request.context_token_ids),
+                                                           request.num_generated)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        output = await self._run(request, local, context)
+        output = await self._run(request, prompt, generated, local, context)
         completion = output.outputs[0]
         token = completion.token_ids[-1]
         reply = worker_pb2.PrefillReply(
@@ -78,11 +79,14 @@ class PrefillService(BaseWorkerService):
             reply.transfer.CopyFrom(await self._ship(request, output.exported_kv, context))
         return reply
 
-    async def _run(self, request: worker_pb2.PrefillRequest, params: SamplingParams, context):
+    async def _run(
+        self, request: worker_pb2.PrefillRequest, prompt: list[int], generated: list[int], params: SamplingParams,
+        context,
+    ):
         request_id = request.request_id
         stream = self.runtime.engine.stream(request_id, LLMEngine.add_request,
-                                            prompt_token_ids=list(request.context_token_ids), sampling_params=params,
-                                            request_id=request_id, export_kv=True)
+                                            prompt_token_ids=prompt, output_token_ids=generated,
+                                            sampling_params=params, request_id=request_id, export_kv=True)
         last = None
         try:
             async with contextlib.aclosing(stream) as outputs:
@@ -136,6 +140,21 @@ class PrefillService(BaseWorkerService):
     async def close(self) -> None:
         for sender in self.senders.values():
             await sender.close()
+
+
+def first_token_request(
+    params: SamplingParams, context: list[int], num_generated: int
+) -> tuple[list[int], list[int], SamplingParams]:
+    """The engine request that samples the next token of ``context``: (prompt, generated, params).
+
+    A structured-output request resumed after ``num_generated`` tokens (a migration) takes them as its output
+    tokens, so that its grammar state advances over them; any other request sees the whole context as prompt.
+    """
+    if params.structured_outputs is None or num_generated <= 0:
+        return context, [], first_token_params(params, num_generated)
+    split = len(context) - num_generated
+    local = params.replace(max_tokens=num_generated + 1, min_tokens=min(params.min_tokens, num_generated + 1), n=1)
+    return context[:split], context[split:], local
 
 
 def first_token_params(params: SamplingParams, num_generated: int) -> SamplingParams:

@@ -10,11 +10,15 @@ Rules shared by both endpoints:
 - A JSON ``null`` means "absent" (the field's default) for every top-level field except ``max_tokens``, where it
   means "up to the context" as in vLLM.
 - An unknown field is a 400 ("Unrecognized request argument supplied: foo", as OpenAI says); a known OpenAI field
-  we cannot honour (``functions``, ``response_format`` other than text, ...) is a 400 "<field> is not supported
-  yet", unless its value is the no-op one (``function_call: "none"``, ``response_format: {"type": "text"}``,
+  we cannot honour (``functions``, ``audio``, ...) is a 400 "<field> is not supported yet", unless its value
+  is the no-op one (``function_call: "none"``, ``modalities: ["text"]``,
   ``service_tier: "auto"``, ``store: false``, ...), which is accepted and dropped.
 - Types are strict (no "3" for 3, no 1 for true); ranges follow OpenAI where it is stricter than vLLM
   (temperature <= 2, n <= 128) and vLLM for its extras (top_k, min_p, repetition_penalty, min_tokens, ...).
+- Structured output: ``response_format`` (json_object, json_schema), vLLM's ``structured_outputs`` and its older
+  ``guided_json`` / ``guided_regex`` / ``guided_choice`` / ``guided_grammar`` all become the one
+  ``SamplingParams.structured_outputs``; more than one of them is a 400 naming both. Whether a schema, regex or
+  grammar compiles is the engine's to say (a worker's INVALID_ARGUMENT, a 400 naming the problem).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from pydantic import (
 )
 
 from common.engine.outputs import Logprob
-from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputs
 
 # -- constants ---------------------------------------------------------------------------------------------
 
@@ -80,7 +84,6 @@ _NONE: _Accepts = lambda value: value is None
 _CHAT_UNSUPPORTED: dict[str, _Accepts] = {
     "functions": _NONE,
     "function_call": lambda value: value in (None, "none"),
-    "response_format": lambda value: value is None or value == {"type": "text"},
     "audio": _NONE,
     "modalities": lambda value: value is None or value == ["text"],
     "prediction": _NONE,
@@ -164,8 +167,9 @@ def context_length_error(max_model_len: int, prompt_tokens: int, param: str = "m
 SAMPLING_FIELDS = tuple(field.name for field in dataclasses.fields(SamplingParams))
 """SamplingParams' fields, the one sampling schema that the request models below map onto."""
 
-ENDPOINT_MAPPED_SAMPLING = frozenset({"max_tokens", "logprobs", "prompt_logprobs"})
-"""SamplingParams fields whose OpenAI spelling or default differs per endpoint; ``sampling_params`` maps them."""
+ENDPOINT_MAPPED_SAMPLING = frozenset({"max_tokens", "logprobs", "prompt_logprobs", "structured_outputs"})
+"""SamplingParams fields whose OpenAI spelling or default differs per endpoint, or that several request fields
+spell (structured_outputs); ``sampling_params`` and ``_engine_fields`` map them."""
 
 CHAT_UNEXPOSED_SAMPLING: Mapping[str, str] = {
     "prompt_logprobs": "chat has no echo; prompt logprobs are a completions feature (echo with logprobs)",
@@ -366,6 +370,74 @@ LogitBias = Annotated[
 ]
 
 
+class JsonSchemaFormat(_Strict):
+    """``response_format.json_schema``: OpenAI's named schema (``strict`` is accepted: output always follows it)."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """``response_format``: text (no constraint), any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required when type is json_schema")
+        return self
+
+
+JsonSchema = dict[str, Any] | str
+"""A JSON schema as an object, or as its JSON text (vLLM takes both)."""
+
+
+class StructuredOutputsField(_Strict):
+    """vLLM's ``structured_outputs`` extra: exactly one of its constraints."""
+
+    json_: JsonSchema | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+
+    def constraint(self) -> StructuredOutputs:
+        schema = None if self.json_ is None else _schema_text(self.json_, "structured_outputs.json")
+        choice = None if self.choice is None else tuple(self.choice)
+        return _structured(
+            "structured_outputs",
+            json=schema,
+            json_object=bool(self.json_object),
+            regex=self.regex,
+            choice=choice,
+            grammar=self.grammar,
+        )
+
+
+def _schema_text(schema: JsonSchema, param: str) -> str:
+    """The schema as JSON text; text that is not JSON is a 400 here (its meaning is the engine's to check)."""
+    if isinstance(schema, dict):
+        return json.dumps(schema)
+    try:
+        json.loads(schema)
+    except ValueError as error:
+        raise ProtocolError(f"{param}: the JSON schema is not valid JSON ({error})", param=param) from None
+    return schema
+
+
+def _structured(param: str, **fields: Any) -> StructuredOutputs:
+    """StructuredOutputs(**fields), its ValueError a 400 on ``param`` (two kinds in one structured_outputs)."""
+    try:
+        return StructuredOutputs(**fields)
+    except ValueError as error:
+        message = str(error)
+        raise ProtocolError(message if message.startswith(param) else f"{param}: {message}", param=param) from None
+
+
 class _SamplingRequest(_Strict):
     """Fields both endpoints share: OpenAI's sampling fields plus vLLM's extras."""
 
@@ -391,6 +463,43 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: JsonSchema | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+
+    def structured_output_constraints(self) -> list[tuple[str, StructuredOutputs]]:
+        """Each constraint the request asks for, with the field that asked (at most one is allowed)."""
+        found = []
+        if self.response_format is not None and self.response_format.type != "text":
+            found.append(("response_format", _response_format_constraint(self.response_format)))
+        if self.structured_outputs is not None:
+            found.append(("structured_outputs", self.structured_outputs.constraint()))
+        guided = {
+            "guided_json": lambda value: {"json": _schema_text(value, "guided_json")},
+            "guided_regex": lambda value: {"regex": value},
+            "guided_choice": lambda value: {"choice": tuple(value)},
+            "guided_grammar": lambda value: {"grammar": value},
+        }
+        for param, fields in guided.items():
+            value = getattr(self, param)
+            if value is not None:
+                found.append((param, _structured(param, **fields(value))))
+        return found
+
+    def requested_structured_outputs(self) -> StructuredOutputs | None:
+        """The request's one structured-output constraint (None: unconstrained); two at once is a 400."""
+        found = self.structured_output_constraints()
+        if len(found) > 1:
+            first, second = found[0][0], found[1][0]
+            raise ProtocolError(
+                f"{second}: {first} and {second} cannot be combined; give one structured-output constraint",
+                param=second,
+            )
+        return found[0][1] if found else None
 
     @property
     def include_usage(self) -> bool:
@@ -408,7 +517,16 @@ class _SamplingRequest(_Strict):
         under SamplingParams' own name, except the ones each endpoint maps itself (``ENDPOINT_MAPPED_SAMPLING``)."""
         fields = {name: getattr(self, name) for name in _shared_sampling_names(type(self))}
         fields["max_tokens"] = max_tokens
+        fields["structured_outputs"] = self.requested_structured_outputs()
         return fields
+
+
+def _response_format_constraint(response_format: ResponseFormat) -> StructuredOutputs:
+    """json_object: any JSON object; json_schema: its schema (none given: any JSON object, as json_object)."""
+    schema = response_format.json_schema.schema_ if response_format.json_schema is not None else None
+    if response_format.type == "json_object" or schema is None:
+        return StructuredOutputs(json_object=True)
+    return StructuredOutputs(json=json.dumps(schema))
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -584,18 +702,24 @@ class _GenerateRequest(BaseModel):
 
     def sampling_params(self) -> SamplingParams:
         """The engine's settings; an out-of-range field is a ProtocolError (400) naming it."""
-        return _build_params(self.model_dump(exclude={"prompt", "prompt_token_ids", "stream"}), {})
+        fields = self.model_dump(exclude={"prompt", "prompt_token_ids", "stream", "structured_outputs"})
+        constraint = getattr(self, "structured_outputs", None)
+        fields["structured_outputs"] = constraint.constraint() if constraint is not None else None
+        return _build_params(fields, {})
 
 
 def _generate_body_model() -> type[_GenerateRequest]:
     """``_GenerateRequest`` plus every SamplingParams field but ``GENERATE_UNEXPOSED_SAMPLING``'s, generated from
-    the dataclass (type hints and defaults), so /generate cannot drift from the engine's schema."""
+    the dataclass (type hints and defaults), so /generate cannot drift from the engine's schema. Its
+    ``structured_outputs`` takes the JSON shape the OpenAI endpoints take (a schema as an object or as text)."""
     hints = typing.get_type_hints(SamplingParams)
     fields: dict[str, Any] = {}
     for field in dataclasses.fields(SamplingParams):
         if field.name in GENERATE_UNEXPOSED_SAMPLING:
             continue
-        if field.default is dataclasses.MISSING:
+        if field.name == "structured_outputs":
+            fields[field.name] = (StructuredOutputsField | None, None)
+        elif field.default is dataclasses.MISSING:
             fields[field.name] = (hints[field.name], Field(default_factory=field.default_factory))
         else:
             fields[field.name] = (hints[field.name], field.default)

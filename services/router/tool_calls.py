@@ -30,7 +30,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from common.engine.sampling_params import SamplingParams
+from common.engine.sampling_params import SamplingParams, StructuredOutputs
 from services.router import protocol
 from services.router.protocol import (
     ChatCompletionRequest,
@@ -48,11 +48,6 @@ from services.router.tool_parsers import (
     Scanner,
     ToolCallStream,
 )
-
-try:  # the structured-output branch's constraint; until it is merged, required/named answers are unconstrained
-    from common.engine.sampling_params import StructuredOutputs
-except ImportError:
-    StructuredOutputs = None
 
 DEFAULT_FORMAT = "hermes"
 
@@ -142,15 +137,15 @@ def tool_constraint(plan: ToolPlan | None) -> dict | None:
 def constrained_params(params: SamplingParams, plan: ToolPlan | None) -> SamplingParams:
     """``params`` with the plan's output constraint, and with special tokens kept when the format needs them.
 
-    The one place where tool calling sets SamplingParams.structured_outputs (the structured-output branch's
-    field); until that field exists the answer is parsed unconstrained.
+    The one place where tool calling sets SamplingParams.structured_outputs: ``required`` and a named function
+    are constrained to the tools' JSON schemas, so their arguments always parse and validate.
     """
     if plan is not None and plan.choice == "auto" and plan.call_format == "mistral":
         params = params.replace(skip_special_tokens=False)  # [TOOL_CALLS] is a special token
     schema = tool_constraint(plan)
-    if schema is None or StructuredOutputs is None:
+    if schema is None:
         return params
-    if getattr(params, "structured_outputs", None) is not None:
+    if params.structured_outputs is not None:
         raise ProtocolError(f'tool_choice: "{plan.choice}" tool choice constrains the output itself; it cannot be '
                             "combined with response_format or structured_outputs", param="tool_choice")
     try:

@@ -16,7 +16,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
-from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from common.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputs
 from proto import worker_pb2
 from services.router import protocol
 from services.wire import sampling_from_proto, sampling_to_proto
@@ -45,6 +45,7 @@ NON_DEFAULT: dict[str, Any] = {
     "prompt_logprobs": 2,
     "skip_special_tokens": False,
     "spaces_between_special_tokens": False,
+    "structured_outputs": {"choice": ["yes", "no"]},
 }
 """A valid, non-default value for every SamplingParams field, as a JSON client would send it."""
 
@@ -92,6 +93,12 @@ STRATEGIES: dict[str, st.SearchStrategy] = {
     "prompt_logprobs": st.none() | st.integers(0, MAX_LOGPROBS),
     "skip_special_tokens": st.booleans(),
     "spaces_between_special_tokens": st.booleans(),
+    "structured_outputs": st.none()
+    | st.builds(StructuredOutputs, json=st.text())
+    | st.builds(StructuredOutputs, json_object=st.just(True))
+    | st.builds(StructuredOutputs, regex=st.text())
+    | st.builds(StructuredOutputs, choice=st.lists(st.text(), min_size=1).map(tuple))
+    | st.builds(StructuredOutputs, grammar=st.text()),
 }
 """Every SamplingParams field's valid range, within what the proto's types hold (int32 ids and counts)."""
 

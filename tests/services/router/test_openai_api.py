@@ -19,7 +19,6 @@ import openai
 import pytest
 import schemathesis
 
-from common.engine.sampling_params import SamplingParams
 from services.cluster import LocalCluster, parse_ready_line
 from tests.services.test_cluster_e2e import WORKER_ARGS, assert_no_leak
 
@@ -352,8 +351,6 @@ def test_follow_up_with_a_tool_call_and_its_result_answers(tool_client):
     assert response.usage.prompt_tokens > 150  # the tools block and the tool turns are in the prompt
 
 
-@pytest.mark.skipif(not hasattr(SamplingParams, "structured_outputs"),
-                    reason="constrained decoding (SamplingParams.structured_outputs) is on the structured branch")
 @pytest.mark.parametrize("stream", [False, True])
 def test_required_and_named_tool_choice_always_give_valid_calls(tool_client, stream):
     schema = WEATHER_TOOL["function"]["parameters"]
