@@ -193,11 +193,12 @@ def test_cuda_masks_apply_on_the_device_without_host_sync(compiler, smollm2_toke
     ]
     sampler = Sampler(torch.Generator().manual_seed(0))
     expected = sampler(logits, rows).token_ids  # the CPU path, for the greedy rows
-    sampler.sample(logits.cuda(), rows).result()  # warm-up: xgrammar's Triton kernel compiles on first use
+    on_device = logits.cuda()  # outside the checked region: a pageable host -> device copy synchronizes by itself
+    sampler.sample(on_device, rows).result()  # warm-up: xgrammar's Triton kernel compiles on first use
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        pending = sampler.sample(logits.cuda(), rows)
+        pending = sampler.sample(on_device, rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     tokens = pending.result().token_ids
