@@ -66,7 +66,8 @@ class _DeviceTokens:
     """
 
     def __init__(self, previous: LaunchedStep | None) -> None:
-        self._ids = previous.sample.token_ids if previous is not None and previous.sample is not None else None
+        self._sample = previous.sample if previous is not None else None
+        self._ids = self._sample.token_ids if self._sample is not None else None
         self._row = {owner: row for row, owner in enumerate(previous.owners)} if previous is not None else {}
         self._rows: list[int] = []
         self._source_rows: list[int] = []
@@ -89,6 +90,16 @@ class _DeviceTokens:
         if not request.num_pending_tokens or self._ids is None:
             return None
         return self._ids[self._row[request.request_id]]
+
+    def catch_up_grammar(self, request: Request) -> None:
+        """Bring ``request``'s grammar up to its newest token before its mask is filled. Waits on the host for the
+        previous step's tokens: call it after this step's forward is enqueued, so the GPU has work meanwhile."""
+        if request.grammar is None:
+            return
+        tokens = request.output_token_ids
+        if request.num_pending_tokens and self._sample is not None:
+            tokens = [*tokens, self._sample.result().token_ids[self._row[request.request_id]]]
+        request.grammar.catch_up(tokens)  # a refused token is caught again, and reported, when it is appended
 
 
 @dataclass
@@ -276,6 +287,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)
         expanded, rows, owners = [], [], []
         for logit_row, request in enumerate(requests):
+            device_tokens.catch_up_grammar(request)
             for generator in [request.generator, *request.fork_generators[: request.pending_forks]]:
                 expanded.append(logit_row)
                 rows.append(

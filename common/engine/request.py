@@ -37,8 +37,9 @@ class Request:
     For ``n > 1`` the prompt runs once as sample 0; when its prefill completes the engine forks
     samples 1..n-1 from it (sharing its KV blocks copy-on-write).
 
-    ``grammar`` (structured outputs) has accepted exactly ``output_token_ids``: tokens advance it as they are
-    appended, a fork gets its own copy, and preemption keeps it (the outputs are kept too).
+    ``grammar`` (structured outputs) has accepted ``output_token_ids`` and, with async scheduling, possibly the
+    one token a launched step sampled that the host has not appended yet (see common/engine/structured.py);
+    appending catches it up, a fork gets its own copy, and preemption keeps it (the outputs are kept too).
     """
 
     request_id: str
@@ -104,9 +105,9 @@ class Request:
     @property
     def needs_host_tokens(self) -> bool:
         """Its next step must see every token on the host first (async scheduling waits for this one): a first
-        sample forks, a prefill export gathers KV, a grammar's next mask needs the newest token accepted.
-        (Penalties and min_tokens take the newest token from the device: ``SamplingRow.pending_token``.)"""
-        return self.export_kv or self.pending_forks > 0 or self.grammar is not None
+        sample forks, a prefill export gathers KV. (Penalties and min_tokens take the newest token from the device:
+        ``SamplingRow.pending_token``; a grammar waits for it on the host after the next forward is enqueued.)"""
+        return self.export_kv or self.pending_forks > 0
 
     @property
     def is_finished(self) -> bool:
@@ -121,7 +122,7 @@ class Request:
         self.all_token_ids.append(token_id)
         if logprobs is not None:
             self.output_logprobs.append(logprobs)
-        if self.grammar is not None and not self.grammar.accept(token_id):
+        if self.grammar is not None and not self.grammar.catch_up(self.output_token_ids):
             logger.error("%s: sampled token %d is outside its grammar; stopping it", self.request_id, token_id)
             self.grammar_rejected = True
         self._extend_block_hashes()

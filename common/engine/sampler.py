@@ -79,8 +79,15 @@ class PendingSample:
         self._logprob_rows = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
         self._host = to_host_async([token_ids, *(logprobs or ())])
         self._done = record_event(token_ids.device)
+        self._output: SamplerOutput | None = None
 
     def result(self) -> SamplerOutput:
+        """The tokens on the host (waits for their copies the first time; later calls return the same output)."""
+        if self._output is None:
+            self._output = self._read()
+        return self._output
+
+    def _read(self) -> SamplerOutput:
         if self._done is not None:
             self._done.synchronize()
         token_ids, *logprob_tensors = self._host

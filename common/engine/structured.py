@@ -8,11 +8,14 @@ precompute its token masks and then wins every decode step, which is where the T
 forks matchers (n > 1), has a Triton kernel that applies the bitmask to CUDA logits, and is vLLM's default.
 
 Invariants:
-- ``GrammarState`` has accepted exactly its request's output tokens so far (``Request.append_output_token``
-  advances it). Preemption recomputes KV but keeps the output tokens, so the state stays right and needs no
-  rollback; no token is ever taken back (a structured request's steps are applied before its next one is
-  scheduled, so async scheduling never samples past a stop for it). A resumed request (decode pool,
-  migration) rebuilds its state by accepting the tokens generated elsewhere.
+- ``GrammarState`` has accepted its request's output tokens so far, and with async scheduling possibly the one
+  token still on its way to the host: step N+1's sampling (launched after its forward is enqueued, before the
+  host applies step N) waits for step N's tokens and brings each matcher up to them, so the masks follow every
+  token while the forward runs; ``Request.append_output_token`` then catches up, a no-op for a token already
+  accepted. Preemption recomputes KV but keeps the output tokens, so the state stays right and needs no
+  rollback. A sample that step N stops is still in step N+1; its terminated grammar gets no mask and the
+  token is dropped when step N+1 is applied. A resumed request (decode pool, migration) rebuilds its state
+  by accepting the tokens generated elsewhere.
 - Masks are filled on the host from the states as they are when the step is sampled, applied to a copy of the
   logits on the logits' device (logprobs stay from the raw logits), and never inside a captured CUDA graph.
 - A compile failure is a ValueError naming the constraint and the problem; nothing is cached for it.
@@ -51,14 +54,31 @@ def _xgrammar():
 
 
 class GrammarState:
-    """One sample's matcher: what its grammar allows next, given the tokens it has accepted."""
+    """One sample's matcher: what its grammar allows next, given the tokens it has accepted.
 
-    def __init__(self, matcher) -> None:
+    ``num_accepted`` counts the sample's output tokens accepted so far, so the same tokens can be offered twice
+    (``catch_up``): with async scheduling the next step's sampling accepts the newest token before the host has
+    appended it, and the append then finds it already accepted.
+    """
+
+    def __init__(self, matcher, num_accepted: int = 0) -> None:
         self._matcher = matcher
+        self.num_accepted = num_accepted
 
     def accept(self, token_id: int) -> bool:
         """Advance past ``token_id``; False (state unchanged) when the grammar does not allow it."""
-        return self._matcher.accept_token(token_id)
+        if not self._matcher.accept_token(token_id):
+            return False
+        self.num_accepted += 1
+        return True
+
+    def catch_up(self, output_token_ids: Sequence[int]) -> bool:
+        """Accept the tokens of ``output_token_ids`` past ``num_accepted``; False at the first one the grammar
+        refuses (the state stays before it)."""
+        for token_id in output_token_ids[self.num_accepted :]:
+            if self._matcher.is_terminated() or not self.accept(token_id):
+                return False
+        return True
 
     @property
     def is_terminated(self) -> bool:
@@ -67,7 +87,7 @@ class GrammarState:
 
     def fork(self) -> GrammarState:
         """An independent copy at the same place (another sample of the same request)."""
-        return GrammarState(self._matcher.fork())
+        return GrammarState(self._matcher.fork(), self.num_accepted)
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into ``bitmask[row]`` (bit t of word t // 32 set: token t allowed)."""
@@ -203,7 +223,9 @@ def apply_grammar_masks(
     min_tokens stop ids): cleared from the row's mask unless that would leave nothing. The mask is filled on the
     host, uploaded without a host sync, and applied by xgrammar's kernel on the logits' device.
     """
-    rows = [i for i, state in enumerate(states) if state is not None]
+    # A terminated grammar's row is a sample whose request ends when the host applies its previous step (async
+    # scheduling launched this one first): whatever it samples is dropped, so it gets no mask.
+    rows = [i for i, state in enumerate(states) if state is not None and not state.is_terminated]
     if not rows:
         return
     vocab = logits.shape[1]

@@ -5,10 +5,13 @@ max_tokens, reservations that wait for the step that may still write a freed blo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from common.engine import LLM, SamplingParams
 from common.engine.model_runner import LaunchedStep
+from common.engine.sampling_params import StructuredOutputs
 
 SHARED = "You are a careful assistant. Answer briefly and truthfully. "  # a shared prefix: cache hits too
 PROMPTS = [
@@ -189,3 +192,25 @@ def test_a_reservation_waits_for_the_step_that_may_still_write_its_blocks(engine
     engine.abort_request(other)
     while engine.has_unfinished_requests():
         engine.step()
+
+
+def test_structured_requests_stay_asynchronous_and_equal_the_synchronous_engine(engines):
+    """A constrained request no longer forces synchronous steps: its decode launches take the newest token from
+    the device while the host waits for it only to advance the grammar, and greedy output equals the
+    synchronous engine's (JSON schema, regex and choice, beside a plain request)."""
+    async_llm, sync_llm = engines
+    fed = _count_launches_fed_from_the_device(async_llm)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
+    constraints = [
+        (40, StructuredOutputs(json=json.dumps(schema))),
+        (12, StructuredOutputs(regex="[0-9]{3}-[0-9]{4}")),
+        (8, StructuredOutputs(choice=("yes", "no"))),
+    ]
+    params = [GREEDY.replace(max_tokens=n, ignore_eos=False, structured_outputs=spec) for n, spec in constraints]
+    params.append(GREEDY.replace(max_tokens=10))
+    prompts = ["Reply in JSON: where is the Eiffel tower?", "Give me a phone number.", "Is water wet?", "Hi"]
+    got = async_llm.generate(prompts, params)
+    want = sync_llm.generate(prompts, params)
+    assert _summary(got) == _summary(want)
+    assert max(fed) >= 3  # the three constrained requests decoded from device-fed launches
+    assert json.loads(got[0].outputs[0].text)["city"]

@@ -67,6 +67,19 @@ def test_fork_is_independent(compiler, smollm2_tokenizer):
     assert fork.accept(only(smollm2_tokenizer, "yes"))
 
 
+def test_catch_up_accepts_each_output_token_once(compiler, smollm2_tokenizer):
+    """Async scheduling offers the newest token at the next launch and again when it is appended: one accept."""
+    ids = smollm2_tokenizer.encode('{"a": 1}', add_special_tokens=False)
+    state = compiler.new_state(StructuredOutputs(json_object=True))
+    assert state.catch_up(ids[:2]) and state.num_accepted == 2
+    assert state.catch_up(ids[:2]) and state.num_accepted == 2  # already accepted: nothing happens
+    fork = state.fork()
+    assert fork.num_accepted == 2 and fork.catch_up(ids) and state.catch_up(ids)
+    assert mask_of(state) == mask_of(fork) == {EOS}
+    refused = smollm2_tokenizer.encode("x", add_special_tokens=False)
+    assert not state.catch_up([*ids, *refused]) and state.num_accepted == len(ids)
+
+
 def test_resumed_state_accepts_the_tokens_or_names_the_first_that_breaks_it(compiler, smollm2_tokenizer):
     ids = smollm2_tokenizer.encode('{"a": 1}', add_special_tokens=False)
     state = compiler.new_state(StructuredOutputs(json_object=True), ids)
