@@ -286,40 +286,9 @@ class RoutingPolicy:
         scores = picker.scores(worker, request, candidates)
         return WorkerVerdict(worker.worker_id, filters, scores, picker.total(worker, request, candidates))
 
-    def prefill_locally(self, request: RoutingRequest, decode_worker: WorkerInfo, prefill_available: bool) -> bool:
-        """``should_prefill_locally`` with this policy's ``local_prefill_max_tokens``."""
-        return should_prefill_locally(request, prefill_available, self.config.local_prefill_max_tokens, decode_worker)
-
     def place(self, signals: PlacementSignals) -> Placement:
         """``place_prefill`` with this policy's config."""
         return place_prefill(signals, self.config)
-
-
-def should_prefill_locally(
-    request: RoutingRequest, prefill_available: bool, local_prefill_max_tokens: int, decode_worker: WorkerInfo
-) -> bool:
-    """True when the decode worker should prefill the prompt itself instead of a prefill worker.
-
-    That is when no prefill worker is available, or when the uncached part of the prompt (prompt tokens minus
-    the tokens of the leading blocks cached on ``decode_worker``, never below 0) is at most
-    ``local_prefill_max_tokens``.
-    """
-    if not prefill_available:
-        return True
-    return request.uncached_on(decode_worker) <= local_prefill_max_tokens
-
-
-def prefill_pool_saturated(predicted_waits_s: Sequence[float | None], target_ms: float, local_tokens_in_flight: int,
-                           uncached_local: int, local_budget_tokens: int) -> bool:
-    """Automatic placement: True when the decode worker should prefill this prompt although prefill workers exist.
-
-    That is when the mode is on (``target_ms`` > 0), every prefill worker's predicted wait is known and above
-    ``target_ms``, and the decode worker's own prefill work stays within ``local_budget_tokens`` with this prompt
-    (so its running streams lose at most that much to prefill at once).
-    """
-    return waits_exceed(predicted_waits_s, target_ms) and within_token_budget(
-        local_tokens_in_flight, uncached_local, local_budget_tokens
-    )
 
 
 # ---------------------------------------------------------------------------------------------- placement

@@ -21,7 +21,6 @@ from services.router.policy import (
     RoutingPolicy,
     RoutingRequest,
     SameModel,
-    should_prefill_locally,
 )
 
 MODEL = "smollm2"
@@ -294,36 +293,6 @@ def test_snapshot_may_be_any_iterable() -> None:
     by_id = {w.worker_id: w for w in snapshot()}
     req = request(exclude=frozenset({"d-failed"}))
     assert policy.pick_decode(iter(by_id.values()), req).worker_id == "d-good"
-
-
-# ---------------------------------------------------------------------------------------------- local prefill
-
-
-def test_prefill_locally_when_no_prefill_worker() -> None:
-    assert should_prefill_locally(request(num_prompt_tokens=10_000), False, 32, worker("d")) is True
-
-
-@pytest.mark.parametrize(("prompt_tokens", "local"), [(32, True), (33, False)])
-def test_prefill_locally_boundary_without_cache(prompt_tokens: int, local: bool) -> None:
-    assert should_prefill_locally(request(num_prompt_tokens=prompt_tokens), True, 32, worker("d")) is local
-
-
-@pytest.mark.parametrize(("hits", "local"), [(1, False), (2, True), (3, True)])
-def test_prefill_locally_counts_only_the_chosen_workers_cache(hits: int, local: bool) -> None:
-    # 64 prompt tokens, block 16: 2 cached blocks leave 32 uncached tokens.
-    req = request(num_prompt_tokens=64, prefix_hits={"d": hits, "other": 4})
-    assert should_prefill_locally(req, True, 32, worker("d")) is local
-
-
-def test_prefill_locally_fully_cached_prompt() -> None:
-    req = request(num_prompt_tokens=60, num_prompt_blocks=4, prefix_hits={"d": 4})
-    assert should_prefill_locally(req, True, 0, worker("d")) is True
-
-
-def test_policy_prefill_locally_uses_config_threshold() -> None:
-    req = request(num_prompt_tokens=64)
-    assert RoutingPolicy(RouterConfig(local_prefill_max_tokens=64)).prefill_locally(req, worker("d"), True) is True
-    assert RoutingPolicy(RouterConfig(local_prefill_max_tokens=63)).prefill_locally(req, worker("d"), True) is False
 
 
 def test_policy_does_not_mutate_inputs() -> None:

@@ -1,10 +1,9 @@
-"""PrefillLoad and the automatic placement rule: the router's prediction of a prompt's wait for prefill."""
+"""PrefillLoad: the router's prediction of a prompt's wait for prefill (the placement rules: test_placement.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.router.policy import prefill_pool_saturated
 from services.router.prefill_load import MIN_TOKENS_FOR_RATE, PrefillLoad
 
 
@@ -48,18 +47,3 @@ def test_predicted_wait_counts_the_tokens_ahead_and_failures_do_not_feed_the_rat
     assert load.tokens_in_flight("p0") == 8000
     assert load.predicted_wait_s("p0", 2000) == pytest.approx((8000 + 2000) / (16000 / 0.5))
     assert load.predicted_wait_s("unknown", 2000) is None
-
-
-@pytest.mark.parametrize(
-    ("waits", "target_ms", "local_in_flight", "uncached", "expected"),
-    [
-        ([0.6, 0.8], 500, 0, 2048, True),  # every prefill worker too slow, decode worker idle
-        ([0.6, 0.3], 500, 0, 2048, False),  # one prefill worker is fast enough
-        ([0.6, None], 500, 0, 2048, False),  # a rate is unknown: keep to the prefill pool
-        ([0.6], 0, 0, 2048, False),  # mode off
-        ([0.6], 500, 3000, 2048, False),  # the decode worker already prefills enough
-        ([], 500, 0, 2048, False),  # no candidate (the caller handles "no prefill worker")
-    ],
-)
-def test_prefill_pool_saturated(waits, target_ms, local_in_flight, uncached, expected):
-    assert prefill_pool_saturated(waits, target_ms, local_in_flight, uncached, 4096) is expected
