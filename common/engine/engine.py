@@ -67,6 +67,8 @@ class LLMEngine:
         )
         self.stats_recorder = EngineStatsRecorder()
         self.grammars = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
+        if self.device.type == "cuda":  # the first constrained request then does not stall the loop; on CPU the
+            self.grammars.prepare_in_background()  # table build would take a core from the engine itself
         self.validator = RequestValidator(self.tokenizer, self.hf_config.vocab_size, self.max_model_len, self.grammars)
         self.requests = RequestLifecycle(
             self.scheduler, self.kv_cache_manager, self.stats_recorder, self.tokenizer, self.eos_token_ids, block_size,

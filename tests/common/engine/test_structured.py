@@ -217,3 +217,13 @@ def test_cuda_masks_apply_on_the_device_without_host_sync(compiler, smollm2_toke
     tokens = pending.result().token_ids
     assert [tokens[i] for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
     assert tokens[2] in mask_of(digits) and tokens[2] != EOS
+
+
+def test_the_token_table_is_built_in_the_background_before_the_first_compile(smollm2_tokenizer):
+    compiler = GrammarCompiler(smollm2_tokenizer, VOCAB, {EOS})
+    compiler.prepare_in_background()
+    compiler._preparing.join(timeout=60)
+    assert compiler._compiler is not None  # built off the caller's thread
+    state = compiler.new_state(StructuredOutputs(choice=("yes", "no")))
+    assert mask_of(state)
+    GrammarCompiler(None, VOCAB, {EOS}).prepare_in_background()  # no tokenizer: nothing to build, no error
