@@ -222,7 +222,8 @@ class PlannerConfig:
     unplaceable_after_s: float = setting(120.0, help="a pool short of available replicas this long counts as "
                                                      "unplaceable (default: %(default)s)")
     correction: bool = setting(True, flag="--no-correction", negated=True,
-                               help="do not correct the profile by the observed / predicted latency per pool")
+                               help="plan from the profile alone: no correction by the observed / predicted "
+                                    "latency, no queue-growth scale-up")
     correction_min: float = setting(0.5, help="lowest correction factor (default: %(default)s)")
     correction_max: float = setting(4.0, help="highest correction factor (default: %(default)s)")
     correction_alpha: float = setting(0.5, help="EWMA weight of each new observed / predicted ratio "

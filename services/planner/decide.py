@@ -34,7 +34,8 @@ The rules that keep the correction from flapping or over-scaling:
      for a scale-down only when above 1 (it can make the planner keep replicas, never shed them).
   3. The correction moves a pool up by at most one replica beyond what the raw profile needs per settled
      estimate (a factor measured at n is extrapolated to n + 1 only; Dynamo #12430 over-scaled decode by
-     extrapolating far), then it is re-measured there before the next step.
+     extrapolating far), then it is re-measured there before the next step. Likewise a factor below 1 holds a
+     scale-up back by at most one replica below the profile's count.
   4. A scale-down to m replicas is judged with the larger of the current factor and the factor last confirmed
      at m (``by_count``): having left m because it was slower than predicted, the pool returns to it only if
      the load fell enough for m to meet the SLO with that slowness (Dynamo #9294: 2 <-> 1 oscillation when a
@@ -290,7 +291,7 @@ def _scale_up(profile: Profile, policy: Policy, role: str, load: PoolLoad, state
     factor = _up_factor(state)
     raw = needed_replicas(profile, role, load, limits, slo_s)
     corrected = needed_replicas(profile, role, load, limits, slo_s, lambda count: factor)
-    target = max(raw, min(corrected, current + 1)) if factor > 1 else corrected
+    target = max(raw, min(corrected, current + 1)) if factor > 1 else max(corrected, raw - 1)
     if target > current:
         kind = "up_correction" if target > raw else "up"
         why = _why(profile, role, load, state, target, slo_s)

@@ -23,12 +23,14 @@ from services.planner.decide import (
     Reaction,
     Slo,
     decide,
+    decide_pool,
     decode_tpot_s,
     prefill_ttft_s,
 )
 from services.planner.load import ClusterLoad, PoolLoad
 from services.planner.loop import Planner
 from services.planner.metrics import PlannerMetrics
+from services.planner.profile import PrefillProfile
 from tests.services.planner.test_decide import INTERVAL_S, PROFILE, reversals
 from tests.services.planner.test_loop import ticking
 from tests.services.planner.test_metrics import samples, value
@@ -45,16 +47,18 @@ def observed(slowness: float, predicted: float) -> float | None:
     return slowness * predicted if math.isfinite(predicted) else None
 
 
-def run(rates: list[float], slowness: list[float] | float, policy: Policy = POLICY, prompt: float = 1000,
-        output: float = 50, waiting: list[float] | None = None,
+def run(rates: list[float], slowness: list[float] | dict[int, float] | float, policy: Policy = POLICY,
+        prompt: float = 1000, output: float = 50, waiting: list[float] | None = None,
         state: PlannerState | None = None) -> tuple[list[int], list[int], list[str], list[str]]:
     """Replay a trace from `state` (default: one worker per pool, nothing learned): the prefill and decode
-    counts after each step, prefill's reasons and reason kinds."""
-    slow = slowness if isinstance(slowness, list) else [slowness] * len(rates)
+    counts after each step, prefill's reasons and reason kinds. `slowness`: one for all steps, one per step, or
+    one per prefill count (a pool whose error grows with how busy its workers are)."""
+    slow = slowness if isinstance(slowness, (list, dict)) else [slowness] * len(rates)
     state = state or PlannerState(PoolState(1), PoolState(1))
     prefill, decode, reasons, kinds = [], [], [], []
     for step, rate in enumerate(rates):
-        load = _load(step * INTERVAL_S, rate, prompt, output, state, slow[step], waiting[step] if waiting else 0.0)
+        slowness_now = slow[state.prefill.replicas] if isinstance(slow, dict) else slow[step]
+        load = _load(step * INTERVAL_S, rate, prompt, output, state, slowness_now, waiting[step] if waiting else 0.0)
         decisions, state = decide(PROFILE, policy, load, state)
         prefill.append(decisions[0].desired)
         decode.append(decisions[1].desired)
@@ -106,6 +110,15 @@ def test_noisy_observations_around_the_threshold_change_the_count_at_most_once()
     assert reversals(prefill) == 0
     calm = [1.2, 1.6] * 20  # the factor stays between 1.33 and 1.47: never past the threshold
     assert run([8.0] * 40, slowness=calm)[0] == [1] * 40
+
+
+def test_a_pool_slow_only_when_busy_does_not_return_to_the_count_it_left():
+    # x2 on one worker, as its profile on two (queueing the profile underestimates): Dynamo #9294's 2 <-> 1
+    # oscillation. At 2 the factor falls back to 1 (300 ms x 1.1 on one worker would be within the band), but
+    # a step down is judged with the factor last confirmed at 1 (x1.75: 525 ms).
+    prefill, _, reasons, _ = run([8.0] * 60, slowness={1: 2.0, 2: 1.0})
+    assert prefill == [1] + [2] * 59
+    assert reasons[-1].startswith("hold: 2 needed")
 
 
 def test_a_factor_measured_at_one_count_is_re_measured_before_it_drives_another_step():
@@ -250,3 +263,15 @@ def test_scale_changed_falls_back_to_one_pool_at_a_time():
     recorder = PoolsRecorder()
     scale_changed(recorder, both)
     assert recorder.calls == [[("prefill", 2, "up"), ("decode", 1, "down")]]
+
+
+def test_a_fast_pool_holds_a_scale_up_back_by_one_replica_at_most():
+    # Workers up to 99% busy and a factor down to 0.1: at 89 req/s the profile needs 11 (10 workers at 89% busy
+    # predict 504 ms), x0.1 would make do with 9 (98.9% busy: 4.55 s x 0.1): one below the profile, 10.
+    profile = PROFILE.model_copy(update={"prefill": PrefillProfile(tokens_per_s=10_000, max_utilisation=0.99)})
+    policy = Policy(POLICY.slo, PoolLimits(1, 20), POLICY.decode, POLICY.cooldown_s, reaction=Reaction(low=0.1))
+    state = PoolState(1, correction=0.1, confirmed=True, by_count=((1, 0.1),))
+    load = PoolLoad("prefill", 1, 89.0, 1000, 50)
+    decision, _ = decide_pool(profile, policy, "prefill", load, state, 0.0)
+    assert decision.desired == 10
+    assert decide_pool(profile, policy, "prefill", load, PoolState(1), 0.0)[0].desired == 11
