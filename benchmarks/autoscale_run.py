@@ -167,7 +167,7 @@ def worker_events(run: Run) -> list[str]:
 def report(run: Run, row_s: float) -> str:
     decisions = [f"- {at - run.load_start:.0f} s: {line}" for at, line in run.decisions] or ["- (none)"]
     events = ["", "Workers (a pool's new workers start when the planner decides; LocalScaler waits for each to be "
-                  "READY, pools one after the other; the decision is printed after that):", *worker_events(run)]
+                  "READY, all pools at once; the decision is printed after that):", *worker_events(run)]
     overall = f"{slo_share(run.records, run.slo_ms):.1%}" if run.records else "-"
     slo = ", ".join(f"{name.upper()} <= {ms:g} ms" for name, ms in run.slo_ms.items())
     return "\n".join([f"SLO: {slo}; met by {overall} of {len(run.records)} requests", "", *timeline_table(run, row_s),
