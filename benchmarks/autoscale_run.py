@@ -76,6 +76,7 @@ class Sample:
     ready: dict[str, int]
     desired: dict[str, int]
     actual: dict[str, int]
+    correction: dict[str, float] = field(default_factory=dict)  # the planner's correction factor per pool
 
 
 @dataclass
@@ -152,6 +153,20 @@ def step_table(run: Run) -> list[str]:
     return lines
 
 
+def correction_lines(run: Run) -> list[str]:
+    """The planner's correction factor per pool at each row's end, where the planner exports one."""
+    if not any(s.correction for s in run.samples):
+        return []
+    cells = []
+    for index in range(len(run.rates) * 4):
+        sample = run.sample_at((index + 1) * run.step_s / 4)
+        if sample is not None and sample.correction:
+            cells.append(f"{(index + 1) * run.step_s / 4:.0f} s " + "/".join(
+                f"{sample.correction.get(pool, 1.0):.2f}" for pool in POOLS))
+    return ["Correction factor P/D (the planner's tandem_planner_correction_factor, every quarter step): "
+            + ", ".join(cells), ""]
+
+
 def worker_events(run: Run) -> list[str]:
     """When each worker added during the run was started (its log appeared) and when the router's counts changed."""
     started = [(t, f"{worker_id} started") for worker_id, t in run.worker_starts.items() if t > 0]
@@ -167,12 +182,13 @@ def worker_events(run: Run) -> list[str]:
 def report(run: Run, row_s: float) -> str:
     decisions = [f"- {at - run.load_start:.0f} s: {line}" for at, line in run.decisions] or ["- (none)"]
     events = ["", "Workers (a pool's new workers start when the planner decides; LocalScaler waits for each to be "
-                  "READY, pools one after the other; the decision is printed after that):", *worker_events(run)]
+                  "READY, all pools at once; the decision is printed after that):", *worker_events(run)]
     overall = f"{slo_share(run.records, run.slo_ms):.1%}" if run.records else "-"
     slo = ", ".join(f"{name.upper()} <= {ms:g} ms" for name, ms in run.slo_ms.items())
     return "\n".join([f"SLO: {slo}; met by {overall} of {len(run.records)} requests", "", *timeline_table(run, row_s),
-                      "", *step_table(run), "", "Planner decisions (time from the load's start, printed once its "
-                      "workers were up):", *decisions, *events])
+                      "", *step_table(run), "", *correction_lines(run),
+                      "Planner decisions (time from the load's start, printed once its workers were up):",
+                      *decisions, *events])
 
 
 # ---------------------------------------------------------------------------------------------------- the cluster
@@ -213,14 +229,23 @@ def planner_gauges(text: str) -> dict[str, dict[str, int]]:
     return found
 
 
+def planner_corrections(text: str) -> dict[str, float]:
+    """pool -> the planner's correction factor, from its /metrics text (empty from a planner without one)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.labels["pool"]: sample.value for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == "tandem_planner_correction_factor"}
+
+
 async def take_sample(client: httpx.AsyncClient, router_url: str, planner_url: str, t: float) -> Sample:
-    ready, gauges = {}, {"desired": {}, "actual": {}}
+    ready, gauges, corrections = {}, {"desired": {}, "actual": {}}, {}
     with contextlib.suppress(httpx.HTTPError, ValueError):
         body = (await client.get(f"{router_url}/ready", timeout=5)).json()
         ready = {pool: int(body[f"{pool}_workers"]) for pool in POOLS}
     with contextlib.suppress(httpx.HTTPError):
-        gauges = planner_gauges((await client.get(f"{planner_url}/metrics", timeout=5)).text)
-    return Sample(t, ready, gauges["desired"], gauges["actual"])
+        text = (await client.get(f"{planner_url}/metrics", timeout=5)).text
+        gauges, corrections = planner_gauges(text), planner_corrections(text)
+    return Sample(t, ready, gauges["desired"], gauges["actual"], corrections)
 
 
 def note_worker_starts(run: Run, log_dir: Path, t: float) -> None:

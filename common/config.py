@@ -231,6 +231,17 @@ class PlannerConfig:
     model: str = setting("", help="the `model` label on the planner's metrics (default: empty)")
     unplaceable_after_s: float = setting(120.0, help="a pool short of available replicas this long counts as "
                                                      "unplaceable (default: %(default)s)")
+    correction: bool = setting(True, flag="--no-correction", negated=True,
+                               help="plan from the profile alone: no correction by the observed / predicted "
+                                    "latency, no queue-growth scale-up")
+    correction_min: float = setting(0.5, help="lowest correction factor (default: %(default)s)")
+    correction_max: float = setting(4.0, help="highest correction factor (default: %(default)s)")
+    correction_alpha: float = setting(0.5, help="EWMA weight of each new observed / predicted ratio "
+                                                "(default: %(default)s)")
+    settle_s: float = setting(60.0, help="after a pool's count changes, observations this soon do not correct "
+                                         "it (old count in the window, workers warming up) (default: %(default)s)")
+    queue_intervals: int = setting(3, help="a prefill queue rising this many settled intervals in a row adds a "
+                                           "replica (default: %(default)s)")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:

@@ -459,7 +459,7 @@ class LocalCluster:
         return ["--gpu-memory-utilization", f"{memory_cap(rank, sharers, self._base_memory_cap()):.4f}"]
 
     def _gpu_in_use(self, gpu: str) -> bool:
-        return any(p.alive and p.gpu == gpu for p in self.workers.values())
+        return any(p.alive and p.gpu == gpu for p in list(self.workers.values()))  # another pool may be adding
 
     def _spawn_router(self) -> WorkerProcess:
         argv = ["router", "--model", self.model, *self.router_args, *self._coord_args(),
@@ -580,6 +580,9 @@ class LocalScaler:
     """The planner's actuator for `tandem serve --autoscale`: a pool grows by starting workers (each waits for
     READY) and shrinks by SIGTERM to its newest workers, which drain (finish their streams) before they exit.
 
+    ``scale_pools`` changes several pools at once, one thread per pool, and returns when all are done: one
+    pool's slow start never delays the other's. Within a pool workers start one after the other (add_worker
+    takes the pool's next id and GPU, so two calls for one role must not overlap).
     Called from the planner's thread; it only uses LocalCluster's add_worker / terminate.
     """
 
@@ -598,6 +601,27 @@ class LocalScaler:
             self.cluster.add_worker(role)
         for proc in reversed(self._alive(role)[replicas:]):  # the newest first
             self.cluster.terminate(proc.worker_id)
+
+    def scale_pools(self, targets: Sequence[tuple[str, int, str]]) -> None:
+        """Each (role, replicas, reason) on its own thread; waits for all, then raises the first error, if any."""
+        if len({role for role, _, _ in targets}) != len(targets):
+            raise ValueError(f"one target per pool, got {targets}")
+        errors: list[BaseException] = []
+
+        def scale_one(role: str, replicas: int, reason: str) -> None:
+            try:
+                self.scale(role, replicas, reason)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller after every pool is done
+                errors.append(exc)
+
+        threads = [threading.Thread(target=scale_one, args=target, name=f"autoscale-{target[0]}", daemon=True)
+                   for target in targets]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
 
     def _alive(self, role: str) -> list[WorkerProcess]:
         """The pool's live workers, oldest first (they were started in this order)."""

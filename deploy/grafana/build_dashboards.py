@@ -345,6 +345,18 @@ def planner_row() -> Row:
                 width=8,
             ),
             Panel(
+                "Correction factor",
+                (
+                    Target(f"max by (pool) (tandem_planner_correction_factor{{{SEL}}})", "{{pool}}"),
+                ),
+                "short",
+                description="Per pool, observed / predicted latency (TTFT for prefill, TPOT for decode), smoothed "
+                "and clamped: the planner multiplies the profile's predictions by it, so above 1 the pool scales "
+                "earlier than its profile and below 1 later (1: none, or --no-correction). Decisions it drove show "
+                "as up_correction in the last decision",
+                width=8,
+            ),
+            Panel(
                 "Last planner decision",
                 (
                     Target(
@@ -354,9 +366,10 @@ def planner_row() -> Row:
                 ),
                 "short",
                 "stat",
-                "The kind of each pool's last decision's reason (clamped | up | hold | hold_observed | "
-                "hold_cooldown | down); the planner's log has the full reason",
-                width=8,
+                "The kind of each pool's last decision's reason (clamped | up | up_correction: the correction "
+                "factor asked for more than the profile | up_queue: the prefill queue kept growing | hold | "
+                "hold_observed | hold_cooldown | down); the planner's log has the full reason",
+                width=24,
                 text_mode="name",
             ),
         ),

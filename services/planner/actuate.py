@@ -5,8 +5,11 @@ subresource through the ``kubernetes`` client; ``DryRun`` only reports.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from services.planner.decide import Decision
 
 log = logging.getLogger("tandem.planner")
 
@@ -24,6 +27,27 @@ class Actuator(Protocol):
         cannot be placed."""
 
     def scale(self, role: str, replicas: int, reason: str) -> None: ...
+
+
+@runtime_checkable
+class PoolsActuator(Protocol):
+    """An actuator that can change several pools at once (``LocalScaler``: each pool's new workers start
+    concurrently with the others'); returns once every pool is at its count."""
+
+    def scale_pools(self, targets: Sequence[tuple[str, int, str]]) -> None:
+        """(role, replicas, reason) per pool to change."""
+
+
+def scale_changed(actuator: Actuator, decisions: Sequence[Decision]) -> None:
+    """Apply the decisions that change a count: all at once where the actuator can, else one pool after the
+    other."""
+    targets = [(d.role, d.desired, d.reason) for d in decisions if d.changed]
+    if isinstance(actuator, PoolsActuator):
+        if targets:
+            actuator.scale_pools(targets)
+        return
+    for role, replicas, reason in targets:
+        actuator.scale(role, replicas, reason)
 
 
 class DryRun:

@@ -13,11 +13,40 @@ once when above the current one; a lower count must also meet the SLO with a mar
 predicted for it within (1 - band) x SLO) and be wanted for ``cooldown_s`` without a break, and then the pool
 shrinks by one replica, after which the cool-down starts again. No scale-down while the observed p90 breaks
 the SLO. Noise that moves the prediction inside the band changes nothing.
+
+Reacting to what is observed (``Reaction``), as Dynamo's planner does, without its failures:
+  correction: per pool, c = observed p50 / predicted latency at the observed load and the current count (TTFT
+           for prefill, TPOT for decode), clamped to [low, high] and smoothed (EWMA, weight ``alpha`` on the new
+           ratio). A prediction p at n replicas counts as c x p, so a pool slower than its profile scales earlier
+           and a faster one later. A count meets a target T iff its raw prediction meets T / c.
+  queue growth: a prefill pool whose queued prompt tokens (its workers' waiting requests x the mean prompt)
+           rose at each of the last ``queue_intervals`` settled observations is short of capacity whatever the
+           profile says: one more replica (and no scale-down while it grows). The count it left is remembered
+           as at least as slow as the SLO (factor SLO / predicted there), so rule 4 applies to it too.
+The rules that keep the correction from flapping or over-scaling:
+  1. Settled observations only. A count change (the planner's, or one adopted from the actuator) marks the
+     pool unsettled; observations update the correction and the queue history only once the pool has run at
+     its count for ``settle_s`` and the replicas observed equal it (so no window mixes two counts and no
+     starting worker's cold start is learned: Dynamo #2511 over-compensated for cold starts).
+  2. The factor belongs to the count it was measured at. After a count change it is carried over as
+     provisional until the first settled observation at the new count re-estimates it (the EWMA continues
+     from the carried value). A provisional factor only holds: it never drives a scale-up, and it counts
+     for a scale-down only when above 1 (it can make the planner keep replicas, never shed them).
+  3. The correction moves a pool up by at most one replica beyond what the raw profile needs per settled
+     estimate (a factor measured at n is extrapolated to n + 1 only; Dynamo #12430 over-scaled decode by
+     extrapolating far), then it is re-measured there before the next step. Likewise a factor below 1 holds a
+     scale-up back by at most one replica below the profile's count.
+  4. A scale-down to m replicas is judged with the larger of the current factor and the factor last confirmed
+     at m (``by_count``): having left m because it was slower than predicted, the pool returns to it only if
+     the load fell enough for m to meet the SLO with that slowness (Dynamo #9294: 2 <-> 1 oscillation when a
+     scale-down ignored how the survivors would fare).
+The hysteresis band, cool-down and the observed-p90 guard apply to corrected predictions as to raw ones.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from services.planner.load import ClusterLoad, PoolLoad
@@ -46,23 +75,62 @@ class PoolLimits:
 
 
 @dataclass(frozen=True)
+class Reaction:
+    """How observations correct the profile (see the module docstring). Invariant: 0 < low <= 1 <= high,
+    0 < alpha <= 1, queue_intervals >= 1."""
+
+    enabled: bool = True
+    low: float = 0.5
+    high: float = 4.0
+    alpha: float = 0.5
+    settle_s: float = 60.0
+    queue_intervals: int = 3
+
+    def __post_init__(self) -> None:
+        if not (0 < self.low <= 1 <= self.high and 0 < self.alpha <= 1 and self.queue_intervals >= 1):
+            raise ValueError(f"bad correction settings: {self}")
+
+    def clamp(self, factor: float) -> float:
+        return min(max(factor, self.low), self.high)
+
+
+@dataclass(frozen=True)
 class Policy:
     slo: Slo
     prefill: PoolLimits
     decode: PoolLimits
     cooldown_s: float
     band: float = 0.2
+    reaction: Reaction = Reaction()
 
     def limits(self, role: str) -> PoolLimits:
         return self.prefill if role == "prefill" else self.decode
 
+    def slo_s(self, role: str) -> float:
+        return self.slo.ttft_s if role == "prefill" else self.slo.tpot_s
+
 
 @dataclass(frozen=True)
 class PoolState:
-    """The count the planner last set for a pool, and since when a lower count has been wanted (None: not)."""
+    """The count the planner last set for a pool, since when a lower count has been wanted (None: not), and what
+    it learned from observations: the correction factor (``confirmed``: measured at this count since it last
+    changed), when the count last changed (None: before the planner started), the factor last confirmed at each
+    count, and the queued prompt tokens of the last settled observations (oldest first)."""
 
     replicas: int
     down_since: float | None = None
+    correction: float = 1.0
+    confirmed: bool = False
+    changed_at: float | None = None
+    by_count: tuple[tuple[int, float], ...] = ()
+    queued: tuple[float, ...] = ()
+
+    def moved_to(self, replicas: int, now: float, down_since: float | None = None) -> PoolState:
+        """The state after the count changed to `replicas`: unsettled, the factor provisional (rules 1, 2)."""
+        return replace(self, replicas=replicas, down_since=down_since, confirmed=False, changed_at=now, queued=())
+
+    def factor_at(self, count: int) -> float | None:
+        return dict(self.by_count).get(count)
 
 
 @dataclass(frozen=True)
@@ -76,13 +144,14 @@ class PlannerState:
         return PlannerState(PoolState(load.prefill.replicas), PoolState(load.decode.replicas))
 
 
-REASON_KINDS = ("clamped", "up", "hold", "hold_observed", "hold_cooldown", "down")
+REASON_KINDS = ("clamped", "up", "up_correction", "up_queue", "hold", "hold_observed", "hold_cooldown", "down")
 
 
 @dataclass(frozen=True)
 class Decision:
     """One pool's decision: `current` (the count before), `desired` (after), why; `kind` is the reason's kind,
-    one of ``REASON_KINDS`` (a bounded label value for metrics, where `reason` is free text)."""
+    one of ``REASON_KINDS`` (a bounded label value for metrics, where `reason` is free text): ``up_correction``
+    when the correction factor asked for more than the raw profile, ``up_queue`` when the queue growth did."""
 
     role: str
     current: int
@@ -127,12 +196,56 @@ def predicted_s(profile: Profile, role: str, load: PoolLoad, replicas: int, targ
     return decode_tpot_s(profile.decode, load, replicas, target_s)
 
 
-def needed_replicas(profile: Profile, role: str, load: PoolLoad, limits: PoolLimits, target_s: float) -> int:
-    """The fewest replicas in [min, max] whose predicted latency is within `target_s` (max when none is)."""
+def needed_replicas(profile: Profile, role: str, load: PoolLoad, limits: PoolLimits, target_s: float,
+                    factor: Callable[[int], float] = lambda count: 1.0) -> int:
+    """The fewest replicas in [min, max] whose predicted latency, times `factor(count)`, is within `target_s`
+    (max when none is)."""
     for count in range(limits.min_replicas, limits.max_replicas + 1):
-        if predicted_s(profile, role, load, count, target_s) <= target_s:
+        scaled_target = target_s / factor(count)
+        if predicted_s(profile, role, load, count, scaled_target) <= scaled_target:
             return count
     return limits.max_replicas
+
+
+# ---------------------------------------------------------------------------------------------------- observations
+
+
+def settled(policy: Policy, load: PoolLoad, state: PoolState, now: float) -> bool:
+    """Rule 1: the pool has run at its count for ``settle_s`` and the replicas observed are that count."""
+    waited = state.changed_at is None or now - state.changed_at >= policy.reaction.settle_s
+    return waited and load.replicas == state.replicas
+
+
+def observed_ratio(profile: Profile, role: str, load: PoolLoad, replicas: int) -> float | None:
+    """Observed p50 / predicted latency at the observed load and `replicas` (None: no latency, no load, or a
+    prediction that is not a finite positive number, as past a prefill worker's ``max_utilisation``)."""
+    observed = load.ttft_p50_s if role == "prefill" else load.tpot_p50_s
+    if observed is None or load.request_rate <= 0:
+        return None
+    predicted = predicted_s(profile, role, load, replicas, math.inf)  # decode: up to the KV limit, not the SLO
+    return observed / predicted if 0 < predicted < math.inf else None
+
+
+def learn(profile: Profile, policy: Policy, role: str, load: PoolLoad, state: PoolState, now: float) -> PoolState:
+    """The state after one observation: the correction and the queue history updated when settled."""
+    reaction = policy.reaction
+    if not reaction.enabled or not settled(policy, load, state, now):
+        return state
+    queued = (*state.queued, load.waiting * load.mean_prompt_tokens)[-(reaction.queue_intervals + 1):]
+    state = replace(state, queued=queued if role == "prefill" else ())
+    ratio = observed_ratio(profile, role, load, state.replicas)
+    if ratio is None:
+        return state
+    factor = (1 - reaction.alpha) * state.correction + reaction.alpha * reaction.clamp(ratio)
+    by_count = tuple(sorted({**dict(state.by_count), state.replicas: factor}.items()))
+    return replace(state, correction=factor, confirmed=True, by_count=by_count)
+
+
+def queue_growing(policy: Policy, state: PoolState) -> bool:
+    """The queued prompt tokens rose at each of the last ``queue_intervals`` settled observations."""
+    queued = state.queued
+    rising = all(b > a for a, b in zip(queued, queued[1:]))
+    return len(queued) > policy.reaction.queue_intervals and rising
 
 
 # ---------------------------------------------------------------------------------------------------- decisions
@@ -142,21 +255,64 @@ def decide_pool(profile: Profile, policy: Policy, role: str, load: PoolLoad, sta
                 now: float) -> tuple[Decision, PoolState]:
     """One pool's next count and state (see the module docstring for the rules)."""
     limits = policy.limits(role)
-    slo_s = policy.slo.ttft_s if role == "prefill" else policy.slo.tpot_s
     current = state.replicas
     if limits.clamp(current) != current:
         desired = limits.clamp(current)
         reason = f"clamped to [{limits.min_replicas}, {limits.max_replicas}]"
-        return Decision(role, current, desired, reason, "clamped"), PoolState(desired)
-    needed = needed_replicas(profile, role, load, limits, slo_s)
-    if needed > current:
-        reason = _why(profile, role, load, current, needed, slo_s)
-        return Decision(role, current, needed, reason, "up"), PoolState(needed)
-    relaxed = needed_replicas(profile, role, load, limits, slo_s * (1 - policy.band))
+        return Decision(role, current, desired, reason, "clamped"), state.moved_to(desired, now)
+    state = learn(profile, policy, role, load, state, now)
+    up = _scale_up(profile, policy, role, load, state)
+    if up is not None:
+        if up.kind == "up_queue":
+            state = _short_at_current(profile, policy, role, load, state)
+        return up, state.moved_to(up.desired, now)
+    slo_s = policy.slo_s(role)
+    relaxed = needed_replicas(profile, role, load, limits, slo_s * (1 - policy.band), _hold_factor(state))
     if relaxed >= current:
         reason = f"hold: {current} needed ({_metric(role)} SLO {slo_s * 1e3:g} ms with a {policy.band:.0%} margin)"
-        return Decision(role, current, current, reason, "hold"), PoolState(current)
+        return Decision(role, current, current, reason + _noting(state), "hold"), replace(state, down_since=None)
     return _scale_down(policy, role, load, state, now, relaxed, slo_s)
+
+
+def _up_factor(state: PoolState) -> float:
+    """Rule 2: only a factor confirmed at this count drives a scale-up."""
+    return state.correction if state.confirmed else 1.0
+
+
+def _hold_factor(state: PoolState) -> Callable[[int], float]:
+    """Rules 2 and 4: the factor a lower count is judged with."""
+    factor = state.correction if state.confirmed else max(state.correction, 1.0)
+    return lambda count: max(factor, state.factor_at(count) or factor)
+
+
+def _scale_up(profile: Profile, policy: Policy, role: str, load: PoolLoad, state: PoolState) -> Decision | None:
+    """The decision to grow, if the profile, the correction (rule 3) or the queue growth asks for it."""
+    limits, slo_s, current = policy.limits(role), policy.slo_s(role), state.replicas
+    factor = _up_factor(state)
+    raw = needed_replicas(profile, role, load, limits, slo_s)
+    corrected = needed_replicas(profile, role, load, limits, slo_s, lambda count: factor)
+    target = max(raw, min(corrected, current + 1)) if factor > 1 else max(corrected, raw - 1)
+    if target > current:
+        kind = "up_correction" if target > raw else "up"
+        why = _why(profile, role, load, state, target, slo_s)
+        if corrected > target:
+            why += f"; corrected, {corrected} after re-measuring at {target}"
+        return Decision(role, current, target, why if target <= raw else f"{why} (the profile alone: {raw})", kind)
+    if queue_growing(policy, state) and current < limits.max_replicas:
+        trail = " -> ".join(f"{tokens:.0f}" for tokens in state.queued)
+        reason = f"up by one: queued prompt tokens rose for {len(state.queued) - 1} intervals ({trail})"
+        return Decision(role, current, current + 1, reason + _noting(state), "up_queue")
+    return None
+
+
+def _short_at_current(profile: Profile, policy: Policy, role: str, load: PoolLoad, state: PoolState) -> PoolState:
+    """The queue grew at this count, so its latency was past the SLO whatever the prediction: remember at least
+    the factor that puts it there (rule 4 then keeps the pool from returning here at this load)."""
+    predicted = predicted_s(profile, role, load, state.replicas, math.inf)
+    if not 0 < predicted < math.inf:
+        return state
+    factor = policy.reaction.clamp(max(policy.slo_s(role) / predicted, state.factor_at(state.replicas) or 0.0))
+    return replace(state, by_count=tuple(sorted({**dict(state.by_count), state.replicas: factor}.items())))
 
 
 def _scale_down(policy: Policy, role: str, load: PoolLoad, state: PoolState, now: float, relaxed: int,
@@ -166,23 +322,36 @@ def _scale_down(policy: Policy, role: str, load: PoolLoad, state: PoolState, now
     observed = load.ttft_p90_s if role == "prefill" else load.tpot_p90_s
     if observed is not None and observed > slo_s:
         reason = f"hold: {relaxed} would do but observed {_metric(role)} p90 {observed * 1e3:.0f} ms > SLO"
-        return Decision(role, current, current, reason, "hold_observed"), PoolState(current)
+        return Decision(role, current, current, reason, "hold_observed"), replace(state, down_since=None)
+    if queue_growing(policy, state):
+        reason = f"hold: {relaxed} would do but the queue keeps growing (at the max, {current})"
+        return Decision(role, current, current, reason, "hold_observed"), replace(state, down_since=None)
     since = now if state.down_since is None else state.down_since
     if now - since < policy.cooldown_s:
-        reason = f"hold: {relaxed} would do; cool-down {now - since:.0f}/{policy.cooldown_s:g} s"
+        reason = f"hold: {relaxed} would do; cool-down {now - since:.0f}/{policy.cooldown_s:g} s" + _noting(state)
         return Decision(role, current, current, reason, "hold_cooldown"), replace(state, down_since=since)
     reason = f"down by one: {relaxed} would do for {now - since:.0f} s (cool-down {policy.cooldown_s:g} s)"
-    return Decision(role, current, current - 1, reason, "down"), PoolState(current - 1, down_since=now)
+    return Decision(role, current, current - 1, reason + _noting(state), "down"), state.moved_to(current - 1, now,
+                                                                                                 down_since=now)
 
 
 def _metric(role: str) -> str:
     return "TTFT" if role == "prefill" else "TPOT"
 
 
-def _why(profile: Profile, role: str, load: PoolLoad, current: int, needed: int, slo_s: float) -> str:
-    at_current = _ms(predicted_s(profile, role, load, current, slo_s))
-    at_needed = _ms(predicted_s(profile, role, load, needed, slo_s))
-    return f"up: predicted {_metric(role)} {at_current} at {current} > SLO {slo_s * 1e3:g} ms; {at_needed} at {needed}"
+def _noting(state: PoolState) -> str:
+    """The correction in force, when there is one, for the reason's text."""
+    if state.correction == 1.0:
+        return ""
+    return f" [correction x{state.correction:.2f}{'' if state.confirmed else ', provisional'}]"
+
+
+def _why(profile: Profile, role: str, load: PoolLoad, state: PoolState, needed: int, slo_s: float) -> str:
+    factor, current = _up_factor(state), state.replicas
+    at_current = _ms(factor * predicted_s(profile, role, load, current, slo_s / factor))
+    at_needed = _ms(factor * predicted_s(profile, role, load, needed, slo_s / factor))
+    predicted = f"predicted {_metric(role)}" if factor == 1.0 else f"corrected {_metric(role)} (x{factor:.2f})"
+    return f"up: {predicted} {at_current} at {current} > SLO {slo_s * 1e3:g} ms; {at_needed} at {needed}"
 
 
 def _ms(seconds: float) -> str:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client import start_http_server
 
 from common.config import PlannerConfig
-from services.planner.actuate import Actuator, DryRun, KubernetesScaler, ScaleError
-from services.planner.decide import Decision, PlannerState, Policy, PoolLimits, Slo, decide, predicted_s
+from services.planner.actuate import Actuator, DryRun, KubernetesScaler, ScaleError, scale_changed
+from services.planner.decide import (
+    Decision,
+    PlannerState,
+    Policy,
+    PoolLimits,
+    Reaction,
+    Slo,
+    decide,
+    predicted_s,
+)
 from services.planner.load import ClusterLoad
 from services.planner.metrics import PlacementWatch, PlannerMetrics
 from services.planner.observe import LoadSource, PrometheusSource, ScrapeSource
@@ -44,9 +53,7 @@ class Planner:
         if load is None:
             return None
         decisions, self.state = decide(self.profile, self.policy, load, self._synced(load))
-        for decision in decisions:
-            if decision.changed:
-                self.actuator.scale(decision.role, decision.desired, decision.reason)
+        scale_changed(self.actuator, decisions)
         if self.metrics is not None:
             self._record(load, decisions)
         return decisions
@@ -56,6 +63,8 @@ class Planner:
         prefill, decode = decisions
         slo = self.policy.slo
         self.metrics.record_load(load)
+        self.metrics.record_corrections({"prefill": self.state.prefill.correction,
+                                         "decode": self.state.decode.correction})
         self.metrics.record_decisions(decisions,
                                       predicted_s(self.profile, "prefill", load.prefill, prefill.desired, slo.ttft_s),
                                       predicted_s(self.profile, "decode", load.decode, decode.desired, slo.tpot_s))
@@ -78,15 +87,16 @@ class Planner:
         pools = {}
         for role in ("prefill", "decode"):
             pool, actual = getattr(state, role), self.actuator.replicas(role)
-            pools[role] = pool if actual is None or actual == pool.replicas else replace(pool, replicas=actual,
-                                                                                         down_since=None)
+            pools[role] = pool if actual is None or actual == pool.replicas else pool.moved_to(actual, load.at)
         return PlannerState(**pools)
 
 
 def policy_from(config: PlannerConfig) -> Policy:
     return Policy(Slo(config.slo_ttft_ms / 1e3, config.slo_tpot_ms / 1e3),
                   PoolLimits(config.min_prefill, config.max_prefill), PoolLimits(config.min_decode, config.max_decode),
-                  config.cooldown_s, config.band)
+                  config.cooldown_s, config.band,
+                  Reaction(config.correction, config.correction_min, config.correction_max, config.correction_alpha,
+                           config.settle_s, config.queue_intervals))
 
 
 def source_from(config: PlannerConfig, client: httpx.Client) -> LoadSource:

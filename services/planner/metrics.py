@@ -1,5 +1,6 @@
 """What the planner exports: per pool the replicas it wants and those there, the latencies it predicted and
-observed, its decisions by direction and the kind of the last one's reason, and the replicas that cannot be placed.
+observed, the correction factor it applies to the predictions, its decisions by direction and the kind of the last
+one's reason, and the replicas that cannot be placed.
 
 Series carry ``model`` (``--model``) and, per pool, ``pool`` (prefill | decode). Label values are bounded: pools,
 directions and ``REASON_KINDS`` are fixed and created at start-up (the reason's free text goes to the log only).
@@ -8,7 +9,7 @@ directions and ``REASON_KINDS`` are fixed and created at start-up (the reason's 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -62,6 +63,9 @@ class PlannerMetrics:
                                "Replicas available in the pool (the Deployment's, else the workers observed)")
         self.unplaceable = per_pool(Gauge, "tandem_planner_unplaceable_replicas",
                                     "Desired replicas not available for longer than the planner's bound")
+        self.correction = per_pool(Gauge, "tandem_planner_correction_factor",
+                                   "Observed / predicted latency (TTFT for prefill, TPOT for decode), smoothed and "
+                                   "clamped; the planner multiplies the profile's predictions by it (1: none)")
         self.request_rate = per_pool(Gauge, "tandem_planner_observed_request_rate",
                                      "Requests a second the planner observed, by pool")
         self.decisions = per_pool(Counter, "tandem_planner_decisions", "Planner decisions, by pool and direction",
@@ -86,6 +90,7 @@ class PlannerMetrics:
         for pool in POOLS:
             for family in (self.desired, self.actual, self.unplaceable, self.request_rate):
                 family.labels(model=self.model, pool=pool)
+            self.correction.labels(model=self.model, pool=pool).set(1.0)
             for way in DIRECTIONS:
                 self.decisions.labels(model=self.model, pool=pool, direction=way)
             for kind in REASON_KINDS:
@@ -99,6 +104,11 @@ class PlannerMetrics:
         self.observed_tpot.set(_or_nan(load.decode.tpot_p90_s))
         self.prompt_tokens.set(load.prefill.prompt_tokens_per_s)
         self.output_tokens.set(load.decode.request_rate * load.decode.mean_output_tokens)
+
+    def record_corrections(self, factors: Mapping[str, float]) -> None:
+        """Each pool's correction factor after this step."""
+        for pool, factor in factors.items():
+            self.correction.labels(model=self.model, pool=pool).set(factor)
 
     def record_decisions(self, decisions: Sequence[Decision], predicted_ttft_s: float, predicted_tpot_s: float) -> None:
         for decision in decisions:

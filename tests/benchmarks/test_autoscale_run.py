@@ -89,3 +89,19 @@ def test_new_workers_are_noted_by_their_log_files(tmp_path):
     note_worker_starts(run, tmp_path, 12.0)
     note_worker_starts(run, tmp_path, 14.0)
     assert run.worker_starts == {"prefill-0": 0.0, "decode-0": 0.0, "decode-1": 12.0}
+
+
+def test_the_correction_factors_are_read_and_reported_per_quarter_step():
+    from benchmarks.autoscale_run import planner_corrections
+
+    text = ('tandem_planner_correction_factor{model="m",pool="prefill"} 2.5\n'
+            'tandem_planner_correction_factor{model="m",pool="decode"} 1.0\n')
+    assert planner_corrections(text) == {"prefill": 2.5, "decode": 1.0}
+    assert planner_corrections(PLANNER_METRICS) == {}
+    run = Run([1.0], step_s=20.0, slo_ms={"ttft": 500.0, "tpot": 50.0})
+    run.samples = [Sample(4.0, {}, {}, {}, {"prefill": 1.5, "decode": 1.0}),
+                   Sample(12.0, {}, {}, {}, {"prefill": 2.25, "decode": 0.75})]
+    lines = report(run, row_s=10.0).splitlines()
+    found = [line for line in lines if line.startswith("Correction factor P/D")]
+    assert found == ["Correction factor P/D (the planner's tandem_planner_correction_factor, every quarter step): "
+                     "5 s 1.50/1.00, 10 s 1.50/1.00, 15 s 2.25/0.75, 20 s 2.25/0.75"]

@@ -41,6 +41,7 @@ REQUIRED_PANELS = {
         "Predicted vs observed TPOT",
         "Planner decisions",
         "Last planner decision",
+        "Correction factor",
     },
     "tandem-pools.json": {
         "Workers by pool",

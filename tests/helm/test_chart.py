@@ -819,3 +819,11 @@ def test_planner_metrics_are_served_and_scraped() -> None:
     monitor = rendered.get("ServiceMonitor", PLANNER)
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+
+
+def test_planner_correction_values_reach_the_flags() -> None:
+    _, args = _planner_args(render(SCENARIOS["planner"]))
+    assert (args.no_correction, args.settle_s) == (False, 60), "the chart's defaults reach the flags"
+    sets = ("planner.correction.enabled=false", "planner.correction.settleSeconds=30")
+    _, args = _planner_args(render(SCENARIOS["planner"], sets=sets))
+    assert (args.no_correction, args.settle_s) == (True, 30)

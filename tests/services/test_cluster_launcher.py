@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -207,6 +208,51 @@ def test_local_scaler_starts_workers_up_and_drains_the_newest_down():
     assert cluster.terminated == ["decode-2", "decode-1"] and scaler.replicas("decode") == 1  # newest first
     scaler.scale("prefill", 1, "prompts")
     assert scaler.replicas("prefill") == 1 and scaler.replicas("decode") == 1
+
+
+class _SlowStartCluster(_FakeCluster):
+    """A fake cluster whose add_worker blocks until the other pool's add_worker has begun too (at most 5 s): if
+    LocalScaler started the pools one after the other, each start would wait out the 5 s alone."""
+
+    def __init__(self, fail_role: str | None = None) -> None:
+        super().__init__(decode=1)
+        self.began = {role: threading.Event() for role in ("prefill", "decode")}
+        self.overlapped: dict[str, bool] = {}
+        self.fail_role = fail_role
+
+    def add_worker(self, role: str) -> SimpleNamespace:
+        if not getattr(self, "began", None):  # __init__'s own workers
+            return super().add_worker(role)
+        self.began[role].set()
+        other = "decode" if role == "prefill" else "prefill"
+        self.overlapped[role] = self.began[other].wait(5.0)
+        if role == self.fail_role:
+            raise RuntimeError(f"{role} did not start")
+        return super().add_worker(role)
+
+
+def test_local_scaler_starts_both_pools_new_workers_concurrently_and_waits_for_all():
+    from services.cluster import LocalScaler
+
+    cluster = _SlowStartCluster()
+    scaler = LocalScaler(cluster)
+    started = time.monotonic()
+    scaler.scale_pools([("prefill", 1, "prompts"), ("decode", 2, "streams")])
+    assert time.monotonic() - started < 4.0
+    assert cluster.overlapped == {"prefill": True, "decode": True}
+    assert scaler.replicas("prefill") == 1 and scaler.replicas("decode") == 2  # both done when it returns
+
+
+def test_local_scaler_finishes_the_other_pools_before_raising_one_pools_error():
+    from services.cluster import LocalScaler
+
+    cluster = _SlowStartCluster(fail_role="prefill")
+    scaler = LocalScaler(cluster)
+    with pytest.raises(RuntimeError, match="prefill did not start"):
+        scaler.scale_pools([("prefill", 1, "prompts"), ("decode", 2, "streams")])
+    assert scaler.replicas("decode") == 2 and scaler.replicas("prefill") == 0
+    with pytest.raises(ValueError, match="one target per pool"):
+        scaler.scale_pools([("decode", 1, "a"), ("decode", 2, "b")])
 
 
 def test_serve_autoscale_without_a_profile_is_a_clear_error_before_anything_starts(capsys):
