@@ -89,8 +89,9 @@ class ChoiceState:
 
     @property
     def chat_finish_reason(self) -> str | None:
-        """``finish_reason``, except "tool_calls" when the message ended (not cut by length) with calls."""
-        if self.finish_reason == "stop" and self.tool_calls is not None and self.tool_calls.calls:
+        """``finish_reason``, except "tool_calls" when the message ended (not cut by length) with calls of an auto or
+        required tool choice (a named choice stays "stop", as OpenAI reports it)."""
+        if self.finish_reason == "stop" and self.tool_calls is not None and self.tool_calls.finishes_with_tool_calls:
             return "tool_calls"
         return self.finish_reason
 

@@ -325,6 +325,12 @@ class ToolCallStream:
     _open_arguments: list[str] = field(default_factory=list)
 
     @property
+    def finishes_with_tool_calls(self) -> bool:
+        """The choice's finish_reason becomes "tool_calls" when it made calls, as OpenAI (and vLLM) report them for
+        tool_choice auto and required; a named function choice finishes with "stop" there."""
+        return bool(self.calls) and not isinstance(self.scanner, NamedScanner)
+
+    @property
     def content(self) -> str | None:
         """Text outside calls, stripped; None when it is empty and there are calls."""
         text = "".join(self._content)

@@ -293,12 +293,15 @@ async def test_named_choice_reads_the_answer_as_that_functions_arguments():
     response = await client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME],
                                                     tool_choice=named)
     message = response.choices[0].message
-    assert message.content is None and response.choices[0].finish_reason == "tool_calls"
+    # OpenAI (and vLLM since #25054) finish a forced named call with "stop", auto and required ones "tool_calls".
+    assert message.content is None and response.choices[0].finish_reason == "stop"
     assert (message.tool_calls[0].function.name, message.tool_calls[0].function.arguments) == ("get_time",
                                                                                                '{"zone": "utc"}')
     stream = await client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER, TIME],
                                                   tool_choice=named, stream=True)
-    items = [item async for chunk in stream for item in chunk.choices[0].delta.tool_calls or []]
+    chunks = [chunk async for chunk in stream]
+    items = [item for chunk in chunks for item in chunk.choices[0].delta.tool_calls or []]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] == ["stop"]
     assert items[0].function.name == "get_time" and len(items) > 2
     assert "".join(item.function.arguments for item in items) == '{"zone": "utc"}'
 
