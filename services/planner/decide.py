@@ -124,6 +124,7 @@ class PoolState:
     changed_at: float | None = None
     by_count: tuple[tuple[int, float], ...] = ()
     queued: tuple[float, ...] = ()
+    prompt_tokens: float = 0.0  # the last mean prompt length observed: a window that finishes nothing has none
 
     def moved_to(self, replicas: int, now: float, down_since: float | None = None) -> PoolState:
         """The state after the count changed to `replicas`: unsettled, the factor provisional (rules 1, 2)."""
@@ -231,8 +232,11 @@ def learn(profile: Profile, policy: Policy, role: str, load: PoolLoad, state: Po
     reaction = policy.reaction
     if not reaction.enabled or not settled(policy, load, state, now):
         return state
-    queued = (*state.queued, load.waiting * load.mean_prompt_tokens)[-(reaction.queue_intervals + 1):]
-    state = replace(state, queued=queued if role == "prefill" else ())
+    # A stuck pool finishes no prompt in the window, so its mean prompt is unknown: the last one seen stands in,
+    # else its waiting requests would count as no queued tokens just when the queue matters most.
+    prompt = load.mean_prompt_tokens or state.prompt_tokens
+    queued = (*state.queued, load.waiting * prompt)[-(reaction.queue_intervals + 1):]
+    state = replace(state, queued=queued if role == "prefill" else (), prompt_tokens=prompt)
     ratio = observed_ratio(profile, role, load, state.replicas)
     if ratio is None:
         return state

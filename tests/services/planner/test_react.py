@@ -169,6 +169,19 @@ def test_a_prefill_queue_rising_for_three_intervals_adds_a_replica():
     assert run([5.0] * 12, slowness=1.0, waiting=waiting, policy=RAW)[0] == [1] * 12
 
 
+def test_a_stuck_prefill_pool_keeps_counting_its_queue_with_the_last_prompt_length_seen():
+    """Windows in which the pool finishes nothing report no mean prompt: the last one seen sizes the queue, so the
+    waiting requests piling up still read as a growing queue."""
+    state = PlannerState(PoolState(1), PoolState(1))
+    kinds = []
+    for step, (rate, prompt, waiting) in enumerate([(5.0, 1000, 0.0), (0.0, 0, 1.0), (0.0, 0, 2.0), (0.0, 0, 3.0)]):
+        decisions, state = decide(PROFILE, POLICY, _load(step * INTERVAL_S, rate, prompt, 50, state, 1.0, waiting),
+                                  state)
+        kinds.append(decisions[0].kind)
+    assert state.prefill.replicas == 2 and kinds[-1] == "up_queue"
+    assert "(0 -> 1000 -> 2000 -> 3000)" in decisions[0].reason
+
+
 def test_the_queue_history_restarts_at_a_new_count():
     rising = [float(i) for i in range(12)]  # still growing after the first added replica
     prefill, _, _, kinds = run([5.0] * 12, slowness=1.0, waiting=rising)
