@@ -90,7 +90,7 @@ class RequestLifecycle:
             sampling_params=params,
             eos_token_ids=self.eos_token_ids,
             block_size=self.block_size,
-            generator=seeded_generator(params, 0),
+            generator=seeded_generator(params, 0, draws=len(output_token_ids)),
             prompt=prompt,
             pending_forks=params.n - 1,
             fork_generators=[seeded_generator(params, i) for i in range(1, params.n)],
@@ -144,8 +144,16 @@ class RequestLifecycle:
                 self.stats_recorder.on_finish(sample)
 
 
-def seeded_generator(params: SamplingParams, sample_index: int) -> torch.Generator | None:
-    """Sample i of a seeded request draws from its own generator seeded seed + i."""
+def seeded_generator(params: SamplingParams, sample_index: int, draws: int = 0) -> torch.Generator | None:
+    """Sample i of a seeded request draws from its own generator seeded seed + i, one uniform per sampled token.
+
+    ``draws``: tokens the request already generated elsewhere (a prefill worker's first token, a migrated
+    stream's delivered ones); the generator skips their uniforms, so a seeded output is the same whichever worker
+    samples each token.
+    """
     if params.seed is None:
         return None
-    return torch.Generator().manual_seed(params.seed + sample_index)
+    generator = torch.Generator().manual_seed(params.seed + sample_index)
+    for _ in range(draws):  # one (1,)-shaped draw per token, exactly as the sampler takes them
+        torch.rand((1,), generator=generator)
+    return generator

@@ -147,19 +147,15 @@ def first_token_request(
 ) -> tuple[list[int], list[int], SamplingParams]:
     """The engine request that samples the next token of ``context``: (prompt, generated, params).
 
-    A structured-output request resumed after ``num_generated`` tokens (a migration) takes them as its output
-    tokens, so that its grammar state advances over them; any other request sees the whole context as prompt.
+    A request resumed after ``num_generated`` tokens (a migration) takes them as its output tokens, as the
+    uninterrupted request had them: its grammar advances over them, penalties count them as output, and a seeded
+    generator skips their draws.
     """
-    if params.structured_outputs is None or num_generated <= 0:
-        return context, [], first_token_params(params, num_generated)
+    if num_generated <= 0:
+        return context, [], params.replace(max_tokens=1, min_tokens=min(1, params.min_tokens), n=1)
     split = len(context) - num_generated
     local = params.replace(max_tokens=num_generated + 1, min_tokens=min(params.min_tokens, num_generated + 1), n=1)
     return context[:split], context[split:], local
-
-
-def first_token_params(params: SamplingParams, num_generated: int) -> SamplingParams:
-    """The user's params for sampling one token: min_tokens counts what was generated before."""
-    return params.replace(max_tokens=1, min_tokens=min(1, max(0, params.min_tokens - num_generated)), n=1)
 
 
 def final_reason(local_reason: str | None, params: SamplingParams, num_output_tokens: int, at_limit: bool) -> str:

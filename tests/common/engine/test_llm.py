@@ -133,6 +133,23 @@ def test_seeded_sampling_is_reproducible_alone_and_batched(smol):
     assert other_seed != alone
 
 
+def test_a_seeded_request_resumed_elsewhere_continues_the_same_sample(smol):
+    """A prefill worker samples token 0 and a decode worker the rest; a migration hands k tokens over. Resuming with
+    the tokens so far as outputs (the engine skips their draws) gives the tokens the uninterrupted request gives."""
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
+    whole = smol.generate(PROMPTS[0], seeded)[0].outputs[0].token_ids
+    prompt = smol.get_tokenizer().encode(PROMPTS[0])
+    engine = smol.engine
+    for handed_over in (1, 5):
+        request_id = engine.add_request(prompt_token_ids=prompt, sampling_params=seeded,
+                                        output_token_ids=whole[:handed_over])
+        while engine.has_unfinished_requests():
+            for output in engine.step():
+                if output.request_id == request_id and output.finished:
+                    resumed = output.outputs[0].token_ids
+        assert resumed == whole
+
+
 def test_stop_strings_cut_the_text_and_are_kept_on_request(smol):
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, stop=["Paris"])
     text = smol.chat([{"role": "user", "content": "What is the capital of France?"}], params)[0].outputs[0]

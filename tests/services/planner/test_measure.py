@@ -82,12 +82,15 @@ def test_the_planner_plans_with_a_measured_profile(measured_file):
         return ClusterLoad(0.0, PoolLoad("prefill", 1, rate, 32, output_tokens),
                            PoolLoad("decode", 1, rate, 32, output_tokens))
 
-    light, _ = decide(profile, policy, load(one_worker * 0.1, 16), PlannerState.from_load(load(0, 0)))
+    streams = profile.decode.max_batch_within(policy.slo.tpot_s)  # one decode worker's batch within the SLO
+    tokens_per_s = streams / profile.decode.tpot_s(streams)
+    # Light for both pools: a tenth of what one worker of the slower pool takes (on a loaded CPU the measured
+    # decode ladder can make decode the smaller capacity, which a load light only for prefill overran).
+    light_rate = 0.1 * min(one_worker, tokens_per_s / 16)
+    light, _ = decide(profile, policy, load(light_rate, 16), PlannerState.from_load(load(0, 0)))
     assert [d.desired for d in light] == [1, 1]
     heavy, _ = decide(profile, policy, load(one_worker * 2.5, 16), PlannerState.from_load(load(0, 0)))
     assert heavy[0].desired >= 3  # 2.5 workers' prompt tokens, each worker at most 90% busy
-    streams = profile.decode.max_batch_within(policy.slo.tpot_s)  # one decode worker's batch within the SLO
-    tokens_per_s = streams / profile.decode.tpot_s(streams)
     busy, _ = decide(profile, policy, load(3 * tokens_per_s / 16, 16), PlannerState.from_load(load(0, 0)))
     assert busy[1].desired >= 3
 

@@ -93,11 +93,14 @@ def test_conflicting_or_malformed_constraints_are_400s_naming_the_field(fields, 
     assert caught.value.status == 400 and caught.value.param == param and message in caught.value.message
 
 
-def test_prefill_resumes_a_migrated_constrained_request_with_its_generated_tokens():
+def test_prefill_resumes_a_migrated_request_with_its_generated_tokens():
+    """Constrained or not, a migrated request's generated tokens are its outputs again (grammar, penalties and the
+    seeded generator all count them as output)."""
     params = SamplingParams(max_tokens=50, min_tokens=4, structured_outputs=StructuredOutputs(regex="[0-9]+"))
     prompt, generated, local = first_token_request(params, [1, 2, 3, 7, 8], num_generated=2)
     assert (prompt, generated) == ([1, 2, 3], [7, 8])
     assert (local.max_tokens, local.min_tokens, local.n) == (3, 3, 1)
     plain = params.replace(structured_outputs=None)
-    assert first_token_request(plain, [1, 2, 3, 7, 8], num_generated=2)[:2] == ([1, 2, 3, 7, 8], [])
-    assert first_token_request(params, [1, 2, 3], num_generated=0)[:2] == ([1, 2, 3], [])
+    assert first_token_request(plain, [1, 2, 3, 7, 8], num_generated=2)[:2] == ([1, 2, 3], [7, 8])
+    prompt, generated, local = first_token_request(params, [1, 2, 3], num_generated=0)
+    assert (prompt, generated, local.max_tokens, local.min_tokens) == ([1, 2, 3], [], 1, 1)
