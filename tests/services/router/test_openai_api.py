@@ -20,7 +20,7 @@ import pytest
 import schemathesis
 
 from services.cluster import LocalCluster, parse_ready_line
-from tests.services.test_cluster_e2e import WORKER_ARGS, assert_no_leak
+from tests.services.test_cluster_e2e import WORKER_ARGS, assert_no_leak, wait_ready
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -35,10 +35,7 @@ def cluster(tmp_path_factory):
     router_args = ["--heartbeat-s", "0.5", "--ttl-s", "3", "--api-keys", API_KEY, "--local-prefill-max-tokens", "4"]
     with LocalCluster(MODEL, 1, 1, router_port=0, worker_args=WORKER_ARGS, router_args=router_args,
                       run_dir=run_dir) as running:
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{running.router_url}/ready").status_code != 200:
-            assert time.monotonic() < deadline, "router never became ready"
-            time.sleep(0.2)
+        wait_ready(running.router_url, 1, 1)
         yield running
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 
 import httpx
 import jsonschema
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel
 
 from services.cluster import LocalCluster
-from tests.services.test_cluster_e2e import WORKER_ARGS, assert_no_leak
+from tests.services.test_cluster_e2e import WORKER_ARGS, assert_no_leak, wait_ready
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -83,10 +82,7 @@ def cluster(tmp_path_factory):
         router_args=router_args,
         run_dir=tmp_path_factory.mktemp("structured-cluster"),
     ) as running:
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{running.router_url}/ready").status_code != 200:
-            assert time.monotonic() < deadline, "router never became ready"
-            time.sleep(0.2)
+        wait_ready(running.router_url, 1, 1)
         yield running
 
 
