@@ -15,6 +15,16 @@ from common.settings import SettingValueError, parse_bytes, parse_csv, setting
 DEFAULT_MODEL = "smollm2"
 
 
+def parse_speculative_config(value: Any) -> Any:
+    """JSON text or a dict -> ``common.speculative_config.SpeculativeConfig`` (pydantic, imported only when used)."""
+    from common.speculative_config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(value)
+    except ValueError as exc:
+        raise SettingValueError(str(exc)) from None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What to load and how: model id/path, numeric type, device, length limit."""
@@ -59,6 +69,14 @@ class SchedulerConfig:
     async_scheduling: bool = setting(True, flag="--no-async-scheduling", negated=True,
                                      help="schedule each step only after the previous one's tokens reached the "
                                           "host (by default the host prepares step N+1 while the GPU runs N)")
+    speculative_config: Any = setting(None, parse=parse_speculative_config, metavar="JSON",
+                                      help="speculative decoding, vLLM's JSON: '{\"method\": \"ngram\", "
+                                           "\"num_speculative_tokens\": 4, \"prompt_lookup_max\": 4}' "
+                                           "(also draft_model, eagle, eagle3 with \"model\"; default: off)")
+
+    def __post_init__(self) -> None:
+        if self.speculative_config is not None:  # LLM(speculative_config=dict) and JSON text alike
+            object.__setattr__(self, "speculative_config", parse_speculative_config(self.speculative_config))
 
 
 # The engine's three parts, in the order the command line lists their flags.

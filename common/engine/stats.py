@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -31,6 +31,13 @@ class EngineStats:
     prefix_cache_hits: int = 0  # of those, tokens found cached
     prefill_tokens: int = 0  # tokens computed by prefill (prompt or recomputed context); cache hits excluded
     generation_tokens: int = 0  # tokens sampled
+    # Speculative decoding (zero without it). A verification of one sequence's k draft tokens is a "draft"; it
+    # accepts a prefix of them and emits that prefix plus one token of the target's own.
+    spec_drafts: int = 0  # sequences x steps that verified draft tokens
+    spec_draft_tokens: int = 0  # draft tokens proposed and verified
+    spec_accepted_tokens: int = 0  # of those, accepted
+    spec_emitted_tokens: int = 0  # tokens those verifications emitted (accepted + the target's one, when kept)
+    spec_accepted_per_position: tuple[int, ...] = ()  # [i]: drafts whose token i (0-based) was accepted
 
     @property
     def kv_cache_usage(self) -> float:
@@ -69,6 +76,7 @@ class EngineStatsRecorder:
     def __init__(self, max_finished: int = 100_000) -> None:
         self.prefill_tokens = 0
         self.generation_tokens = 0
+        self.speculation = SpeculationCounters()
         self.collect_finished = False
         self._phases: dict[str, _Phases] = {}
         self._finished: deque[FinishedRequest] = deque(maxlen=max_finished)
@@ -121,6 +129,11 @@ class EngineStatsRecorder:
             prefix_cache_hits=kv.num_hits,
             prefill_tokens=self.prefill_tokens,
             generation_tokens=self.generation_tokens,
+            spec_drafts=self.speculation.drafts,
+            spec_draft_tokens=self.speculation.draft_tokens,
+            spec_accepted_tokens=self.speculation.accepted_tokens,
+            spec_emitted_tokens=self.speculation.emitted_tokens,
+            spec_accepted_per_position=tuple(self.speculation.accepted_per_position),
         )
 
     def take_finished(self) -> list[FinishedRequest]:
@@ -135,6 +148,28 @@ def _is_decode(item: ScheduledRequest) -> bool:
     a prompt or recomputed context runs as prefill (a lone last chunk token of a resumed context counts as decode).
     """
     return item.num_new_tokens == 1 and item.num_computed_tokens + 1 > item.request.num_prompt_tokens
+
+
+@dataclass
+class SpeculationCounters:
+    """Cumulative speculative-decoding counts (see the ``spec_*`` fields of EngineStats)."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    emitted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_draft: int, num_accepted: int, num_emitted: int) -> None:
+        """One sequence's verification: ``num_draft`` proposed, the first ``num_accepted`` kept."""
+        self.drafts += 1
+        self.draft_tokens += num_draft
+        self.accepted_tokens += num_accepted
+        self.emitted_tokens += num_emitted
+        if len(self.accepted_per_position) < num_draft:
+            self.accepted_per_position.extend([0] * (num_draft - len(self.accepted_per_position)))
+        for position in range(num_accepted):
+            self.accepted_per_position[position] += 1
 
 
 @dataclass
