@@ -38,6 +38,7 @@ from common.engine.sampled_tokens import SampledTokenApplier
 from common.engine.sampler import Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler, SchedulerOutput
+from common.engine.spec.speculator import Speculator
 from common.engine.stats import EngineStats, EngineStatsRecorder
 from common.engine.structured import GrammarCompiler
 
@@ -60,7 +61,9 @@ class LLMEngine:
         block_size = config.cache.block_size
         pool = BlockPool(loaded.memory.num_kv_blocks, config.cache.enable_prefix_caching)
         self.kv_cache_manager = KVCacheManager(pool, block_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager)
+        spec_config = config.scheduler.speculative_config
+        self.speculator = Speculator(spec_config, self.max_model_len) if spec_config is not None else None
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.speculator)
         self.generator = torch.Generator().manual_seed(config.model.seed)
         self.runner = ModelRunner(
             self.model, loaded.kv_cache, block_size, self.device, Sampler(self.generator), loaded.decode_graphs
@@ -75,7 +78,9 @@ class LLMEngine:
             self.grammars,
         )
         self.kv_transfer = KVTransfer(self.kv_cache_manager, loaded.kv_cache, self.requests, self.validator)
-        self.sampled_tokens = SampledTokenApplier(self.requests, self.kv_transfer, self.max_model_len)
+        self.sampled_tokens = SampledTokenApplier(
+            self.requests, self.kv_transfer, self.max_model_len, self.stats_recorder.speculation, self.speculator
+        )
         self.load_seconds = time.perf_counter() - started
         log_engine_ready(loaded, block_size, self.load_seconds)
 

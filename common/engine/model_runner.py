@@ -27,10 +27,12 @@ from kernels.attention_metadata import AttentionMetadata
 
 @dataclass
 class RunnerOutput:
-    """Per request id: sampled (token, logprobs) pairs (n of them for a request about to fork)."""
+    """Per request id: sampled (token, logprobs) pairs (n of them for a request about to fork, one per verified
+    row for a speculating one), and a seeded speculating request's generator state before the step's draws."""
 
     sampled: dict[str, list[tuple[int, TokenLogprobs | None]]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    generator_states: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +45,9 @@ class LaunchedStep:
     owners: list[str] = field(default_factory=list)  # request id per sampled row
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     done: torch.cuda.Event | None = None
+    # Seeded verifying requests: their generator's state before this step's draws (verification rewinds it so
+    # that exactly one uniform per emitted token is spent, as without speculation).
+    generator_states: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def wait(self) -> None:
         """Block until every kernel of this step has run (its KV writes included)."""
@@ -50,7 +55,7 @@ class LaunchedStep:
             self.done.synchronize()
 
     def resolve(self) -> RunnerOutput:
-        output = RunnerOutput(prompt_logprobs=self.prompt_logprobs)
+        output = RunnerOutput(prompt_logprobs=self.prompt_logprobs, generator_states=self.generator_states)
         if self.sample is not None:
             result = self.sample.result()
             for owner, token, logprobs in zip(self.owners, result.token_ids, result.logprobs, strict=True):
@@ -112,7 +117,7 @@ class _BatchPlan:
     query_lens: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
     block_tables: list[tuple[int, ...]] = field(default_factory=list)
-    sample_rows: list[tuple[Request, int]] = field(default_factory=list)  # (request, flat row)
+    sample_rows: list[tuple[Request, int, tuple[int, ...]]] = field(default_factory=list)  # request, row, drafts
     prompt_rows: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)  # rows, targets
 
 
@@ -148,7 +153,7 @@ class ModelRunner:
         if self._can_replay(step):
             batch = self._decode_batch(step.scheduled, device_tokens)
             hidden = self.decode_graphs.run(batch, device_tokens.fill)
-            self._sample(hidden, [item.request for item in step.scheduled], launched, device_tokens)
+            self._sample(hidden, [(item.request, ()) for item in step.scheduled], launched, device_tokens)
         else:
             self._launch_eager(step, device_tokens, launched)
         launched.done = record_event(self.device)
@@ -160,9 +165,9 @@ class ModelRunner:
         device_tokens.fill(input_ids)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         if plan.sample_rows:
-            row_index = to_device(np.asarray([row for _, row in plan.sample_rows]), hidden.device)
-            requests = [request for request, _ in plan.sample_rows]
-            self._sample(hidden[row_index], requests, launched, device_tokens)
+            row_index = to_device(np.asarray([row for _, row, _ in plan.sample_rows]), hidden.device)
+            rows = [(request, drafts) for request, _, drafts in plan.sample_rows]
+            self._sample(hidden[row_index], rows, launched, device_tokens)
         for request, rows, targets in plan.prompt_rows:  # host-synchronizing: such steps run synchronously
             logits = self.model.compute_logits(hidden[rows])
             k = request.sampling_params.prompt_logprobs or 0
@@ -207,14 +212,17 @@ class ModelRunner:
             start, end = item.num_computed_tokens, item.num_computed_tokens + item.num_new_tokens
             positions = np.arange(start, end, dtype=np.int64)
             block_ids = np.asarray(item.block_ids, dtype=np.int64)
-            plan.token_ids.append(self._known_tokens(item, start, end, num_rows, device_tokens))
+            drafts = item.spec_token_ids
+            tokens = self._known_tokens(item, start, end - len(drafts), num_rows, device_tokens)
+            plan.token_ids.append(np.concatenate([tokens, np.asarray(drafts, dtype=np.int64)]) if drafts else tokens)
             plan.positions.append(positions)
             plan.slots.append(block_ids[positions // self.block_size] * self.block_size + positions % self.block_size)
             plan.query_lens.append(item.num_new_tokens)
             plan.seq_lens.append(end)
             plan.block_tables.append(item.block_ids)
-            if item.completes_sequence:
-                plan.sample_rows.append((item.request, num_rows + item.num_new_tokens - 1))
+            if item.completes_sequence:  # the last token's row, then one row per draft (each verifies the next)
+                first = num_rows + item.num_new_tokens - 1 - len(drafts)
+                plan.sample_rows.extend((item.request, first + j, drafts[:j]) for j in range(len(drafts) + 1))
             self._plan_prompt_logprobs(plan, item, num_rows)
             num_rows += item.num_new_tokens
         return plan
@@ -279,22 +287,26 @@ class ModelRunner:
     def _sample(
         self,
         hidden: torch.Tensor,
-        requests: list[Request],
+        requests: list[tuple[Request, tuple[int, ...]]],
         launched: LaunchedStep,
         device_tokens: _DeviceTokens,
     ) -> None:
-        """Sample each request from its row of ``hidden``; a request about to fork samples once per sample."""
+        """Sample each (request, drafts before this row) from its row of ``hidden``; a request about to fork
+        samples once per sample. A verifying request's rows count the drafts before them as its output (penalties,
+        min_tokens) and draw from its generator in order, as consecutive plain steps would."""
         logits = self.model.compute_logits(hidden)
         expanded, rows, owners = [], [], []
-        for logit_row, request in enumerate(requests):
+        for logit_row, (request, drafts) in enumerate(requests):
             device_tokens.catch_up_grammar(request)
+            if drafts == () and request.generator is not None and request.speculating:
+                launched.generator_states[request.request_id] = request.generator.get_state()
             for generator in [request.generator, *request.fork_generators[: request.pending_forks]]:
                 expanded.append(logit_row)
                 rows.append(
                     SamplingRow(
                         params=request.sampling_params,
                         prompt_token_ids=request.prompt_token_ids,
-                        output_token_ids=request.output_token_ids,
+                        output_token_ids=[*request.output_token_ids, *drafts] if drafts else request.output_token_ids,
                         generator=generator,
                         eos_token_ids=request.eos_token_ids,
                         pending_token=device_tokens.newest(request),

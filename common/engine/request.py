@@ -6,6 +6,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from common.engine.block_pool import BlockHash, hash_full_blocks
 from common.engine.outputs import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
 from common.engine.structured import GrammarState
+
+if TYPE_CHECKING:
+    from common.engine.spec.speculator import SpeculationState
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,10 @@ class Request:
     num_pending_tokens: int = 0
     grammar: GrammarState | None = None
     grammar_rejected: bool = False  # a sampled token broke the grammar (a bug: the mask allowed it); it stops
+    # Speculative decoding (common/engine/spec/speculator.py): whether this request's steps verify drafts now
+    # (they then run synchronously), and its back-off state.
+    speculating: bool = False
+    speculation: SpeculationState | None = None
 
     def __post_init__(self) -> None:
         self.group_id = self.group_id or self.request_id
@@ -105,9 +113,9 @@ class Request:
     @property
     def needs_host_tokens(self) -> bool:
         """Its next step must see every token on the host first (async scheduling waits for this one): a first
-        sample forks, a prefill export gathers KV. (Penalties and min_tokens take the newest token from the device:
+        sample forks, a prefill export gathers KV, a speculating request proposes from its tokens. (Penalties and min_tokens take the newest token from the device:
         ``SamplingRow.pending_token``; a grammar waits for it on the host after the next forward is enqueued.)"""
-        return self.export_kv or self.pending_forks > 0
+        return self.export_kv or self.pending_forks > 0 or self.speculating
 
     @property
     def is_finished(self) -> bool:

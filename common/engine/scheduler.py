@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from common.config import SchedulerConfig
 from common.engine.kv_cache_manager import BlockCopy, KVCacheManager
 from common.engine.request import Request, RequestStatus
+from common.engine.spec.speculator import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,9 @@ class ScheduledRequest:
     """One request's share of a step: compute tokens [num_computed_tokens, +num_new_tokens).
 
     ``completes_sequence``: after this step every token (on the host or pending) has KV, so the last row's
-    logits give the next token; fixed when scheduled.
+    logits give the next token; fixed when scheduled. ``spec_token_ids``: draft tokens proposed after the
+    sequence's last token; they are the step's last ``len(spec_token_ids)`` new tokens, and every row from the
+    sequence's last token on is sampled to verify them (speculative decoding).
     """
 
     request: Request
@@ -30,6 +33,7 @@ class ScheduledRequest:
     num_new_tokens: int
     block_ids: tuple[int, ...]
     completes_sequence: bool
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,10 @@ class SchedulerOutput:
 class Scheduler:
     """FCFS with preemption by recompute. Never drops a request: a preempted one waits at the front."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, speculator: Speculator | None = None) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self.speculator = speculator
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -109,12 +114,21 @@ class Scheduler:
                 index += 1
                 continue
             num_new = min(request.num_scheduled_tokens - request.num_computed_tokens, budget)
-            if not self._allocate_or_preempt(request, num_new, preempted):
-                break
-            scheduled.append(self._record(request, num_new))
-            budget -= num_new
+            drafts = self._drafts(request, num_new, budget)
+            if not (drafts and self.kv_cache.allocate_slots(request, num_new + len(drafts))):
+                drafts = ()  # no drafts, or no blocks for them: a plain decode (which may preempt)
+                if not self._allocate_or_preempt(request, num_new, preempted):
+                    break
+            scheduled.append(self._record(request, num_new + len(drafts), drafts))
+            budget -= num_new + len(drafts)
             index += 1
         return scheduled, preempted, budget
+
+    def _drafts(self, request: Request, num_new: int, budget: int) -> tuple[int, ...]:
+        """Draft tokens to verify after a decoding request's last token (speculative decoding), else ()."""
+        if self.speculator is None or num_new != 1 or request.num_computed_tokens + 1 != request.num_scheduled_tokens:
+            return ()
+        return self.speculator.drafts_for(request, len(self.running), budget - 1)
 
     def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[Request]) -> bool:
         while not self.kv_cache.allocate_slots(request, num_new):
@@ -160,11 +174,12 @@ class Scheduler:
         self.waiting.appendleft(request)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
 
-    def _record(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _record(self, request: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         return ScheduledRequest(
             request=request,
             num_computed_tokens=request.num_computed_tokens,
             num_new_tokens=num_new,
             block_ids=self.kv_cache.block_id_tuple(request.request_id),
-            completes_sequence=request.num_computed_tokens + num_new == request.num_scheduled_tokens,
+            completes_sequence=request.num_computed_tokens + num_new - len(drafts) == request.num_scheduled_tokens,
+            spec_token_ids=drafts,
         )

@@ -147,7 +147,8 @@ def _is_decode(item: ScheduledRequest) -> bool:
     """One new token past the prompt: a decode step. Holds before and after the step's tokens are appended;
     a prompt or recomputed context runs as prefill (a lone last chunk token of a resumed context counts as decode).
     """
-    return item.num_new_tokens == 1 and item.num_computed_tokens + 1 > item.request.num_prompt_tokens
+    num_new = item.num_new_tokens - len(item.spec_token_ids)  # drafts being verified are decode work too
+    return num_new == 1 and item.num_computed_tokens + 1 > item.request.num_prompt_tokens
 
 
 @dataclass

@@ -1,0 +1,191 @@
+"""Speculative decoding with n-gram drafts on the real SmolLM2: output identical to the plain engine, token for token,
+through prefix caching, chunked prefill, preemption, stops, logprobs, penalties, n > 1 and aborts; no leaked block;
+and the back-off when drafts do not pay."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.engine import LLM, SamplingParams
+from common.engine.request import Request
+from common.engine.spec.speculator import MISSES_BEFORE_BACKOFF, MIN_COOLDOWN_STEPS, Speculator
+from common.speculative_config import SpeculativeConfig
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+PROMPTS = [
+    "Repeat after me five times: the cat sat on the mat. the cat sat on the mat.",
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n# The same two functions again:\n",
+    "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "Summarize: Paris is the capital of France. Paris is known for the Eiffel Tower. Summary: Paris",
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+SETTINGS = dict(dtype="float32", device="cpu", kv_cache_memory=128 * 2**20)
+
+
+def _token_ids(llm: LLM, prompts: list[str], params) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def plain() -> LLM:
+    return LLM("smollm2", **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def spec() -> LLM:
+    return LLM("smollm2", speculative_config=NGRAM, **SETTINGS)
+
+
+def _assert_no_blocks_held(llm: LLM) -> None:
+    pool = llm.engine.kv_cache_manager.pool
+    assert pool.num_free_blocks == pool.num_blocks
+    assert not llm.engine.kv_cache_manager.tables
+
+
+def test_greedy_output_is_the_plain_engines_and_drafts_are_accepted(plain, spec):
+    before = spec.engine.stats()
+    assert _token_ids(spec, PROMPTS, GREEDY) == _token_ids(plain, PROMPTS, GREEDY)
+    stats = spec.engine.stats()
+    accepted = stats.spec_accepted_tokens - before.spec_accepted_tokens
+    drafts = stats.spec_drafts - before.spec_drafts
+    assert accepted > 20 and drafts > 0, "the repetitive prompts must get n-gram drafts accepted"
+    assert stats.spec_emitted_tokens - before.spec_emitted_tokens == accepted + drafts  # one of the target's each
+    assert stats.spec_accepted_per_position[0] >= stats.spec_accepted_per_position[-1]
+    _assert_no_blocks_held(spec)
+
+
+@pytest.mark.parametrize("k", [1, 2, 7])
+def test_any_draft_length_gives_the_same_output(plain, k):
+    llm = LLM("smollm2", speculative_config={**NGRAM, "num_speculative_tokens": k}, **SETTINGS)
+    assert _token_ids(llm, PROMPTS[:3], GREEDY) == _token_ids(plain, PROMPTS[:3], GREEDY)
+    assert llm.engine.stats().spec_accepted_tokens > 0
+    _assert_no_blocks_held(llm)
+
+
+@pytest.mark.parametrize(
+    "engine_args",
+    [
+        dict(max_num_batched_tokens=24),  # chunked prefill, and drafts compete for the step's budget
+        dict(num_gpu_blocks_override=14, max_model_len=160),  # so few blocks that preemption happens
+        dict(enable_prefix_caching=False, no_async=True),
+    ],
+    ids=["chunked", "preemption", "sync-no-prefix-cache"],
+)
+def test_same_output_under_chunking_preemption_and_caching(plain, engine_args):
+    engine_args = dict(engine_args)
+    if engine_args.pop("no_async", False):
+        engine_args["async_scheduling"] = False
+    settings = {**SETTINGS, **engine_args}
+    if "num_gpu_blocks_override" in settings:
+        settings.pop("kv_cache_memory")
+    llm = LLM("smollm2", speculative_config=NGRAM, **settings)
+    shared = "You are a careful assistant. Answer briefly. "
+    prompts = [shared + p for p in PROMPTS]
+    assert _token_ids(llm, prompts, GREEDY) == _token_ids(plain, prompts, GREEDY)
+    assert llm.engine.stats().spec_accepted_tokens > 0
+    if "num_gpu_blocks_override" in settings:
+        assert llm.engine.scheduler.num_preemptions > 0
+    _assert_no_blocks_held(llm)
+
+
+def test_prefix_cache_hit_after_speculating_gives_the_same_output(plain, spec):
+    first = _token_ids(spec, PROMPTS[:2], GREEDY)
+    hits_before = spec.engine.stats().prefix_cache_hits
+    again = _token_ids(spec, PROMPTS[:2], GREEDY)
+    assert spec.engine.stats().prefix_cache_hits > hits_before
+    assert first == again == _token_ids(plain, PROMPTS[:2], GREEDY)
+    # a longer prompt that extends a speculated output reuses blocks written with verified drafts
+    tokenizer = spec.get_tokenizer()
+    extended = [tokenizer.encode(PROMPTS[0]) + first[0]]
+    assert _token_ids(spec, extended, GREEDY) == _token_ids(plain, extended, GREEDY)
+
+
+def test_stops_logprobs_and_penalties_are_the_plain_engines(plain, spec):
+    cases = [
+        SamplingParams(temperature=0.0, max_tokens=40, stop=[" mat"]),
+        SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.2, min_tokens=10),
+        SamplingParams(temperature=0.0, max_tokens=30, frequency_penalty=0.5, presence_penalty=0.3),
+    ]
+    for params in cases:
+        expected = plain.generate(PROMPTS, params)
+        got = spec.generate(PROMPTS, params)
+        for want, have in zip(expected, got, strict=True):
+            want, have = want.outputs[0], have.outputs[0]
+            assert have.token_ids == want.token_ids, params
+            assert (have.text, have.finish_reason, have.stop_reason) == (want.text, want.finish_reason, want.stop_reason)
+            if params.logprobs:
+                for a, b in zip(have.logprobs, want.logprobs, strict=True):
+                    assert set(a) == set(b)
+                    assert all(abs(a[t].logprob - b[t].logprob) < 1e-4 for t in a)
+    _assert_no_blocks_held(spec)
+
+
+def test_seeded_sampling_and_n_samples_match_the_plain_engine(plain, spec):
+    """Sampled rows verify a draft by the target's own draw (rejection sampling for a one-hot draft) and spend one
+    uniform per emitted token, so seeded output is exactly the plain engine's."""
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=1234, max_tokens=32, ignore_eos=True, n=3)
+    for want, have in zip(plain.generate(PROMPTS, params), spec.generate(PROMPTS, params), strict=True):
+        assert [o.token_ids for o in have.outputs] == [o.token_ids for o in want.outputs]
+    _assert_no_blocks_held(spec)
+
+
+def test_abort_while_speculating_returns_every_block(spec):
+    engine = spec.engine
+    ids = [engine.add_request(prompt=p, sampling_params=GREEDY.replace(max_tokens=200)) for p in PROMPTS]
+    drafts_before = engine.stats().spec_drafts
+    for _ in range(12):
+        engine.step()
+    assert engine.stats().spec_drafts > drafts_before
+    for request_id in ids:
+        engine.abort_request(request_id)
+    while engine.has_unfinished_requests():
+        engine.step()
+    _assert_no_blocks_held(spec)
+
+
+def _request(tokens: list[int], **params) -> Request:
+    return Request("r", tokens[:4], SamplingParams(**params), frozenset(), 16, output_token_ids=tokens[4:])
+
+
+def test_a_request_whose_drafts_miss_backs_off_then_tries_again():
+    speculator = Speculator(SpeculativeConfig.parse(NGRAM), max_model_len=1000)
+    request = _request([5, 6, 7, 8, 9, 10, 11, 12])  # no repeated token: nothing to look up
+    for _ in range(MISSES_BEFORE_BACKOFF):
+        assert speculator.drafts_for(request, num_running=1, max_drafts=8) == ()
+    assert not request.speculating and not request.needs_host_tokens  # back to async steps
+    for _ in range(MIN_COOLDOWN_STEPS):
+        speculator.drafts_for(request, num_running=1, max_drafts=8)
+        assert not request.speculating
+    repeating = _request([1, 2, 3, 1, 2, 3, 1, 2])
+    repeating.speculation = request.speculation
+    assert speculator.drafts_for(repeating, num_running=1, max_drafts=8) == (3, 1, 2, 3)
+    assert repeating.speculating and repeating.needs_host_tokens
+
+
+def test_drafts_respect_max_tokens_max_model_len_budget_and_batch_size():
+    config = SpeculativeConfig.parse({**NGRAM, "disable_by_batch_size": 4})
+    tokens = [1, 2, 3, 1, 2, 3, 1, 2]
+    assert Speculator(config, 1000).drafts_for(_request(tokens, max_tokens=6), 1, 8) == (3,)  # 4 out, 2 left
+    assert Speculator(config, 10).drafts_for(_request(tokens), 1, 8) == (3,)  # 8 tokens, 2 fit
+    assert Speculator(config, 1000).drafts_for(_request(tokens), 1, 2) == (3, 1)  # the step's token budget
+    assert Speculator(config, 1000).drafts_for(_request(tokens), 5, 8) == ()  # batch above disable_by_batch_size
+    constrained = _request(tokens)
+    constrained.export_kv = True
+    assert Speculator(config, 1000).drafts_for(constrained, 1, 8) == ()
+
+
+def test_bad_speculative_configs_are_clear_errors():
+    for bad, words in [
+        ('{"method": "ngram"}', "num_speculative_tokens"),
+        ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+        ({"method": "medusa", "num_speculative_tokens": 2}, "method"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "bogus": 1}, "bogus"),
+        ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup"),
+        ("not json", "JSON"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            LLM("smollm2", speculative_config=bad, **SETTINGS)
