@@ -235,6 +235,7 @@ def test_emitted_tokens_are_distributed_as_the_target(seed: int) -> None:
 
 
 def _always_accept(target, draft, drafts, num_drafts, accept_uniforms, residual_uniforms):
+    """u = 0 accepts every draft the target allows (0 < p(d)), whatever its probability."""
     return rejection_sample(target, draft, drafts, num_drafts, torch.zeros_like(accept_uniforms), residual_uniforms)
 
 
