@@ -222,9 +222,9 @@ def test_worker_exports_the_engine_step_clock():
 
 
 def spec_snapshot(drafts: int, draft_tokens: int, accepted: int, emitted: int, per_position: tuple[int, ...]):
-    return EngineStats(100, 25, 3, 2, 5, 1, 64, 32, 640, 80, spec_drafts=drafts, spec_draft_tokens=draft_tokens,
-                       spec_accepted_tokens=accepted, spec_emitted_tokens=emitted,
-                       spec_accepted_per_position=per_position)
+    speculation = {"spec_drafts": drafts, "spec_draft_tokens": draft_tokens, "spec_accepted_tokens": accepted}
+    speculation |= {"spec_emitted_tokens": emitted, "spec_accepted_per_position": per_position}
+    return EngineStats(100, 25, 3, 2, 5, 1, 64, 32, 640, 80, **speculation)
 
 
 def spec_values(registry: CollectorRegistry) -> dict[str, float]:

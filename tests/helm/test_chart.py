@@ -446,8 +446,10 @@ def test_speculative_config_reaches_the_decode_workers_only(given_as: str, tmp_p
     values = tmp_path / "speculation.yaml"
     values.write_text(yaml.safe_dump({"decode": {"speculativeConfig": value}}))
     rendered = render((str(values),))
-    args = {role: _parse_cli(rendered.deployment(role)["spec"]["template"]["spec"]["containers"][0]["args"])
-            for role in WORKERS}
+    args = {
+        role: _parse_cli(rendered.deployment(role)["spec"]["template"]["spec"]["containers"][0]["args"])
+        for role in WORKERS
+    }
     spec = engine_config(args["decode"]).scheduler.speculative_config
     assert spec is not None and spec.model_dump(include=set(SPECULATION)) == SPECULATION
     assert args["prefill"].speculative_config is None
