@@ -336,15 +336,16 @@ class WorkerMetrics:
 
     Engine gauges and counters are read from the latest ``EngineStats`` snapshot at scrape time (the engine
     keeps the cumulative counts, so nothing is double counted or lost); phase-time histograms are fed with
-    finished-request records; KV transfers are observed as they happen.
+    finished-request records; KV transfers are observed as they happen. ``speculative_tokens``: the draft
+    positions the per-position acceptance counter lists at 0 from the first snapshot (0: speculation off).
     """
 
-    def __init__(self, model: str, role: str) -> None:
+    def __init__(self, model: str, role: str, speculative_tokens: int = 0) -> None:
         if role not in WORKER_ROLES:
             raise ValueError(f"role must be one of {WORKER_ROLES}, got {role!r}")
         self.model, self.role = model, role
         self.registry = CollectorRegistry()
-        self.engine = EngineCollector(model, role)
+        self.engine = EngineCollector(model, role, speculative_tokens)
         self.registry.register(self.engine)
         labels = {"model": model, "role": role}
 
@@ -436,10 +437,15 @@ class WorkerMetrics:
 
 
 class EngineCollector(Collector):
-    """Engine gauges and counters from the latest snapshot, written at scrape time (none before the first)."""
+    """Engine gauges and counters from the latest snapshot, written at scrape time (none before the first).
 
-    def __init__(self, model: str, role: str) -> None:
+    The per-position acceptance counter lists positions 0 .. max(1, ``speculative_tokens``, positions seen) - 1:
+    position 0 always, so its rate reads 0 rather than no data on a worker that does not speculate.
+    """
+
+    def __init__(self, model: str, role: str, speculative_tokens: int = 0) -> None:
         self.model, self.role = model, role
+        self.speculative_tokens = speculative_tokens
         self.latest: tuple[EngineStats, int, StepClock | None] | None = None  # (snapshot, reservations, steps)
 
     def describe(self) -> Iterator[Metric]:
@@ -449,17 +455,30 @@ class EngineCollector(Collector):
         return iter(self._families(self.latest))
 
     def _families(self, latest: tuple[EngineStats, int, StepClock | None] | None) -> list[Metric]:
-        labels = ("model", "role")
-        values = _engine_values(*latest) if latest is not None else {}
+        series = self._series(*latest) if latest is not None else {}
         families: list[Metric] = []
         for name, (kind, doc) in ENGINE_METRICS.items():
+            labels = ("model", "role", *ENGINE_EXTRA_LABELS.get(name, ()))
             family = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(name, doc, labels=labels)
-            if name in values:
-                family.add_metric((self.model, self.role), values[name])
+            for extra_values, value in series.get(name, ()):
+                family.add_metric((self.model, self.role, *extra_values), value)
             families.append(family)
         return families
 
+    def _series(self, stats: EngineStats, reservations: int, steps: StepClock | None) -> dict[str, list[tuple]]:
+        """Metric name -> [(values of its extra labels, value)]."""
+        series: dict[str, list[tuple]] = {
+            name: [((), value)] for name, value in _engine_values(stats, reservations, steps).items()
+        }
+        accepted = list(stats.spec_accepted_per_position)
+        accepted += [0] * (max(1, self.speculative_tokens) - len(accepted))
+        series[SPEC_ACCEPTED_PER_POSITION] = [((str(position),), count) for position, count in enumerate(accepted)]
+        return series
 
+
+SPEC_ACCEPTED_PER_POSITION = "tandem_spec_decode_num_accepted_tokens_per_pos_total"
+# Engine metrics with labels besides model and role.
+ENGINE_EXTRA_LABELS: dict[str, tuple[str, ...]] = {SPEC_ACCEPTED_PER_POSITION: ("position",)}
 ENGINE_METRICS: dict[str, tuple[str, str]] = {
     "tandem_requests_running": ("gauge", SHARED_HELP["tandem_requests_running"]),
     "tandem_requests_waiting": ("gauge", SHARED_HELP["tandem_requests_waiting"]),
@@ -476,6 +495,14 @@ ENGINE_METRICS: dict[str, tuple[str, str]] = {
     "tandem_engine_step_seconds_total": ("counter", "Wall time of those steps on the engine thread (schedule, run, "
                                                     "outputs); per step, compare with the TPOT clients see"),
     "tandem_engine_step_requests_total": ("counter", "Requests with output, summed over steps (/ steps = mean batch)"),
+    # Speculative decoding (vLLM's names): a "draft" is one sequence's verification of its draft tokens in a step.
+    "tandem_spec_decode_num_drafts_total": ("counter", "Speculative decoding: verifications of one sequence's drafts"),
+    "tandem_spec_decode_num_draft_tokens_total": ("counter", "Speculative decoding: draft tokens verified"),
+    "tandem_spec_decode_num_accepted_tokens_total": ("counter", "Speculative decoding: draft tokens accepted"),
+    "tandem_spec_decode_num_emitted_tokens_total": ("counter", "Speculative decoding: tokens the verifications emitted "
+                                                               "(accepted drafts plus the target's own token)"),
+    SPEC_ACCEPTED_PER_POSITION: ("counter", "Speculative decoding: drafts whose token at `position` (0-based) was "
+                                            "accepted"),
 }
 
 
@@ -495,6 +522,10 @@ def _engine_values(stats: EngineStats, reservations: int, steps: StepClock | Non
         "tandem_prefix_cache_hits_total": stats.prefix_cache_hits,
         "tandem_prefill_tokens_total": stats.prefill_tokens,
         "tandem_generation_tokens_total": stats.generation_tokens,
+        "tandem_spec_decode_num_drafts_total": stats.spec_drafts,
+        "tandem_spec_decode_num_draft_tokens_total": stats.spec_draft_tokens,
+        "tandem_spec_decode_num_accepted_tokens_total": stats.spec_accepted_tokens,
+        "tandem_spec_decode_num_emitted_tokens_total": stats.spec_emitted_tokens,
     }
 
 

@@ -316,5 +316,12 @@ def engine_argv(args: argparse.Namespace, skip: Iterable[str] = ("--model",)) ->
         if isinstance(action, _Switch):
             argv += [flag] if value else []
         elif value is not None:
-            argv += [flag, str(value)]
+            argv += [flag, _flag_word(value)]
     return argv
+
+
+def _flag_word(value: Any) -> str:
+    """A parsed setting written as the word its flag parses back (a pydantic model, e.g. --speculative-config, as
+    JSON; its repr would not parse)."""
+    to_json = getattr(value, "model_dump_json", None)
+    return to_json(exclude_none=True) if to_json is not None else str(value)

@@ -168,6 +168,13 @@ def gpu_uuid(device: str) -> str:
     return str(torch.cuda.get_device_properties(torch.device(device)).uuid)
 
 
+def speculative_positions(settings: WorkerSettings) -> int:
+    """Draft positions a worker's metrics list from the start: decode's ``num_speculative_tokens`` (prefill workers
+    sample one token per request and never speculate)."""
+    config = settings.engine.scheduler.speculative_config
+    return config.num_speculative_tokens if config is not None and settings.worker.role == "decode" else 0
+
+
 def start_engine(settings: WorkerSettings) -> AsyncEngine | EngineProcess:
     """The worker's engine, loaded: in its own process on a decode worker (no GIL shared with the gRPC side),
     on a thread otherwise. Blocks while the model loads."""
@@ -185,7 +192,8 @@ async def serve_worker(settings: WorkerSettings, servicer_factory) -> int:
 
     The HTTP side starts first, so liveness probes and scrapes work while the model loads."""
     worker = settings.worker
-    metrics, health = WorkerMetrics(settings.engine.model.model, worker.role), WorkerHealth()
+    metrics = WorkerMetrics(settings.engine.model.model, worker.role, speculative_positions(settings))
+    health = WorkerHealth()
     http = WorkerHttpServer(worker.host, worker.metrics_port, metrics.registry, health).start()
     try:
         engine = await asyncio.to_thread(start_engine, settings)

@@ -178,6 +178,49 @@ def test_engine_argv_round_trips_through_the_worker_parser():
         assert getattr(again, dest) == getattr(args, dest), dest
 
 
+NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+
+
+def test_speculative_config_flag_is_in_worker_help_and_reaches_the_engine_config(capsys):
+    with pytest.raises(SystemExit):
+        parse(["decode", "--help"])
+    assert "--speculative-config JSON" in capsys.readouterr().out
+    spec = engine_config(parse(["decode", "--speculative-config", NGRAM])).scheduler.speculative_config
+    assert (spec.method, spec.num_speculative_tokens, spec.prompt_lookup_min, spec.prompt_lookup_max) == (
+        "ngram", 3, 2, 4)
+    assert engine_config(parse(["decode"])).scheduler.speculative_config is None
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{bad", ["--speculative-config", "not JSON"]),
+        ('{"method": "ngram", "num_speculative_tokens": 3, "lookahead": 1}', ["speculative_config.lookahead"]),
+        ('{"method": "eagle", "num_speculative_tokens": 3}', ["model", "needs the path"]),
+        ("[1, 2]", ["expected a JSON object"]),
+    ],
+)
+def test_bad_speculative_config_is_a_usage_error_naming_the_problem(text, words, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["decode", "--speculative-config", text])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "Traceback" not in err and all(word in err for word in words), err
+
+
+def test_bad_speculative_config_env_value_is_a_usage_error_naming_the_variable(capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(["decode"], {"TANDEM_SPECULATIVE_CONFIG": "{bad"})
+    assert exc.value.code == 2
+    assert "TANDEM_SPECULATIVE_CONFIG" in capsys.readouterr().err
+
+
+def test_serve_passes_the_speculative_config_to_its_workers_as_json():
+    args = parse(["serve", "--speculative-config", NGRAM])
+    again = parse(["decode", *engine_argv(args)])
+    assert again.speculative_config == args.speculative_config
+
+
 def test_chat_and_generate_flags():
     args = parse(["generate", "--prompt", "hi", "--max-tokens", "8", "--temperature", "0.7", "--chat"])
     assert (args.prompt, args.max_tokens, args.temperature, args.chat) == ("hi", 8, 0.7, True)

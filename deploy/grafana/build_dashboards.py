@@ -514,7 +514,64 @@ def pools() -> Dashboard:
         "tandem-pools",
         "Tandem / Pools",
         "Prefill vs decode pools: replicas, load, KV cache, throughput",
-        (load, kv, throughput, phases),
+        (load, kv, throughput, speculation_row(), phases),
+    )
+
+
+def speculation_row() -> Row:
+    """Speculative decoding on the decode pool (prefill workers never speculate). A "draft" is one sequence's
+    verification in one step; the ratios read NaN (no data) while nothing speculates."""
+
+    def rate(name: str, by: str = "") -> str:
+        grouping = f" by ({by})" if by else ""
+        return f'sum{grouping} (rate(tandem_spec_decode_num_{name}_total{{{SEL}, role="decode"}}[{RATE}]))'
+
+    return Row(
+        "Speculative decoding",
+        (
+            Panel(
+                "Draft acceptance rate",
+                (Target(f"{rate('accepted_tokens')} / {rate('draft_tokens')}", "accepted / proposed"),),
+                "percentunit",
+                description="Share of the proposed draft tokens that the target model accepted",
+                width=6,
+                max=1,
+            ),
+            Panel(
+                "Tokens per verification",
+                (
+                    Target(f"{rate('accepted_tokens')} / {rate('drafts')}", "accepted"),
+                    Target(f"{rate('emitted_tokens')} / {rate('drafts')}", "emitted"),
+                ),
+                "short",
+                description="Mean accepted draft length per verification, and the tokens each emitted (accepted "
+                "plus the target's own): a step's speed-up over plain decoding is at most the emitted count",
+                width=6,
+            ),
+            Panel(
+                "Acceptance by draft position",
+                (
+                    Target(
+                        f"{rate('accepted_tokens_per_pos', 'position')} / ignoring (position) group_left "
+                        f"{rate('drafts')}",
+                        "position {{position}}",
+                    ),
+                ),
+                "percentunit",
+                description="Share of verifications whose draft token at that position (0-based) was accepted",
+                width=6,
+                max=1,
+            ),
+            Panel(
+                "Draft tokens/s",
+                (
+                    Target(rate("draft_tokens"), "proposed"),
+                    Target(rate("accepted_tokens"), "accepted"),
+                ),
+                "suffix: tok/s",
+                width=6,
+            ),
+        ),
     )
 
 

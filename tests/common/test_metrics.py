@@ -219,3 +219,45 @@ def test_worker_exports_the_engine_step_clock():
     assert 'tandem_engine_steps_total{model="m",role="decode"} 4.0' in text
     assert 'tandem_engine_step_requests_total{model="m",role="decode"} 128.0' in text
     assert re.search(r'tandem_engine_step_seconds_total\{model="m",role="decode"\} 0\.02', text)
+
+
+def spec_snapshot(drafts: int, draft_tokens: int, accepted: int, emitted: int, per_position: tuple[int, ...]):
+    speculation = {"spec_drafts": drafts, "spec_draft_tokens": draft_tokens, "spec_accepted_tokens": accepted}
+    speculation |= {"spec_emitted_tokens": emitted, "spec_accepted_per_position": per_position}
+    return EngineStats(100, 25, 3, 2, 5, 1, 64, 32, 640, 80, **speculation)
+
+
+def spec_values(registry: CollectorRegistry) -> dict[str, float]:
+    names = ("drafts", "draft_tokens", "accepted_tokens", "emitted_tokens")
+    return {name: value(registry, f"tandem_spec_decode_num_{name}_total", role="decode") for name in names}
+
+
+def accepted_per_position(registry: CollectorRegistry) -> dict[str, float]:
+    return {
+        sample.labels["position"]: sample.value
+        for family in registry.collect()
+        if family.name == "tandem_spec_decode_num_accepted_tokens_per_pos"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+def test_speculative_decoding_counters_follow_the_engine_snapshots():
+    metrics = WorkerMetrics("m", "decode", speculative_tokens=3)
+    metrics.update(spec_snapshot(0, 0, 0, 0, ()), [])
+    assert spec_values(metrics.registry) == {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "emitted_tokens": 0}
+    assert accepted_per_position(metrics.registry) == {"0": 0, "1": 0, "2": 0}  # all configured positions, from start
+    metrics.update(spec_snapshot(2, 6, 4, 6, (2, 1, 1)), [])  # drafts accepting 3 and 1 of 3 tokens
+    metrics.update(spec_snapshot(5, 15, 7, 12, (4, 2, 1)), [])
+    expected = {"drafts": 5, "draft_tokens": 15, "accepted_tokens": 7, "emitted_tokens": 12}
+    assert spec_values(metrics.registry) == expected
+    assert accepted_per_position(metrics.registry) == {"0": 4, "1": 2, "2": 1}
+    text = generate_latest(metrics.registry).decode()
+    assert 'tandem_spec_decode_num_accepted_tokens_per_pos_total{model="m",position="1",role="decode"} 2.0' in text
+
+
+def test_accepted_per_position_lists_position_0_without_speculation_and_every_position_seen():
+    assert accepted_per_position(worker().registry) == {"0": 0}  # rate() reads 0, not "no data"
+    metrics = WorkerMetrics("m", "decode", speculative_tokens=2)
+    metrics.update(spec_snapshot(1, 4, 4, 5, (1, 1, 1, 1)), [])  # more positions than configured: all exported
+    assert accepted_per_position(metrics.registry) == {"0": 1, "1": 1, "2": 1, "3": 1}

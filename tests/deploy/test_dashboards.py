@@ -51,6 +51,9 @@ REQUIRED_PANELS = {
         "Prefill tokens/s",
         "Decode tokens/s",
         "Preemptions",
+        "Draft acceptance rate",
+        "Tokens per verification",
+        "Acceptance by draft position",
     },
     "tandem-transfer.json": {
         "KV transfer bandwidth",
@@ -113,6 +116,36 @@ def test_the_slo_dashboard_has_a_planner_row_reading_every_planner_metric():
     by_title = {panel["title"]: panel for panel in in_row}
     assert by_title["Last planner decision"]["options"]["textMode"] == "name"
     assert "{{pool}}" in by_title["Desired vs actual replicas"]["targets"][0]["legendFormat"]
+
+
+def row_panels(dashboard: dict, title: str) -> list[dict]:
+    """The panels under the row titled ``title``, up to the next row."""
+    titles = [panel["title"] for panel in dashboard["panels"]]
+    assert dashboard["panels"][titles.index(title)]["type"] == "row"
+    following = dashboard["panels"][titles.index(title) + 1 :]
+    return following[: next((i for i, p in enumerate(following) if p["type"] == "row"), len(following))]
+
+
+def test_the_pools_dashboard_has_a_speculative_decoding_row_reading_every_speculation_counter():
+    in_row = row_panels(dashboards()["tandem-pools.json"], "Speculative decoding")
+    read = {name for panel in in_row for target in panel["targets"] for name in metric_names(target["expr"])}
+    speculation = {name for name in exported_metric_names() if name.startswith("tandem_spec_decode_")}
+    assert len(speculation) == 5 and read == speculation
+    exprs = {panel["title"]: [target["expr"] for target in panel["targets"]] for panel in in_row}
+
+    def ratio(expr: str) -> tuple[str, str]:  # (numerator's metric, denominator's metric)
+        numerator, denominator = expr.split(" / ")
+        return metric_names(numerator).pop(), metric_names(denominator).pop()
+
+    assert ratio(exprs["Draft acceptance rate"][0]) == (
+        "tandem_spec_decode_num_accepted_tokens_total", "tandem_spec_decode_num_draft_tokens_total")
+    assert [ratio(expr) for expr in exprs["Tokens per verification"]] == [
+        ("tandem_spec_decode_num_accepted_tokens_total", "tandem_spec_decode_num_drafts_total"),
+        ("tandem_spec_decode_num_emitted_tokens_total", "tandem_spec_decode_num_drafts_total"),
+    ]
+    by_position = next(panel for panel in in_row if panel["title"] == "Acceptance by draft position")["targets"][0]
+    assert "sum by (position)" in by_position["expr"] and "{{position}}" in by_position["legendFormat"]
+    assert all('role="decode"' in expr for panel_exprs in exprs.values() for expr in panel_exprs)
 
 
 def test_templated_by_datasource_namespace_and_model():

@@ -67,6 +67,11 @@ EXPECTED_EMPTY: dict[str, str] = {
     # The dry-run planner's window is its 1 s interval: after the load, its own p90 has no requests (NaN).
     f"tandem-slo.json / Predicted vs observed {name} / B": "no request in the planner's last 1 s window"
     for name in ("TTFT", "TPOT")
+} | {
+    # This cluster does not speculate: the speculation ratios are 0 / 0 (NaN); their counters still read 0.
+    f"tandem-pools.json / {where}": "no speculative decoding here: 0 / 0"
+    for where in ("Draft acceptance rate / A", "Tokens per verification / A", "Tokens per verification / B",
+                  "Acceptance by draft position / A")
 }
 # Variable queries that may be empty here: a local Prometheus attaches no Kubernetes `namespace` label.
 EXPECTED_EMPTY_VARIABLES = {"namespace": "no Kubernetes namespace label outside Kubernetes"}

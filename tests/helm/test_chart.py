@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.launch import build_parser, known_env_vars
+from services.launch import build_parser, engine_config, known_env_vars
 from tests.helm.chart import (
     CHART,
     COMPONENTS,
@@ -437,6 +437,30 @@ def test_extra_args_env_and_volumes_reach_the_containers() -> None:
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
 
 
+SPECULATION = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+
+
+@pytest.mark.parametrize("given_as", ["object", "json text"])
+def test_speculative_config_reaches_the_decode_workers_only(given_as: str, tmp_path: Path) -> None:
+    value = SPECULATION if given_as == "object" else json.dumps(SPECULATION)
+    values = tmp_path / "speculation.yaml"
+    values.write_text(yaml.safe_dump({"decode": {"speculativeConfig": value}}))
+    rendered = render((str(values),))
+    args = {
+        role: _parse_cli(rendered.deployment(role)["spec"]["template"]["spec"]["containers"][0]["args"])
+        for role in WORKERS
+    }
+    spec = engine_config(args["decode"]).scheduler.speculative_config
+    assert spec is not None and spec.model_dump(include=set(SPECULATION)) == SPECULATION
+    assert args["prefill"].speculative_config is None
+
+
+def test_speculation_is_off_by_default(rendered: Render) -> None:
+    for role in WORKERS:
+        (container,) = rendered.deployment(role)["spec"]["template"]["spec"]["containers"]
+        assert "--speculative-config" not in container["args"], role
+
+
 # ---------------------------------------------------------------------------------------------------- refusals
 
 
@@ -448,6 +472,7 @@ def test_extra_args_env_and_volumes_reach_the_containers() -> None:
         "router.port=http",
         "transport=rdma",
         "decode.autoscaling.metric.averageValue=1Gi",
+        "decode.speculativeConfig=4",
     ],
 )
 def test_schema_rejects_wrong_types(item: str) -> None:
@@ -473,6 +498,7 @@ def test_lint_fails_on_a_bad_values_file(tmp_path: Path) -> None:
         (("redis.enabled=false",), "redis.external.url or redis.external.existingSecret"),
         (("prefill.autoscaling.enabled=true", "prefill.autoscaling.type=keda"), "keda.serverAddress is required"),
         (("router.pdb.minAvailable=1",), "only one of minAvailable and maxUnavailable"),
+        (("prefill.speculativeConfig.method=ngram",), "prefill workers never speculate"),
     ],
 )
 def test_chart_refuses_inconsistent_values(sets: tuple[str, ...], message: str) -> None:

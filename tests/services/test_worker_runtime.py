@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from common.config import EngineConfig
 from common.engine.stats import StepClock
-from services.worker_runtime import RecentStepTime, configure_for_role
+from services.worker_runtime import RecentStepTime, configure_for_role, speculative_positions
 
 
 def test_recent_step_time_is_a_moving_mean_of_each_windows_time_per_step() -> None:
@@ -32,3 +33,14 @@ def test_both_roles_record_prefix_cache_events_for_the_redis_index(role: str) ->
     configure_for_role(engine, role)  # type: ignore[arg-type]
     assert engine.kv_cache_manager.pool.track_cache_events is True
     assert engine.stats_recorder.collect_finished is True
+
+
+@pytest.mark.parametrize(("role", "spec", "positions"), [
+    ("decode", {"method": "ngram", "num_speculative_tokens": 4}, 4),
+    ("prefill", {"method": "ngram", "num_speculative_tokens": 4}, 0),  # prefill workers never speculate
+    ("decode", None, 0),
+])
+def test_a_speculating_decode_workers_metrics_list_every_draft_position(role, spec, positions) -> None:
+    settings = SimpleNamespace(engine=EngineConfig.from_kwargs(speculative_config=spec),
+                               worker=SimpleNamespace(role=role))
+    assert speculative_positions(settings) == positions  # type: ignore[arg-type]

@@ -208,6 +208,11 @@ maxUnavailable: {{ $max }}
 {{- end }}
 {{- end }}
 
+{{/* A value given as an object or as JSON text, as JSON text (a string is taken as written). */}}
+{{- define "tandem.jsonText" -}}
+{{- if kindIs "string" . }}{{ . }}{{ else }}{{ toJson . }}{{ end }}
+{{- end }}
+
 {{/* The inline profile as JSON text (a string value is taken as written). */}}
 {{- define "tandem.planner.profileJson" -}}
 {{- $json := .Values.planner.profile.json }}

@@ -10,6 +10,9 @@ gives it DNS and a scrape target.
 {{- if le (float64 $w.terminationGracePeriodSeconds) (float64 $w.drainTimeoutSeconds) }}
 {{- fail (printf "%s.terminationGracePeriodSeconds (%v) must exceed %s.drainTimeoutSeconds (%v): Kubernetes would kill draining workers" .component $w.terminationGracePeriodSeconds .component $w.drainTimeoutSeconds) }}
 {{- end }}
+{{- if and (eq .component "prefill") $w.speculativeConfig }}
+{{- fail "prefill.speculativeConfig: prefill workers never speculate (they sample one token); set decode.speculativeConfig" }}
+{{- end }}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -104,6 +107,10 @@ spec:
             {{- with $w.maxNumBatchedTokens }}
             - --max-num-batched-tokens
             - {{ . | quote }}
+            {{- end }}
+            {{- with $w.speculativeConfig }}
+            - --speculative-config
+            - {{ include "tandem.jsonText" . | quote }}
             {{- end }}
             {{- range $w.extraArgs }}
             - {{ . | quote }}
