@@ -14,7 +14,7 @@ the first block whose id changed (a copy-on-write), is recomputed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -138,6 +138,24 @@ def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if differ.size else n
 
 
+def catch_up_chunks(starts: Sequence[int], ends: Sequence[int], budget: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Split each row's span [start, end) into forwards of at most ``budget`` tokens, rows in order: each chunk
+    is a list of (row, start, end) over consecutive rows, each row at most once, and a row's spans follow one
+    another across chunks."""
+    chunk: list[tuple[int, int, int]] = []
+    room = budget
+    for row, (start, end) in enumerate(zip(starts, ends, strict=True)):
+        while start < end:
+            take = min(end - start, room)
+            chunk.append((row, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                yield chunk
+                chunk, room = [], budget
+    if chunk:
+        yield chunk
+
+
 class DraftModelProposer:
     """Proposes k draft tokens per sequence with a draft model whose paged KV cache mirrors the target's blocks.
 
@@ -155,7 +173,10 @@ class DraftModelProposer:
         block_size: int,
         max_model_len: int,
         generator: torch.Generator,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be at least 1, got {max_num_batched_tokens}")
         limit = int(getattr(draft.hf_config, "max_position_embeddings", max_model_len))
         if limit < max_model_len:
             raise ValueError(
@@ -167,6 +188,7 @@ class DraftModelProposer:
         self.block_size = block_size
         self.device = draft.device
         self.generator = generator
+        self.max_num_batched_tokens = max_num_batched_tokens  # a catch-up forward's tokens (activation memory)
         shape = (self.model.num_layers, 2, num_blocks, block_size, self.model.num_kv_heads, self.model.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=draft.dtype, device=draft.device)
         self._written: dict[str, _WrittenKV] = {}
@@ -227,21 +249,37 @@ class DraftModelProposer:
     def _catch_up(
         self, sequences: Sequence[DraftSequence], tables: list[np.ndarray], device_tables: torch.Tensor
     ) -> torch.Tensor:
-        """One varlen forward over each sequence's tokens without valid draft KV; logits of each last token."""
-        token_ids, positions, slots, query_lens, seq_lens = [], [], [], [], []
-        for seq, table in zip(sequences, tables, strict=True):
-            start, end = self._reusable_length(seq, table), len(seq.token_ids)
+        """Varlen forwards over each sequence's tokens without valid draft KV (usually one; more when they hold
+        over ``max_num_batched_tokens`` tokens); the logits of each sequence's last token, in order."""
+        starts = [self._reusable_length(seq, table) for seq, table in zip(sequences, tables, strict=True)]
+        ends = [len(seq.token_ids) for seq in sequences]
+        last_hidden = []
+        for spans in catch_up_chunks(starts, ends, self.max_num_batched_tokens):
+            first, last = spans[0][0], spans[-1][0]  # a chunk holds consecutive rows, each once
+            hidden = self._forward_spans(sequences, tables, device_tables[first : last + 1], spans)
+            row_ends = np.cumsum([end - start for _, start, end in spans], dtype=np.int64) - 1
+            done = [i for i, (row, _, end) in enumerate(spans) if end == ends[row]]
+            last_hidden.append(hidden[to_device(row_ends[done], self.device)])
+        return self.model.compute_logits(torch.cat(last_hidden) if len(last_hidden) > 1 else last_hidden[0])
+
+    def _forward_spans(
+        self,
+        sequences: Sequence[DraftSequence],
+        tables: list[np.ndarray],
+        device_tables: torch.Tensor,
+        spans: list[tuple[int, int, int]],
+    ) -> torch.Tensor:
+        """One forward over positions [start, end) of each (row, start, end); hidden states of every token."""
+        token_ids, positions, slots = [], [], []
+        for row, start, end in spans:
             span = np.arange(start, end, dtype=np.int64)
-            token_ids.append(np.asarray(seq.token_ids[start:end], dtype=np.int64))
+            token_ids.append(np.asarray(sequences[row].token_ids[start:end], dtype=np.int64))
             positions.append(span)
-            slots.append(table[span // self.block_size] * self.block_size + span % self.block_size)
-            query_lens.append(end - start)
-            seq_lens.append(end)
-        metadata = self._metadata(np.concatenate(slots), query_lens, seq_lens, device_tables)
+            slots.append(tables[row][span // self.block_size] * self.block_size + span % self.block_size)
+        query_lens = [end - start for _, start, end in spans]
+        metadata = self._metadata(np.concatenate(slots), query_lens, [end for *_, end in spans], device_tables)
         input_ids = to_device(np.concatenate(token_ids), self.device)
-        hidden = self.model(input_ids, to_device(np.concatenate(positions), self.device), self.kv_cache, metadata)
-        last_rows = to_device(np.cumsum(query_lens, dtype=np.int64) - 1, self.device)
-        return self.model.compute_logits(hidden[last_rows])
+        return self.model(input_ids, to_device(np.concatenate(positions), self.device), self.kv_cache, metadata)
 
     def _extend(
         self, tokens: torch.Tensor, positions: np.ndarray, tables: list[np.ndarray], device_tables: torch.Tensor

@@ -20,6 +20,7 @@ from common.engine.spec.draft_model import (
     DraftModel,
     DraftModelProposer,
     DraftSequence,
+    catch_up_chunks,
     common_prefix_length,
     load_draft_model,
 )
@@ -52,9 +53,9 @@ def load_draft(path: Path, device: str = "cpu", dtype: torch.dtype = torch.float
     return load_draft_model(spec, target, dtype, torch.device(device), "auto", None)
 
 
-def make_proposer(draft: DraftModel, seed: int = 0) -> DraftModelProposer:
+def make_proposer(draft: DraftModel, seed: int = 0, max_num_batched_tokens: int = 2048) -> DraftModelProposer:
     generator = torch.Generator(device=draft.device).manual_seed(seed)
-    return DraftModelProposer(draft, NUM_BLOCKS, BLOCK_SIZE, MAX_MODEL_LEN, generator)
+    return DraftModelProposer(draft, NUM_BLOCKS, BLOCK_SIZE, MAX_MODEL_LEN, generator, max_num_batched_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +145,22 @@ def test_catch_up_after_partial_acceptance_equals_hf(draft, hf, k):
                 bonus = int(rng.integers(0, SMOLLM2_VOCAB))
             tokens.extend([*drafts[:accepted], bonus])
             catch_up.append(2 if accepted == k else 1)  # accepted drafts keep their KV; the last draft has none
+
+
+def test_long_catch_up_runs_in_chunks_of_the_token_budget(draft, hf):
+    sequences = Sequences(random_prompts(np.random.default_rng(8), (3, 10, 17)), [0.0] * 3, seed=8)
+    proposer = make_proposer(draft, max_num_batched_tokens=7)
+    recorder = proposer.model = ForwardRecorder(draft.model)
+    proposal = proposer.propose(sequences.for_k(3), 3)
+    assert recorder.num_tokens == [7, 7, 7, 7, 2, 3, 3]
+    for row, tokens in enumerate(sequences.tokens):
+        assert proposal.token_ids[row].tolist() == hf_greedy(hf, tokens, 3)[0]
+
+
+def test_catch_up_chunks():
+    chunks = list(catch_up_chunks([0, 5, 2], [3, 6, 9], budget=4))
+    assert chunks == [[(0, 0, 3), (1, 5, 6)], [(2, 2, 6)], [(2, 6, 9)]]
+    assert list(catch_up_chunks([0], [1], budget=1)) == [[(0, 0, 1)]]
 
 
 def test_tokens_appended_without_the_drafts(draft, hf):
