@@ -25,10 +25,15 @@ def allocate_kv_cache(
     scheduler: SchedulerConfig,
     dtype: torch.dtype,
     device: torch.device,
+    extra_bytes_per_block: int = 0,
 ) -> tuple[torch.Tensor, int]:
-    """The zero-filled cache tensor [layers, 2, blocks, block_size, kv_heads, head_dim] and its block count."""
+    """The zero-filled cache tensor [layers, 2, blocks, block_size, kv_heads, head_dim] and its block count.
+
+    ``extra_bytes_per_block``: what each block also costs elsewhere (a draft model's cache indexed by the same
+    block ids), so that the memory budget holds both caches.
+    """
     per_block = bytes_per_block(model, cache.block_size, dtype)
-    num_blocks = count_blocks(model, cache, scheduler, dtype, device, per_block)
+    num_blocks = count_blocks(model, cache, scheduler, dtype, device, per_block + extra_bytes_per_block)
     if num_blocks < 1:
         raise ValueError(f"kv_cache_memory: no room for a single KV block of {per_block} bytes")
     shape = (model.num_layers, 2, num_blocks, cache.block_size, model.num_kv_heads, model.head_dim)
