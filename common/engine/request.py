@@ -113,7 +113,8 @@ class Request:
     @property
     def needs_host_tokens(self) -> bool:
         """Its next step must see every token on the host first (async scheduling waits for this one): a first
-        sample forks, a prefill export gathers KV, a speculating request proposes from its tokens. (Penalties and min_tokens take the newest token from the device:
+        sample forks, a prefill export gathers KV, a speculating request proposes from its tokens.
+        (Penalties and min_tokens take the newest token from the device:
         ``SamplingRow.pending_token``; a grammar waits for it on the host after the next forward is enqueued.)"""
         return self.export_kv or self.pending_forks > 0 or self.speculating
 

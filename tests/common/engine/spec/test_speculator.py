@@ -8,7 +8,7 @@ import pytest
 
 from common.engine import LLM, SamplingParams
 from common.engine.request import Request
-from common.engine.spec.speculator import MISSES_BEFORE_BACKOFF, MIN_COOLDOWN_STEPS, Speculator
+from common.engine.spec.speculator import MIN_COOLDOWN_STEPS, MISSES_BEFORE_BACKOFF, Speculator
 from common.speculative_config import SpeculativeConfig
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -115,7 +115,11 @@ def test_stops_logprobs_and_penalties_are_the_plain_engines(plain, spec):
         for want, have in zip(expected, got, strict=True):
             want, have = want.outputs[0], have.outputs[0]
             assert have.token_ids == want.token_ids, params
-            assert (have.text, have.finish_reason, have.stop_reason) == (want.text, want.finish_reason, want.stop_reason)
+            assert (have.text, have.finish_reason, have.stop_reason) == (
+                want.text,
+                want.finish_reason,
+                want.stop_reason,
+            )
             if params.logprobs:
                 for a, b in zip(have.logprobs, want.logprobs, strict=True):
                     assert set(a) == set(b)
@@ -184,7 +188,10 @@ def test_bad_speculative_configs_are_clear_errors():
         ({"method": "medusa", "num_speculative_tokens": 2}, "method"),
         ({"method": "ngram", "num_speculative_tokens": 2, "bogus": 1}, "bogus"),
         ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
-        ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup"),
+        (
+            {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2},
+            "prompt_lookup",
+        ),
         ("not json", "JSON"),
     ]:
         with pytest.raises(ValueError, match=words):
