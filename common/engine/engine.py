@@ -28,7 +28,7 @@ from common.config import EngineConfig
 from common.engine.block_pool import BlockPool
 from common.engine.kv_cache_manager import KVCacheManager
 from common.engine.kv_transfer import KVTransfer
-from common.engine.model_loading import load_model_and_kv_cache, log_engine_ready
+from common.engine.model_loading import LoadedModel, load_model_and_kv_cache, log_engine_ready
 from common.engine.model_runner import LaunchedStep, ModelRunner
 from common.engine.output_processor import RequestGroup
 from common.engine.outputs import RequestOutput
@@ -38,6 +38,7 @@ from common.engine.sampled_tokens import SampledTokenApplier
 from common.engine.sampler import Sampler
 from common.engine.sampling_params import SamplingParams
 from common.engine.scheduler import Scheduler, SchedulerOutput
+from common.engine.spec.draft_model import DraftModelProposer
 from common.engine.spec.speculator import Speculator
 from common.engine.stats import EngineStats, EngineStatsRecorder
 from common.engine.structured import GrammarCompiler
@@ -61,12 +62,22 @@ class LLMEngine:
         block_size = config.cache.block_size
         pool = BlockPool(loaded.memory.num_kv_blocks, config.cache.enable_prefix_caching)
         self.kv_cache_manager = KVCacheManager(pool, block_size)
-        spec_config = config.scheduler.speculative_config
-        self.speculator = Speculator(spec_config, self.max_model_len) if spec_config is not None else None
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.speculator)
         self.generator = torch.Generator().manual_seed(config.model.seed)
+        draft_proposer = self._draft_proposer(loaded)
+        spec_config = config.scheduler.speculative_config
+        self.speculator = None
+        if spec_config is not None:
+            forget = draft_proposer.forget if draft_proposer is not None else None
+            self.speculator = Speculator(spec_config, self.max_model_len, forget)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.speculator)
         self.runner = ModelRunner(
-            self.model, loaded.kv_cache, block_size, self.device, Sampler(self.generator), loaded.decode_graphs
+            self.model,
+            loaded.kv_cache,
+            block_size,
+            self.device,
+            Sampler(self.generator),
+            loaded.decode_graphs,
+            draft_proposer,
         )
         self.stats_recorder = EngineStatsRecorder()
         self.grammars = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
@@ -74,7 +85,12 @@ class LLMEngine:
             self.grammars.prepare_in_background()  # table build would take a core from the engine itself
         self.validator = RequestValidator(self.tokenizer, self.hf_config.vocab_size, self.max_model_len, self.grammars)
         self.requests = RequestLifecycle(
-            self.scheduler, self.kv_cache_manager, self.stats_recorder, self.tokenizer, self.eos_token_ids, block_size,
+            self.scheduler,
+            self.kv_cache_manager,
+            self.stats_recorder,
+            self.tokenizer,
+            self.eos_token_ids,
+            block_size,
             self.grammars,
         )
         self.kv_transfer = KVTransfer(self.kv_cache_manager, loaded.kv_cache, self.requests, self.validator)
@@ -83,6 +99,20 @@ class LLMEngine:
         )
         self.load_seconds = time.perf_counter() - started
         log_engine_ready(loaded, block_size, self.load_seconds)
+
+    def _draft_proposer(self, loaded: LoadedModel) -> DraftModelProposer | None:
+        """Speculation with a draft model: its cache mirrors the target's blocks (sized together at load)."""
+        if loaded.draft is None:
+            return None
+        config = self.config
+        return DraftModelProposer(
+            loaded.draft,
+            loaded.memory.num_kv_blocks,
+            config.cache.block_size,
+            self.max_model_len,
+            self.generator,
+            config.scheduler.max_num_batched_tokens,
+        )
 
     @property
     def groups(self) -> dict[str, RequestGroup]:

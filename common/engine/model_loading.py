@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from common.config import EngineConfig, ModelConfig
 from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.kv_cache_sizing import allocate_kv_cache, resolve_max_model_len
+from common.engine.spec.draft_model import DraftModel, load_draft_model
 from common.models.loader import load_model, resolve_dtype, resolve_model_path
 from kernels.paged_attention import kernels_support, warm_up_attention_kernels
 
@@ -55,6 +56,7 @@ class LoadedModel:
     eos_token_ids: frozenset[int]
     decode_graphs: DecodeGraphs | None
     memory: MemoryReport
+    draft: DraftModel | None = None  # speculative decoding's draft model (its cache is the engine's to make)
 
 
 def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
@@ -65,7 +67,11 @@ def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
     tokenizer = load_tokenizer(config.model, model_path)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
     model = load_model(model_path, hf_config, dtype, device, config.model.load_format)
-    kv_cache, num_blocks = allocate_kv_cache(model, config.cache, config.scheduler, dtype, device)
+    draft = load_speculative_draft(config, hf_config, dtype, device)
+    extra = draft.kv_bytes_per_block(config.cache.block_size) if draft is not None else 0
+    kv_cache, num_blocks = allocate_kv_cache(
+        model, config.cache, config.scheduler, dtype, device, extra_bytes_per_block=extra
+    )
     max_model_len = resolve_max_model_len(config, hf_config, num_blocks)
     memory = MemoryReport(
         weight_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
@@ -77,8 +83,19 @@ def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
     warm_up_kernels(model, kv_cache)
     eos_ids = eos_token_ids(hf_config, tokenizer)
     return LoadedModel(
-        device, model_path, hf_config, tokenizer, dtype, model, kv_cache, max_model_len, eos_ids, graphs, memory
+        device, model_path, hf_config, tokenizer, dtype, model, kv_cache, max_model_len, eos_ids, graphs, memory, draft
     )
+
+
+def load_speculative_draft(
+    config: EngineConfig, hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device
+) -> DraftModel | None:
+    """The draft model of ``--speculative-config`` method draft_model (loaded before the KV cache is sized, which
+    then budgets the draft's own cache per block too), else None."""
+    spec = config.scheduler.speculative_config
+    if spec is None or spec.method != "draft_model":
+        return None
+    return load_draft_model(spec, hf_config, dtype, device, config.model.load_format, config.model.download_dir)
 
 
 def load_tokenizer(model_config: ModelConfig, model_path: Path):

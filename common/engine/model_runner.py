@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs
-from common.engine.device_copy import record_event, to_device
+from common.engine.device_copy import record_event, to_device, to_host_async
 from common.engine.outputs import TokenLogprobs
 from common.engine.request import Request
 from common.engine.sampler import PendingSample, Sampler, SamplingRow, compute_prompt_logprobs
 from common.engine.scheduler import ScheduledRequest, SchedulerOutput
+from common.engine.spec.draft_model import DraftModelProposer, DraftSequence
+from common.engine.spec.speculator import DRAFT_ON_DEVICE
 from kernels.attention_metadata import AttentionMetadata
 
 
@@ -33,6 +35,7 @@ class RunnerOutput:
     sampled: dict[str, list[tuple[int, TokenLogprobs | None]]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     generator_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    draft_tokens: dict[str, tuple[int, ...]] = field(default_factory=dict)  # a draft model's, per verifying request
 
 
 @dataclass
@@ -48,6 +51,7 @@ class LaunchedStep:
     # Seeded verifying requests: their generator's state before this step's draws (verification rewinds it so
     # that exactly one uniform per emitted token is spent, as without speculation).
     generator_states: dict[str, torch.Tensor] = field(default_factory=dict)
+    model_drafts: _ModelDrafts | None = None
 
     def wait(self) -> None:
         """Block until every kernel of this step has run (its KV writes included)."""
@@ -56,11 +60,28 @@ class LaunchedStep:
 
     def resolve(self) -> RunnerOutput:
         output = RunnerOutput(prompt_logprobs=self.prompt_logprobs, generator_states=self.generator_states)
+        if self.model_drafts is not None:
+            output.draft_tokens = self.model_drafts.on_host()
         if self.sample is not None:
             result = self.sample.result()
             for owner, token, logprobs in zip(self.owners, result.token_ids, result.logprobs, strict=True):
                 output.sampled.setdefault(owner, []).append((token, logprobs))
         return output
+
+
+class _ModelDrafts:
+    """A draft model's tokens for this step's verifying sequences, their copy to the host under way."""
+
+    def __init__(self, request_ids: list[str], lengths: list[int], token_ids: torch.Tensor) -> None:
+        self.request_ids, self.lengths = request_ids, lengths
+        (self._host,) = to_host_async([token_ids])
+        self._done = record_event(token_ids.device)
+
+    def on_host(self) -> dict[str, tuple[int, ...]]:
+        if self._done is not None:
+            self._done.synchronize()
+        rows = self._host.tolist()
+        return {rid: tuple(row[:n]) for rid, row, n in zip(self.request_ids, rows, self.lengths, strict=True)}
 
 
 class _DeviceTokens:
@@ -119,6 +140,7 @@ class _BatchPlan:
     block_tables: list[tuple[int, ...]] = field(default_factory=list)
     sample_rows: list[tuple[Request, int, tuple[int, ...]]] = field(default_factory=list)  # request, row, drafts
     prompt_rows: list[tuple[Request, list[int], list[int]]] = field(default_factory=list)  # rows, targets
+    model_drafts: list[tuple[ScheduledRequest, int]] = field(default_factory=list)  # a draft model's: first row
 
 
 class ModelRunner:
@@ -132,6 +154,7 @@ class ModelRunner:
         device: torch.device,
         sampler: Sampler,
         decode_graphs: DecodeGraphs | None = None,
+        draft_proposer: DraftModelProposer | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -139,6 +162,7 @@ class ModelRunner:
         self.device = device
         self.sampler = sampler
         self.decode_graphs = decode_graphs
+        self.draft_proposer = draft_proposer
 
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
         """Run one step to completion (launch, then resolve)."""
@@ -163,6 +187,8 @@ class ModelRunner:
         plan = self._plan(step.scheduled, device_tokens)
         input_ids, positions, metadata = self._to_tensors(plan)
         device_tokens.fill(input_ids)
+        if plan.model_drafts:
+            launched.model_drafts = self._propose_with_draft_model(plan.model_drafts, input_ids)
         hidden = self.model(input_ids, positions, self.kv_cache, metadata)
         if plan.sample_rows:
             row_index = to_device(np.asarray([row for _, row, _ in plan.sample_rows]), hidden.device)
@@ -172,6 +198,27 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
             k = request.sampling_params.prompt_logprobs or 0
             launched.prompt_logprobs[request.request_id] = compute_prompt_logprobs(logits, targets, k)
+
+    def _propose_with_draft_model(
+        self, items: list[tuple[ScheduledRequest, int]], input_ids: torch.Tensor
+    ) -> _ModelDrafts:
+        """Run the draft model for the sequences that verify its drafts and write them into their input rows (on
+        the device, before the target's forward); the drafts' host copy is what verification compares with."""
+        if self.draft_proposer is None:
+            raise RuntimeError("a step plans draft-model tokens but the engine has no draft model")
+        sequences = [
+            DraftSequence(item.request.request_id, item.request.all_token_ids, item.block_ids, temperature=0.0)
+            for item, _ in items
+        ]
+        lengths = [len(item.spec_token_ids) for item, _ in items]
+        proposal = self.draft_proposer.propose(sequences, max(lengths))
+        source = [(i, j) for i, length in enumerate(lengths) for j in range(length)]
+        rows = [first + j for (_, first), length in zip(items, lengths, strict=True) for j in range(length)]
+        source_index = to_device(np.asarray(source, dtype=np.int64), input_ids.device)
+        input_ids[to_device(np.asarray(rows), input_ids.device)] = proposal.token_ids[
+            source_index[:, 0], source_index[:, 1]
+        ]
+        return _ModelDrafts([item.request.request_id for item, _ in items], lengths, proposal.token_ids)
 
     def _can_replay(self, step: SchedulerOutput) -> bool:
         """Pure decode (one new token per sequence, no prompt logprobs) within the captured batch sizes."""
@@ -220,6 +267,8 @@ class ModelRunner:
             plan.query_lens.append(item.num_new_tokens)
             plan.seq_lens.append(end)
             plan.block_tables.append(item.block_ids)
+            if drafts and drafts[0] == DRAFT_ON_DEVICE:
+                plan.model_drafts.append((item, num_rows + item.num_new_tokens - len(drafts)))
             if item.completes_sequence:  # the last token's row, then one row per draft (each verifies the next)
                 first = num_rows + item.num_new_tokens - 1 - len(drafts)
                 plan.sample_rows.extend((item.request, first + j, drafts[:j]) for j in range(len(drafts) + 1))

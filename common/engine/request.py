@@ -6,17 +6,14 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from common.engine.block_pool import BlockHash, hash_full_blocks
 from common.engine.outputs import TokenLogprobs
 from common.engine.sampling_params import SamplingParams
+from common.engine.spec.state import SpeculationState
 from common.engine.structured import GrammarState
-
-if TYPE_CHECKING:
-    from common.engine.spec.speculator import SpeculationState
 
 logger = logging.getLogger(__name__)
 

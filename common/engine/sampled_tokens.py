@@ -58,7 +58,10 @@ class SampledTokenApplier:
         return outputs
 
     def _verify(
-        self, group: RequestGroup, item: ScheduledRequest, sampled: list[tuple[int, TokenLogprobs | None]],
+        self,
+        group: RequestGroup,
+        item: ScheduledRequest,
+        sampled: list[tuple[int, TokenLogprobs | None]],
         result: RunnerOutput,
     ) -> list[tuple[int, TokenLogprobs | None]]:
         """Speculative decoding: ``sampled[j]`` is the target's own token after the first j drafts. Drafts are
@@ -66,7 +69,8 @@ class SampledTokenApplier:
         mismatch (or the one after the last draft) are emitted, exactly what plain decoding would have sampled
         (for a sampled row: a one-hot draft accepted iff the target's draw picks it is rejection sampling).
         Returns the emitted tokens; the KV of the rejected drafts' positions is simply not counted as computed."""
-        request, drafts = item.request, item.spec_token_ids
+        request = item.request
+        drafts = result.draft_tokens.get(request.request_id, item.spec_token_ids)  # a draft model's, else n-gram's
         accepted = 0
         while accepted < len(drafts) and drafts[accepted] == sampled[accepted][0]:
             accepted += 1

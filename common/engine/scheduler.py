@@ -86,6 +86,8 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = status
         self.kv_cache.free(request)
+        if self.speculator is not None:
+            self.speculator.forget(request)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -165,6 +167,8 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free everything and recompute later from the first token (outputs so far are kept)."""
         self.kv_cache.free(request)
+        if self.speculator is not None:
+            self.speculator.forget(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         if len(request.prompt_logprobs) < request.num_prompt_tokens - 1:

@@ -8,8 +8,10 @@ import pytest
 
 from common.engine import LLM, SamplingParams
 from common.engine.request import Request
-from common.engine.spec.speculator import MIN_COOLDOWN_STEPS, MISSES_BEFORE_BACKOFF, Speculator
+from common.engine.spec.speculator import Speculator
+from common.engine.spec.state import MIN_COOLDOWN_STEPS, MISSES_BEFORE_BACKOFF
 from common.speculative_config import SpeculativeConfig
+from tests.common.engine.spec.test_draft_model import write_draft
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 PROMPTS = [
@@ -196,3 +198,49 @@ def test_bad_speculative_configs_are_clear_errors():
     ]:
         with pytest.raises(ValueError, match=words):
             LLM("smollm2", speculative_config=bad, **SETTINGS)
+
+
+# -- draft model ---------------------------------------------------------------------------------------------
+
+DRAFT_SETTINGS = dict(dtype="float32", device="cpu", kv_cache_memory=64 * 2**20, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def tiny_draft_dir(tmp_path_factory):
+    """A 2-layer random Llama with SmolLM2's vocabulary: a poor but valid draft (few drafts accepted)."""
+    return write_draft(tmp_path_factory.mktemp("tiny-draft"))
+
+
+def _draft_llm(model: str, **settings) -> LLM:
+    spec = {"method": "draft_model", "model": model, "num_speculative_tokens": 3}
+    return LLM("smollm2", speculative_config=spec, **{**DRAFT_SETTINGS, **settings})
+
+
+def test_the_target_as_its_own_draft_has_every_greedy_draft_accepted(plain):
+    llm = _draft_llm("smollm2")
+    params = GREEDY.replace(max_tokens=12)
+    assert _token_ids(llm, PROMPTS[:3], params) == _token_ids(plain, PROMPTS[:3], params)
+    stats = llm.engine.stats()
+    assert stats.spec_draft_tokens > 0 and stats.spec_accepted_tokens >= 0.9 * stats.spec_draft_tokens
+    _assert_no_blocks_held(llm)
+    assert not llm.engine.runner.draft_proposer._written  # finished requests were forgotten
+
+
+def test_a_small_draft_keeps_greedy_seeded_and_preempted_output_exact(plain, tiny_draft_dir):
+    llm = _draft_llm(str(tiny_draft_dir), num_gpu_blocks_override=12, kv_cache_memory=None)
+    params = GREEDY.replace(max_tokens=24)
+    prompts = [p[:60] for p in PROMPTS]
+    assert _token_ids(llm, prompts, params) == _token_ids(plain, prompts, params)
+    assert llm.engine.scheduler.num_preemptions > 0
+    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True, n=2, repetition_penalty=1.1)
+    for params in (seeded, seeded.replace(repetition_penalty=1.0)):  # penalties: that request does not speculate
+        for want, have in zip(plain.generate(prompts[:2], params), llm.generate(prompts[:2], params), strict=True):
+            assert [o.token_ids for o in have.outputs] == [o.token_ids for o in want.outputs]
+    assert llm.engine.stats().spec_drafts > 0
+    _assert_no_blocks_held(llm)
+    assert not llm.engine.runner.draft_proposer._written
+
+
+def test_a_draft_with_another_vocabulary_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="speculative_config.model"):
+        _draft_llm(str(write_draft(tmp_path / "other", vocab_size=1000)))
