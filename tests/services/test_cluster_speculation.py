@@ -21,13 +21,14 @@ from common.engine.outputs import CompletionOutput
 from services.cluster import LocalCluster, WorkerProcess
 from tests.services.test_cluster_e2e import ROUTER_ARGS, WORKER_ARGS, assert_no_leak, stream, wait_ready
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(480)  # the first test also pays for the module cluster and the reference engine
 
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
 SPECULATIVE_ARGS = ["--speculative-config", NGRAM]
 # Greedy continues the count: the n-gram proposer finds ", <n>" patterns in the context, so drafts are accepted.
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 MAX_TOKENS = 64
+MIGRATED_TOKENS = 32  # the decode worker dies after 10: 22 more, greedy, on the other one
 
 
 @pytest.fixture(scope="module")
@@ -129,13 +130,13 @@ def test_a_stream_whose_decode_worker_dies_resumes_speculating_on_the_other(clus
     """Runs last: it kills one of the module cluster's decode workers."""
     before = {worker.worker_id: accepted(worker) for worker in decode_workers(cluster)}
     tokens, served_by = [], []
-    for event in stream(cluster.router_url, COUNTING, MAX_TOKENS):
+    for event in stream(cluster.router_url, COUNTING, MIGRATED_TOKENS):
         assert "error" not in event, event
         tokens.extend(event["token_ids"])
         served_by.append(event["worker_id"])
         if len(tokens) >= 10 and len(set(served_by)) == 1:
             cluster.kill(served_by[0])
-    assert tokens == reference.token_ids
+    assert tokens == reference.token_ids[:MIGRATED_TOKENS]
     assert len(set(served_by)) == 2, "the stream moved to the other decode worker"
     assert accepted(cluster.workers[served_by[-1]]) > before[served_by[-1]]
     assert_no_leak(cluster)
