@@ -1,10 +1,10 @@
 """N-gram speculative decoding through the real serving path: router -> prefill worker -> gRPC KV transfer ->
 the decode worker's engine process -> streamed back, every process on 127.0.0.1 (CPU, float32).
 
-One 1 prefill + 2 decode cluster, every worker started with ``--speculative-config`` (prefill workers ignore it):
-streamed greedy text equals the plain single-process engine's while the decode workers accept drafts; seeded
-sampling answers; a client that hangs up mid-stream leaves no KV block held; a stream whose decode worker dies
-moves to the other one, which keeps speculating, and no token is lost.
+One 1 prefill + 2 decode cluster, every worker started with ``--speculative-config`` (a prefill worker samples
+one token, so only decode workers draft): streamed greedy text equals the plain single-process engine's while the
+decode workers accept drafts; seeded sampling answers; a client that hangs up mid-stream leaves no KV block held;
+a stream whose decode worker dies moves to the other one, which keeps speculating, and no token is lost.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SPECULATIVE_ARGS = ["--speculative-config", NGRAM]
 # Greedy continues the count: the n-gram proposer finds ", <n>" patterns in the context, so drafts are accepted.
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"
 MAX_TOKENS = 64
-MIGRATED_TOKENS = 32  # the decode worker dies after 10: 22 more, greedy, on the other one
+MIGRATED_TOKENS = 32  # its decode worker dies after 10 or more; the rest comes from the other one
 
 
 @pytest.fixture(scope="module")
