@@ -43,6 +43,7 @@ from tests.deploy.promql import (
 )
 from tests.services.planner.test_decide import PROFILE
 from tests.services.test_cluster_e2e import ROUTER_ARGS, WORKER_ARGS
+from tests.services.test_cluster_speculation import COUNTING, SPECULATIVE_ARGS
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -61,17 +62,13 @@ PROMPTS = [
     "Who wrote Romeo and Juliet?",
     "Say hello in Spanish.",
 ]
-NUM_OK = len(PROMPTS)
+REPEATING_TOKENS = 24  # greedy continues COUNTING's pattern: the n-gram drafts of the decode worker are accepted
+NUM_OK = len(PROMPTS) + 1
 # Panel queries that may come back empty or without one finite value, and why. Keep it short and explicit.
 EXPECTED_EMPTY: dict[str, str] = {
     # The dry-run planner's window is its 1 s interval: after the load, its own p90 has no requests (NaN).
     f"tandem-slo.json / Predicted vs observed {name} / B": "no request in the planner's last 1 s window"
     for name in ("TTFT", "TPOT")
-} | {
-    # This cluster does not speculate: the speculation ratios are 0 / 0 (NaN); their counters still read 0.
-    f"tandem-pools.json / {where}": "no speculative decoding here: 0 / 0"
-    for where in ("Draft acceptance rate / A", "Tokens per verification / A", "Tokens per verification / B",
-                  "Acceptance by draft position / A")
 }
 # Variable queries that may be empty here: a local Prometheus attaches no Kubernetes `namespace` label.
 EXPECTED_EMPTY_VARIABLES = {"namespace": "no Kubernetes namespace label outside Kubernetes"}
@@ -164,7 +161,8 @@ def scalar(prometheus: str, expr: str) -> float:
 
 
 def send_load(router: str) -> None:
-    """Streamed chats, plain completions, and two client errors (unknown model, bad max_tokens)."""
+    """Streamed chats, plain completions (one that repeats its prompt's pattern), and two client errors (unknown
+    model, bad max_tokens)."""
 
     def chat(prompt: str) -> int:
         body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "stream": True}
@@ -173,12 +171,13 @@ def send_load(router: str) -> None:
         assert lines[-1] == "data: [DONE]", lines[-3:]
         return response.status_code
 
-    def completion(prompt: str) -> int:
-        body = {"model": MODEL, "prompt": prompt, "max_tokens": 6}
+    def completion(prompt: str, max_tokens: int = 6) -> int:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens}
         return httpx.post(f"{router}/v1/completions", json=body, timeout=120).status_code
 
     with ThreadPoolExecutor(4) as pool:
         statuses = list(pool.map(chat, PROMPTS[:4])) + list(pool.map(completion, PROMPTS[4:]))
+    statuses.append(completion(COUNTING, REPEATING_TOKENS))
     assert statuses == [200] * NUM_OK
     assert httpx.post(f"{router}/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
     assert (
@@ -196,7 +195,7 @@ def stack(tmp_path_factory) -> Iterator[Stack]:
         1,
         1,
         router_port=0,
-        worker_args=WORKER_ARGS,
+        worker_args=[*WORKER_ARGS, *SPECULATIVE_ARGS],  # the decode worker speculates (n-gram drafts)
         router_args=ROUTER_ARGS,
         run_dir=directory / "cluster",
         environ=environ,
@@ -326,3 +325,7 @@ def test_the_load_shows_in_the_numbers(stack):
     assert total('tandem_generation_tokens_total{role="decode"}') > 0
     assert total('tandem_request_decode_time_seconds_count{role="decode"}') > 0
     assert total('tandem_prefix_cache_queries_total{role="prefill"}') > 0
+    assert total('tandem_spec_decode_num_accepted_tokens_total{role="decode"}') > 0
+    assert total('tandem_spec_decode_num_emitted_tokens_total{role="decode"}') > total(
+        'tandem_spec_decode_num_drafts_total{role="decode"}'
+    )  # an accepted draft emits more than one token per verification
