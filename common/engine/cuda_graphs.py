@@ -36,11 +36,11 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """Host arrays of one pure-decode step (one query token per sequence)."""
+    """Host arrays of one pure-decode step (one query token per sequence; ``tokens_per_seq`` for verification)."""
 
-    token_ids: np.ndarray  # [B] int64
-    positions: np.ndarray  # [B] int64
-    slots: np.ndarray  # [B] int64
+    token_ids: np.ndarray  # [B * tokens_per_seq] int64
+    positions: np.ndarray  # [B * tokens_per_seq] int64
+    slots: np.ndarray  # [B * tokens_per_seq] int64
     seq_lens: np.ndarray  # [B] int32
     block_tables: list[tuple[int, ...]]
 
@@ -48,13 +48,13 @@ class DecodeBatch:
 class _HostStaging:
     """One set of pinned host buffers for the static inputs, and the event behind its last uploads."""
 
-    def __init__(self, max_batch: int, max_blocks_per_seq: int) -> None:
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, tokens_per_seq: int) -> None:
         def pinned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype).pin_memory()
 
-        self.ids = pinned((max_batch,), torch.int64)
-        self.positions = pinned((max_batch,), torch.int64)
-        self.slots = pinned((max_batch,), torch.int64)
+        self.ids = pinned((max_batch * tokens_per_seq,), torch.int64)
+        self.positions = pinned((max_batch * tokens_per_seq,), torch.int64)
+        self.slots = pinned((max_batch * tokens_per_seq,), torch.int64)
         self.seq_lens = pinned((max_batch,), torch.int32)
         self.tables = pinned((max_batch, max_blocks_per_seq), torch.int32)
         self.uploaded: torch.cuda.Event | None = None
@@ -68,25 +68,27 @@ class _HostStaging:
 class _StaticInputs:
     """Device buffers the graphs read, and two sets of pinned host copies they are filled from in turn."""
 
-    def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device) -> None:
+    def __init__(self, max_batch: int, max_blocks_per_seq: int, device: torch.device, tokens_per_seq: int) -> None:
         def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        self.input_ids = zeros((max_batch,), torch.int64)
-        self.positions = zeros((max_batch,), torch.int64)
-        self.slot_mapping = zeros((max_batch,), torch.int64)
+        self.tokens_per_seq = q = tokens_per_seq
+        self.input_ids = zeros((max_batch * q,), torch.int64)
+        self.positions = zeros((max_batch * q,), torch.int64)
+        self.slot_mapping = zeros((max_batch * q,), torch.int64)
         self.seq_lens = zeros((max_batch,), torch.int32)
         self.block_tables = zeros((max_batch, max_blocks_per_seq), torch.int32)
-        self.query_start_loc = torch.arange(max_batch + 1, dtype=torch.int32, device=device)
-        self._staging = [_HostStaging(max_batch, max_blocks_per_seq) for _ in range(2)]
+        self.query_start_loc = torch.arange(0, (max_batch + 1) * q, q, dtype=torch.int32, device=device)
+        self._staging = [_HostStaging(max_batch, max_blocks_per_seq, q) for _ in range(2)]
         self._turn = 0
 
     def fill(self, batch: DecodeBatch, bucket: int) -> None:
-        """Copy one step's rows in and pad rows [B, bucket) so they write and read nothing."""
+        """Copy one step's rows in and pad sequences [B, bucket) so they write nothing (their reads stay in block 0)."""
         staging = self._staging[self._turn]
         self._turn ^= 1
         staging.wait_free()
-        size = len(batch.token_ids)
+        size, q = len(batch.seq_lens), self.tokens_per_seq
+        rows, bucket_rows = size * q, bucket * q
         width = max(len(table) for table in batch.block_tables)
         ids, positions, slots, seq_lens = (
             staging.ids.numpy(),
@@ -94,36 +96,38 @@ class _StaticInputs:
             staging.slots.numpy(),
             staging.seq_lens.numpy(),
         )
-        ids[:size], positions[:size], slots[:size], seq_lens[:size] = (
+        ids[:rows], positions[:rows], slots[:rows], seq_lens[:size] = (
             batch.token_ids,
             batch.positions,
             batch.slots,
             batch.seq_lens,
         )
-        ids[size:bucket], positions[size:bucket], slots[size:bucket], seq_lens[size:bucket] = 0, 0, -1, 0
+        ids[rows:bucket_rows], positions[rows:bucket_rows], slots[rows:bucket_rows] = 0, 0, -1
+        seq_lens[size:bucket] = 0 if q == 1 else q  # a padding sequence of q > 1 rows attends to its own q slots
         tables = staging.tables.numpy()
         for row, table in enumerate(batch.block_tables):
             tables[row, : len(table)] = table
-        for host, device in (
-            (staging.ids, self.input_ids),
-            (staging.positions, self.positions),
-            (staging.slots, self.slot_mapping),
-            (staging.seq_lens, self.seq_lens),
+        for host, device, count in (
+            (staging.ids, self.input_ids, bucket_rows),
+            (staging.positions, self.positions, bucket_rows),
+            (staging.slots, self.slot_mapping, bucket_rows),
+            (staging.seq_lens, self.seq_lens, bucket),
         ):
-            device[:bucket].copy_(host[:bucket], non_blocking=True)
+            device[:count].copy_(host[:count], non_blocking=True)
         # Columns past a row's length are stale but never read: kernels stop at ceil(seq_len / block_size).
         self.block_tables[:size, :width].copy_(staging.tables[:size, :width], non_blocking=True)
         staging.uploaded = torch.cuda.Event()
         staging.uploaded.record()
 
-    def metadata(self, bucket: int, block_size: int, num_decode_splits: int) -> AttentionMetadata:
+    def metadata(self, bucket: int, block_size: int, num_decode_splits: int | None) -> AttentionMetadata:
+        q = self.tokens_per_seq
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:bucket],
+            slot_mapping=self.slot_mapping[: bucket * q],
             query_start_loc=self.query_start_loc[: bucket + 1],
             seq_lens=self.seq_lens[:bucket],
             block_tables=self.block_tables[:bucket],
-            query_lens_cpu=(1,) * bucket,
-            seq_lens_cpu=(1,) * bucket,  # unused by the decode kernel, which reads seq_lens on the device
+            query_lens_cpu=(q,) * bucket,
+            seq_lens_cpu=(q,) * bucket,  # unused by the kernels, which read seq_lens on the device
             block_size=block_size,
             num_decode_splits=num_decode_splits,
         )
@@ -131,6 +135,10 @@ class _StaticInputs:
 
 class DecodeGraphs:
     """Captures the forward once per bucket; ``run`` replays the right one.
+
+    ``tokens_per_seq`` > 1: graphs of speculative verification steps, every sequence ``tokens_per_seq`` query rows
+    (its last token and k drafts, padded to k = tokens_per_seq - 1 with rows that write no KV); attention runs the
+    varlen kernel with a fixed grid.
 
     Invariant: a staging set is refilled only after the device has read its previous contents (its event),
     so the async host-to-device copies never race the next fill, however far the host runs ahead.
@@ -144,15 +152,18 @@ class DecodeGraphs:
         max_batch: int,
         max_blocks_per_seq: int,
         device: torch.device,
+        tokens_per_seq: int = 1,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.buckets = batch_buckets(max_batch)
         self.max_blocks_per_seq = max_blocks_per_seq
-        self.inputs = _StaticInputs(self.buckets[-1], max_blocks_per_seq, device)
+        self.tokens_per_seq = tokens_per_seq
+        self.inputs = _StaticInputs(self.buckets[-1], max_blocks_per_seq, device, tokens_per_seq)
         self.device = device
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = 0
 
     @property
     def max_batch(self) -> int:
@@ -161,8 +172,11 @@ class DecodeGraphs:
     def bucket_for(self, size: int) -> int:
         return self.buckets[bisect.bisect_left(self.buckets, size)]
 
-    def splits_for(self, bucket: int) -> int:
-        """Split-KV count of a bucket's graph: sized for the longest context the engine allows."""
+    def splits_for(self, bucket: int) -> int | None:
+        """Split-KV count of a bucket's graph: sized for the longest context the engine allows (None for
+        verification graphs: the varlen kernel does not split)."""
+        if self.tokens_per_seq > 1:
+            return None
         return choose_decode_splits(bucket, self.model.num_kv_heads, self.max_blocks_per_seq * self.block_size)
 
     @torch.inference_mode()
@@ -172,11 +186,13 @@ class DecodeGraphs:
         before = torch.cuda.mem_get_info(self.device)[0]
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
+        q = self.tokens_per_seq
         for bucket in reversed(self.buckets):
-            self.inputs.seq_lens[:bucket].fill_(1)  # warm-up reads one (garbage) position; writes go nowhere
-            self.inputs.slot_mapping[:bucket].fill_(-1)
+            self.inputs.seq_lens[:bucket].fill_(q)  # warm-up reads q (garbage) positions; writes go nowhere
+            self.inputs.slot_mapping[: bucket * q].fill_(-1)
             metadata = self.inputs.metadata(bucket, self.block_size, self.splits_for(bucket))
-            args = (self.inputs.input_ids[:bucket], self.inputs.positions[:bucket], self.kv_cache, metadata)
+            rows = bucket * q
+            args = (self.inputs.input_ids[:rows], self.inputs.positions[:rows], self.kv_cache, metadata)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 self.model(*args)  # compiles kernels and sets up cuBLAS outside the capture
@@ -188,23 +204,25 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         used = before - torch.cuda.mem_get_info(self.device)[0]
         logger.info(
-            "captured %d decode CUDA graphs (batch 1..%d) in %.1fs using %.0f MiB",
+            "captured %d %s CUDA graphs (batch 1..%d) in %.1fs using %.0f MiB",
             len(self.buckets),
+            "decode" if q == 1 else f"verification ({q} tokens per sequence)",
             self.max_batch,
             time.perf_counter() - started,
             used / 2**20,
         )
 
     def run(self, batch: DecodeBatch, patch: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Hidden states ``[B, hidden]`` of one pure-decode step (a view into the graph's output).
+        """Hidden states ``[B * tokens_per_seq, hidden]`` of one step (a view into the graph's output).
 
         ``patch(input_ids)`` runs on the device after the upload, before the replay (input ids still on the device).
         """
-        size = len(batch.token_ids)
+        size = len(batch.seq_lens)
         bucket = self.bucket_for(size)
         self.inputs.fill(batch, bucket)
         if patch is not None:
             patch(self.inputs.input_ids)
         graph, hidden = self._graphs[bucket]
         graph.replay()
-        return hidden[:size]
+        self.replays += 1
+        return hidden[: size * self.tokens_per_seq]

@@ -78,6 +78,7 @@ class LLMEngine:
             Sampler(self.generator),
             loaded.decode_graphs,
             draft_proposer,
+            loaded.verify_graphs,
         )
         self.stats_recorder = EngineStatsRecorder()
         self.grammars = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)

@@ -57,6 +57,7 @@ class LoadedModel:
     decode_graphs: DecodeGraphs | None
     memory: MemoryReport
     draft: DraftModel | None = None  # speculative decoding's draft model (its cache is the engine's to make)
+    verify_graphs: DecodeGraphs | None = None  # speculative verification steps (n-gram drafts) on CUDA
 
 
 def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
@@ -80,10 +81,12 @@ def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
         kv_cache_tokens=num_blocks * config.cache.block_size,
     )
     graphs = capture_decode_graphs(config, model, kv_cache, device, max_model_len)
+    verify_graphs = capture_verify_graphs(config, model, kv_cache, device, max_model_len)
     warm_up_kernels(model, kv_cache)
     eos_ids = eos_token_ids(hf_config, tokenizer)
     return LoadedModel(
-        device, model_path, hf_config, tokenizer, dtype, model, kv_cache, max_model_len, eos_ids, graphs, memory, draft
+        device, model_path, hf_config, tokenizer, dtype, model, kv_cache, max_model_len, eos_ids, graphs, memory, draft,
+        verify_graphs,
     )
 
 
@@ -137,6 +140,33 @@ def capture_decode_graphs(
         max_batch=min(config.scheduler.max_num_seqs, 512),
         max_blocks_per_seq=-(-max_model_len // block_size),
         device=device,
+    )
+    graphs.capture()
+    return graphs
+
+
+VERIFY_GRAPH_MAX_BATCH = 64
+"""Largest batch captured for verification steps: past it speculation rarely pays (decode turns compute-bound)."""
+
+
+def capture_verify_graphs(
+    config: EngineConfig, model: torch.nn.Module, kv_cache: torch.Tensor, device: torch.device, max_model_len: int
+) -> DecodeGraphs | None:
+    """CUDA graphs of n-gram verification steps (each sequence its last token + k drafts), batch up to
+    ``VERIFY_GRAPH_MAX_BATCH`` (or disable_by_batch_size); None on CPU, when eager, or without n-gram speculation."""
+    spec = config.scheduler.speculative_config
+    if device.type != "cuda" or config.model.enforce_eager or spec is None or spec.method != "ngram":
+        return None
+    k, block_size = spec.num_speculative_tokens, config.cache.block_size
+    max_batch = min(config.scheduler.max_num_seqs, spec.disable_by_batch_size or VERIFY_GRAPH_MAX_BATCH)
+    graphs = DecodeGraphs(
+        model,
+        kv_cache,
+        block_size,
+        max_batch=min(max_batch, VERIFY_GRAPH_MAX_BATCH),
+        max_blocks_per_seq=-(-(max_model_len + k) // block_size),  # padding rows may sit k past the last position
+        device=device,
+        tokens_per_seq=k + 1,
     )
     graphs.capture()
     return graphs

@@ -155,6 +155,7 @@ class ModelRunner:
         sampler: Sampler,
         decode_graphs: DecodeGraphs | None = None,
         draft_proposer: DraftModelProposer | None = None,
+        verify_graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -163,6 +164,7 @@ class ModelRunner:
         self.sampler = sampler
         self.decode_graphs = decode_graphs
         self.draft_proposer = draft_proposer
+        self.verify_graphs = verify_graphs
 
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
         """Run one step to completion (launch, then resolve)."""
@@ -178,6 +180,12 @@ class ModelRunner:
             batch = self._decode_batch(step.scheduled, device_tokens)
             hidden = self.decode_graphs.run(batch, device_tokens.fill)
             self._sample(hidden, [(item.request, ()) for item in step.scheduled], launched, device_tokens)
+        elif self._can_replay_verification(step):
+            batch, sample_rows = self._verification_batch(step.scheduled, device_tokens)
+            hidden = self.verify_graphs.run(batch, device_tokens.fill)
+            row_index = to_device(np.asarray([row for _, row, _ in sample_rows]), hidden.device)
+            rows = [(request, drafts) for request, _, drafts in sample_rows]
+            self._sample(hidden[row_index], rows, launched, device_tokens)
         else:
             self._launch_eager(step, device_tokens, launched)
         launched.done = record_event(self.device)
@@ -229,6 +237,53 @@ class ModelRunner:
             item.num_new_tokens == 1 and item.completes_sequence and not item.request.wants_prompt_logprobs
             for item in step.scheduled
         )
+
+    def _can_replay_verification(self, step: SchedulerOutput) -> bool:
+        """Decodes only, some verifying host-known drafts (none from a draft model), within the captured batch
+        sizes, and padded to the graph's rows per sequence costing at most twice the real rows (or 64 rows)."""
+        graphs, scheduled = self.verify_graphs, step.scheduled
+        if graphs is None or len(scheduled) > graphs.max_batch or not any(i.spec_token_ids for i in scheduled):
+            return False
+        for item in step.scheduled:
+            drafts = item.spec_token_ids
+            if item.num_new_tokens - len(drafts) != 1 or not item.completes_sequence:
+                return False
+            if item.request.wants_prompt_logprobs or len(drafts) >= graphs.tokens_per_seq:
+                return False
+            if drafts and drafts[0] == DRAFT_ON_DEVICE:
+                return False
+        padded = graphs.bucket_for(len(step.scheduled)) * graphs.tokens_per_seq
+        return padded <= max(64, 2 * step.num_batched_tokens)
+
+    def _verification_batch(
+        self, scheduled: tuple[ScheduledRequest, ...], device_tokens: _DeviceTokens
+    ) -> tuple[DecodeBatch, list[tuple[Request, int, tuple[int, ...]]]]:
+        """Each sequence as ``tokens_per_seq`` rows: its last token, its drafts, then padding rows (no KV written,
+        positions repeating the last real one); and the rows to sample with the drafts before each."""
+        q, block_size = self.verify_graphs.tokens_per_seq, self.block_size
+        size = len(scheduled)
+        token_ids = np.zeros(size * q, dtype=np.int64)
+        positions = np.empty(size * q, dtype=np.int64)
+        slots = np.full(size * q, -1, dtype=np.int64)
+        seq_lens = np.empty(size, dtype=np.int32)
+        sample_rows = []
+        for index, item in enumerate(scheduled):
+            base, start, drafts = index * q, item.num_computed_tokens, item.spec_token_ids
+            known = item.request.all_token_ids
+            if start < len(known):
+                token_ids[base] = known[start]
+            else:
+                device_tokens.defer(base, item.request)
+            token_ids[base + 1 : base + 1 + len(drafts)] = drafts
+            real = np.arange(start, start + len(drafts) + 1, dtype=np.int64)
+            positions[base : base + q] = start + len(drafts)
+            positions[base : base + len(real)] = real
+            blocks = np.asarray(item.block_ids, dtype=np.int64)[real // block_size]
+            slots[base : base + len(real)] = blocks * block_size + real % block_size
+            seq_lens[index] = start + q
+            sample_rows.extend((item.request, base + j, drafts[:j]) for j in range(len(drafts) + 1))
+        batch = DecodeBatch(token_ids, positions, slots, seq_lens, [item.block_ids for item in scheduled])
+        return batch, sample_rows
 
     def _decode_batch(self, scheduled: tuple[ScheduledRequest, ...], device_tokens: _DeviceTokens) -> DecodeBatch:
         """One token per sequence, at position num_computed_tokens: known on the host, or still on the device."""

@@ -4,13 +4,16 @@ and the back-off when drafts do not pay."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
 from common.engine import LLM, SamplingParams
 from common.engine.request import Request
 from common.engine.spec.speculator import Speculator
 from common.engine.spec.state import MIN_COOLDOWN_STEPS, MISSES_BEFORE_BACKOFF
 from common.speculative_config import SpeculativeConfig
+from kernels.attention_metadata import AttentionMetadata
 from tests.common.engine.spec.test_draft_model import write_draft
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
@@ -244,3 +247,76 @@ def test_a_small_draft_keeps_greedy_seeded_and_preempted_output_exact(plain, tin
 def test_a_draft_with_another_vocabulary_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="speculative_config.model"):
         _draft_llm(str(write_draft(tmp_path / "other", vocab_size=1000)))
+
+
+# -- verification steps as CUDA graphs -----------------------------------------------------------------------
+
+
+class EagerVerificationGraphs:
+    """Stands in for the CUDA-graph replay of verification steps on the CPU: the same padded batch (every sequence
+    ``tokens_per_seq`` rows, padding sequences up to the bucket) run eagerly, so the runner's padding is checked."""
+
+    def __init__(self, llm: LLM, tokens_per_seq: int, buckets: tuple[int, ...] = (1, 2, 4, 8)) -> None:
+        self.model, self.runner = llm.engine.model, llm.engine.runner
+        self.tokens_per_seq, self.buckets, self.replays = tokens_per_seq, buckets, 0
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def bucket_for(self, size: int) -> int:
+        return min(b for b in self.buckets if b >= size)
+
+    def run(self, batch, patch=None):
+        q, size = self.tokens_per_seq, len(batch.seq_lens)
+        pad = self.bucket_for(size) - size
+        ids = torch.tensor(np.concatenate([batch.token_ids, np.zeros(pad * q, dtype=np.int64)]))
+        positions = torch.tensor(np.concatenate([batch.positions, np.zeros(pad * q, dtype=np.int64)]))
+        slots = torch.tensor(np.concatenate([batch.slots, np.full(pad * q, -1, dtype=np.int64)]))
+        tables = [*batch.block_tables, *[(0,)] * pad]
+        width = max(len(t) for t in tables) + 2
+        block_tables = torch.zeros((len(tables), width), dtype=torch.int32)
+        for row, table in enumerate(tables):
+            block_tables[row, : len(table)] = torch.tensor(table)
+        seq_lens = [*batch.seq_lens.tolist(), *[q] * pad]
+        metadata = AttentionMetadata(
+            slot_mapping=slots,
+            query_start_loc=torch.arange(0, (len(seq_lens) + 1) * q, q, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=block_tables,
+            query_lens_cpu=(q,) * len(seq_lens),
+            seq_lens_cpu=tuple(seq_lens),
+            block_size=self.runner.block_size,
+        )
+        if patch is not None:
+            patch(ids)
+        self.replays += 1
+        return self.model(ids, positions, self.runner.kv_cache, metadata)[: size * q]
+
+
+def test_padded_verification_batches_give_the_plain_engines_output(plain):
+    """The rows a verification graph runs (last token, drafts, padding rows that write nothing) give exactly the
+    eager path's tokens: fewer drafts than the graph's k, plain decodes in the same step, padding sequences."""
+    llm = LLM("smollm2", speculative_config=NGRAM, **SETTINGS)
+    graphs = EagerVerificationGraphs(llm, tokens_per_seq=NGRAM["num_speculative_tokens"] + 1)
+    llm.engine.runner.verify_graphs = graphs
+    prompts = [*PROMPTS[:3], "A random sentence about weather in spring"]
+    assert _token_ids(llm, prompts, GREEDY) == _token_ids(plain, prompts, GREEDY)
+    assert graphs.replays > 5 and llm.engine.stats().spec_accepted_tokens > 0
+    _assert_no_blocks_held(llm)
+
+
+@pytest.mark.gpu
+def test_cuda_verification_graphs_equal_the_plain_engine():
+    """float32 on CUDA: greedy output with n-gram drafts verified by CUDA-graph replays is the plain engine's."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    settings = dict(dtype="float32", device="cuda", gpu_memory_utilization=0.3, max_model_len=1024)
+    plain_gpu = LLM("smollm2", **settings)
+    want = _token_ids(plain_gpu, PROMPTS, GREEDY)
+    del plain_gpu
+    llm = LLM("smollm2", speculative_config=NGRAM, **settings)
+    assert _token_ids(llm, PROMPTS, GREEDY) == want
+    assert llm.engine.runner.verify_graphs.replays > 5
+    assert llm.engine.stats().spec_accepted_tokens > 20
+    _assert_no_blocks_held(llm)
