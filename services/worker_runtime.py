@@ -8,6 +8,7 @@ in-flight work (bounded), stop gRPC, exit 0.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -19,7 +20,7 @@ import uuid
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from common.config import WorkerSettings
+from common.config import EngineConfig, WorkerSettings
 from common.coord.prefix_index import PrefixPublisher
 from common.coord.redis_client import connect
 from common.coord.registry import WorkerRegistration
@@ -175,14 +176,24 @@ def speculative_positions(settings: WorkerSettings) -> int:
     return config.num_speculative_tokens if config is not None and settings.worker.role == "decode" else 0
 
 
+def engine_config_for_role(settings: WorkerSettings) -> EngineConfig:
+    """The engine's config as this role runs it: a prefill worker samples one token per request, so speculation
+    (and a draft model's memory) is left to decode workers even when both roles got the same flags."""
+    config = settings.engine
+    if settings.worker.role != "prefill" or config.scheduler.speculative_config is None:
+        return config
+    return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, speculative_config=None))
+
+
 def start_engine(settings: WorkerSettings) -> AsyncEngine | EngineProcess:
     """The worker's engine, loaded: in its own process on a decode worker (no GIL shared with the gRPC side),
     on a thread otherwise. Blocks while the model loads."""
     validate_engine_args(settings.engine)
     role = settings.worker.role
+    engine_config = engine_config_for_role(settings)
     if role == "decode" and not settings.worker.engine_in_thread:
-        return EngineProcess(settings.engine, setup=functools.partial(configure_for_role, role=role))
-    engine = LLMEngine(settings.engine)
+        return EngineProcess(engine_config, setup=functools.partial(configure_for_role, role=role))
+    engine = LLMEngine(engine_config)
     configure_for_role(engine, role)
     return AsyncEngine(engine)
 

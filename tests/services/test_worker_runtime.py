@@ -8,7 +8,12 @@ import pytest
 
 from common.config import EngineConfig
 from common.engine.stats import StepClock
-from services.worker_runtime import RecentStepTime, configure_for_role, speculative_positions
+from services.worker_runtime import (
+    RecentStepTime,
+    configure_for_role,
+    engine_config_for_role,
+    speculative_positions,
+)
 
 
 def test_recent_step_time_is_a_moving_mean_of_each_windows_time_per_step() -> None:
@@ -44,3 +49,13 @@ def test_a_speculating_decode_workers_metrics_list_every_draft_position(role, sp
     settings = SimpleNamespace(engine=EngineConfig.from_kwargs(speculative_config=spec),
                                worker=SimpleNamespace(role=role))
     assert speculative_positions(settings) == positions  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("role", "speculates"), [("prefill", False), ("decode", True)])
+def test_only_decode_workers_run_the_speculative_config(role, speculates) -> None:
+    spec = {"method": "draft_model", "model": "smollm2", "num_speculative_tokens": 3}
+    settings = SimpleNamespace(engine=EngineConfig.from_kwargs(speculative_config=spec, max_num_seqs=8),
+                               worker=SimpleNamespace(role=role))
+    config = engine_config_for_role(settings)  # type: ignore[arg-type]
+    assert (config.scheduler.speculative_config is not None) is speculates
+    assert config.scheduler.max_num_seqs == 8  # everything else as given
