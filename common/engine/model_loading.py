@@ -57,7 +57,7 @@ class LoadedModel:
     decode_graphs: DecodeGraphs | None
     memory: MemoryReport
     draft: DraftModel | None = None  # speculative decoding's draft model (its cache is the engine's to make)
-    verify_graphs: DecodeGraphs | None = None  # speculative verification steps (n-gram drafts) on CUDA
+    verify_graphs: DecodeGraphs | None = None  # speculative verification steps on CUDA
 
 
 def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
@@ -85,7 +85,18 @@ def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
     warm_up_kernels(model, kv_cache)
     eos_ids = eos_token_ids(hf_config, tokenizer)
     return LoadedModel(
-        device, model_path, hf_config, tokenizer, dtype, model, kv_cache, max_model_len, eos_ids, graphs, memory, draft,
+        device,
+        model_path,
+        hf_config,
+        tokenizer,
+        dtype,
+        model,
+        kv_cache,
+        max_model_len,
+        eos_ids,
+        graphs,
+        memory,
+        draft,
         verify_graphs,
     )
 
@@ -152,10 +163,10 @@ VERIFY_GRAPH_MAX_BATCH = 64
 def capture_verify_graphs(
     config: EngineConfig, model: torch.nn.Module, kv_cache: torch.Tensor, device: torch.device, max_model_len: int
 ) -> DecodeGraphs | None:
-    """CUDA graphs of n-gram verification steps (each sequence its last token + k drafts), batch up to
-    ``VERIFY_GRAPH_MAX_BATCH`` (or disable_by_batch_size); None on CPU, when eager, or without n-gram speculation."""
+    """CUDA graphs of speculative verification steps (each sequence its last token + k drafts), batch up to
+    ``VERIFY_GRAPH_MAX_BATCH`` (or disable_by_batch_size); None on CPU, when eager, or without speculation."""
     spec = config.scheduler.speculative_config
-    if device.type != "cuda" or config.model.enforce_eager or spec is None or spec.method != "ngram":
+    if device.type != "cuda" or config.model.enforce_eager or spec is None:
         return None
     k, block_size = spec.num_speculative_tokens, config.cache.block_size
     max_batch = min(config.scheduler.max_num_seqs, spec.disable_by_batch_size or VERIFY_GRAPH_MAX_BATCH)

@@ -181,8 +181,14 @@ class ModelRunner:
             hidden = self.decode_graphs.run(batch, device_tokens.fill)
             self._sample(hidden, [(item.request, ()) for item in step.scheduled], launched, device_tokens)
         elif self._can_replay_verification(step):
-            batch, sample_rows = self._verification_batch(step.scheduled, device_tokens)
-            hidden = self.verify_graphs.run(batch, device_tokens.fill)
+            batch, sample_rows, model_drafts = self._verification_batch(step.scheduled, device_tokens)
+
+            def fill_inputs(input_ids: torch.Tensor) -> None:
+                device_tokens.fill(input_ids)
+                if model_drafts:
+                    launched.model_drafts = self._propose_with_draft_model(model_drafts, input_ids)
+
+            hidden = self.verify_graphs.run(batch, fill_inputs)
             row_index = to_device(np.asarray([row for _, row, _ in sample_rows]), hidden.device)
             rows = [(request, drafts) for request, _, drafts in sample_rows]
             self._sample(hidden[row_index], rows, launched, device_tokens)
@@ -239,8 +245,8 @@ class ModelRunner:
         )
 
     def _can_replay_verification(self, step: SchedulerOutput) -> bool:
-        """Decodes only, some verifying host-known drafts (none from a draft model), within the captured batch
-        sizes, and padded to the graph's rows per sequence costing at most twice the real rows (or 64 rows)."""
+        """Decodes only, some verifying drafts, within the captured batch sizes, and padded to the graph's rows
+        per sequence costing at most twice the real rows (or 64 rows)."""
         graphs, scheduled = self.verify_graphs, step.scheduled
         if graphs is None or len(scheduled) > graphs.max_batch or not any(i.spec_token_ids for i in scheduled):
             return False
@@ -250,23 +256,22 @@ class ModelRunner:
                 return False
             if item.request.wants_prompt_logprobs or len(drafts) >= graphs.tokens_per_seq:
                 return False
-            if drafts and drafts[0] == DRAFT_ON_DEVICE:
-                return False
         padded = graphs.bucket_for(len(step.scheduled)) * graphs.tokens_per_seq
         return padded <= max(64, 2 * step.num_batched_tokens)
 
     def _verification_batch(
         self, scheduled: tuple[ScheduledRequest, ...], device_tokens: _DeviceTokens
-    ) -> tuple[DecodeBatch, list[tuple[Request, int, tuple[int, ...]]]]:
+    ) -> tuple[DecodeBatch, list[tuple[Request, int, tuple[int, ...]]], list[tuple[ScheduledRequest, int]]]:
         """Each sequence as ``tokens_per_seq`` rows: its last token, its drafts, then padding rows (no KV written,
-        positions repeating the last real one); and the rows to sample with the drafts before each."""
+        positions repeating the last real one); the rows to sample with the drafts before each; and the sequences
+        whose drafts a draft model writes on the device, with their first draft row."""
         q, block_size = self.verify_graphs.tokens_per_seq, self.block_size
         size = len(scheduled)
         token_ids = np.zeros(size * q, dtype=np.int64)
         positions = np.empty(size * q, dtype=np.int64)
         slots = np.full(size * q, -1, dtype=np.int64)
         seq_lens = np.empty(size, dtype=np.int32)
-        sample_rows = []
+        sample_rows, model_drafts = [], []
         for index, item in enumerate(scheduled):
             base, start, drafts = index * q, item.num_computed_tokens, item.spec_token_ids
             known = item.request.all_token_ids
@@ -275,6 +280,8 @@ class ModelRunner:
             else:
                 device_tokens.defer(base, item.request)
             token_ids[base + 1 : base + 1 + len(drafts)] = drafts
+            if drafts and drafts[0] == DRAFT_ON_DEVICE:
+                model_drafts.append((item, base + 1))
             real = np.arange(start, start + len(drafts) + 1, dtype=np.int64)
             positions[base : base + q] = start + len(drafts)
             positions[base : base + len(real)] = real
@@ -283,7 +290,7 @@ class ModelRunner:
             seq_lens[index] = start + q
             sample_rows.extend((item.request, base + j, drafts[:j]) for j in range(len(drafts) + 1))
         batch = DecodeBatch(token_ids, positions, slots, seq_lens, [item.block_ids for item in scheduled])
-        return batch, sample_rows
+        return batch, sample_rows, model_drafts
 
     def _decode_batch(self, scheduled: tuple[ScheduledRequest, ...], device_tokens: _DeviceTokens) -> DecodeBatch:
         """One token per sequence, at position num_computed_tokens: known on the host, or still on the device."""
