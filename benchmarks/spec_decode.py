@@ -343,21 +343,34 @@ def part_tpot(llm: LLM, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def idle_cases(args: argparse.Namespace, vocab: int) -> list[tuple[str, list[dict], float]]:
+    """(name, prompts, temperature): random prompts, where n-gram rarely finds a match, greedy and sampled; and
+    prompts of one random 16-token pattern repeated, where it always finds one in the prompt but sampling at
+    temperature 1 rarely follows it (proposed, then rejected)."""
+    random_ids = random_prompts([args.idle_prompt_len] * args.idle_prompts, vocab, seed=11)
+    patterns = random_prompts([16] * args.idle_prompts, vocab, seed=12)
+    repeated = [(p * (args.idle_prompt_len // 16 + 1))[: args.idle_prompt_len] for p in patterns]
+    as_prompts = lambda ids: [{"prompt_token_ids": p} for p in ids]  # noqa: E731
+    return [
+        ("random", as_prompts(random_ids), 0.0),
+        ("random", as_prompts(random_ids), 1.0),
+        ("repeated pattern", as_prompts(repeated), 1.0),
+    ]
+
+
 def part_idle(llm: LLM, args: argparse.Namespace) -> list[dict]:
     engine = llm.engine
-    vocab = engine.hf_config.vocab_size
-    ids = random_prompts([args.idle_prompt_len] * args.idle_prompts, vocab, seed=11)
-    prompts = [{"prompt_token_ids": p} for p in ids]
-    warm_up(engine, prompts, args.k)
+    cases = idle_cases(args, engine.hf_config.vocab_size)
+    warm_up(engine, cases[0][1], args.k)
     rows = []
-    for temperature in (0.0, 1.0):
+    for name, prompts, temperature in cases:
         for batch in args.batches:
             chosen = prompts[: max(1, args.idle_prompts // 2)] if batch == 1 else prompts
             params = [
                 SamplingParams(temperature=temperature, max_tokens=args.max_tokens, ignore_eos=True, seed=i)
                 for i in range(len(chosen))
             ]
-            label = f"idle T={temperature:g} b={batch}"
+            label = f"idle {name} T={temperature:g} b={batch}"
             batch_rows, _ = compare_configs(engine, chosen, params, batch, [args.k], label)
             rows += [{**row, "temperature": temperature} for row in batch_rows]
     return rows
@@ -519,7 +532,7 @@ def verify_table(rows: list[dict], shape: str, context: int) -> str:
 def idle_table(rows: list[dict]) -> str:
     table = tpot_table(
         rows,
-        f"idle: random prompts, EOS ignored (target: speculation <= 3% slower; back-off after "
+        f"idle: random-token prompts, EOS ignored, seeded (target: speculation <= 3% slower; back-off after "
         f"{MISSES_BEFORE_BACKOFF} misses)",
     )
     slowdowns = [f"{r['config']}: {1 / r['speedup'] - 1:+.1%}" for r in rows if r["k"] and r["speedup"]]
@@ -544,7 +557,7 @@ def predicted_seconds(args: argparse.Namespace) -> dict:
         steps = sum(
             (args.idle_prompts // 2 if b == 1 else args.idle_prompts / b) * args.max_tokens for b in args.batches
         )
-        parts["idle"] = 2 * steps * (smol_step + smol_step * 1.03)
+        parts["idle"] = 3 * steps * (smol_step + smol_step * 1.03)
     if "verify" in args.part:
         points = len(args.verify_batches) * (len(args.verify_ks) + 2)
         parts["verify"] = 60 + points * (2.0 + (args.warmup + args.steps) * 0.03)
@@ -563,7 +576,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="tpot and idle: the real model (default: %(default)s)")
     parser.add_argument("--batches", type=ints, default=[1, 16], help="tpot and idle: concurrencies")
     parser.add_argument("--num-prompts", type=int, default=32, help="tpot: chat prompts (batch > 1 runs them all)")
-    parser.add_argument("--batch1-prompts", type=int, default=16, help="tpot: the first N of them at batch 1")
+    parser.add_argument("--batch1-prompts", type=int, default=12, help="tpot: the first N of them at batch 1")
     parser.add_argument("--max-tokens", type=int, default=256, help="tpot and idle: max output tokens")
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens of the main comparison")
     parser.add_argument("--extra-ks", type=ints, default=[2, 8], help="tpot: also these k at batch 1")
@@ -587,27 +600,37 @@ def main() -> None:
     args = parse_args()
     estimate = predicted_seconds(args)
     print(f"predicted runtime on an H200: ~{sum(estimate.values())} s ({estimate}); parts {args.part}", flush=True)
-    report, tables = {"args": {k: v for k, v in vars(args).items()}}, []
+    report, tables = {"args": dict(vars(args)), "seconds": {}}, []
+
+    def finish_part(name: str, rows: list[dict], table: str, started: float) -> None:
+        """Print the part's table now and save what there is: a run cut short keeps the finished parts."""
+        report[name], report["seconds"][name] = rows, round(time.perf_counter() - started, 1)
+        tables.append(table)
+        print(table + f"\n\n({name}: {report['seconds'][name]} s)", flush=True)
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump(report, handle, indent=1)
+
     if "tpot" in args.part or "idle" in args.part:
+        started = time.perf_counter()
         llm = load_real_model(args)
         if "tpot" in args.part:
-            report["tpot"] = part_tpot(llm, args)
+            rows = part_tpot(llm, args)
             title = f"tpot: {args.model}, repetitive chat workload, greedy, max_tokens {args.max_tokens}"
-            tables.append(tpot_table(report["tpot"], f"{title}, lookup {LOOKUP_MAX}..{LOOKUP_MIN}"))
+            finish_part("tpot", rows, tpot_table(rows, f"{title}, lookup {LOOKUP_MAX}..{LOOKUP_MIN}"), started)
         if "idle" in args.part:
-            report["idle"] = part_idle(llm, args)
-            tables.append(idle_table(report["idle"]))
+            started = time.perf_counter()
+            rows = part_idle(llm, args)
+            finish_part("idle", rows, idle_table(rows), started)
         del llm  # its GPU memory goes back before the verify engine sizes its KV cache
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     if "verify" in args.part:
-        report["verify"] = part_verify(args)
-        tables.append(verify_table(report["verify"], args.verify_shape, args.context))
-    print("\n".join(tables))
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=1)
+        started = time.perf_counter()
+        rows = part_verify(args)
+        finish_part("verify", rows, verify_table(rows, args.verify_shape, args.context), started)
+    print("\n## all parts\n" + "\n".join(tables))
 
 
 if __name__ == "__main__":

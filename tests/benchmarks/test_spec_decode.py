@@ -9,6 +9,7 @@ from benchmarks.spec_decode import (
     ForcedDrafts,
     Trace,
     break_even_alpha,
+    idle_cases,
     mismatches,
     parse_args,
     predicted_seconds,
@@ -16,6 +17,7 @@ from benchmarks.spec_decode import (
 )
 from common.engine.request import Request
 from common.engine.sampling_params import SamplingParams
+from common.engine.spec.ngram import NgramProposer
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
@@ -74,3 +76,18 @@ def test_default_run_is_predicted_to_fit_the_gpu_stage(monkeypatch):
     args = parse_args()
     assert args.part == ["tpot", "verify", "idle"] and args.batches == [1, 16] and args.verify_ks == list(range(1, 9))
     assert sum(predicted_seconds(args).values()) < 560  # gpu_run.sh's limit for the stage
+
+
+def test_idle_cases_give_ngram_nothing_on_random_prompts_and_a_match_on_repeated_ones(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["spec_decode", "--idle-prompts", "4", "--idle-prompt-len", "100"])
+    cases = idle_cases(parse_args(), vocab=49152)
+    assert [(name, temperature) for name, _, temperature in cases] == [
+        ("random", 0.0),
+        ("random", 1.0),
+        ("repeated pattern", 1.0),
+    ]
+    proposer = NgramProposer(4, 2, 4)
+    for name, prompts, _ in cases:
+        assert len(prompts) == 4 and all(len(p["prompt_token_ids"]) == 100 for p in prompts)
+        proposals = [proposer.propose(p["prompt_token_ids"], 4) for p in prompts]
+        assert all(len(d) == 4 for d in proposals) if name == "repeated pattern" else not any(proposals)
