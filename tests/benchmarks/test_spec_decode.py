@@ -78,16 +78,13 @@ def test_default_run_is_predicted_to_fit_the_gpu_stage(monkeypatch):
     assert sum(predicted_seconds(args).values()) < 560  # gpu_run.sh's limit for the stage
 
 
-def test_idle_cases_give_ngram_nothing_on_random_prompts_and_a_match_on_repeated_ones(monkeypatch):
+def test_idle_cases_give_ngram_nothing_on_random_prompts(monkeypatch):
     monkeypatch.setattr("sys.argv", ["spec_decode", "--idle-prompts", "4", "--idle-prompt-len", "100"])
-    cases = idle_cases(parse_args(), vocab=49152)
-    assert [(name, temperature) for name, _, temperature in cases] == [
-        ("random", 0.0),
-        ("random", 1.0),
-        ("repeated pattern", 1.0),
-    ]
+    chats = [{"prompt": f"chat {i}"} for i in range(6)]
+    cases = idle_cases(parse_args(), vocab=49152, chat_prompts=chats)
+    assert [(name, temperature) for name, _, temperature in cases] == [("random", 0.0), ("random", 1.0), ("chat", 1.0)]
+    assert cases[2][1] == chats[:4]
     proposer = NgramProposer(4, 2, 4)
-    for name, prompts, _ in cases:
+    for _, prompts, _ in cases[:2]:
         assert len(prompts) == 4 and all(len(p["prompt_token_ids"]) == 100 for p in prompts)
-        proposals = [proposer.propose(p["prompt_token_ids"], 4) for p in prompts]
-        assert all(len(d) == 4 for d in proposals) if name == "repeated pattern" else not any(proposals)
+        assert not any(proposer.propose(p["prompt_token_ids"], 4) for p in prompts)
