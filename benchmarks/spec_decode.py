@@ -572,7 +572,7 @@ def predicted_seconds(args: argparse.Namespace) -> dict:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
     parser.add_argument("--part", default="tpot,verify,idle", help="comma-separated: tpot, verify, idle")
     parser.add_argument("--json", help="also write every row here")
@@ -593,8 +593,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=512, help="verify: prompt tokens per sequence")
     parser.add_argument("--warmup", type=int, default=3, help="verify: untimed steps per point")
     parser.add_argument("--steps", type=int, default=20, help="verify: timed steps per point")
-    parser.add_argument("--idle-prompts", type=int, default=16, help="idle: random prompts (batch 1 runs half)")
-    parser.add_argument("--idle-prompt-len", type=int, default=256)
+    parser.add_argument("--idle-prompts", type=int, default=16, help="idle: prompts per case (batch 1 runs half)")
+    parser.add_argument("--idle-prompt-len", type=int, default=256, help="idle: random prompts' tokens")
     args = parser.parse_args()
     args.part = [p for p in args.part.split(",") if p]
     unknown = set(args.part) - {"tpot", "verify", "idle"}
