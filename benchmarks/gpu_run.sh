@@ -7,7 +7,8 @@
 # prefill | preempt (throughput.py on the 8B shape), small (SmolLM2 shape W1+W2), hf (HF baseline on W1),
 # vllm (the peer, after the bundle is unpacked to /tmp/vllm-site), gateway (router vs direct gRPC streams),
 # goodput | goodput-s2 (benchmarks/pd_goodput.py on S1 | S2: Tandem 1P1D, 0P2D and vLLM DP2 when /tmp/vllm-site is
-# there; PD_RATES, PD_DURATION_S, PD_LAYOUTS override; the S1 defaults fit one ~9-minute call).
+# there; PD_RATES, PD_DURATION_S, PD_LAYOUTS override; the S1 defaults fit one ~9-minute call), spec (n-gram
+# speculative decoding: TPOT on SmolLM2, verify-step cost on the 8B shape, idle cost; benchmarks/spec_decode.py).
 # A stage that fails is reported and the next one still runs.
 set -uo pipefail
 source benchmarks/gpu_env.sh
@@ -62,6 +63,9 @@ for stage in "$@"; do
         --layouts "${PD_LAYOUTS:-1p1d,0p2d,vllm-dp2}" --model "$model" --run-dir "$OUT/$stage-logs" \
         --result-json "$OUT/$stage.json"
       grep -m1 "estimated runtime" "$OUT/$stage.log" ;;
+    spec)
+      model=smollm2; [ -d /tmp/carry/.gpu_model/smollm2 ] && model=/tmp/carry/.gpu_model/smollm2
+      run spec 560 python3 -m benchmarks.spec_decode --model "$model" --json "$OUT/spec.json" ;;
     hf) run hf 560 python3 -m benchmarks.hf_baseline --shape llama8b --json "$OUT/hf.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
