@@ -12,7 +12,8 @@ wall time of one decode step in which every sequence verifies k drafts, against 
 batch. The drafts are forced: the engine's speculator is replaced by ``ForcedDrafts``, which proposes k random
 tokens every step (no n-gram search, no back-off; they are all but always rejected, so context grows one token a
 step). The plain step is reported twice: as users get it (CUDA graph, async scheduling) and synchronous (CUDA
-graph, each step waits for its tokens, as a speculating step does). Verify steps run eagerly and synchronously.
+graph, each step waits for its tokens, as a speculating step does). Verify steps run synchronously, replaying the
+verification CUDA graphs captured for k (label "graph"; "eager" where they did not apply).
 Break-even: the mean accepted drafts per verification a* with 1 + a* = verify_ms / plain_ms, and the per-token
 acceptance rate alpha giving it under the geometric model E[emitted] = (1 - alpha^(k+1)) / (1 - alpha).
 
@@ -38,6 +39,7 @@ One loaded engine serves every configuration of a part: ``use_speculator`` swaps
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -51,6 +53,7 @@ from benchmarks.workloads import SHAPES, random_prompts, write_shape_config
 from common.engine import LLM, SamplingParams
 from common.engine.engine import LLMEngine
 from common.engine.llm import render_chat
+from common.engine.model_loading import capture_verify_graphs
 from common.engine.request import Request
 from common.engine.spec.speculator import MISSES_BEFORE_BACKOFF, Speculator
 from common.engine.stats import EngineStats
@@ -153,10 +156,32 @@ def ngram_speculator(engine: LLMEngine, k: int) -> Speculator:
     return Speculator(config, engine.max_model_len)
 
 
-def use_speculator(engine: LLMEngine, speculator: Speculator | None) -> None:
+def use_speculator(engine: LLMEngine, speculator: Speculator | None, k: int | None = None) -> None:
     """Swap the speculator of a loaded engine (None: plain decoding). The engine hands its speculator to the
-    scheduler (which asks for drafts) and to the token applier (which reports verifications): all three change."""
+    scheduler (which asks for drafts) and to the token applier (which reports verifications): all three change.
+    On CUDA the verification CUDA graphs for ``k`` drafts (default: the speculator's) are captured as a served
+    engine started with that ``speculative_config`` would have them."""
     engine.speculator = engine.scheduler.speculator = engine.sampled_tokens.speculator = speculator
+    k = k if k is not None else (speculator.config.num_speculative_tokens if speculator is not None else 0)
+    install_verify_graphs(engine, k)
+
+
+def install_verify_graphs(engine: LLMEngine, k: int) -> None:
+    """(Re)capture the runner's verification graphs for ``k`` drafts per sequence (CUDA, graphs on, k >= 1)."""
+    runner = engine.runner
+    if k < 1 or runner.decode_graphs is None:
+        return
+    if runner.verify_graphs is not None and runner.verify_graphs.tokens_per_seq == k + 1:
+        return
+    runner.verify_graphs = None
+    gc.collect()
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=k)
+    config = dataclasses.replace(
+        engine.config, scheduler=dataclasses.replace(engine.config.scheduler, speculative_config=spec)
+    )
+    runner.verify_graphs = capture_verify_graphs(
+        config, engine.model, runner.kv_cache, engine.device, engine.max_model_len
+    )
 
 
 class ForcedDrafts(Speculator):
@@ -419,7 +444,8 @@ def part_verify(args: argparse.Namespace) -> list[dict]:
         rows.append(verify_row("plain sync (graph)", batch, 0, plain_sync, plain))
         for k in args.verify_ks:
             timed = step_ms(engine, prompts, ForcedDrafts(k, vocab, engine.max_model_len), args)
-            rows.append(verify_row(f"verify k={k} (eager, sync)", batch, k, timed, plain, plain_sync))
+            mode = "graph" if timed["graph_replays"] else "eager"
+            rows.append(verify_row(f"verify k={k} ({mode}, sync)", batch, k, timed, plain, plain_sync))
     return rows
 
 
@@ -435,6 +461,8 @@ def step_ms(engine: LLMEngine, prompts: list[list[int]], speculator: Speculator 
     for _ in range(args.warmup):
         engine.step(only_finished=True)
     before, times = engine.stats(), []
+    graphs = engine.runner.verify_graphs
+    replays_before = graphs.replays if graphs is not None else 0
     synchronize(engine)
     window = time.perf_counter()
     for _ in range(args.steps):
@@ -447,7 +475,13 @@ def step_ms(engine: LLMEngine, prompts: list[list[int]], speculator: Speculator 
     for request_id in ids:
         engine.abort_request(request_id)
     engine.finish_in_flight()
-    return {"ms": statistics.median(times) * 1e3, "mean_ms": mean_ms, "verifications": verifications}
+    replays = (graphs.replays if graphs is not None else 0) - replays_before
+    return {
+        "ms": statistics.median(times) * 1e3,
+        "mean_ms": mean_ms,
+        "verifications": verifications,
+        "graph_replays": replays,
+    }
 
 
 def verify_row(config: str, batch: int, k: int, timed: dict, plain: dict, plain_sync: dict | None = None) -> dict:
