@@ -63,9 +63,11 @@ for stage in "$@"; do
         --layouts "${PD_LAYOUTS:-1p1d,0p2d,vllm-dp2}" --model "$model" --run-dir "$OUT/$stage-logs" \
         --result-json "$OUT/$stage.json"
       grep -m1 "estimated runtime" "$OUT/$stage.log" ;;
-    spec)
-      model=smollm2; [ -d /tmp/carry/.gpu_model/smollm2 ] && model=/tmp/carry/.gpu_model/smollm2
-      run spec 560 python3 -m benchmarks.spec_decode --model "$model" --json "$OUT/spec.json" ;;
+    spec)  # the real SmolLM2 weights (the GGUF that gpu_env.sh joins); SPEC_PARTS picks parts
+      run spec 560 python3 -m benchmarks.spec_decode --model smollm2 --part "${SPEC_PARTS:-tpot,verify,idle}" \
+        --json "$OUT/spec.json" ;;
+    spectests) run spectests 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/common/engine/spec \
+                 tests/common/engine/test_gpu_path.py ;;
     hf) run hf 560 python3 -m benchmarks.hf_baseline --shape llama8b --json "$OUT/hf.json" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
