@@ -298,13 +298,14 @@ def test_cuda_matches_cpu_without_host_sync() -> None:
     inputs = _cuda_case(rows=64, max_drafts=4, vocab=32000)
     on_cuda = [tensor.cuda() for tensor in inputs]
     target_tokens = inputs[0].argmax(-1)
+    target_on_cuda = target_tokens.cuda()  # a pageable upload syncs: done before the checked region
     rejection_sample(*on_cuda)  # warm-up: lazy CUDA initialization may synchronize
-    accept_greedy(target_tokens.cuda(), on_cuda[2], on_cuda[3])
+    accept_greedy(target_on_cuda, on_cuda[2], on_cuda[3])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         output, emitted = rejection_sample(*on_cuda)
-        greedy_output, greedy_emitted = accept_greedy(target_tokens.cuda(), on_cuda[2], on_cuda[3])
+        greedy_output, greedy_emitted = accept_greedy(target_on_cuda, on_cuda[2], on_cuda[3])
     finally:
         torch.cuda.set_sync_debug_mode("default")
     expected_output, expected_emitted = rejection_sample(*inputs)
