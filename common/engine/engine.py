@@ -206,6 +206,7 @@ class LLMEngine:
         ``only_finished``: only requests that finished this step (offline callers that do not stream skip
         building a cumulative output per request per step).
         """
+        started = time.perf_counter()
         previous, self._in_flight = self._in_flight, None
         self.kv_cache_manager.recently_freed.clear()  # only a step launched from now on can write what is freed
         step = self.scheduler.schedule()
@@ -215,8 +216,21 @@ class LLMEngine:
             return outputs
         if self.config.scheduler.async_scheduling and not _needs_host_tokens(step):
             self._in_flight = launched
+            self._time_decode_step(step, previous is not None, started)
             return outputs
-        return _latest_per_request(outputs + self._apply(launched, only_finished))
+        outputs = _latest_per_request(outputs + self._apply(launched, only_finished))
+        self._time_decode_step(step, True, started)
+        return outputs
+
+    def _time_decode_step(self, step: SchedulerOutput, waited: bool, started: float) -> None:
+        """Tell the speculator what a pure-decode step took (one that waited for a step's tokens: in steady
+        async state each step waits for the previous one, so its wall time is the step period)."""
+        if self.speculator is None or not waited:
+            return
+        if any(item.num_new_tokens - len(item.spec_token_ids) != 1 for item in step.scheduled):
+            return
+        speculative = any(item.spec_token_ids for item in step.scheduled)
+        self.speculator.on_step(speculative, len(step.scheduled), time.perf_counter() - started)
 
     def finish_in_flight(self) -> list[RequestOutput]:
         """Apply the launched step, if any, without launching another (an offline caller that is done)."""

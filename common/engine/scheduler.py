@@ -6,6 +6,7 @@ computes this step; it never touches tensors.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled, preempted, budget = self._schedule_running(budget)
+        scheduled, budget = self._gate_drafts(scheduled, budget)
         if not preempted:
             scheduled += self._schedule_waiting(budget)
         return SchedulerOutput(
@@ -125,6 +127,24 @@ class Scheduler:
             budget -= num_new + len(drafts)
             index += 1
         return scheduled, preempted, budget
+
+    def _gate_drafts(self, scheduled: list[ScheduledRequest], budget: int) -> tuple[list[ScheduledRequest], int]:
+        """Drop this step's drafts when verifying them is not expected to beat a plain step (the speculator's
+        measured cost); the requests then pause speculating and the step can run asynchronously."""
+        if self.speculator is None or not any(item.spec_token_ids for item in scheduled):
+            return scheduled, budget
+        with_drafts = [item.request for item in scheduled if item.spec_token_ids]
+        num_decodes = sum(1 for item in scheduled if item.num_new_tokens - len(item.spec_token_ids) == 1)
+        if self.speculator.worth_verifying(with_drafts, num_decodes):
+            return scheduled, budget
+        self.speculator.hold_back([item.request for item in scheduled])
+        kept = [
+            dataclasses.replace(item, num_new_tokens=item.num_new_tokens - len(item.spec_token_ids), spec_token_ids=())
+            if item.spec_token_ids
+            else item
+            for item in scheduled
+        ]
+        return kept, budget + sum(len(item.spec_token_ids) for item in scheduled)
 
     def _drafts(self, request: Request, num_new: int, budget: int) -> tuple[int, ...]:
         """Draft tokens to verify after a decoding request's last token (speculative decoding), else ()."""

@@ -12,15 +12,11 @@ position), a prompt about to fork its samples, a prefill worker's export.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from common.engine.request import Request
 from common.engine.spec.ngram import NgramProposer
-from common.engine.spec.state import (
-    MAX_COOLDOWN_STEPS,
-    MIN_COOLDOWN_STEPS,
-    MISSES_BEFORE_BACKOFF,
-    SpeculationState,
-)
+from common.engine.spec.state import MIN_COOLDOWN_STEPS, MISSES_BEFORE_BACKOFF, SpeculationState
 
 DRAFT_ON_DEVICE = -1  # a draft token the runner takes from the draft model during the step
 
@@ -41,6 +37,8 @@ class Speculator:
         self.max_model_len = max_model_len
         self.ngram = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         self._forget = forget  # the draft model's per-request KV bookkeeping
+        self.step_times = StepTimes()
+        self.adaptive = True  # weigh each step's drafts against the measured cost (tests that count drafts: off)
 
     @property
     def drafts_on_device(self) -> bool:
@@ -74,10 +72,37 @@ class Speculator:
         state = request.speculation
         if state is None:
             return
+        state.observe(num_accepted)
         if num_accepted:
             state.misses, state.next_cooldown = 0, MIN_COOLDOWN_STEPS
         else:
             self._missed(request, state)
+
+    def worth_verifying(self, with_drafts: list[Request], num_decodes: int) -> bool:
+        """Whether a step whose ``with_drafts`` requests verify drafts beats a plain step for its ``num_decodes``
+        decoding sequences: a speculating step runs synchronously and costs ``ratio`` plain steps (measured per
+        batch size), so it pays when the drafts it is expected to accept cover ``num_decodes * (ratio - 1)``.
+        It speculates until a speculating step was timed, then holds back once for the plain step time (again when
+        that is older than PLAIN_TIME_STALE_STEPS speculating steps)."""
+        times, bucket = self.step_times, StepTimes.bucket(num_decodes)
+        if not self.adaptive or bucket not in times.speculative:
+            return True
+        if times.stale_plain(bucket):
+            return False  # the held-back steps measure the plain step time
+        ratio = times.speculative[bucket] / times.plain[bucket]
+        expected = sum(request.speculation.expected_accepted for request in with_drafts if request.speculation)
+        return expected >= num_decodes * (ratio - 1.0)
+
+    def hold_back(self, requests: list[Request]) -> None:
+        """A step not worth verifying: every speculating request of it pauses (its steps go back to async)."""
+        for request in requests:
+            if request.speculating and request.speculation is not None:
+                request.speculation.hold_back()
+                request.speculating = False
+
+    def on_step(self, speculative: bool, num_decodes: int, seconds: float) -> None:
+        """A pure-decode step's wall time on the engine thread, speculating or not."""
+        self.step_times.record(speculative, num_decodes, seconds)
 
     def _may_speculate(self, request: Request, state: SpeculationState, num_running: int) -> bool:
         if request.grammar is not None or request.export_kv or request.pending_forks:
@@ -103,8 +128,34 @@ class Speculator:
     @staticmethod
     def _missed(request: Request, state: SpeculationState) -> None:
         state.misses += 1
+        state.observe(0)
         if state.misses >= MISSES_BEFORE_BACKOFF:
-            state.misses = 0
-            state.cooldown = state.next_cooldown
-            state.next_cooldown = min(2 * state.next_cooldown, MAX_COOLDOWN_STEPS)
+            state.hold_back()
             request.speculating = False
+
+
+STEP_TIME_EWMA_WEIGHT = 0.2
+PLAIN_TIME_STALE_STEPS = 256  # speculative steps after which the plain step time of a batch size is re-measured
+
+
+@dataclass
+class StepTimes:
+    """Moving means of pure-decode step wall times per batch-size bucket, plain and speculating."""
+
+    plain: dict[int, float] = field(default_factory=dict)
+    speculative: dict[int, float] = field(default_factory=dict)
+    since_plain: dict[int, int] = field(default_factory=dict)  # speculative steps since the last plain one
+
+    @staticmethod
+    def bucket(num_decodes: int) -> int:
+        return next((size for size in (1, 2, 4, 8, 16, 32, 64, 128) if num_decodes <= size), 256)
+
+    def record(self, speculative: bool, num_decodes: int, seconds: float) -> None:
+        bucket = self.bucket(num_decodes)
+        means = self.speculative if speculative else self.plain
+        previous = means.get(bucket)
+        means[bucket] = seconds if previous is None else previous + STEP_TIME_EWMA_WEIGHT * (seconds - previous)
+        self.since_plain[bucket] = self.since_plain.get(bucket, 0) + 1 if speculative else 0
+
+    def stale_plain(self, bucket: int) -> bool:
+        return bucket not in self.plain or self.since_plain.get(bucket, 0) > PLAIN_TIME_STALE_STEPS

@@ -28,6 +28,14 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 SETTINGS = dict(dtype="float32", device="cpu", kv_cache_memory=128 * 2**20)
 
 
+def _llm(**settings) -> LLM:
+    """An engine whose speculator drafts wherever it may (no step-cost gate: these tests count drafts)."""
+    llm = LLM("smollm2", **settings)
+    if llm.engine.speculator is not None:
+        llm.engine.speculator.adaptive = False
+    return llm
+
+
 def _token_ids(llm: LLM, prompts: list[str], params) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
 
@@ -39,7 +47,7 @@ def plain() -> LLM:
 
 @pytest.fixture(scope="module")
 def spec() -> LLM:
-    return LLM("smollm2", speculative_config=NGRAM, **SETTINGS)
+    return _llm(speculative_config=NGRAM, **SETTINGS)
 
 
 def _assert_no_blocks_held(llm: LLM) -> None:
@@ -62,7 +70,7 @@ def test_greedy_output_is_the_plain_engines_and_drafts_are_accepted(plain, spec)
 
 @pytest.mark.parametrize("k", [1, 7])
 def test_any_draft_length_gives_the_same_output(plain, k):
-    llm = LLM("smollm2", speculative_config={**NGRAM, "num_speculative_tokens": k}, **SETTINGS)
+    llm = _llm(speculative_config={**NGRAM, "num_speculative_tokens": k}, **SETTINGS)
     assert _token_ids(llm, PROMPTS[:3], GREEDY) == _token_ids(plain, PROMPTS[:3], GREEDY)
     assert llm.engine.stats().spec_accepted_tokens > 0
     _assert_no_blocks_held(llm)
@@ -84,7 +92,7 @@ def test_same_output_under_chunking_preemption_and_caching(plain, engine_args):
     settings = {**SETTINGS, **engine_args}
     if "num_gpu_blocks_override" in settings:
         settings.pop("kv_cache_memory")
-    llm = LLM("smollm2", speculative_config=NGRAM, **settings)
+    llm = _llm(speculative_config=NGRAM, **settings)
     shared = "You are a careful assistant. Answer briefly. "
     prompts = [shared + p for p in PROMPTS]
     assert _token_ids(llm, prompts, GREEDY) == _token_ids(plain, prompts, GREEDY)
@@ -216,7 +224,7 @@ def tiny_draft_dir(tmp_path_factory):
 
 def _draft_llm(model: str, **settings) -> LLM:
     spec = {"method": "draft_model", "model": model, "num_speculative_tokens": 3}
-    return LLM("smollm2", speculative_config=spec, **{**DRAFT_SETTINGS, **settings})
+    return _llm(speculative_config=spec, **{**DRAFT_SETTINGS, **settings})
 
 
 def test_the_target_as_its_own_draft_has_every_greedy_draft_accepted(plain):
@@ -300,7 +308,7 @@ def test_padded_verification_batches_give_the_plain_engines_output(plain, tiny_d
     eager path's tokens: fewer drafts than the graph's k, plain decodes in the same step, padding sequences, and
     a draft model's tokens written into the graph's input rows on the device."""
     if method == "ngram":
-        llm, k = LLM("smollm2", speculative_config=NGRAM, **SETTINGS), NGRAM["num_speculative_tokens"]
+        llm, k = _llm(speculative_config=NGRAM, **SETTINGS), NGRAM["num_speculative_tokens"]
     else:
         llm, k = _draft_llm(str(tiny_draft_dir)), 3
     graphs = EagerVerificationGraphs(llm, tokens_per_seq=k + 1)
@@ -321,8 +329,38 @@ def test_cuda_verification_graphs_equal_the_plain_engine():
     plain_gpu = LLM("smollm2", **settings)
     want = _token_ids(plain_gpu, PROMPTS, GREEDY)
     del plain_gpu
-    llm = LLM("smollm2", speculative_config=NGRAM, **settings)
+    llm = _llm(speculative_config=NGRAM, **settings)
     assert _token_ids(llm, PROMPTS, GREEDY) == want
     assert llm.engine.runner.verify_graphs.replays > 5
     assert llm.engine.stats().spec_accepted_tokens > 20
+    _assert_no_blocks_held(llm)
+
+
+def test_a_step_whose_expected_gain_does_not_cover_its_measured_cost_drops_its_drafts():
+    """The step-cost gate: a speculating step costs ratio plain steps; its drafts stay only when the expected
+    accepted ones cover num_decodes * (ratio - 1); the plain time is measured by holding back once."""
+    speculator = Speculator(SpeculativeConfig.parse(NGRAM), max_model_len=1000)
+    good, poor = _request([1, 2, 3, 1, 2, 3, 1, 2]), _request([1, 2, 3, 1, 2, 3, 1, 2])
+    for request in (good, poor):
+        speculator.drafts_for(request, num_running=4, max_drafts=8)
+    assert speculator.worth_verifying([good], 4)  # nothing timed yet: speculate
+    speculator.on_step(True, 4, 0.003)
+    assert not speculator.worth_verifying([good], 4)  # no plain time yet: hold back to measure one
+    speculator.on_step(False, 4, 0.002)  # ratio 1.5: 4 decodes need 2 accepted drafts expected
+    good.speculation.expected_accepted, poor.speculation.expected_accepted = 1.5, 0.2
+    assert not speculator.worth_verifying([good, poor], 4)
+    good.speculation.expected_accepted = 1.9
+    assert speculator.worth_verifying([good, poor], 4)
+    assert speculator.worth_verifying([poor], 1)  # batch 1 is another bucket: nothing timed there yet
+    speculator.hold_back([good, poor])
+    assert not good.speculating and not poor.speculating and good.speculation.cooldown == MIN_COOLDOWN_STEPS
+
+
+def test_the_scheduler_drops_drafts_the_gate_refuses_and_the_step_goes_async(plain):
+    llm = LLM("smollm2", speculative_config=NGRAM, **SETTINGS)
+    speculator = llm.engine.speculator
+    speculator.on_step(True, 1, 1.0)
+    speculator.on_step(False, 1, 0.001)  # verification measured 1000x a plain step: never worth it
+    assert _token_ids(llm, PROMPTS[:1], GREEDY) == _token_ids(plain, PROMPTS[:1], GREEDY)
+    assert llm.engine.stats().spec_drafts == 0
     _assert_no_blocks_held(llm)
