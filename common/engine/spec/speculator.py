@@ -82,22 +82,23 @@ class Speculator:
         """Whether a step whose ``with_drafts`` requests verify drafts beats a plain step for its ``num_decodes``
         decoding sequences: a speculating step runs synchronously and costs ``ratio`` plain steps (measured per
         batch size), so it pays when the drafts it is expected to accept cover ``num_decodes * (ratio - 1)``.
-        It speculates until a speculating step was timed, then holds back once for the plain step time (again when
-        that is older than PLAIN_TIME_STALE_STEPS speculating steps)."""
+        It speculates until a speculating step was timed, then holds back once for the plain step time; either time
+        is measured again when older than STEP_TIME_STALE_STEPS steps of the other kind."""
         times, bucket = self.step_times, StepTimes.bucket(num_decodes)
-        if not self.adaptive or bucket not in times.speculative:
-            return True
-        if times.stale_plain(bucket):
+        if not self.adaptive or times.stale(times.speculative, times.since_speculative, bucket):
+            return True  # this step measures the speculating step time
+        if times.stale(times.plain, times.since_plain, bucket):
             return False  # the held-back steps measure the plain step time
         ratio = times.speculative[bucket] / times.plain[bucket]
         expected = sum(request.speculation.expected_accepted for request in with_drafts if request.speculation)
         return expected >= num_decodes * (ratio - 1.0)
 
     def hold_back(self, requests: list[Request]) -> None:
-        """A step not worth verifying: every speculating request of it pauses (its steps go back to async)."""
+        """A step not worth verifying: every speculating request of it pauses (its steps go back to async) for the
+        shortest cool-down; a request's own misses are what lengthen its cool-downs."""
         for request in requests:
             if request.speculating and request.speculation is not None:
-                request.speculation.hold_back()
+                request.speculation.cooldown = MIN_COOLDOWN_STEPS
                 request.speculating = False
 
     def on_step(self, speculative: bool, num_decodes: int, seconds: float) -> None:
@@ -135,7 +136,7 @@ class Speculator:
 
 
 STEP_TIME_EWMA_WEIGHT = 0.2
-PLAIN_TIME_STALE_STEPS = 256  # speculative steps after which the plain step time of a batch size is re-measured
+STEP_TIME_STALE_STEPS = 256  # steps of one kind after which the other kind's time at that batch size is re-measured
 
 
 @dataclass
@@ -145,6 +146,7 @@ class StepTimes:
     plain: dict[int, float] = field(default_factory=dict)
     speculative: dict[int, float] = field(default_factory=dict)
     since_plain: dict[int, int] = field(default_factory=dict)  # speculative steps since the last plain one
+    since_speculative: dict[int, int] = field(default_factory=dict)  # plain steps since the last speculative one
 
     @staticmethod
     def bucket(num_decodes: int) -> int:
@@ -156,6 +158,10 @@ class StepTimes:
         previous = means.get(bucket)
         means[bucket] = seconds if previous is None else previous + STEP_TIME_EWMA_WEIGHT * (seconds - previous)
         self.since_plain[bucket] = self.since_plain.get(bucket, 0) + 1 if speculative else 0
+        self.since_speculative[bucket] = 0 if speculative else self.since_speculative.get(bucket, 0) + 1
 
-    def stale_plain(self, bucket: int) -> bool:
-        return bucket not in self.plain or self.since_plain.get(bucket, 0) > PLAIN_TIME_STALE_STEPS
+    @staticmethod
+    def stale(means: dict[int, float], since: dict[int, int], bucket: int) -> bool:
+        """Never measured, or not for STEP_TIME_STALE_STEPS steps of the other kind (a slow outlier, e.g. a first
+        step that compiled, must not keep speculation off for good)."""
+        return bucket not in means or since.get(bucket, 0) > STEP_TIME_STALE_STEPS
