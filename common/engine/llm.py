@@ -140,5 +140,10 @@ def validate_engine_args(config: EngineConfig) -> None:
         raise ValueError(f"max_model_len must be at least 2, got {config.model.max_model_len}")
     if cache.kv_cache_memory is not None and cache.kv_cache_memory < 1:
         raise ValueError(f"kv_cache_memory must be a positive byte count, got {cache.kv_cache_memory}")
+    spec = sched.speculative_config
+    if spec is not None and spec.method in ("eagle", "eagle3"):
+        raise ValueError(
+            f"speculative_config.method: {spec.method!r} is not implemented yet (ngram and draft_model are)"
+        )
     if config.model.load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {config.model.load_format!r}")

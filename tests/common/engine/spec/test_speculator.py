@@ -206,6 +206,7 @@ def test_bad_speculative_configs_are_clear_errors():
             "prompt_lookup",
         ),
         ("not json", "JSON"),
+        ({"method": "eagle", "num_speculative_tokens": 2, "model": "smollm2"}, "not implemented yet"),
     ]:
         with pytest.raises(ValueError, match=words):
             LLM("smollm2", speculative_config=bad, **SETTINGS)
