@@ -414,7 +414,7 @@ class ModelRunner:
         expanded, rows, owners = [], [], []
         for logit_row, (request, drafts) in enumerate(requests):
             device_tokens.catch_up_grammar(request)
-            if drafts == () and request.generator is not None and request.speculating:
+            if drafts == () and request.generator is not None and request.speculating:  # a verification's first row
                 launched.generator_states[request.request_id] = request.generator.get_state()
             for generator in [request.generator, *request.fork_generators[: request.pending_forks]]:
                 expanded.append(logit_row)

@@ -70,8 +70,8 @@ class Request:
     num_pending_tokens: int = 0
     grammar: GrammarState | None = None
     grammar_rejected: bool = False  # a sampled token broke the grammar (a bug: the mask allowed it); it stops
-    # Speculative decoding (common/engine/spec/speculator.py): whether this request's steps verify drafts now
-    # (they then run synchronously), and its back-off state.
+    # Speculative decoding (common/engine/spec/speculator.py): whether the step being scheduled verifies drafts for
+    # it (the step then runs synchronously; with a draft model: whether it may speculate), and its back-off state.
     speculating: bool = False
     speculation: SpeculationState | None = None
 
@@ -110,7 +110,7 @@ class Request:
     @property
     def needs_host_tokens(self) -> bool:
         """Its next step must see every token on the host first (async scheduling waits for this one): a first
-        sample forks, a prefill export gathers KV, a speculating request proposes from its tokens.
+        sample forks, a prefill export gathers KV, a verification's accepted count decides the next positions.
         (Penalties and min_tokens take the newest token from the device:
         ``SamplingRow.pending_token``; a grammar waits for it on the host after the next forward is enqueued.)"""
         return self.export_kv or self.pending_forks > 0 or self.speculating

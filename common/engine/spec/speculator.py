@@ -1,12 +1,13 @@
 """Which requests speculate this step, and their draft tokens (the scheduler asks; verification reports back).
 
-A speculating request's steps run synchronously: its proposer needs every token on the host, and the next step's
-length depends on how many drafts this one accepts. That costs the host's step time the async engine hides, so a
-request that gains nothing (no proposal, or nothing accepted) for ``MISSES_BEFORE_BACKOFF`` steps in a row stops
-speculating for a cool-down of scheduled steps, doubling each time up to ``MAX_COOLDOWN_STEPS``; any accepted
-token resets it. With a draft model the drafts are made on the device inside the step (the scheduler plans
-placeholders; see ModelRunner). Requests that never speculate: constrained ones (a grammar needs a mask per
-position), a prompt about to fork its samples, a prefill worker's export.
+A step that verifies drafts runs synchronously: the next step's length depends on how many drafts it accepts, so
+the host's step time, which the async engine hides, adds to the GPU's. Steps without drafts stay asynchronous: the
+n-gram lookup then works from the tokens before the newest one (still on the device). A request whose
+verifications accept nothing ``MISSES_BEFORE_BACKOFF`` times in a row stops speculating for a cool-down of scheduled
+steps, doubling each time up to ``MAX_COOLDOWN_STEPS``; any accepted token resets it. With a draft model the drafts
+are made on the device inside the step (the scheduler plans placeholders; see ModelRunner), and its steps stay
+synchronous (the draft reads every token on the host). Requests that never speculate: constrained ones (a grammar
+needs a mask per position), a prompt about to fork its samples, a prefill worker's export.
 """
 
 from __future__ import annotations
@@ -56,16 +57,23 @@ class Speculator:
         state = request.speculation
         if state is None:
             state = request.speculation = SpeculationState()
-        request.speculating = self._may_speculate(request, state, num_running)
-        if not request.speculating or request.num_pending_tokens:
-            return ()
-        limit = min(max_drafts, self._room(request))
-        if self.drafts_on_device:
-            return (DRAFT_ON_DEVICE,) * max(limit, 0)
-        drafts = tuple(self.ngram.propose(request.all_token_ids, limit)) if limit > 0 else ()
-        if not drafts:
-            self._missed(request, state)
+        may = self._may_speculate(request, state, num_running)
+        limit = min(max_drafts, self._room(request)) if may else 0
+        if self.drafts_on_device:  # the draft model reads every token on the host: keep steps synchronous
+            request.speculating = may
+            return (DRAFT_ON_DEVICE,) * limit if limit > 0 and not request.num_pending_tokens else ()
+        drafts = self._ngram_drafts(request, limit) if limit > 0 else ()
+        request.speculating = bool(drafts)  # only a verifying step runs synchronously
         return drafts
+
+    def _ngram_drafts(self, request: Request, limit: int) -> tuple[int, ...]:
+        """The n-gram lookup. With the newest token still on the device (the previous step ran asynchronously),
+        the lookup uses the tokens before it: the first token its match proposes stands for the unknown newest one
+        and the drafts are the tokens after it. A wrong guess only gets the drafts rejected: verification compares
+        them with the target's tokens after the real newest token."""
+        if not request.num_pending_tokens:
+            return tuple(self.ngram.propose(request.all_token_ids, limit))
+        return tuple(self.ngram.propose(request.all_token_ids, limit + 1)[1:])
 
     def on_verified(self, request: Request, num_accepted: int) -> None:
         """A verification of ``request``'s drafts kept ``num_accepted`` of them."""
@@ -120,10 +128,10 @@ class Speculator:
 
     def _room(self, request: Request) -> int:
         """Drafts that keep every token the step may emit (drafts + 1) within max_tokens and max_model_len."""
-        room = self.max_model_len - request.num_tokens - 1
+        room = self.max_model_len - request.num_scheduled_tokens - 1
         max_tokens = request.sampling_params.max_tokens
         if max_tokens is not None:
-            room = min(room, max_tokens - request.num_output_tokens - 1)
+            room = min(room, max_tokens - request.num_output_tokens - request.num_pending_tokens - 1)
         return min(room, self.config.num_speculative_tokens)
 
     @staticmethod

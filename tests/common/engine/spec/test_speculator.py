@@ -169,17 +169,26 @@ def _request(tokens: list[int], **params) -> Request:
 
 def test_a_request_whose_drafts_miss_backs_off_then_tries_again():
     speculator = Speculator(SpeculativeConfig.parse(NGRAM), max_model_len=1000)
-    request = _request([5, 6, 7, 8, 9, 10, 11, 12])  # no repeated token: nothing to look up
+    request = _request([1, 2, 3, 1, 2, 3, 1, 2])
     for _ in range(MISSES_BEFORE_BACKOFF):
-        assert speculator.drafts_for(request, num_running=1, max_drafts=8) == ()
-    assert not request.speculating and not request.needs_host_tokens  # back to async steps
+        assert speculator.drafts_for(request, num_running=1, max_drafts=8) == (3, 1, 2)
+        assert request.speculating and request.needs_host_tokens  # a verifying step is synchronous
+        speculator.on_verified(request, 0)
     for _ in range(MIN_COOLDOWN_STEPS):
-        speculator.drafts_for(request, num_running=1, max_drafts=8)
-        assert not request.speculating
-    repeating = _request([1, 2, 3, 1, 2, 3, 1, 2])
-    repeating.speculation = request.speculation
-    assert speculator.drafts_for(repeating, num_running=1, max_drafts=8) == (3, 1, 2)
-    assert repeating.speculating and repeating.needs_host_tokens
+        assert speculator.drafts_for(request, num_running=1, max_drafts=8) == ()
+        assert not request.speculating and not request.needs_host_tokens  # back to async steps
+    assert speculator.drafts_for(request, num_running=1, max_drafts=8) == (3, 1, 2)
+
+
+def test_no_match_keeps_steps_async_and_a_pending_newest_token_is_guessed_by_the_lookup():
+    speculator = Speculator(SpeculativeConfig.parse(NGRAM), max_model_len=1000)
+    unmatched = _request([5, 6, 7, 8, 9, 10, 11, 12])
+    assert speculator.drafts_for(unmatched, num_running=1, max_drafts=8) == ()
+    assert not unmatched.speculating and not unmatched.needs_host_tokens
+    pending = _request([1, 2, 3, 4, 1, 2, 3])  # the newest token (4, say) is still on the device
+    pending.num_pending_tokens = 1
+    # the lookup of [1, 2, 3] proposes 4 (standing for the unknown newest token), then 1, 2, 3 after it
+    assert speculator.drafts_for(pending, num_running=1, max_drafts=8) == (1, 2, 3)
 
 
 def test_drafts_respect_max_tokens_max_model_len_budget_and_batch_size():
