@@ -36,7 +36,10 @@ class Speculator:
             )
         self.config = config
         self.max_model_len = max_model_len
-        self.ngram = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        # one more than k: a lookup made while the newest token is pending spends its first token guessing that one
+        self.ngram = NgramProposer(
+            config.num_speculative_tokens + 1, config.prompt_lookup_min, config.prompt_lookup_max
+        )
         self._forget = forget  # the draft model's per-request KV bookkeeping
         self.step_times = StepTimes()
         self.adaptive = True  # weigh each step's drafts against the measured cost (tests that count drafts: off)

@@ -189,6 +189,8 @@ def test_no_match_keeps_steps_async_and_a_pending_newest_token_is_guessed_by_the
     pending.num_pending_tokens = 1
     # the lookup of [1, 2, 3] proposes 4 (standing for the unknown newest token), then 1, 2, 3 after it
     assert speculator.drafts_for(pending, num_running=1, max_drafts=8) == (1, 2, 3)
+    one = Speculator(SpeculativeConfig.parse({**NGRAM, "num_speculative_tokens": 1}), max_model_len=1000)
+    assert one.drafts_for(pending, num_running=1, max_drafts=8) == (1,)  # k=1 still gets its one draft
 
 
 def test_drafts_respect_max_tokens_max_model_len_budget_and_batch_size():
