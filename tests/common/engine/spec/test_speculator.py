@@ -185,6 +185,9 @@ def test_no_match_keeps_steps_async_and_a_pending_newest_token_is_guessed_by_the
     unmatched = _request([5, 6, 7, 8, 9, 10, 11, 12])
     assert speculator.drafts_for(unmatched, num_running=1, max_drafts=8) == ()
     assert not unmatched.speculating and not unmatched.needs_host_tokens
+    for _ in range(MISSES_BEFORE_BACKOFF - 1):  # lookups that keep failing pause too (they cost host time)
+        speculator.drafts_for(unmatched, num_running=1, max_drafts=8)
+    assert unmatched.speculation.cooldown == MIN_COOLDOWN_STEPS
     pending = _request([1, 2, 3, 4, 1, 2, 3])  # the newest token (4, say) is still on the device
     pending.num_pending_tokens = 1
     # the lookup of [1, 2, 3] proposes 4 (standing for the unknown newest token), then 1, 2, 3 after it
