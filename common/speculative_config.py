@@ -33,6 +33,7 @@ class SpeculativeConfig(BaseModel):
     prompt_lookup_max: int | None = Field(default=None, ge=1)
     prompt_lookup_min: int | None = Field(default=None, ge=1)
     disable_by_batch_size: int | None = Field(default=None, ge=1)
+    adaptive: bool = True  # Tandem's extension: False drafts whenever a proposal exists (no step-cost gate)
 
     @model_validator(mode="after")
     def _complete(self) -> SpeculativeConfig:

@@ -23,7 +23,12 @@ from tests.services.test_cluster_e2e import ROUTER_ARGS, WORKER_ARGS, assert_no_
 
 pytestmark = pytest.mark.timeout(480)  # the first test also pays for the module cluster and the reference engine
 
-NGRAM = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}'
+# adaptive off: the step-cost gate weighs drafts by measured (CPU, loaded machine) step times, which would make
+# "drafts are accepted" depend on timing
+NGRAM = (
+    '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1, '
+    '"adaptive": false}'
+)
 SPECULATIVE_ARGS = ["--speculative-config", NGRAM]
 # Greedy continues the count: the n-gram proposer finds ", <n>" patterns in the context, so drafts are accepted.
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"

@@ -42,7 +42,7 @@ class Speculator:
         )
         self._forget = forget  # the draft model's per-request KV bookkeeping
         self.step_times = StepTimes()
-        self.adaptive = True  # weigh each step's drafts against the measured cost (tests that count drafts: off)
+        self.adaptive = config.adaptive  # weigh each step's drafts against the measured step times
 
     @property
     def drafts_on_device(self) -> bool:
