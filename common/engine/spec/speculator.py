@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from common.engine.request import Request
 from common.engine.spec.ngram import NgramProposer
-from common.engine.spec.state import MIN_COOLDOWN_STEPS, MISSES_BEFORE_BACKOFF, SpeculationState
+from common.engine.spec.state import MIN_COOLDOWN_STEPS, SpeculationState
 
 DRAFT_ON_DEVICE = -1  # a draft token the runner takes from the draft model during the step
 
@@ -67,8 +67,8 @@ class Speculator:
             return (DRAFT_ON_DEVICE,) * limit if limit > 0 and not request.num_pending_tokens else ()
         drafts = self._ngram_drafts(request, limit) if limit > 0 else ()
         request.speculating = bool(drafts)  # only a verifying step runs synchronously
-        if limit > 0 and not drafts:
-            self._lookup_missed(state)
+        if limit > 0 and not drafts:  # a failed lookup costs host time every step: it counts as a miss too
+            state.miss()
         return drafts
 
     def _ngram_drafts(self, request: Request, limit: int) -> tuple[int, ...]:
@@ -140,19 +140,9 @@ class Speculator:
         return min(room, self.config.num_speculative_tokens)
 
     @staticmethod
-    def _lookup_missed(state: SpeculationState) -> None:
-        """A lookup that found nothing costs host time only (tens of microseconds a sequence, every step: at batch
-        16 of a small model that is a third of the step), so lookups that keep failing pause like rejections."""
-        state.misses += 1
-        if state.misses >= MISSES_BEFORE_BACKOFF:
-            state.hold_back()
-
-    @staticmethod
     def _missed(request: Request, state: SpeculationState) -> None:
-        state.misses += 1
         state.observe(0)
-        if state.misses >= MISSES_BEFORE_BACKOFF:
-            state.hold_back()
+        if state.miss():
             request.speculating = False
 
 

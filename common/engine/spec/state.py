@@ -22,6 +22,14 @@ class SpeculationState:
     def observe(self, num_accepted: int) -> None:
         self.expected_accepted += ACCEPTED_EWMA_WEIGHT * (num_accepted - self.expected_accepted)
 
+    def miss(self) -> bool:
+        """A verification (or lookup) that gained nothing; True when this one starts a cool-down."""
+        self.misses += 1
+        if self.misses < MISSES_BEFORE_BACKOFF:
+            return False
+        self.hold_back()
+        return True
+
     def hold_back(self) -> None:
         """Stop speculating for a cool-down (doubling each time up to MAX_COOLDOWN_STEPS)."""
         self.misses = 0
