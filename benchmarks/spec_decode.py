@@ -55,7 +55,8 @@ from common.engine.engine import LLMEngine
 from common.engine.llm import render_chat
 from common.engine.model_loading import capture_verify_graphs
 from common.engine.request import Request
-from common.engine.spec.speculator import MISSES_BEFORE_BACKOFF, Speculator
+from common.engine.spec.speculator import Speculator
+from common.engine.spec.state import MISSES_BEFORE_BACKOFF
 from common.engine.stats import EngineStats
 from common.speculative_config import SpeculativeConfig
 
