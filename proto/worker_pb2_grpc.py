@@ -44,6 +44,11 @@ class WorkerStub:
                 request_serializer=worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=worker__pb2.ReleaseReply.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/tandem.worker.Worker/Renew',
+                request_serializer=worker__pb2.RenewRequest.SerializeToString,
+                response_deserializer=worker__pb2.RenewReply.FromString,
+                _registered_method=True)
         self.Prefill = channel.unary_unary(
                 '/tandem.worker.Worker/Prefill',
                 request_serializer=worker__pb2.PrefillRequest.SerializeToString,
@@ -81,6 +86,12 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -128,6 +139,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=worker__pb2.ReleaseRequest.FromString,
                     response_serializer=worker__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=worker__pb2.RenewRequest.FromString,
+                    response_serializer=worker__pb2.RenewReply.SerializeToString,
             ),
             'Prefill': grpc.unary_unary_rpc_method_handler(
                     servicer.Prefill,
@@ -209,6 +225,33 @@ class Worker:
             '/tandem.worker.Worker/Release',
             worker__pb2.ReleaseRequest.SerializeToString,
             worker__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.worker.Worker/Renew',
+            worker__pb2.RenewRequest.SerializeToString,
+            worker__pb2.RenewReply.FromString,
             options,
             channel_credentials,
             insecure,

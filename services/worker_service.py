@@ -36,6 +36,9 @@ class BaseWorkerService(worker_pb2_grpc.WorkerServicer):
     async def Release(self, request, context):  # noqa: N802
         await self.wrong_role(context, "Release")
 
+    async def Renew(self, request, context):  # noqa: N802
+        await self.wrong_role(context, "Renew")
+
     async def Prefill(self, request, context):  # noqa: N802
         await self.wrong_role(context, "Prefill")
 

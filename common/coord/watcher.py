@@ -76,6 +76,11 @@ class RegistryWatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    @property
+    def heartbeat_s(self) -> float:
+        """How often workers refresh their record (and this watcher rescans)."""
+        return self._config.heartbeat_s
+
     def alive(self, role: str | None = None, model: str | None = None) -> list[WorkerInfo]:
         """Workers that may take new requests: not draining, not suspect, matching role/model if given."""
         now = self._clock()

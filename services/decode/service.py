@@ -79,6 +79,15 @@ class DecodeService(BaseWorkerService):
     async def Release(self, request: worker_pb2.ReleaseRequest, context) -> worker_pb2.ReleaseReply:  # noqa: N802
         return worker_pb2.ReleaseReply(released=await self._release(request.reservation_id))
 
+    async def Renew(self, request: worker_pb2.RenewRequest, context) -> worker_pb2.RenewReply:  # noqa: N802
+        """Push a live reservation's deadline to ``lease_s`` from now (never earlier than it was)."""
+        reservation = self.reservations.get(request.reservation_id)
+        if reservation is None:
+            return worker_pb2.RenewReply(renewed=False)
+        lease = request.lease_s or self.runtime.settings.transfer.reservation_lease_s
+        reservation.deadline = max(reservation.deadline, time.monotonic() + lease)
+        return worker_pb2.RenewReply(renewed=True)
+
     async def on_kv(self, header: KVTransferHeader, kv: torch.Tensor) -> None:
         """Called by the receiver only for a verified transfer; rejects what does not match a live reservation.
 

@@ -28,6 +28,7 @@ from common.engine.block_pool import hash_full_blocks
 from common.engine.outputs import Logprob
 from common.engine.sampling_params import SamplingParams
 from proto import worker_pb2, worker_pb2_grpc
+from services.router.liveness import cancel_when_gone, cancelled_by, renew_lease_forever
 from services.router.policy import DecodeLoad, Placement, PlacementSignals, RoutingPolicy, RoutingRequest
 from services.router.prefill_load import PrefillLoad
 from services.wire import logprobs_from_proto, sampling_to_proto
@@ -172,6 +173,8 @@ class Orchestrator:
         # metrics hook: "migration", or what failed: "prefill_failed" | "decode_failed" | "kv_transfer_failed"
         self.on_retry = on_retry
         self.on_placement = on_placement  # metrics hook: (placement, reason) of each try's prefill
+        # a worker missing from the registry this long (two missed heartbeats past its TTL) is treated as dead
+        self._gone_grace_s = 2 * watcher.heartbeat_s
 
     async def generate(
         self, prompt: Sequence[int], params: SamplingParams, request_id: str | None = None
@@ -247,16 +250,24 @@ class Orchestrator:
                 self.local_prefill_load.finish(decode.worker_id, tokens, completed=False)
 
     async def _stream(self, decode: WorkerInfo, request: worker_pb2.GenerateRequest) -> AsyncIterator[TokenEvent]:
+        """The Generate stream's tokens; a decode worker that drops out of the registry meanwhile (frozen: its
+        stream just stops) is cancelled and fails like a dead one, so the stream migrates."""
         call = self._stubs(decode.grpc_address).Generate(request)
         try:
-            async for chunk in call:
-                yield TokenEvent(
-                    tuple(chunk.token_ids),
-                    tuple(logprobs_from_proto(lp) for lp in chunk.logprobs),
-                    chunk.finish_reason or None,
-                    chunk.stop_reason or None,
-                    decode.worker_id,
-                )
+            async with cancel_when_gone(self.watcher, decode.worker_id, call.cancel, self._gone_grace_s) as watch:
+                try:
+                    async for chunk in call:
+                        yield TokenEvent(
+                            tuple(chunk.token_ids),
+                            tuple(logprobs_from_proto(lp) for lp in chunk.logprobs),
+                            chunk.finish_reason or None,
+                            chunk.stop_reason or None,
+                            decode.worker_id,
+                        )
+                except asyncio.CancelledError:
+                    if cancelled_by(watch):
+                        raise _WorkerFailed(decode, RuntimeError("left the registry mid-stream")) from None
+                    raise
         except grpc.aio.AioRpcError as error:
             raise self._classify(decode, error) from error
         finally:
@@ -335,7 +346,7 @@ class Orchestrator:
         self.prefill_load.start(prefill.worker_id, tokens)
         completed = False
         try:
-            reply = await self._stubs(prefill.grpc_address).Prefill(self._prefill_request(state, decode, reservation))
+            reply = await self._watched_prefill(prefill, decode, reservation, state)
             completed = True
             return reply
         except grpc.aio.AioRpcError as error:
@@ -345,6 +356,32 @@ class Orchestrator:
         finally:
             self.inflight[prefill.worker_id] -= 1
             self.prefill_load.finish(prefill.worker_id, tokens, completed)
+
+    async def _watched_prefill(
+        self, prefill: WorkerInfo, decode: WorkerInfo, reservation: worker_pb2.ReserveReply, state: _RequestState
+    ) -> worker_pb2.PrefillReply:
+        """The Prefill RPC, renewing the reservation's lease while it runs; cancelled (and failed like a dead
+        worker) when the prefill worker drops out of the registry."""
+        rpc = asyncio.ensure_future(self._call_prefill(prefill, decode, reservation, state))
+        lease_s = self.transfer.reservation_lease_s
+        renewals = asyncio.create_task(
+            renew_lease_forever(self._stubs(decode.grpc_address), reservation.reservation_id, lease_s, decode.worker_id)
+        )
+        try:
+            async with cancel_when_gone(self.watcher, prefill.worker_id, rpc.cancel, self._gone_grace_s) as watch:
+                try:
+                    return await rpc
+                except asyncio.CancelledError:
+                    if cancelled_by(watch):
+                        raise _WorkerFailed(prefill, RuntimeError("left the registry mid-prefill")) from None
+                    raise
+        finally:
+            renewals.cancel()
+
+    async def _call_prefill(
+        self, prefill: WorkerInfo, decode: WorkerInfo, reservation: worker_pb2.ReserveReply, state: _RequestState
+    ) -> worker_pb2.PrefillReply:
+        return await self._stubs(prefill.grpc_address).Prefill(self._prefill_request(state, decode, reservation))
 
     # ----------------------------------------------------------------- messages
     def _generate_request(

@@ -55,6 +55,7 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 @dataclass
 class FakeReservation:
     num_tokens: int
+    deadline: float  # loop time after which the KV is refused, as a real decode worker frees it at its lease's end
     filled: bool = False
 
 
@@ -65,6 +66,7 @@ class FakeCall:
         self._chunks = chunks
         self._on_cancel = on_cancel
         self.cancelled = False
+        self.frozen: asyncio.Future | None = None  # a frozen worker's stream waits on it; cancel() cuts it, as grpc
 
     def __aiter__(self) -> AsyncIterator[worker_pb2.GenerateChunk]:
         return self._chunks
@@ -72,6 +74,8 @@ class FakeCall:
     def cancel(self) -> bool:
         self.cancelled = True
         self._on_cancel()
+        if self.frozen is not None:
+            self.frozen.cancel()
         return True
 
 
@@ -103,13 +107,16 @@ class FakeDecode(FakeWorker):
     refuse_transfers: int = 0  # the next N transfers fail in transport
     corrupt_transfers: int = 0  # the next N transfers arrive with a bad checksum
     die_after_chunks: int | None = None  # the process dies after streaming this many chunks
+    freeze_after_chunks: int | None = None  # the process stops (SIGSTOP) after streaming this many chunks
+    renewed: list[str] = field(default_factory=list)  # reservation ids, one per Renew that found it alive
 
     async def Reserve(self, request: worker_pb2.ReserveRequest) -> worker_pb2.ReserveReply:  # noqa: N802
         self._call("Reserve")
         if self.full:
             raise rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "no free blocks")
         reservation_id = f"{request.request_id}@{self.info.worker_id}#{len(self.reserved)}"
-        self.reservations[reservation_id] = FakeReservation(request.num_tokens)
+        deadline = asyncio.get_running_loop().time() + request.lease_s
+        self.reservations[reservation_id] = FakeReservation(request.num_tokens, deadline)
         self.reserved.append(reservation_id)
         return worker_pb2.ReserveReply(
             reservation_id=reservation_id, block_ids=[1, 2], device="cpu", worker_id=self.info.worker_id
@@ -123,9 +130,19 @@ class FakeDecode(FakeWorker):
             self.released.append(request.reservation_id)
         return worker_pb2.ReleaseReply(released=released)
 
+    async def Renew(self, request: worker_pb2.RenewRequest, timeout: float | None = None):  # noqa: N802
+        self._call("Renew")
+        reservation = self.reservations.get(request.reservation_id)
+        if reservation is not None:
+            reservation.deadline = asyncio.get_running_loop().time() + request.lease_s
+            self.renewed.append(request.reservation_id)
+        return worker_pb2.RenewReply(renewed=reservation is not None)
+
     def receive_kv(self, reservation_id: str, context: list[int]) -> str | None:
         """A transfer into ``reservation_id``: None when it arrived intact, else the sender's error."""
         reservation = self.reservations[reservation_id]  # KeyError: shipped into a released reservation
+        if asyncio.get_running_loop().time() > reservation.deadline:
+            return f"reservation {reservation_id} expired"
         assert reservation.num_tokens == len(context), "reservation sized for another context"
         if self.refuse_transfers:
             self.refuse_transfers -= 1
@@ -137,11 +154,14 @@ class FakeDecode(FakeWorker):
         return None
 
     def Generate(self, request: worker_pb2.GenerateRequest) -> FakeCall:  # noqa: N802
-        call = FakeCall(self._stream(request), lambda: self.running.discard(request.request_id))
+        call = FakeCall(None, lambda: self.running.discard(request.request_id))  # type: ignore[arg-type]
+        call._chunks = self._stream(request, call)
         self.generate_calls.append((request, call))
         return call
 
-    async def _stream(self, request: worker_pb2.GenerateRequest) -> AsyncIterator[worker_pb2.GenerateChunk]:
+    async def _stream(
+        self, request: worker_pb2.GenerateRequest, call: FakeCall
+    ) -> AsyncIterator[worker_pb2.GenerateChunk]:
         self._call("Generate")
         self._take_reservation(request)
         prompt, outputs = list(request.prompt_token_ids), list(request.output_token_ids)
@@ -151,6 +171,9 @@ class FakeDecode(FakeWorker):
                 if sent == self.die_after_chunks:
                     self.dead = True
                     raise rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset")
+                if sent == self.freeze_after_chunks:
+                    call.frozen = asyncio.get_running_loop().create_future()
+                    await call.frozen  # never resolves: only the caller's cancel ends it
                 outputs.append(next_token(prompt + outputs))
                 done = len(outputs) == request.sampling.max_tokens
                 yield worker_pb2.GenerateChunk(token_ids=[outputs[-1]], finish_reason="length" if done else "")
@@ -202,11 +225,12 @@ class FakePrefill(FakeWorker):
 class FakeCluster:
     """Fake workers by address (the orchestrator's stub factory) and a registry snapshot of them."""
 
-    def __init__(self, num_prefill: int, num_decode: int) -> None:
+    def __init__(self, num_prefill: int, num_decode: int, heartbeat_s: float = 1.0) -> None:
         self.by_address: dict[str, FakeWorker] = {}
         self.prefills = [self._add(FakePrefill, "prefill", i) for i in range(num_prefill)]
         self.decodes = [self._add(FakeDecode, "decode", i) for i in range(num_decode)]
-        self.watcher = RegistryWatcher(None, CoordConfig())  # type: ignore[arg-type]  # never touches Redis
+        coord = CoordConfig(heartbeat_s=heartbeat_s)
+        self.watcher = RegistryWatcher(None, coord)  # type: ignore[arg-type]  # never touches Redis
         self.watcher.snapshot = {w.info.worker_id: w.info for w in self.by_address.values()}
 
     def _add(self, kind: type, role: str, index: int):
@@ -227,10 +251,17 @@ class FakeCluster:
     def stub(self, address: str) -> FakeWorker:
         return self.by_address[address]
 
-    def orchestrator(self, max_retries: int = 3, retries: list[str] | None = None) -> Orchestrator:
+    def orchestrator(
+        self, max_retries: int = 3, retries: list[str] | None = None, lease_s: float = 30.0
+    ) -> Orchestrator:
         config = RouterConfig(local_prefill_max_tokens=4, max_retries=max_retries)
         on_retry = retries.append if retries is not None else None
-        return Orchestrator(MODEL, config, TransferConfig(), self.watcher, None, on_retry=on_retry, stubs=self.stub)
+        transfer = TransferConfig(reservation_lease_s=lease_s)
+        return Orchestrator(MODEL, config, transfer, self.watcher, None, on_retry=on_retry, stubs=self.stub)
+
+    def drop_from_registry(self, worker: FakeWorker) -> None:
+        """What the registry does to a frozen worker once its key's TTL runs out."""
+        self.watcher.snapshot = {k: v for k, v in self.watcher.snapshot.items() if k != worker.info.worker_id}
 
     def assert_nothing_held(self) -> None:
         for decode in self.decodes:
@@ -353,6 +384,89 @@ async def test_decode_death_mid_stream_migrates_without_a_repeated_or_missing_to
     assert list(d1.generate_calls[0][0].output_token_ids) == expected_tokens(PROMPT, 5)
     assert retries == ["decode_failed", "migration"]
     assert orchestrator.num_migrations == 1
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_a_frozen_decode_worker_leaving_the_registry_migrates_its_stream():
+    """SIGSTOP: the stream just stops, no error. Once the registry drops the worker (its heartbeats stopped), the
+    orchestrator cancels the stream and migrates it like a dead worker's: no repeated or missing token."""
+    cluster = FakeCluster(num_prefill=1, num_decode=2, heartbeat_s=0.05)
+    d0, d1 = cluster.decodes
+    d0.freeze_after_chunks = 3
+    retries: list[str] = []
+    events: list[TokenEvent] = []
+    task = asyncio.create_task(collect(cluster.orchestrator(retries=retries), events=events))
+    while not (d0.generate_calls and d0.generate_calls[0][1].frozen):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.3)
+    assert not task.done(), "a frozen stream looked finished before the registry dropped its worker"
+    cluster.drop_from_registry(d0)
+    await asyncio.wait_for(task, timeout=5)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert [e.worker_id for e in events][4:] == ["d1"] * (MAX_TOKENS - 4)  # the prefill's token + 3 streamed
+    assert d0.generate_calls[0][1].cancelled  # aborts the request there should it ever wake up
+    assert retries == ["decode_failed", "migration"]
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_missing_only_briefly_keeps_its_stream():
+    """A Redis restart empties the registry until the workers' next heartbeats: no stream moves for that."""
+    cluster = FakeCluster(num_prefill=1, num_decode=2, heartbeat_s=0.5)
+    d0, _ = cluster.decodes
+    d0.freeze_after_chunks = 3
+    events: list[TokenEvent] = []
+    task = asyncio.create_task(collect(cluster.orchestrator(), events=events))
+    while not (d0.generate_calls and d0.generate_calls[0][1].frozen):
+        await asyncio.sleep(0.01)
+    snapshot = cluster.watcher.snapshot
+    cluster.watcher.snapshot = {}
+    await asyncio.sleep(0.3)  # within the grace of two heartbeats
+    cluster.watcher.snapshot = snapshot
+    await asyncio.sleep(1.5)
+    assert not task.done() and not d0.generate_calls[0][1].cancelled
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.asyncio
+async def test_a_frozen_prefill_worker_leaving_the_registry_is_replaced():
+    cluster = FakeCluster(num_prefill=2, num_decode=1, heartbeat_s=0.05)
+    (p0, p1), (decode,) = cluster.prefills, cluster.decodes
+    p0.hold = asyncio.Event()  # never set: p0 is frozen
+    retries: list[str] = []
+    task = asyncio.create_task(collect(cluster.orchestrator(retries=retries)))
+    while not p0.requests:
+        await asyncio.sleep(0.01)
+    cluster.drop_from_registry(p0)
+    events = await asyncio.wait_for(task, timeout=5)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert (p0.cancelled, p1.calls["Prefill"]) == (1, 1)
+    assert decode.calls["Reserve"] == 1  # the same reservation waited for the second prefill
+    assert retries == ["prefill_failed"]
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_a_reservation_is_renewed_while_its_prefill_runs_past_the_lease():
+    """A slow or queued prefill on a live prefill worker outlives the lease: renewals keep the reservation, so the
+    KV lands in it and the prompt is prefilled once (before: expired, rejected, prefilled again)."""
+    cluster = FakeCluster(num_prefill=1, num_decode=1)
+    (prefill,), (decode,) = cluster.prefills, cluster.decodes
+    prefill.hold = asyncio.Event()
+    retries: list[str] = []
+    task = asyncio.create_task(collect(cluster.orchestrator(retries=retries, lease_s=0.3)))
+    await asyncio.sleep(1.0)  # three leases
+    prefill.hold.set()
+    events = await asyncio.wait_for(task, timeout=5)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert prefill.calls["Prefill"] == 1 and retries == []
+    assert len(decode.renewed) >= 3 and set(decode.renewed) == {decode.reserved[0]}
+    renewals = len(decode.renewed)
+    await asyncio.sleep(0.3)
+    assert len(decode.renewed) == renewals  # no renewal outlives the prefill
     cluster.assert_nothing_held()
 
 
