@@ -81,8 +81,10 @@ def generate(url: str, prompt: str, max_tokens: int = MAX_TOKENS) -> dict:
     return response.json()
 
 
-def stream(url: str, prompt: str, max_tokens: int) -> Iterator[dict]:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True}
+def stream(url: str, prompt: str, max_tokens: int, **fields) -> Iterator[dict]:
+    """The events of a streamed greedy /generate; ``fields`` add to or override the body's."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True, "stream": True,
+            **fields}
     with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as response:
         for line in response.iter_lines():
             if line.startswith("data: "):

@@ -8,12 +8,10 @@ a prefill worker, on the decode worker itself, or its stream migrates midway.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import httpx
 import pytest
 
 from common.engine import LLM, SamplingParams
@@ -25,6 +23,7 @@ from tests.services.test_cluster_e2e import (
     assert_no_leak,
     chat_prompt,
     long_prompt,
+    stream,
     wait_ready,
 )
 
@@ -44,24 +43,12 @@ def seeded_reference() -> dict[str, list[int]]:
     return {prompt: out.outputs[0].token_ids for prompt, out in zip(prompts, outputs, strict=True)}
 
 
-def seeded_stream(url: str, prompt: str) -> Iterator[dict]:
-    """The events of a streamed /generate with the seeded sampling fields."""
-    body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "stream": True, **SAMPLING}
-    with httpx.stream("POST", f"{url}/generate", json=body, timeout=120) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                payload = line[len("data: "):]
-                if payload == "[DONE]":
-                    return
-                yield json.loads(payload)
-
-
 def stream_tokens(
     url: str, prompt: str, on_event: Callable[[list[int], list[str]], None] | None = None
 ) -> tuple[list[int], list[str]]:
     """The streamed tokens of a seeded /generate and the worker that made each event."""
     tokens, workers = [], []
-    for event in seeded_stream(url, prompt):
+    for event in stream(url, prompt, MAX_TOKENS, **SAMPLING):
         assert "error" not in event, event
         tokens.extend(event["token_ids"])
         workers.append(event["worker_id"])
