@@ -546,6 +546,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice | None,
                            BeforeValidator(_tool_choice)] = None
     parallel_tool_calls: bool = True
+    # vLLM's prompt-rendering extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -568,6 +572,7 @@ class ChatCompletionRequest(_SamplingRequest):
                 )
             _check_message_tool_fields(i, message)
         _check_tools(self.tools or [], self.tool_choice)
+        _check_rendering(self)
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError(
                 "top_logprobs: when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs"
@@ -606,6 +611,29 @@ def _check_message_tool_fields(i: int, message: ChatMessage) -> None:
     if message.role == "tool" and message.tool_call_id is None:
         raise ProtocolError(f"messages[{i}].tool_call_id: Field required for role 'tool'",
                             param=f"messages[{i}].tool_call_id")
+
+
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
+                                      "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+                                      "truncation", "max_length", "return_tensors", "return_dict",
+                                      "return_assistant_tokens_mask", "tokenizer_kwargs"})
+"""``apply_chat_template`` arguments the router sets itself; ``chat_template_kwargs`` may not override them."""
+
+
+def _check_rendering(request: ChatCompletionRequest) -> None:
+    """vLLM's rules: continuing the final message excludes a generation prompt, and that message is the
+    assistant's; template kwargs are the template's own variables, not apply_chat_template's arguments."""
+    if request.continue_final_message:
+        if request.add_generation_prompt:
+            raise ProtocolError("continue_final_message: Cannot set both `continue_final_message` and "
+                                "`add_generation_prompt` to True.", param="continue_final_message")
+        if request.messages[-1].role != "assistant":
+            raise ProtocolError("continue_final_message: the last message must be the assistant's to continue it",
+                                param="continue_final_message")
+    clash = sorted(RESERVED_TEMPLATE_KWARGS & set(request.chat_template_kwargs or {}))
+    if clash:
+        raise ProtocolError(f"chat_template_kwargs.{clash[0]}: set by the router; use the request field instead",
+                            param=f"chat_template_kwargs.{clash[0]}")
 
 
 def _check_tools(tools: Sequence[Tool], choice: str | NamedToolChoice | None) -> None:
@@ -758,6 +786,18 @@ def parse_completion(body: bytes | str | Mapping[str, Any]) -> CompletionRequest
 def parse_generate(body: bytes | str | Mapping[str, Any]) -> _GenerateRequest:
     """Decode and validate a ``POST /generate`` body (a ``GenerateBody``); every failure is a ProtocolError (400)."""
     return _parse(GenerateBody, body)
+
+
+def decode_body(body: bytes | str) -> Any:
+    """A request body's JSON (any shape); text that is not JSON is a ProtocolError (400)."""
+    return _decode_json(body)
+
+
+def parse_body(model: type[BaseModel], body: bytes | str | Mapping[str, Any]) -> Any:
+    """Decode and validate a body against any strict request model (services.router.vllm_api's, for one)."""
+    if not isinstance(body, bytes | bytearray | str | Mapping):
+        raise ProtocolError("The request body must be a JSON object.")
+    return _parse(model, body)
 
 
 def _parse(model: type[BaseModel], body: bytes | str | Mapping[str, Any]) -> Any:
