@@ -438,6 +438,18 @@ def _structured(param: str, **fields: Any) -> StructuredOutputs:
         raise ProtocolError(message if message.startswith(param) else f"{param}: {message}", param=param) from None
 
 
+def _only_default_priority(priority: int) -> int:
+    """vLLM's answer under its default (first come, first served) scheduling, which is the only one Tandem has."""
+    if priority != 0:
+        raise ValueError(f"Got priority {priority} but priority scheduling is not enabled (requests are served "
+                         "first come, first served; only priority 0 is accepted)")
+    return priority
+
+
+RequestId = Annotated[str, Field(pattern=r"^[!-~]{1,256}$")]
+"""A client's request id (vLLM's ``request_id``): 1 to 256 printable ASCII characters, no spaces."""
+
+
 class _SamplingRequest(_Strict):
     """Fields both endpoints share: OpenAI's sampling fields plus vLLM's extras."""
 
@@ -463,6 +475,8 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    request_id: RequestId | None = None  # the response's id (``chatcmpl-<id>``), as vLLM; X-Request-Id wins
+    priority: Annotated[int, AfterValidator(_only_default_priority)] = 0
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
@@ -945,6 +959,7 @@ class ChoiceResult:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS, length)
 
     def __post_init__(self) -> None:
         _check_finish_reason(self.finish_reason)
@@ -976,9 +991,10 @@ def token_logprob(
 # -- response builders -------------------------------------------------------------------------------------
 
 
-def new_id(kind: Literal["chat", "completion"]) -> str:
-    """A fresh response id: ``chatcmpl-<32 hex>`` or ``cmpl-<32 hex>``."""
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+def new_id(kind: Literal["chat", "completion"], client_id: str | None = None) -> str:
+    """The response id: ``chatcmpl-<client_id>`` / ``cmpl-<client_id>`` when the client named the request (vLLM's
+    ``request_id`` or X-Request-Id), else a fresh one with 32 hex digits."""
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + (client_id or uuid.uuid4().hex)
 
 
 def new_tool_call_id() -> str:
@@ -1073,6 +1089,7 @@ def chat_completion(request_id: str, model: str, created: int, choices: Sequence
                 "message": _chat_message(choice),
                 "logprobs": _chat_logprobs(choice.logprobs),
                 "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
             }
             for choice in choices
         ],
@@ -1102,6 +1119,7 @@ def completion(request_id: str, model: str, created: int, choices: Sequence[Choi
                 "text": choice.text,
                 "logprobs": _legacy_logprobs(choice.logprobs),
                 "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
             }
             for choice in choices
         ],
@@ -1132,10 +1150,11 @@ def chat_chunk_delta(
     logprobs: Sequence[TokenLogprob] | None = None,
     finish_reason: str | None = None,
     include_usage: bool = False,
+    stop_reason: str | int | None = None,
 ) -> dict:
     """A content chunk; the final one carries ``finish_reason`` (and ``delta: {}`` when it adds no text)."""
     delta = {} if finish_reason is not None and not text else {"content": text}
-    return chat_chunk(request_id, model, created, index, delta, logprobs, finish_reason, include_usage)
+    return chat_chunk(request_id, model, created, index, delta, logprobs, finish_reason, include_usage, stop_reason)
 
 
 def chat_chunk(
@@ -1147,11 +1166,15 @@ def chat_chunk(
     logprobs: Sequence[TokenLogprob] | None = None,
     finish_reason: str | None = None,
     include_usage: bool = False,
+    stop_reason: str | int | None = None,
 ) -> dict:
-    """A chunk with any ``delta``: ``{"content": ...}``, ``{"tool_calls": [...]}`` (``tool_call_delta``) or ``{}``."""
+    """A chunk with any ``delta``: ``{"content": ...}``, ``{"tool_calls": [...]}`` (``tool_call_delta``) or ``{}``.
+    The finishing chunk also carries vLLM's ``stop_reason``."""
     _check_finish_reason(finish_reason)
     choice = {"index": index, "delta": dict(delta), "logprobs": _chat_logprobs(logprobs),
               "finish_reason": finish_reason}
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
     return _with_usage_null(_envelope(request_id, CHAT_CHUNK_OBJECT, model, created, [choice]), include_usage)
 
 
@@ -1174,8 +1197,10 @@ def completion_chunk(
     finish_reason: str | None = None,
     text_offset: int = 0,
     include_usage: bool = False,
+    stop_reason: str | int | None = None,
 ) -> dict:
-    """A streamed completions chunk; ``text_offset`` is the length of the choice's text sent before it."""
+    """A streamed completions chunk; ``text_offset`` is the length of the choice's text sent before it. The
+    finishing chunk also carries vLLM's ``stop_reason``."""
     _check_finish_reason(finish_reason)
     choice = {
         "index": index,
@@ -1183,6 +1208,8 @@ def completion_chunk(
         "logprobs": _legacy_logprobs(logprobs, text_offset),
         "finish_reason": finish_reason,
     }
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
     return _with_usage_null(_envelope(request_id, COMPLETION_OBJECT, model, created, [choice]), include_usage)
 
 

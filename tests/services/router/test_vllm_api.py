@@ -9,6 +9,7 @@ The router app runs in-process around SmolLM2's real tokenizer and the fake orch
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from collections.abc import AsyncIterator
 
 import httpx
@@ -23,6 +24,7 @@ from common.metrics import RouterMetrics
 from common.models.loader import resolve_model_path
 from services.router.admission import AdmissionQueue, ApiKeys
 from services.router.openai_api import Gateway
+from services.router.orchestrator import TokenEvent
 from services.router.server import RouterState, build_app
 from services.router.vllm_api import load_chat_template
 from tests.services.router.test_generate_route import FakeOrchestrator
@@ -49,8 +51,8 @@ def hf_tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model_path(MODEL, None))
 
 
-def make_router(tokenizer, keys: tuple[str, ...] = ()) -> tuple[httpx.AsyncClient, FakeOrchestrator]:
-    orchestrator = FakeOrchestrator()
+def make_router(tokenizer, keys: tuple[str, ...] = (), orchestrator=None) -> tuple[httpx.AsyncClient, FakeOrchestrator]:
+    orchestrator = orchestrator or FakeOrchestrator()
     gateway = Gateway(model_id=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, keys=ApiKeys(keys),
                       limiter=None, queue=AdmissionQueue(8, 8), metrics=RouterMetrics.create(MODEL))
     state = RouterState(model=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, watcher=OneDecodeWorker(),
@@ -224,3 +226,78 @@ def test_chat_template_from_a_file_or_inline(tmp_path):
 def test_a_bad_chat_template_is_refused_with_the_reason(value, words):
     with pytest.raises(ValueError, match=words):
         load_chat_template(value)
+
+
+# ---------------------------------------------------------------------------------------------- request_id, priority
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path, body, prefix", [
+    ("/v1/chat/completions", {"messages": MESSAGES}, "chatcmpl-"),
+    ("/v1/completions", {"prompt": "The capital of France is"}, "cmpl-"),
+])
+async def test_request_id_names_the_response_and_x_request_id_wins(router, path, body, prefix):
+    http, _ = router
+    body = {"model": MODEL, "max_tokens": 2, **body}
+    named = await http.post(path, json={**body, "request_id": "abc-123"})
+    assert named.json()["id"] == f"{prefix}abc-123"
+    both = await http.post(path, json={**body, "request_id": "abc-123"}, headers={"X-Request-Id": "hdr-9"})
+    assert both.json()["id"] == f"{prefix}hdr-9" and both.headers["x-request-id"] == "hdr-9"
+    streamed = await http.post(path, json={**body, "request_id": "s-1", "stream": True})
+    ids = {json.loads(line[6:])["id"] for line in streamed.text.splitlines() if line.startswith("data: {")}
+    assert ids == {f"{prefix}s-1"}
+    anonymous = (await http.post(path, json=body)).json()["id"]
+    assert anonymous.startswith(prefix) and len(anonymous) == len(prefix) + 32
+    bad = await http.post(path, json={**body, "request_id": "has space"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "request_id"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": MESSAGES}),
+    ("/v1/completions", {"prompt": "Hi"}),
+])
+async def test_priority_zero_is_served_and_others_are_refused_as_vllm_does_without_priority_scheduling(
+        router, path, body):
+    http, _ = router
+    body = {"model": MODEL, "max_tokens": 2, **body}
+    assert (await http.post(path, json={**body, "priority": 0})).status_code == 200
+    refused = await http.post(path, json={**body, "priority": -5})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "priority"
+    assert "priority scheduling is not enabled" in refused.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------- stop_reason
+class EndsWith:
+    """Answers "ab" and ends it with the wire's stop_reason text (what the workers send: a stop string, a stop token
+    id as digits, or nothing for EOS)."""
+
+    def __init__(self, wire_reason: str | None) -> None:
+        self.wire_reason = wire_reason
+
+    async def generate(self, prompt, params, request_id):
+        yield TokenEvent((97,), (), worker_id="decode-0")
+        yield TokenEvent((98,), (), finish_reason="stop", stop_reason=self.wire_reason, worker_id="decode-0")
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("wire, sampling, expected", [
+    ("7", {"stop_token_ids": [7]}, 7),  # a stop token id comes back as an int
+    ("7", {"stop": ["7"], "stop_token_ids": [7]}, "7"),  # a stop string that reads like a number stays text
+    ("\n\n", {"stop": ["\n\n"]}, "\n\n"),
+    (None, {}, None),  # EOS
+])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_reason_is_the_stop_string_or_token_id(hf_tokenizer, wire, sampling, expected, stream):
+    http, _ = make_router(hf_tokenizer, orchestrator=EndsWith(wire))
+    async with http:
+        for path, body in [("/v1/chat/completions", {"messages": MESSAGES}), ("/v1/completions", {"prompt": "x"})]:
+            reply = await http.post(path, json={"model": MODEL, "max_tokens": 4, "stream": stream, **sampling, **body})
+            assert reply.status_code == 200, reply.text
+            if stream:
+                finals = [json.loads(line[6:])["choices"][0] for line in reply.text.splitlines()
+                          if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["finish_reason"]]
+                assert [choice["stop_reason"] for choice in finals] == [expected]
+            else:
+                assert reply.json()["choices"][0]["stop_reason"] == expected
