@@ -324,6 +324,7 @@ class _Timing:
         tpot = None
         if reason in ("stop", "length"):
             metrics.e2e.observe(now - self.start)
+            metrics.observe_request_tokens(_prompt_tokens(self.job), self.tokens)
             if self.first is not None and self.tokens > 1:
                 tpot = (now - self.first) / (self.tokens - 1)
                 metrics.tpot.observe(tpot)

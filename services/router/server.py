@@ -29,7 +29,7 @@ from common.config import CoordConfig, RouterConfig, TransferConfig
 from common.coord.prefix_index import PrefixLookup
 from common.coord.redis_client import connect
 from common.coord.watcher import RegistryWatcher
-from common.metrics import RouterMetrics, exposition, prometheus_sd
+from common.metrics import RouterMetrics, cluster_exposition, exposition, prometheus_sd
 from common.models.loader import resolve_model_path
 from services.router import openai_api, protocol, vllm_api
 from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
@@ -70,7 +70,8 @@ def build_app(state: RouterState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         _refresh_gauges(state)
-        return Response(exposition(state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        cluster = cluster_exposition(state.gateway.model_id, state.watcher.alive(model=state.model))
+        return Response(exposition(state.gateway.metrics.registry) + cluster, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready():
