@@ -95,10 +95,12 @@ _CHAT_UNSUPPORTED: dict[str, _Accepts] = {
     "moderation": _NONE,
     "prompt_cache_retention": _NONE,
     "prompt_cache_options": _NONE,
+    "prompt_logprobs": _NONE,  # vLLM's extra: the workers' replies carry no prompt logprobs yet
 }
 _COMPLETION_UNSUPPORTED: dict[str, _Accepts] = {
     "suffix": lambda value: value in (None, ""),
     "service_tier": _CHAT_UNSUPPORTED["service_tier"],
+    "prompt_logprobs": _NONE,
 }
 _MESSAGE_UNSUPPORTED: dict[str, _Accepts] = {
     "function_call": _NONE,

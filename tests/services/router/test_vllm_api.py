@@ -301,3 +301,17 @@ async def test_stop_reason_is_the_stop_string_or_token_id(hf_tokenizer, wire, sa
                 assert [choice["stop_reason"] for choice in finals] == [expected]
             else:
                 assert reply.json()["choices"][0]["stop_reason"] == expected
+
+
+# ---------------------------------------------------------------------------------------------- not yet supported
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path, body, param, words", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": 1}, "prompt_logprobs", "not supported yet"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 0}, "prompt_logprobs", "not supported yet"),
+    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo", "not supported yet"),
+])
+async def test_prompt_logprobs_are_refused_clearly(router, path, body, param, words):
+    http, _ = router
+    reply = await http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+    assert words in reply.json()["error"]["message"]
