@@ -200,6 +200,9 @@ class RouterConfig:
                                            help="format of the model's tool calls, for tool_choice \"auto\" and "
                                                 "the default tool prompt (default: hermes' format, no auto)")
     enable_auto_tool_choice: bool = setting(False, help="allow tool_choice \"auto\" (needs --tool-call-parser)")
+    chat_template: str | None = setting(None, metavar="PATH",
+                                        help="Jinja chat template replacing the model's: a file, or the template "
+                                             "text itself (as vLLM's --chat-template) (default: the model's)")
 
 
 @dataclass(frozen=True)

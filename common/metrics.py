@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -109,6 +109,53 @@ PLACEMENT_REASONS: dict[str, tuple[str, ...]] = {
 ENDPOINTS = ("chat", "completion")
 TRANSPORTS = ("grpc", "nccl")
 
+# ---------------------------------------------------------------------------------------------- vLLM's names
+# Every measurement a vLLM dashboard reads is also exported under vLLM's name (``vllm:...``), labelled as vLLM
+# labels it (``model_name``, ``engine``) with vLLM's buckets, so vLLM's Grafana dashboard and a Prometheus config
+# that keeps ``vllm:.*`` work unchanged. Who exports which (no name from two places, so sums never double):
+# the router: request latencies and token counts (what clients see), plus per-worker ``num_requests_running``,
+# ``num_requests_waiting`` and ``kv_cache_usage_perc`` from the registry (``engine`` = worker id), so one
+# scrape of the gateway fills the main panels; each worker: engine internals (preemptions, prefix cache,
+# tokens per step, queue/prefill/decode phase times; ``engine="0"``: one engine per worker process).
+VLLM_ROUTER_ENGINE = "router"  # the ``engine`` label of what the router measures
+VLLM_WORKER_ENGINE = "0"
+VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                     20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+VLLM_TOKEN_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                              10.0, 20.0, 40.0, 80.0)
+VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+                                120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM's 1-2-5 series up to its max_model_len; the router serves whatever context its workers have, so up to 1M.
+VLLM_TOKEN_COUNT_BUCKETS = tuple(float(m * 10**e) for e in range(7) for m in (1, 2, 5) if m * 10**e <= 1_000_000)
+# vLLM's tokens-per-step buckets without CUDA graphs; all powers of two (or 1), which the engine's power-of-two
+# step-size counts (EngineStats.step_tokens_log2) give exactly.
+VLLM_ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+VLLM_LABELS = ("model_name", "engine")
+
+
+class Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class Incrementer(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+@dataclass(frozen=True)
+class Twin:
+    """One measurement under two names (Tandem's and vLLM's): every observation or increment goes to both."""
+
+    tandem: Observer | Incrementer
+    vllm: Observer | Incrementer
+
+    def observe(self, amount: float) -> None:
+        self.tandem.observe(amount)
+        self.vllm.observe(amount)
+
+    def inc(self, amount: float = 1) -> None:
+        self.tandem.inc(amount)
+        self.vllm.inc(amount)
+
 
 # Help texts of the names both the router and the workers export (Prometheus keeps one per name).
 SHARED_HELP = {
@@ -144,14 +191,14 @@ class RouterMetrics:
     model: str
     running: Gauge
     waiting: Gauge
-    ttft: Histogram
-    itl: Histogram
-    tpot: Histogram
-    e2e: Histogram
+    ttft: Twin  # Tandem's histogram and vLLM's
+    itl: Twin
+    tpot: Twin
+    e2e: Twin
     queue_time: Histogram
     router_overhead: Histogram
-    prompt_tokens: Counter
-    generation_tokens: Counter
+    prompt_tokens: Twin
+    generation_tokens: Twin
     migrations: Counter
     requests: Counter  # families below: labelled by endpoint / status / reason / pool
     errors: Counter
@@ -161,6 +208,9 @@ class RouterMetrics:
     workers: Gauge
     slo_met: Counter
     slo_cells: tuple[tuple[Counter, ...], ...]  # [ttft index][tpot index] -> bound child of slo_met
+    vllm_success: Counter  # vllm:request_success_total, by finished_reason
+    vllm_prompt_tokens: Histogram  # per request
+    vllm_generation_tokens: Histogram
 
     @classmethod
     def create(cls, model: str) -> RouterMetrics:
@@ -175,6 +225,12 @@ class RouterMetrics:
 
         def family(kind, name: str, doc: str, *extra: str):
             return kind(name, doc, (*labels, *extra), registry=registry)
+
+        vllm_labels = {"model_name": model, "engine": VLLM_ROUTER_ENGINE}
+
+        def vllm(kind, name: str, doc: str, *extra: str, **kwargs):
+            metric = kind(name, doc, (*VLLM_LABELS, *extra), registry=registry, **kwargs)
+            return metric if extra else metric.labels(**vllm_labels)
 
         slo_met = family(
             Counter,
@@ -197,20 +253,26 @@ class RouterMetrics:
                            multiprocess_mode="livesum"),
             waiting=single(Gauge, "tandem_requests_waiting", SHARED_HELP["tandem_requests_waiting"],
                            multiprocess_mode="livesum"),
-            ttft=histogram("tandem_time_to_first_token_seconds", "Time to first token, at the router", LATENCY_BUCKETS),
-            itl=histogram(
-                "tandem_inter_token_latency_seconds",
-                "Time between streamed tokens, at the router",
-                TOKEN_LATENCY_BUCKETS,
-            ),
-            tpot=histogram(
-                "tandem_time_per_output_token_seconds",
-                "Mean time per output token after the first, per request, at the router",
-                TOKEN_LATENCY_BUCKETS,
-            ),
-            e2e=histogram(
-                "tandem_e2e_request_latency_seconds", "End-to-end request latency, at the router", LATENCY_BUCKETS
-            ),
+            ttft=Twin(
+                histogram("tandem_time_to_first_token_seconds", "Time to first token, at the router", LATENCY_BUCKETS),
+                vllm(Histogram, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                     buckets=VLLM_TTFT_BUCKETS)),
+            itl=Twin(
+                histogram("tandem_inter_token_latency_seconds", "Time between streamed tokens, at the router",
+                          TOKEN_LATENCY_BUCKETS),
+                vllm(Histogram, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                     buckets=VLLM_TOKEN_LATENCY_BUCKETS)),
+            tpot=Twin(
+                histogram("tandem_time_per_output_token_seconds",
+                          "Mean time per output token after the first, per request, at the router",
+                          TOKEN_LATENCY_BUCKETS),
+                vllm(Histogram, "vllm:request_time_per_output_token_seconds",
+                     "Histogram of time_per_output_token_seconds per request.", buckets=VLLM_TOKEN_LATENCY_BUCKETS)),
+            e2e=Twin(
+                histogram("tandem_e2e_request_latency_seconds", "End-to-end request latency, at the router",
+                          LATENCY_BUCKETS),
+                vllm(Histogram, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                     buckets=VLLM_REQUEST_LATENCY_BUCKETS)),
             queue_time=histogram(
                 "tandem_request_queue_time_seconds",
                 SHARED_HELP["tandem_request_queue_time_seconds"],
@@ -222,12 +284,12 @@ class RouterMetrics:
                 "dispatch, plus first-event-to-first-byte (admission wait excluded)",
                 OVERHEAD_BUCKETS,
             ),
-            prompt_tokens=single(Counter, "tandem_prompt_tokens_total", "Prompt tokens of admitted requests"),
-            generation_tokens=single(
-                Counter,
-                "tandem_generation_tokens_total",
-                SHARED_HELP["tandem_generation_tokens_total"],
-            ),
+            prompt_tokens=Twin(
+                single(Counter, "tandem_prompt_tokens_total", "Prompt tokens of admitted requests"),
+                vllm(Counter, "vllm:prompt_tokens", "Number of prefill tokens processed.")),
+            generation_tokens=Twin(
+                single(Counter, "tandem_generation_tokens_total", SHARED_HELP["tandem_generation_tokens_total"]),
+                vllm(Counter, "vllm:generation_tokens", "Number of generation tokens processed.")),
             migrations=single(
                 Counter, "tandem_router_migrations_total", "Streams moved to another decode worker mid-generation"
             ),
@@ -264,6 +326,12 @@ class RouterMetrics:
             ),
             slo_met=slo_met,
             slo_cells=cells,
+            vllm_success=vllm(Counter, "vllm:request_success", "Count of successfully processed requests.",
+                              "finished_reason"),
+            vllm_prompt_tokens=vllm(Histogram, "vllm:request_prompt_tokens", "Number of prefill tokens processed.",
+                                    buckets=VLLM_TOKEN_COUNT_BUCKETS),
+            vllm_generation_tokens=vllm(Histogram, "vllm:request_generation_tokens",
+                                        "Number of generation tokens processed.", buckets=VLLM_TOKEN_COUNT_BUCKETS),
         )
         metrics._initialise()
         return metrics
@@ -277,6 +345,7 @@ class RouterMetrics:
             self.errors.labels(**labels, status=str(status))
         for reason in ROUTER_FINISH_REASONS:
             self.finished.labels(**labels, finish_reason=reason)
+            self.vllm_success.labels(model_name=self.model, engine=VLLM_ROUTER_ENGINE, finished_reason=reason)
         for reason in RETRY_REASONS:
             self.retries.labels(**labels, reason=reason)
         for placement, reasons in PLACEMENT_REASONS.items():
@@ -308,12 +377,18 @@ class RouterMetrics:
     def set_workers(self, role: str, count: int) -> None:
         self.workers.labels(model=self.model, role=role).set(count)
 
+    def observe_request_tokens(self, prompt_tokens: int, generation_tokens: int) -> None:
+        """A request that finished normally: its prompt and generated token counts (vLLM's per-request histograms)."""
+        self.vllm_prompt_tokens.observe(prompt_tokens)
+        self.vllm_generation_tokens.observe(generation_tokens)
+
     def finish_request(self, reason: str, ttft: float | None, tpot: float | None) -> None:
         """Count a finished request; one that ended normally also counts towards every SLO pair it met.
 
         ``tpot`` is None for a one-token answer, which meets any TPOT SLO.
         """
         self.finished.labels(**self._labels(), finish_reason=reason).inc()
+        self.vllm_success.labels(model_name=self.model, engine=VLLM_ROUTER_ENGINE, finished_reason=reason).inc()
         if reason not in ("stop", "length") or ttft is None:
             return
         first_tpot = bisect.bisect_left(SLO_TPOT_GRID, tpot or 0.0)
@@ -352,22 +427,25 @@ class WorkerMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, tuple(labels), buckets=buckets, registry=self.registry).labels(**labels)
 
+        def twin(name: str, doc: str, vllm_name: str, vllm_doc: str) -> Twin:
+            vllm = Histogram(vllm_name, vllm_doc, VLLM_LABELS, buckets=VLLM_REQUEST_LATENCY_BUCKETS,
+                             registry=self.registry)
+            return Twin(histogram(name, doc, LATENCY_BUCKETS),
+                        vllm.labels(model_name=model, engine=VLLM_WORKER_ENGINE))
+
         def by_transport(kind, name: str, doc: str, **kwargs):
             return kind(name, doc, (*labels, "transport"), registry=self.registry, **kwargs)
 
-        self.queue_time = histogram(
-            "tandem_request_queue_time_seconds",
-            SHARED_HELP["tandem_request_queue_time_seconds"],
-            LATENCY_BUCKETS,
-        )
-        self.prefill_time = histogram(
-            "tandem_request_prefill_time_seconds",
-            "Worker: first scheduled to first token sampled here",
-            LATENCY_BUCKETS,
-        )
-        self.decode_time = histogram(
-            "tandem_request_decode_time_seconds", "Worker: first token sampled here to finish", LATENCY_BUCKETS
-        )
+        self.queue_time = twin("tandem_request_queue_time_seconds", SHARED_HELP["tandem_request_queue_time_seconds"],
+                               "vllm:request_queue_time_seconds",
+                               "Histogram of time spent in WAITING phase for request.")
+        self.prefill_time = twin("tandem_request_prefill_time_seconds",
+                                 "Worker: first scheduled to first token sampled here",
+                                 "vllm:request_prefill_time_seconds",
+                                 "Histogram of time spent in PREFILL phase for request.")
+        self.decode_time = twin("tandem_request_decode_time_seconds", "Worker: first token sampled here to finish",
+                                "vllm:request_decode_time_seconds",
+                                "Histogram of time spent in DECODE phase for request.")
         self.finished = Counter(
             "tandem_requests_finished_total",
             SHARED_HELP["tandem_requests_finished_total"],
@@ -463,7 +541,22 @@ class EngineCollector(Collector):
             for extra_values, value in series.get(name, ()):
                 family.add_metric((self.model, self.role, *extra_values), value)
             families.append(family)
-        return families
+        return families + self._vllm_families(series, latest[0] if latest is not None else None)
+
+    def _vllm_families(self, series: dict[str, list[tuple]], stats: EngineStats | None) -> list[Metric]:
+        """vLLM's names for the engine counters (``VLLM_ENGINE_ALIASES``) and its tokens-per-step histogram."""
+        labels = (self.model, VLLM_WORKER_ENGINE)
+        families: list[Metric] = []
+        for name, (source, doc) in VLLM_ENGINE_ALIASES.items():
+            family = CounterMetricFamily(name, doc, labels=VLLM_LABELS)
+            for _, value in series.get(source, ()):
+                family.add_metric(labels, value)
+            families.append(family)
+        iteration = HistogramMetricFamily(VLLM_ITERATION_TOKENS, "Histogram of number of tokens per engine_step.",
+                                          labels=VLLM_LABELS)
+        if stats is not None:
+            iteration.add_metric(labels, iteration_token_buckets(stats.step_tokens_log2), stats.step_tokens_sum)
+        return [*families, iteration]
 
     def _series(self, stats: EngineStats, reservations: int, steps: StepClock | None) -> dict[str, list[tuple]]:
         """Metric name -> [(values of its extra labels, value)]."""
@@ -506,6 +599,29 @@ ENGINE_METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+VLLM_ITERATION_TOKENS = "vllm:iteration_tokens_total"
+VLLM_ENGINE_ALIASES: dict[str, tuple[str, str]] = {
+    "vllm:num_preemptions": ("tandem_preemptions_total", "Cumulative number of preemption from the engine."),
+    "vllm:prefix_cache_queries": ("tandem_prefix_cache_queries_total",
+                                  "Prefix cache queries, in terms of number of queried tokens."),
+    "vllm:prefix_cache_hits": ("tandem_prefix_cache_hits_total",
+                               "Prefix cache hits, in terms of number of cached tokens."),
+}
+"""Worker counters under vLLM's names (``_total`` is added on exposition): vLLM name -> (Tandem series, help)."""
+
+
+def iteration_token_buckets(step_tokens_log2: Sequence[int]) -> list[tuple[str, float]]:
+    """Cumulative ``(le, count)`` pairs on ``VLLM_ITERATION_TOKEN_BUCKETS`` (+Inf last) from power-of-two counts
+    (``[k]``: steps of n tokens, n in (2^(k-1), 2^k]); exact, since every bound is a power of two."""
+    buckets, total = [], 0
+    for bound in VLLM_ITERATION_TOKEN_BUCKETS:
+        power = (bound - 1).bit_length()
+        total = sum(step_tokens_log2[: power + 1])
+        buckets.append((label_value(bound), total))
+    buckets.append(("+Inf", sum(step_tokens_log2)))
+    return buckets
+
+
 def _engine_values(stats: EngineStats, reservations: int, steps: StepClock | None = None) -> dict[str, float]:
     return {
         "tandem_engine_steps_total": steps.steps if steps else 0,
@@ -527,6 +643,40 @@ def _engine_values(stats: EngineStats, reservations: int, steps: StepClock | Non
         "tandem_spec_decode_num_accepted_tokens_total": stats.spec_accepted_tokens,
         "tandem_spec_decode_num_emitted_tokens_total": stats.spec_emitted_tokens,
     }
+
+
+# ---------------------------------------------------------------------------------------------------- cluster
+CLUSTER_GAUGES: dict[str, str] = {
+    "vllm:num_requests_running": "Number of requests in model execution batches.",
+    "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
+    "vllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
+}
+"""What the router exports per worker from its registry snapshot (``engine`` = the worker id)."""
+
+
+class ClusterCollector(Collector):
+    """Per-worker load and KV usage of ``model``'s workers, as the registry's last heartbeats say, at scrape time."""
+
+    def __init__(self, model: str, workers: Sequence[WorkerInfo]) -> None:
+        self.model, self.workers = model, workers
+
+    def collect(self) -> Iterator[Metric]:
+        families = {name: GaugeMetricFamily(name, doc, labels=VLLM_LABELS) for name, doc in CLUSTER_GAUGES.items()}
+        for worker in self.workers:
+            labels = (self.model, worker.worker_id)
+            families["vllm:num_requests_running"].add_metric(labels, worker.running)
+            families["vllm:num_requests_waiting"].add_metric(labels, worker.waiting)
+            usage = 1.0 - worker.free_blocks / worker.total_blocks if worker.total_blocks else 0.0
+            families["vllm:kv_cache_usage_perc"].add_metric(labels, usage)
+        return iter(families.values())
+
+
+def cluster_exposition(model: str, workers: Sequence[WorkerInfo]) -> bytes:
+    """The router's /metrics tail: ``CLUSTER_GAUGES`` for these workers (built per scrape, so a worker that left
+    leaves no stale series, and the same under the router's multiprocess mode)."""
+    registry = CollectorRegistry()
+    registry.register(ClusterCollector(model, workers))
+    return generate_latest(registry)
 
 
 # ---------------------------------------------------------------------------------------------------- discovery

@@ -29,6 +29,7 @@ from common.config import (
     WorkerSettings,
 )
 from common.settings import SettingField, SettingValueError, env_var_name, parse_bool, setting_fields
+from common.version import tandem_version
 
 SUBCOMMANDS = ("prefill", "decode", "router", "serve", "planner", "profile", "chat", "generate")
 WORKER_ROLES = ("prefill", "decode")
@@ -258,7 +259,7 @@ def _add_serve_command(sub: Any, env: EnvDefaults, common: list[argparse.Argumen
                          help="Redis + router + N prefill + M decode workers on this machine")
     g = cmd.add_argument_group("cluster")
     add_settings(g, env, ServeConfig)
-    add_settings(g, env, RouterConfig, ("host", "port", "tool_call_parser", "enable_auto_tool_choice"))
+    add_settings(g, env, RouterConfig, ("host", "port", "tool_call_parser", "enable_auto_tool_choice", "chat_template"))
     add_settings(g, env, TransferConfig)
 
 
@@ -281,6 +282,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
 def _build(env: EnvDefaults) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving", parents=[_verbose_parser(env)])
+    parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     common = [_verbose_parser(None)]
     for role in WORKER_ROLES:

@@ -135,6 +135,8 @@ def _cluster_from_args(args: argparse.Namespace) -> LocalCluster:
         router_args += ["--tool-call-parser", args.tool_call_parser]
     if args.enable_auto_tool_choice:
         router_args += ["--enable-auto-tool-choice"]
+    if args.chat_template:
+        router_args += ["--chat-template", args.chat_template]
     return LocalCluster(
         args.model, shape.prefill, shape.decode, args.port, args.host, worker_args, args.redis_url,
         Path(shape.log_dir) if shape.log_dir else None,

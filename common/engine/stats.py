@@ -38,6 +38,10 @@ class EngineStats:
     spec_accepted_tokens: int = 0  # of those, accepted
     spec_emitted_tokens: int = 0  # tokens those verifications emitted (accepted + the target's one, when kept)
     spec_accepted_per_position: tuple[int, ...] = ()  # [i]: drafts whose token i (0-based) was accepted
+    # Tokens per step with output: [k] counts steps of n tokens with ceil(log2 n) == k, i.e. n in (2^(k-1), 2^k];
+    # exact counts for any power-of-two histogram bound (vllm:iteration_tokens_total), in O(log n) memory.
+    step_tokens_log2: tuple[int, ...] = ()
+    step_tokens_sum: int = 0
 
     @property
     def kv_cache_usage(self) -> float:
@@ -77,6 +81,8 @@ class EngineStatsRecorder:
         self.prefill_tokens = 0
         self.generation_tokens = 0
         self.speculation = SpeculationCounters()
+        self.step_tokens_log2: list[int] = []
+        self.step_tokens_sum = 0
         self.collect_finished = False
         self._phases: dict[str, _Phases] = {}
         self._finished: deque[FinishedRequest] = deque(maxlen=max_finished)
@@ -95,6 +101,16 @@ class EngineStatsRecorder:
             if request.is_finished:
                 self.on_finish(request, now)
         self.generation_tokens += sum(len(tokens) for tokens in result.sampled.values())
+        self._count_step_tokens(step.num_batched_tokens)
+
+    def _count_step_tokens(self, num_tokens: int) -> None:
+        if num_tokens <= 0:
+            return
+        power = (num_tokens - 1).bit_length()  # ceil(log2 n)
+        if len(self.step_tokens_log2) <= power:
+            self.step_tokens_log2.extend([0] * (power + 1 - len(self.step_tokens_log2)))
+        self.step_tokens_log2[power] += 1
+        self.step_tokens_sum += num_tokens
 
     def on_finish(self, request: Request, now: float | None = None) -> None:
         """A sequence ended (by a token, a limit or an abort): close its record."""
@@ -134,6 +150,8 @@ class EngineStatsRecorder:
             spec_accepted_tokens=self.speculation.accepted_tokens,
             spec_emitted_tokens=self.speculation.emitted_tokens,
             spec_accepted_per_position=tuple(self.speculation.accepted_per_position),
+            step_tokens_log2=tuple(self.step_tokens_log2),
+            step_tokens_sum=self.step_tokens_sum,
         )
 
     def take_finished(self) -> list[FinishedRequest]:

@@ -85,6 +85,7 @@ class ChoiceState:
     logprobs: list[protocol.TokenLogprob] = field(default_factory=list)
     full_text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
     tool_calls: ToolCallStream | None = None  # the chat message's content and calls when the request has tools
 
     @property
@@ -115,12 +116,13 @@ def list_models(gateway: Gateway) -> dict:
 
 
 async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response:
-    request_id = request.headers.get("x-request-id") or _new_request_id(endpoint)
+    client_id = request.headers.get("x-request-id")
+    request_id = client_id or _new_request_id(endpoint)
     headers = {"X-Request-Id": request_id}
     gateway.metrics.count_request(endpoint)
     try:
         key_id = gateway.keys.check(request.headers.get("authorization"))
-        job = _build_job(gateway, endpoint, await request.body(), request_id)
+        job = _build_job(gateway, endpoint, await request.body(), request_id, client_id)
         if gateway.limiter is not None:
             await gateway.limiter.acquire(key_id, sum(map(len, job.prompts)) + (job.params.max_tokens or 0))
     except (protocol.ProtocolError, AdmissionError) as error:
@@ -139,7 +141,7 @@ def _new_request_id(endpoint: str) -> str:
     return f"gen-{uuid.uuid4().hex[:16]}" if endpoint == "generate" else uuid.uuid4().hex
 
 
-def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) -> Job:
+def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str, client_id: str | None = None) -> Job:
     if endpoint == "generate":
         return _generate_job(gateway, body, request_id)
     parsed = protocol.parse_chat(body) if endpoint == "chat" else protocol.parse_completion(body)
@@ -161,7 +163,8 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) ->
         echo = parsed.echo
         if echo and num_logprobs is not None:
             raise protocol.ProtocolError("echo with logprobs is not supported yet", param="echo")
-    return Job(endpoint=endpoint, response_id=protocol.new_id(endpoint), request_id=request_id,
+    response_id = protocol.new_id(endpoint, client_id or parsed.request_id)  # as vLLM: X-Request-Id wins
+    return Job(endpoint=endpoint, response_id=response_id, request_id=request_id,
                model=gateway.model_id, prompts=prompts, prompt_texts=texts, params=params, stream=parsed.stream,
                include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs, tools=tools)
 
@@ -263,7 +266,19 @@ def _apply(gateway: Gateway, job: Job, state: ChoiceState, event: TokenEvent) ->
         state.logprobs.extend(entries)
     if finished:
         state.finish_reason = "length" if event.finish_reason == "length" else "stop"
+        state.stop_reason = _stop_reason(job.params, event.stop_reason)
     return text, entries
+
+
+def _stop_reason(params: SamplingParams, reason: str | None) -> str | int | None:
+    """The wire's text back into vLLM's ``stop_reason``: a stop string as is, a stop token id as an int."""
+    if reason is None or reason in (params.stop or ()):
+        return reason
+    try:
+        token = int(reason)
+    except ValueError:
+        return reason
+    return token if token in params.stop_token_ids else reason
 
 
 def _token_text(gateway: Gateway) -> Callable[[int], str]:
@@ -309,6 +324,7 @@ class _Timing:
         tpot = None
         if reason in ("stop", "length"):
             metrics.e2e.observe(now - self.start)
+            metrics.observe_request_tokens(_prompt_tokens(self.job), self.tokens)
             if self.first is not None and self.tokens > 1:
                 tpot = (now - self.first) / (self.tokens - 1)
                 metrics.tpot.observe(tpot)
@@ -348,7 +364,7 @@ def _final_body(gateway: Gateway, job: Job, states: Sequence[ChoiceState]) -> di
         if state.tool_calls is not None:
             text, calls = state.tool_calls.content, tuple(state.tool_calls.calls)
         choices.append(protocol.ChoiceResult(state.index, text, state.chat_finish_reason or "stop",
-                                             tuple(state.token_ids), logprobs, calls))
+                                             tuple(state.token_ids), logprobs, calls, state.stop_reason))
     usage = protocol.usage(_prompt_tokens(job), sum(len(s.token_ids) for s in states))
     build = protocol.chat_completion if job.endpoint == "chat" else protocol.completion
     return build(job.response_id, job.model, gateway.created, choices, usage)
@@ -476,12 +492,12 @@ class OpenAIOutput:
         logprobs = entries if job.num_logprobs is not None else None
         if job.endpoint == "chat":
             chunk = protocol.chat_chunk_delta(job.response_id, job.model, created, state.index, text, logprobs,
-                                              state.finish_reason, job.include_usage)
+                                              state.finish_reason, job.include_usage, state.stop_reason)
         else:
             offset = self.sent_chars.get(state.index, 0)
             self.sent_chars[state.index] = offset + len(text)
             chunk = protocol.completion_chunk(job.response_id, job.model, created, state.index, text, logprobs,
-                                              state.finish_reason, offset, job.include_usage)
+                                              state.finish_reason, offset, job.include_usage, state.stop_reason)
         return protocol.sse(chunk)
 
     def _tool_call_chunks(self, state: ChoiceState, text: str, entries: list) -> bytes:
@@ -497,7 +513,8 @@ class OpenAIOutput:
         return b"".join(
             protocol.sse(protocol.chat_chunk(job.response_id, job.model, created, state.index, delta,
                                              logprobs if k == 0 else None,
-                                             finish if k == len(deltas) - 1 else None, job.include_usage))
+                                             finish if k == len(deltas) - 1 else None, job.include_usage,
+                                             state.stop_reason))
             for k, delta in enumerate(deltas))
 
 

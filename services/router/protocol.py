@@ -95,10 +95,12 @@ _CHAT_UNSUPPORTED: dict[str, _Accepts] = {
     "moderation": _NONE,
     "prompt_cache_retention": _NONE,
     "prompt_cache_options": _NONE,
+    "prompt_logprobs": _NONE,  # vLLM's extra: the workers' replies carry no prompt logprobs yet
 }
 _COMPLETION_UNSUPPORTED: dict[str, _Accepts] = {
     "suffix": lambda value: value in (None, ""),
     "service_tier": _CHAT_UNSUPPORTED["service_tier"],
+    "prompt_logprobs": _NONE,
 }
 _MESSAGE_UNSUPPORTED: dict[str, _Accepts] = {
     "function_call": _NONE,
@@ -438,6 +440,18 @@ def _structured(param: str, **fields: Any) -> StructuredOutputs:
         raise ProtocolError(message if message.startswith(param) else f"{param}: {message}", param=param) from None
 
 
+def _only_default_priority(priority: int) -> int:
+    """vLLM's answer under its default (first come, first served) scheduling, which is the only one Tandem has."""
+    if priority != 0:
+        raise ValueError(f"Got priority {priority} but priority scheduling is not enabled (requests are served "
+                         "first come, first served; only priority 0 is accepted)")
+    return priority
+
+
+RequestId = Annotated[str, Field(pattern=r"^[!-~]{1,256}$")]
+"""A client's request id (vLLM's ``request_id``): 1 to 256 printable ASCII characters, no spaces."""
+
+
 class _SamplingRequest(_Strict):
     """Fields both endpoints share: OpenAI's sampling fields plus vLLM's extras."""
 
@@ -463,6 +477,8 @@ class _SamplingRequest(_Strict):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    request_id: RequestId | None = None  # the response's id (``chatcmpl-<id>``), as vLLM; X-Request-Id wins
+    priority: Annotated[int, AfterValidator(_only_default_priority)] = 0
     # structured output: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
@@ -546,6 +562,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Annotated[Literal["none", "auto", "required"] | NamedToolChoice | None,
                            BeforeValidator(_tool_choice)] = None
     parallel_tool_calls: bool = True
+    # vLLM's prompt-rendering extras
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -568,6 +588,7 @@ class ChatCompletionRequest(_SamplingRequest):
                 )
             _check_message_tool_fields(i, message)
         _check_tools(self.tools or [], self.tool_choice)
+        _check_rendering(self)
         if self.top_logprobs and not self.logprobs:
             raise ProtocolError(
                 "top_logprobs: when using `top_logprobs`, `logprobs` must be set to true.", param="top_logprobs"
@@ -606,6 +627,29 @@ def _check_message_tool_fields(i: int, message: ChatMessage) -> None:
     if message.role == "tool" and message.tool_call_id is None:
         raise ProtocolError(f"messages[{i}].tool_call_id: Field required for role 'tool'",
                             param=f"messages[{i}].tool_call_id")
+
+
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "documents", "chat_template",
+                                      "add_generation_prompt", "continue_final_message", "tokenize", "padding",
+                                      "truncation", "max_length", "return_tensors", "return_dict",
+                                      "return_assistant_tokens_mask", "tokenizer_kwargs"})
+"""``apply_chat_template`` arguments the router sets itself; ``chat_template_kwargs`` may not override them."""
+
+
+def _check_rendering(request: ChatCompletionRequest) -> None:
+    """vLLM's rules: continuing the final message excludes a generation prompt, and that message is the
+    assistant's; template kwargs are the template's own variables, not apply_chat_template's arguments."""
+    if request.continue_final_message:
+        if request.add_generation_prompt:
+            raise ProtocolError("continue_final_message: Cannot set both `continue_final_message` and "
+                                "`add_generation_prompt` to True.", param="continue_final_message")
+        if request.messages[-1].role != "assistant":
+            raise ProtocolError("continue_final_message: the last message must be the assistant's to continue it",
+                                param="continue_final_message")
+    clash = sorted(RESERVED_TEMPLATE_KWARGS & set(request.chat_template_kwargs or {}))
+    if clash:
+        raise ProtocolError(f"chat_template_kwargs.{clash[0]}: set by the router; use the request field instead",
+                            param=f"chat_template_kwargs.{clash[0]}")
 
 
 def _check_tools(tools: Sequence[Tool], choice: str | NamedToolChoice | None) -> None:
@@ -760,6 +804,18 @@ def parse_generate(body: bytes | str | Mapping[str, Any]) -> _GenerateRequest:
     return _parse(GenerateBody, body)
 
 
+def decode_body(body: bytes | str) -> Any:
+    """A request body's JSON (any shape); text that is not JSON is a ProtocolError (400)."""
+    return _decode_json(body)
+
+
+def parse_body(model: type[BaseModel], body: bytes | str | Mapping[str, Any]) -> Any:
+    """Decode and validate a body against any strict request model (services.router.vllm_api's, for one)."""
+    if not isinstance(body, bytes | bytearray | str | Mapping):
+        raise ProtocolError("The request body must be a JSON object.")
+    return _parse(model, body)
+
+
 def _parse(model: type[BaseModel], body: bytes | str | Mapping[str, Any]) -> Any:
     data = _decode_json(body) if isinstance(body, bytes | bytearray | str) else body
     _reject_lone_surrogates(data)
@@ -905,6 +961,7 @@ class ChoiceResult:
     token_ids: tuple[int, ...] = ()
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS, length)
 
     def __post_init__(self) -> None:
         _check_finish_reason(self.finish_reason)
@@ -936,9 +993,10 @@ def token_logprob(
 # -- response builders -------------------------------------------------------------------------------------
 
 
-def new_id(kind: Literal["chat", "completion"]) -> str:
-    """A fresh response id: ``chatcmpl-<32 hex>`` or ``cmpl-<32 hex>``."""
-    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+def new_id(kind: Literal["chat", "completion"], client_id: str | None = None) -> str:
+    """The response id: ``chatcmpl-<client_id>`` / ``cmpl-<client_id>`` when the client named the request (vLLM's
+    ``request_id`` or X-Request-Id), else a fresh one with 32 hex digits."""
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + (client_id or uuid.uuid4().hex)
 
 
 def new_tool_call_id() -> str:
@@ -1033,6 +1091,7 @@ def chat_completion(request_id: str, model: str, created: int, choices: Sequence
                 "message": _chat_message(choice),
                 "logprobs": _chat_logprobs(choice.logprobs),
                 "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
             }
             for choice in choices
         ],
@@ -1062,6 +1121,7 @@ def completion(request_id: str, model: str, created: int, choices: Sequence[Choi
                 "text": choice.text,
                 "logprobs": _legacy_logprobs(choice.logprobs),
                 "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
             }
             for choice in choices
         ],
@@ -1092,10 +1152,11 @@ def chat_chunk_delta(
     logprobs: Sequence[TokenLogprob] | None = None,
     finish_reason: str | None = None,
     include_usage: bool = False,
+    stop_reason: str | int | None = None,
 ) -> dict:
     """A content chunk; the final one carries ``finish_reason`` (and ``delta: {}`` when it adds no text)."""
     delta = {} if finish_reason is not None and not text else {"content": text}
-    return chat_chunk(request_id, model, created, index, delta, logprobs, finish_reason, include_usage)
+    return chat_chunk(request_id, model, created, index, delta, logprobs, finish_reason, include_usage, stop_reason)
 
 
 def chat_chunk(
@@ -1107,11 +1168,15 @@ def chat_chunk(
     logprobs: Sequence[TokenLogprob] | None = None,
     finish_reason: str | None = None,
     include_usage: bool = False,
+    stop_reason: str | int | None = None,
 ) -> dict:
-    """A chunk with any ``delta``: ``{"content": ...}``, ``{"tool_calls": [...]}`` (``tool_call_delta``) or ``{}``."""
+    """A chunk with any ``delta``: ``{"content": ...}``, ``{"tool_calls": [...]}`` (``tool_call_delta``) or ``{}``.
+    The finishing chunk also carries vLLM's ``stop_reason``."""
     _check_finish_reason(finish_reason)
     choice = {"index": index, "delta": dict(delta), "logprobs": _chat_logprobs(logprobs),
               "finish_reason": finish_reason}
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
     return _with_usage_null(_envelope(request_id, CHAT_CHUNK_OBJECT, model, created, [choice]), include_usage)
 
 
@@ -1134,8 +1199,10 @@ def completion_chunk(
     finish_reason: str | None = None,
     text_offset: int = 0,
     include_usage: bool = False,
+    stop_reason: str | int | None = None,
 ) -> dict:
-    """A streamed completions chunk; ``text_offset`` is the length of the choice's text sent before it."""
+    """A streamed completions chunk; ``text_offset`` is the length of the choice's text sent before it. The
+    finishing chunk also carries vLLM's ``stop_reason``."""
     _check_finish_reason(finish_reason)
     choice = {
         "index": index,
@@ -1143,6 +1210,8 @@ def completion_chunk(
         "logprobs": _legacy_logprobs(logprobs, text_offset),
         "finish_reason": finish_reason,
     }
+    if finish_reason is not None:
+        choice["stop_reason"] = stop_reason
     return _with_usage_null(_envelope(request_id, COMPLETION_OBJECT, model, created, [choice]), include_usage)
 
 

@@ -29,9 +29,9 @@ from common.config import CoordConfig, RouterConfig, TransferConfig
 from common.coord.prefix_index import PrefixLookup
 from common.coord.redis_client import connect
 from common.coord.watcher import RegistryWatcher
-from common.metrics import RouterMetrics, exposition, prometheus_sd
+from common.metrics import RouterMetrics, cluster_exposition, exposition, prometheus_sd
 from common.models.loader import resolve_model_path
-from services.router import openai_api, protocol
+from services.router import openai_api, protocol, vllm_api
 from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
 from services.router.openai_api import Gateway
 from services.router.orchestrator import Orchestrator
@@ -61,6 +61,7 @@ def build_app(state: RouterState) -> FastAPI:
                   description="OpenAI-compatible gateway of a disaggregated prefill/decode cluster")
     _add_error_handlers(app, state)
     _add_openai_routes(app, state)
+    vllm_api.add_vllm_routes(app, state.gateway, vllm_api.served_max_model_len(state.watcher, state.model))
 
     @app.get("/health")
     async def health() -> dict:
@@ -69,7 +70,8 @@ def build_app(state: RouterState) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         _refresh_gauges(state)
-        return Response(exposition(state.gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        cluster = cluster_exposition(state.gateway.model_id, state.watcher.alive(model=state.model))
+        return Response(exposition(state.gateway.metrics.registry) + cluster, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/ready")
     async def ready():
@@ -156,6 +158,8 @@ async def router_state(
     watcher = RegistryWatcher(client, coord)
     await watcher.start()
     tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, resolve_model_path(model, download_dir))
+    if router.chat_template is not None:
+        tokenizer.chat_template = vllm_api.load_chat_template(router.chat_template)
     served = router.served_model_name or model
     metrics = RouterMetrics.create(served)
 
@@ -208,6 +212,11 @@ def main_router(
         raise SystemExit(f"tandem router: --processes must be >= 1, got {router.processes}")
     if router.enable_auto_tool_choice and router.tool_call_parser is None:
         raise SystemExit("tandem router: --enable-auto-tool-choice needs --tool-call-parser")
+    if router.chat_template is not None:
+        try:
+            vllm_api.load_chat_template(router.chat_template)
+        except ValueError as error:
+            raise SystemExit(f"tandem router: {error}") from None
     if router.processes > 1:
         return supervise(sys.argv[1:], router.host, router.port, router.processes)
     return run_event_loop(serve_router(model, router, coord, transfer, download_dir))

@@ -164,9 +164,12 @@ def template_renders_tools(tokenizer) -> bool:
 
 
 def render_chat(tokenizer, request: ChatCompletionRequest, plan: ToolPlan | None, call_format: str) -> str:
-    """The prompt text for a chat request, tools and tool turns included (see the module docstring)."""
+    """The prompt text for a chat request, tools and tool turns included (see the module docstring), with the
+    request's ``chat_template_kwargs``, ``add_generation_prompt`` and ``continue_final_message`` (vLLM's)."""
     messages = protocol.messages_for_template(request)
-    kwargs = {}
+    kwargs = dict(request.chat_template_kwargs or {})
+    if request.continue_final_message:
+        kwargs["continue_final_message"] = True
     if template_renders_tools(tokenizer):
         if plan is not None:
             kwargs["tools"] = [{"type": "function", "function": function.model_dump(exclude_none=True)}
@@ -174,7 +177,8 @@ def render_chat(tokenizer, request: ChatCompletionRequest, plan: ToolPlan | None
     else:
         messages = default_tool_messages(messages, plan.functions if plan else (), call_format)
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=request.add_generation_prompt, **kwargs)
     except Exception as error:  # noqa: BLE001 - templates raise anything (jinja errors on bad roles/order)
         raise ProtocolError(f"messages: the chat template rejected them: {error}", param="messages") from error
 

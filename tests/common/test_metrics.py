@@ -43,7 +43,8 @@ def registries() -> dict[str, CollectorRegistry]:
 
 
 def families(registry: CollectorRegistry) -> list:
-    return list(registry.collect())
+    """Tandem's own families (vLLM's names follow vLLM's conventions: tests/common/test_metrics_vllm.py)."""
+    return [family for family in registry.collect() if not family.name.startswith("vllm:")]
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
