@@ -260,8 +260,11 @@ class RouterMetrics:
             itl=Twin(
                 histogram("tandem_inter_token_latency_seconds", "Time between streamed tokens, at the router",
                           TOKEN_LATENCY_BUCKETS),
-                vllm(Histogram, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                     buckets=VLLM_TOKEN_LATENCY_BUCKETS)),
+                Twin(vllm(Histogram, "vllm:inter_token_latency_seconds",
+                          "Histogram of inter-token latency in seconds.", buckets=VLLM_TOKEN_LATENCY_BUCKETS),
+                     # the same latencies under the name vLLM's example dashboard still queries (before 0.11)
+                     vllm(Histogram, "vllm:time_per_output_token_seconds",
+                          "Histogram of time per output token in seconds.", buckets=VLLM_TOKEN_LATENCY_BUCKETS))),
             tpot=Twin(
                 histogram("tandem_time_per_output_token_seconds",
                           "Mean time per output token after the first, per request, at the router",
@@ -650,6 +653,7 @@ CLUSTER_GAUGES: dict[str, str] = {
     "vllm:num_requests_running": "Number of requests in model execution batches.",
     "vllm:num_requests_waiting": "Number of requests waiting to be processed.",
     "vllm:kv_cache_usage_perc": "KV-cache usage. 1 means 100 percent usage.",
+    "vllm:gpu_cache_usage_perc": "GPU KV-cache usage. 1 means 100 percent usage (vLLM's name before 0.11).",
 }
 """What the router exports per worker from its registry snapshot (``engine`` = the worker id)."""
 
@@ -668,6 +672,7 @@ class ClusterCollector(Collector):
             families["vllm:num_requests_waiting"].add_metric(labels, worker.waiting)
             usage = 1.0 - worker.free_blocks / worker.total_blocks if worker.total_blocks else 0.0
             families["vllm:kv_cache_usage_perc"].add_metric(labels, usage)
+            families["vllm:gpu_cache_usage_perc"].add_metric(labels, usage)
         return iter(families.values())
 
 

@@ -19,9 +19,11 @@ from services.router.openai_api import Gateway
 from services.router.server import RouterState, build_app
 from tests.services.router.test_generate_route import MODEL, CharTokenizer, FakeOrchestrator
 
-# The series vLLM's own Grafana dashboard (vLLM 0.26, examples/online_serving/prometheus_grafana/grafana.json)
-# queries, as written from that dashboard's panel expressions, plus the ones issue 18 names (prefix-cache hits and
-# queries, iteration tokens, preemptions). Written here by hand: no copy of the file is reachable from this machine.
+# The series vLLM's own Grafana dashboard (examples/online_serving/prometheus_grafana/grafana.json in vLLM's repository)
+# queries, taken from its panel expressions (it still reads the pre-0.11 names time_per_output_token_seconds and
+# gpu_cache_usage_perc), plus the newer names and the ones issue 18 lists (prefix-cache hits and queries, iteration
+# tokens, preemptions). Its "max generation tokens in sequence group" panel (vllm:request_max_num_generation_tokens,
+# a V0 n > 1 measure) is not served.
 DASHBOARD_SERIES = {
     "vllm:e2e_request_latency_seconds_bucket", "vllm:e2e_request_latency_seconds_sum",
     "vllm:e2e_request_latency_seconds_count",
@@ -38,8 +40,11 @@ DASHBOARD_SERIES = {
     "vllm:request_decode_time_seconds_sum",
     "vllm:num_preemptions_total", "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
     "vllm:iteration_tokens_total_bucket",
+    "vllm:time_per_output_token_seconds_bucket", "vllm:time_per_output_token_seconds_sum",
+    "vllm:time_per_output_token_seconds_count", "vllm:gpu_cache_usage_perc",
 }
-ROUTER_ONLY = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
+ROUTER_ONLY = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+               "vllm:gpu_cache_usage_perc"}
 WORKERS = [WorkerInfo("decode-a", "decode", MODEL, "127.0.0.1:1", total_blocks=100, free_blocks=25, running=3,
                       waiting=1),
            WorkerInfo("prefill-b", "prefill", MODEL, "127.0.0.1:2", total_blocks=40, free_blocks=40, running=0,
@@ -106,7 +111,8 @@ async def test_vllm_series_carry_vllms_labels_and_tandems_values():
     vllm = {"model_name": MODEL, "engine": "router"}
     for tandem_name, vllm_name in [("tandem_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"),
                                    ("tandem_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds"),
-                                   ("tandem_inter_token_latency_seconds", "vllm:inter_token_latency_seconds")]:
+                                   ("tandem_inter_token_latency_seconds", "vllm:inter_token_latency_seconds"),
+                                   ("tandem_inter_token_latency_seconds", "vllm:time_per_output_token_seconds")]:
         for suffix in ("_count", "_sum"):
             assert value(found, vllm_name + suffix, **vllm) == value(found, tandem_name + suffix, **tandem)
     assert value(found, "vllm:time_to_first_token_seconds_count", **vllm) == 3
