@@ -16,7 +16,7 @@ SHAPES = LoRABaseShapes.from_hf_config(tiny_llama_config())
 
 
 def test_shapes_from_hf_config():
-    assert SHAPES == LoRABaseShapes(num_layers=2, hidden_size=64, q_size=64, kv_size=32, intermediate_size=96)
+    assert LoRABaseShapes(num_layers=2, hidden_size=64, q_size=64, kv_size=32, intermediate_size=96) == SHAPES
     assert SHAPES.slice_starts("qkv_proj") == (0, 64, 96, 128)
     assert SHAPES.slice_starts("gate_up_proj") == (0, 96, 192)
     assert SHAPES.in_features("down_proj") == 96
