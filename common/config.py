@@ -79,6 +79,66 @@ class SchedulerConfig:
             object.__setattr__(self, "speculative_config", parse_speculative_config(self.speculative_config))
 
 
+def parse_lora_modules(value: Any) -> tuple[tuple[str, str], ...]:
+    """'a=/p/a b=/p/b' or 'a=/p/a,b=/p/b' (text), a NAME=PATH list or a {name: path} dict -> ((name, path), ...).
+
+    Names must be unique; paths may not hold spaces or commas in the text form.
+    """
+    if isinstance(value, dict):
+        items = [f"{name}={path}" for name, path in value.items()]
+    elif isinstance(value, str):
+        items = value.replace(",", " ").split()
+    else:
+        items = [item if isinstance(item, str) else "=".join(item) for item in value]
+    modules = tuple(_lora_module(item) for item in items)
+    names = [name for name, _ in modules]
+    if len(set(names)) != len(names):
+        raise SettingValueError(f"LoRA adapter names must be unique: {', '.join(names)}")
+    return modules
+
+
+def _lora_module(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise SettingValueError(f"not a LoRA module NAME=PATH: {item!r} (try sql=/adapters/sql-lora)")
+    return name.strip(), path.strip()
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA serving, with vLLM's flags and defaults: which PEFT adapters, how many on the GPU and the host.
+
+    Not yet part of ``EngineConfig``: the engine does not apply adapters yet (see the README, Multi-LoRA).
+    """
+
+    enable_lora: bool = setting(False, help="serve LoRA adapters (--lora-modules) beside the base model")
+    lora_modules: tuple[tuple[str, str], ...] = setting((), parse=parse_lora_modules, metavar="NAME=PATH ...",
+                                                        help="PEFT adapter folders clients name as models, "
+                                                             "space- or comma-separated (default: none)")
+    max_loras: int = setting(1, help="adapters resident on the GPU at once (default: %(default)s)")
+    max_lora_rank: int = setting(16, help="highest adapter rank (default: %(default)s)")
+    max_cpu_loras: int | None = setting(None, help="adapters kept in host memory (default: --max-loras)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lora_modules", parse_lora_modules(self.lora_modules))  # LLM(lora_modules=dict)
+        if self.max_cpu_loras is None:
+            object.__setattr__(self, "max_cpu_loras", self.max_loras)
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            if getattr(self, name) < 1:
+                raise SettingValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_cpu_loras < self.max_loras:
+            raise SettingValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+    @property
+    def adapter_paths(self) -> dict[str, str]:
+        return dict(self.lora_modules)
+
+    def check_names_against(self, served_model_name: str) -> None:
+        """Adapter names are model ids clients send, so none may be the base model's."""
+        if served_model_name in self.adapter_paths:
+            raise SettingValueError(f"LoRA adapter name {served_model_name!r} is the base model's name")
+
+
 # The engine's three parts, in the order the command line lists their flags.
 ENGINE_PARTS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
 

@@ -11,6 +11,7 @@ from common.config import (
     CacheConfig,
     CoordConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     PlannerConfig,
     ProfileConfig,
@@ -75,3 +76,39 @@ def test_negated_switch_and_parsers():
     assert parse_csv(" a, b,,c ") == ("a", "b", "c")
     args = build_parser({"TANDEM_API_KEYS": "k1,k2"}).parse_args(["router"])
     assert router_config(args).api_keys == ("k1", "k2")
+
+
+def test_lora_config_defaults_and_parsing():
+    """vLLM's defaults (max_loras 1, max_lora_rank 16, max_cpu_loras = max_loras); NAME=PATH lists in every form."""
+    assert {f.name for f in setting_fields(LoRAConfig)} == {f.name for f in dataclasses.fields(LoRAConfig)}
+    config = LoRAConfig()
+    assert (config.enable_lora, config.max_loras, config.max_lora_rank, config.max_cpu_loras) == (False, 1, 16, 1)
+    parse = setting_field(LoRAConfig, "lora_modules").parse
+    expected = (("sql", "/a/sql"), ("chat", "/a/chat"))
+    assert parse("sql=/a/sql chat=/a/chat") == parse("sql=/a/sql, chat=/a/chat") == expected
+    assert LoRAConfig(lora_modules={"sql": "/a/sql", "chat": "/a/chat"}).lora_modules == expected
+    assert LoRAConfig(lora_modules=["sql=/a/sql", ("chat", "/a/chat")], max_loras=3).max_cpu_loras == 3
+    assert LoRAConfig(lora_modules="sql=/a/sql").adapter_paths == {"sql": "/a/sql"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lora_modules="sql=/a sql=/b"), "unique"),
+        (dict(lora_modules="sql"), "NAME=PATH"),
+        (dict(lora_modules="=/a"), "NAME=PATH"),
+        (dict(max_loras=0), "max_loras must be positive"),
+        (dict(max_lora_rank=-8), "max_lora_rank must be positive"),
+        (dict(max_loras=4, max_cpu_loras=2), r"max_cpu_loras \(2\) must be >= max_loras \(4\)"),
+    ],
+)
+def test_lora_config_refusals(kwargs, message):
+    with pytest.raises(SettingValueError, match=message):
+        LoRAConfig(**kwargs)
+
+
+def test_lora_names_must_not_be_the_base_model_name():
+    config = LoRAConfig(lora_modules="smollm2=/a")
+    config.check_names_against("other")
+    with pytest.raises(SettingValueError, match="'smollm2' is the base model's name"):
+        config.check_names_against("smollm2")
