@@ -1,8 +1,9 @@
 """`LocalCluster`: Redis + router + N prefill + M decode workers as real processes on this machine.
 
-Every child is ``python -m services.launch <role> ...`` configured by its command line only: the variables
-tandem flags read (TANDEM_*, REDIS_URL) are removed from its environment, so the parent's settings reach it
-only as the explicit flags we pass. A child is ready when it prints one ``TANDEM_READY {json}`` line on stdout.
+Every child is ``python -m services.launch <role> ...`` configured by its command line: the variables tandem
+flags read (TANDEM_*, REDIS_URL) are removed from its environment, so the parent's settings reach it only as
+the explicit flags we pass (and secret settings, such as the router's API keys, as the variables we set).
+A child is ready when it prints one ``TANDEM_READY {json}`` line on stdout.
 Its stdout and stderr are read to the end on two threads (a child never blocks on a full pipe) and written to
 ``<run_dir>/<worker_id>.log``.
 
@@ -310,6 +311,7 @@ class LocalCluster:
         *,
         namespace: str = "tandem",
         router_args: Sequence[str] = (),
+        router_env: Mapping[str, str] | None = None,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
         echo_stderr: bool = False,
@@ -318,6 +320,7 @@ class LocalCluster:
         self.model, self.host, self.router_port, self.namespace = model, host, router_port, namespace
         self.num_prefill, self.num_decode = num_prefill, num_decode
         self.worker_args, self.router_args = list(worker_args), list(router_args)
+        self.router_env = dict(router_env or {})  # e.g. TANDEM_API_KEYS: secrets stay off the command line
         self.redis_url = redis_url
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tandem-run-"))
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
@@ -465,7 +468,7 @@ class LocalCluster:
         argv = ["router", "--model", self.model, *self.router_args, *self._coord_args(),
                 "--host", self.host, "--port", str(self.router_port)]
         hide_gpus = "" if self._gpu_ids else None  # the router tokenizes; it must not take GPU memory
-        return self._spawn("router", "router", argv, hide_gpus)
+        return self._spawn("router", "router", argv, hide_gpus, self.router_env)
 
     def _spawn_worker(self, role: str, worker_id: str, gpu: str | None, extra: Sequence[str]) -> WorkerProcess:
         argv = [role, "--model", self.model, *self.worker_args, *extra, *self._coord_args(),
@@ -476,17 +479,19 @@ class LocalCluster:
         assert self.redis_url is not None
         return ["--redis-url", self.redis_url, "--namespace", self.namespace]
 
-    def _spawn(self, role: str, worker_id: str, argv: list[str], gpu: str | None) -> WorkerProcess:
+    def _spawn(self, role: str, worker_id: str, argv: list[str], gpu: str | None,
+               extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
         """Start `python -m services.launch *argv` in its own session (Ctrl-C on our terminal does not reach it:
         we stop it ourselves, in order)."""
         log_path = self.run_dir / f"{worker_id}.log"
         cmd = [sys.executable, "-m", "services.launch", *argv]
         watcher = OutputWatcher(worker_id, log_path, self._echo)
         watcher.note(f"$ CUDA_VISIBLE_DEVICES={gpu} {' '.join(cmd)}\n")
+        env = {**child_env(self._environ, gpu, known_env_vars()), **(extra_env or {})}
         try:
             popen = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                errors="replace", bufsize=1, env=child_env(self._environ, gpu, known_env_vars()),
+                errors="replace", bufsize=1, env=env,
                 start_new_session=True,
             )
         except OSError:

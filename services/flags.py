@@ -256,10 +256,9 @@ def _add_serve_command(sub: Any, env: EnvDefaults, common: list[argparse.Argumen
     cmd = sub.add_parser("serve", parents=[*common, engine_parser(env),
                                            _coord_parser(env, own_redis=True)],
                          help="Redis + router + N prefill + M decode workers on this machine")
-    g = cmd.add_argument_group("cluster")
-    add_settings(g, env, ServeConfig)
-    add_settings(g, env, RouterConfig, ("host", "port", "tool_call_parser", "enable_auto_tool_choice"))
-    add_settings(g, env, TransferConfig)
+    add_settings(cmd.add_argument_group("cluster"), env, ServeConfig)
+    add_settings(cmd.add_argument_group("router"), env, RouterConfig)  # every one: passed on by router_argv
+    add_settings(cmd.add_argument_group("transfer"), env, TransferConfig)
 
 
 def _add_planner_command(sub: Any, env: EnvDefaults, common: list[argparse.ArgumentParser]) -> None:
@@ -320,8 +319,31 @@ def engine_argv(args: argparse.Namespace, skip: Iterable[str] = ("--model",)) ->
     return argv
 
 
+def settings_argv(config_cls: type, args: argparse.Namespace, skip: Iterable[str] = ()
+                  ) -> tuple[list[str], dict[str, str]]:
+    """`config_cls`'s settings in parsed `args` that differ from their declared default, written back for a child
+    process: (command-line words, environment). Secret settings go into the environment (TANDEM_<FLAG>), the rest
+    onto the command line; names in `skip` are left out (the caller passes those itself)."""
+    argv: list[str] = []
+    environ: dict[str, str] = {}
+    for field in setting_fields(config_cls):
+        dest = _flag_dest(field)
+        if not field.info.cli or field.name in skip or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if value is None or field.value_from_flag(value) == field.default:
+            continue
+        if field.info.secret:
+            environ[field.env_var] = _flag_word(value)
+        else:
+            argv += [field.flag] if field.is_switch else [field.flag, _flag_word(value)]
+    return argv, environ
+
+
 def _flag_word(value: Any) -> str:
     """A parsed setting written as the word its flag parses back (a pydantic model, e.g. --speculative-config, as
-    JSON; its repr would not parse)."""
+    JSON; its repr would not parse; a tuple, e.g. --api-keys, comma-separated)."""
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
     to_json = getattr(value, "model_dump_json", None)
     return to_json(exclude_none=True) if to_json is not None else str(value)

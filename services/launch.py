@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from common.config import RouterConfig
 from common.settings import env_var_name, parse_bool, parse_bytes
 from services.flags import (
     build_parser,
@@ -38,6 +39,7 @@ from services.flags import (
     profile_config,
     router_config,
     serve_config,
+    settings_argv,
     transfer_config,
     worker_config,
     worker_settings,
@@ -128,17 +130,17 @@ def _cluster_from_args(args: argparse.Namespace) -> LocalCluster:
     shape = serve_config(args)
     verbose = ["-v"] if args.verbose else []
     worker_args = [*engine_argv(args), "--transport", args.transport, *verbose]
-    router_args = ["--transport", args.transport, *verbose]
+    # Every router setting `serve` was given (flag or TANDEM_* variable) goes on to the router; secrets (API
+    # keys) through its environment. host and port are the cluster's own arguments.
+    router_settings, router_env = settings_argv(RouterConfig, args, skip=("host", "port"))
+    router_args = ["--transport", args.transport, *verbose, *router_settings]
     if args.download_dir:
-        router_args += ["--download-dir", args.download_dir]
-    if args.tool_call_parser:
-        router_args += ["--tool-call-parser", args.tool_call_parser]
-    if args.enable_auto_tool_choice:
-        router_args += ["--enable-auto-tool-choice"]
+        router_args = ["--download-dir", args.download_dir, *router_args]
     return LocalCluster(
         args.model, shape.prefill, shape.decode, args.port, args.host, worker_args, args.redis_url,
         Path(shape.log_dir) if shape.log_dir else None,
-        namespace=args.namespace, router_args=router_args, ready_timeout_s=shape.ready_timeout_s, echo_stderr=True,
+        namespace=args.namespace, router_args=router_args, router_env=router_env,
+        ready_timeout_s=shape.ready_timeout_s, echo_stderr=True,
     )
 
 

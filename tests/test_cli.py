@@ -105,6 +105,45 @@ def test_tool_call_flags_reach_the_router_of_serve():
     assert router_args[-3:] == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
 
 
+SERVE_ROUTER_FLAGS = ["--api-keys", "k1,k2", "--rate-limit-rpm", "60", "--rate-limit-tpm", "9000",
+                      "--served-model-name", "tiny", "--max-running", "7", "--max-waiting", "3", "--processes", "2",
+                      "--weight-prefix-hits", "3.5", "--slo-tpot-ms", "40"]
+
+
+def test_serve_takes_every_router_flag():
+    """Each router setting is declared once (RouterConfig); `serve` must offer every one the router has."""
+    from common.config import RouterConfig
+    from common.settings import setting_fields
+
+    serve_help = build_parser({})._subparsers._group_actions[0].choices["serve"].format_help()
+    missing = [f.flag for f in setting_fields(RouterConfig) if f.info.cli and f.flag not in serve_help]
+    assert not missing, missing
+
+
+def _router_config_of_serve(args):
+    """The RouterConfig the router child of `serve` would build: its command line and environment, parsed."""
+    cluster = launch._cluster_from_args(args)
+    return router_config(parse(["router", *cluster.router_args], cluster.router_env)), cluster
+
+
+def test_serve_passes_its_router_flags_to_the_router():
+    args = parse(["serve", *SERVE_ROUTER_FLAGS])
+    config, cluster = _router_config_of_serve(args)
+    assert config == router_config(parse(["router", *SERVE_ROUTER_FLAGS]))
+    assert config.api_keys == ("k1", "k2") and config.processes == 2 and config.served_model_name == "tiny"
+    assert "k1,k2" not in " ".join(cluster.router_args)  # ps shows command lines to every user
+    assert cluster.router_env == {"TANDEM_API_KEYS": "k1,k2"}
+
+
+def test_serve_passes_router_env_vars_to_the_router():
+    """LocalCluster strips TANDEM_* from its children: `serve` must read them and pass them on itself."""
+    environ = {"TANDEM_API_KEYS": "secret", "TANDEM_RATE_LIMIT_RPM": "5", "TANDEM_SERVED_MODEL_NAME": "m"}
+    config, _ = _router_config_of_serve(parse(["serve"], environ))
+    assert (config.api_keys, config.rate_limit_rpm, config.served_model_name) == (("secret",), 5, "m")
+    default, cluster = _router_config_of_serve(parse(["serve"]))
+    assert default == router_config(parse(["router"])) and cluster.router_env == {}
+
+
 def test_serve_defaults():
     args = parse(["serve"])
     assert (args.prefill, args.decode, args.port, args.host) == (1, 1, 8000, "127.0.0.1")
