@@ -232,6 +232,9 @@ def _sampling_parser(env: EnvDefaults, max_tokens: int = 256) -> argparse.Argume
     g = p.add_argument_group("sampling")
     add_option(g, env, "--max-tokens", type=int, default=max_tokens, help="default: %(default)s")
     add_option(g, env, "--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    add_option(g, env, "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    add_option(g, env, "--seed", type=int, default=None, help="sampling seed, for repeatable output (default: none)")
+    add_option(g, env, "--stop", action="append", help="stop before this text; repeat for several (default: none)")
     return p
 
 
@@ -294,6 +297,7 @@ def _build(env: EnvDefaults) -> argparse.ArgumentParser:
                          help="one completion for one prompt, in process")
     add_option(gen, env, "--prompt", required=True)
     add_switch(gen, env, "--chat", help="wrap the prompt as a user chat message")
+    add_switch(gen, env, "--stream", help="print the text as it is generated")
     return parser
 
 

@@ -310,7 +310,36 @@ def load_engine(args: argparse.Namespace) -> Any:
 def sampling_params(args: argparse.Namespace) -> Any:
     from common.engine import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p,
+                          seed=args.seed, stop=tuple(args.stop or ()))
+
+
+def stream_completion(llm: Any, prompt: str, params: Any) -> Iterator[str]:
+    """The completion of `prompt`, piece by piece as the engine makes it (joined: what llm.generate returns).
+    Closing the iterator early aborts the request, so no KV block is left behind."""
+    engine = llm.engine
+    request_id = engine.add_request(prompt, None, params)
+    sent, finished = 0, False
+    try:
+        while not finished:
+            for output in engine.step():
+                if output.request_id != request_id:
+                    continue
+                text, finished = output.outputs[0].text, output.finished
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+    finally:
+        if not finished:
+            engine.abort_request(request_id)
+        engine.finish_in_flight()
+
+
+def stream_chat(llm: Any, messages: list[dict[str, str]], params: Any) -> Iterator[str]:
+    """The assistant's next turn, streamed (joined: what llm.chat returns)."""
+    from common.engine.llm import render_chat
+
+    yield from stream_completion(llm, render_chat(llm.get_tokenizer(), messages, True, None), params)
 
 
 def _read_messages(stdin: IO[str], interactive: bool) -> Iterator[str]:
@@ -329,8 +358,10 @@ def _read_messages(stdin: IO[str], interactive: bool) -> Iterator[str]:
         yield line.strip()
 
 
-def chat_repl(llm: Any, params: Any, stdin: IO[str], stdout: IO[str], interactive: bool) -> None:
-    """Answer each line as the next turn of one conversation; `exit` or EOF ends, `/reset` forgets."""
+def chat_repl(llm: Any, params: Any, stdin: IO[str], stdout: IO[str], interactive: bool,
+              stream: Any = stream_chat) -> None:
+    """Answer each line as the next turn of one conversation, printing the answer as it is generated
+    (`stream(llm, history, params)` yields its pieces); `exit` or EOF ends, `/reset` forgets."""
     history: list[dict[str, str]] = []
     for text in _read_messages(stdin, interactive):
         if not text:
@@ -342,10 +373,13 @@ def chat_repl(llm: Any, params: Any, stdin: IO[str], stdout: IO[str], interactiv
             continue
         history.append({"role": "user", "content": text})
         t0 = time.perf_counter()
-        answer = llm.chat(history, params)[0].outputs[0].text
+        pieces = []
+        for piece in stream(llm, history, params):
+            pieces.append(piece)
+            print(piece, end="", file=stdout, flush=True)
+        print(file=stdout, flush=True)
         log.debug("answered in %.2f s", time.perf_counter() - t0)
-        history.append({"role": "assistant", "content": answer})
-        print(answer, file=stdout, flush=True)
+        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -360,6 +394,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     llm = load_engine(args)
     params = sampling_params(args)
+    if args.stream:
+        messages = [{"role": "user", "content": args.prompt}]
+        pieces = stream_chat(llm, messages, params) if args.chat else stream_completion(llm, args.prompt, params)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        return 0
     if args.chat:
         outs = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -263,6 +262,10 @@ def test_serve_passes_the_speculative_config_to_its_workers_as_json():
 def test_chat_and_generate_flags():
     args = parse(["generate", "--prompt", "hi", "--max-tokens", "8", "--temperature", "0.7", "--chat"])
     assert (args.prompt, args.max_tokens, args.temperature, args.chat) == ("hi", 8, 0.7, True)
+    args = parse(["generate", "--prompt", "hi", "--seed", "7", "--top-p", "0.9", "--stop", ".", "--stop", "\n",
+                  "--stream"])
+    params = launch.sampling_params(args)
+    assert (params.seed, params.top_p, params.stop, args.stream) == (7, 0.9, (".", "\n"), True)
     args = parse(["chat", "--device", "cpu", "--kv-cache-memory", "512MiB"])
     assert (args.device, args.kv_cache_memory, args.max_tokens) == ("cpu", 512 << 20, 256)
 
@@ -287,20 +290,21 @@ def test_bad_byte_size_is_a_usage_error():
 
 
 class _EchoLLM:
-    """Stands in for common.engine.LLM: answers with the number of messages it was given."""
+    """Stands in for the engine: streams an answer naming the number of messages it was given, in two pieces."""
 
     def __init__(self):
         self.calls = []
 
-    def chat(self, messages, params):
+    def stream(self, llm, messages, params):
         self.calls.append(list(messages))
-        return [SimpleNamespace(outputs=[SimpleNamespace(text=f"answer {len(messages)}")])]
+        yield "answer "
+        yield str(len(messages))
 
 
 def test_chat_repl_keeps_history_and_stops_at_exit():
     llm, out = _EchoLLM(), io.StringIO()
     stdin = io.StringIO("What is the capital of France?\n\nAnd of Italy?\n/reset\nHi\nexit\nnever read\n")
-    chat_repl(llm, params=None, stdin=stdin, stdout=out, interactive=False)
+    chat_repl(llm, params=None, stdin=stdin, stdout=out, interactive=False, stream=llm.stream)
     assert out.getvalue().splitlines() == ["answer 1", "answer 3", "answer 1"]
     assert llm.calls[1][1] == {"role": "assistant", "content": "answer 1"}
 
