@@ -247,7 +247,7 @@ class RouterConfig:
         256, help="output tokens of a running stream over which --slo-tpot-ms averages a local prefill's stall "
                   "(a request's TPOT is its mean time per token) (default: %(default)s)")
     served_model_name: str | None = setting(None, help="model id clients send (default: --model)")
-    api_keys: tuple[str, ...] = setting((), parse=parse_csv,
+    api_keys: tuple[str, ...] = setting((), parse=parse_csv, secret=True,
                                         help="comma-separated accepted API keys (default: none = open)")
     rate_limit_rpm: int | None = setting(None, help="requests per minute per API key (default: unlimited)")
     rate_limit_tpm: int | None = setting(None, help="tokens per minute per API key (default: unlimited)")

@@ -65,7 +65,8 @@ class Setting:
 
     ``flag`` defaults to ``--field-name``. A bool field is a switch (a flag without a value); ``negated`` means
     the switch turns the field off (``--no-prefix-caching`` sets ``enable_prefix_caching=False``). ``cli=False``
-    keeps a field off the command line (``LLM(...)`` and tests still set it).
+    keeps a field off the command line (``LLM(...)`` and tests still set it). ``secret`` values (API keys) reach a
+    child process through its environment, never its command line, which ``ps`` shows every local user.
     """
 
     help: str
@@ -76,6 +77,7 @@ class Setting:
     metavar: str | None = None
     negated: bool = False
     cli: bool = True
+    secret: bool = False
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,

@@ -1,8 +1,9 @@
 """`LocalCluster`: Redis + router + N prefill + M decode workers as real processes on this machine.
 
-Every child is ``python -m services.launch <role> ...`` configured by its command line only: the variables
-tandem flags read (TANDEM_*, REDIS_URL) are removed from its environment, so the parent's settings reach it
-only as the explicit flags we pass. A child is ready when it prints one ``TANDEM_READY {json}`` line on stdout.
+Every child is ``python -m services.launch <role> ...`` configured by its command line: the variables tandem
+flags read (TANDEM_*, REDIS_URL) are removed from its environment, so the parent's settings reach it only as
+the explicit flags we pass (and secret settings, such as the router's API keys, as the variables we set).
+A child is ready when it prints one ``TANDEM_READY {json}`` line on stdout.
 Its stdout and stderr are read to the end on two threads (a child never blocks on a full pipe) and written to
 ``<run_dir>/<worker_id>.log``.
 
@@ -15,9 +16,11 @@ counts other processes' memory against its cap), so each gets an equal share.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -26,7 +29,8 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -41,10 +45,70 @@ ROLES = ("prefill", "decode")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 40.0  # workers drain for up to 30 s by default
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ClusterError(RuntimeError):
-    """A child did not come up: it exited, printed a bad READY line, or was not ready in time."""
+    """A child did not come up: it exited, printed a bad READY line, or was not ready in time.
+
+    The message's first line says which child, why, the last line it wrote to stderr (for a Python child, the
+    exception: the cause) and its log; the lines after it are the end of its stderr."""
+
+
+# ---------------------------------------------------------------------------------------------------- lifetime
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
+    """A Popen ``preexec_fn`` that makes the child receive `sig` when its parent dies (Linux prctl
+    PR_SET_PDEATHSIG; it survives exec, so it covers redis-server too); None where there is no prctl.
+
+    Why this and not a parent-pid watchdog in each child: it needs no cooperation from the child, cannot be
+    missed by a busy or hung child, and costs nothing while the parent lives. Its catch: the signal comes when
+    the *thread* that forked the child ends, so every child must be started from one long-lived thread
+    (``SpawnThread``). SIGKILL because nobody is left to wait for a graceful drain, and a hung child must not
+    keep the port.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child runs as little as possible
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    args = [ctypes.c_ulong(v) for v in (sig, 0, 0, 0)]
+
+    def set_parent_death_signal() -> None:
+        prctl(ctypes.c_int(PR_SET_PDEATHSIG), *args)
+        if os.getppid() != parent:  # the parent died before prctl: its signal will never come
+            os.kill(os.getpid(), sig)
+
+    return set_parent_death_signal
+
+
+class SpawnThread:
+    """Runs calls (process starts) on one daemon thread that lives as long as the process: PR_SET_PDEATHSIG
+    fires when the forking *thread* ends, and the autoscaler starts workers from short-lived threads."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future, Callable[[], Any]]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="tandem-spawn", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run on the spawn thread; its result, or its exception raised here."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        done: Future = Future()
+        self._calls.put((done, fn))
+        return done.result()
+
+    def _serve(self) -> None:
+        while True:
+            done, fn = self._calls.get()
+            try:
+                done.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+                done.set_exception(exc)
 
 
 # ---------------------------------------------------------------------------------------------------- READY line
@@ -269,6 +333,9 @@ class WorkerProcess:
     gpu: str | None = None
     address: str | None = None
     metrics_port: int | None = None
+    argv: list[str] = field(default_factory=list)  # what it was started with: a restart starts it again so
+    extra_env: dict[str, str] = field(default_factory=dict, repr=False)
+    started_at: float = field(default_factory=time.monotonic)
 
     @property
     def alive(self) -> bool:
@@ -310,6 +377,7 @@ class LocalCluster:
         *,
         namespace: str = "tandem",
         router_args: Sequence[str] = (),
+        router_env: Mapping[str, str] | None = None,
         ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
         echo_stderr: bool = False,
@@ -318,6 +386,7 @@ class LocalCluster:
         self.model, self.host, self.router_port, self.namespace = model, host, router_port, namespace
         self.num_prefill, self.num_decode = num_prefill, num_decode
         self.worker_args, self.router_args = list(worker_args), list(router_args)
+        self.router_env = dict(router_env or {})  # e.g. TANDEM_API_KEYS: secrets stay off the command line
         self.redis_url = redis_url
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="tandem-run-"))
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
@@ -328,8 +397,11 @@ class LocalCluster:
         self._redis: Any = None  # common.coord.RedisServer when we started our own
         self._next_index = dict.fromkeys(ROLES, 0)
         self._reported: set[str] = set()
+        self._retired: set[str] = set()  # children stopped on purpose (terminate, stop): never restarted
         self._gpu_ids: list[str] = []
         self._atexit_registered = False
+        self._spawner: SpawnThread | None = None
+        self._preexec = die_with_parent()
 
     # -- public API
 
@@ -346,6 +418,7 @@ class LocalCluster:
         if self.router is not None:
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._spawner = self._spawner or SpawnThread()
         atexit.register(self.stop)
         self._atexit_registered = True
         try:
@@ -385,7 +458,8 @@ class LocalCluster:
 
     def terminate(self, worker_id: str, timeout: float = DEFAULT_STOP_TIMEOUT_S) -> int:
         """SIGTERM (plus SIGCONT, in case it was stopped) and wait up to `timeout`; SIGKILL if it did not exit.
-        Returns the exit code (negative: killed by that signal)."""
+        Returns the exit code (negative: killed by that signal). The child is retired: never restarted."""
+        self._retired.add(worker_id)
         return self._end(self._child(worker_id), timeout)
 
     def newly_exited(self) -> list[WorkerProcess]:
@@ -394,9 +468,46 @@ class LocalCluster:
         self._reported.update(p.worker_id for p in gone)
         return gone
 
+    def crashed(self) -> list[WorkerProcess]:
+        """Children that exited without being stopped on purpose (terminate() or stop())."""
+        return [p for p in self._children() if not p.alive and p.worker_id not in self._retired]
+
+    def restart(self, worker_id: str) -> WorkerProcess:
+        """Start an exited child again with the command line and environment it had (a router keeps its port)
+        and wait for READY. On failure the new process is ended, left in place (exited) and ClusterError raised."""
+        old = self._child(worker_id)
+        if old.alive:
+            raise RuntimeError(f"{worker_id} is still running")
+        argv = list(old.argv)
+        if old.role == "router" and old.address is not None:  # port 0 got a real port: keep clients' URL valid
+            argv[argv.index("--port") + 1] = old.address.rsplit(":", 1)[1]
+        proc = self._spawn(old.role, worker_id, argv, old.gpu, old.extra_env)
+        if old.role == "router":
+            self.router = proc
+        else:
+            self.workers[worker_id] = proc
+        self._reported.discard(worker_id)
+        try:
+            self._await_ready([proc], self.ready_timeout_s)
+        except BaseException:
+            self._end(proc, timeout_s=0.0)
+            raise
+        return proc
+
+    @property
+    def redis_alive(self) -> bool:
+        """False only when the cluster started its own Redis and that server has exited."""
+        return self._redis is None or self._redis.running
+
+    def restart_redis(self) -> None:
+        """Start our own Redis again on its port, empty (workers re-register on their next heartbeat)."""
+        assert self._redis is not None and self._spawner is not None
+        self._spawner.call(self._redis.restart)
+
     def stop(self) -> None:
         """SIGTERM the router, then the workers (each group waited up to stop_timeout_s, then SIGKILL), then stop
         our Redis. Idempotent; safe before start()."""
+        self._retired.update(p.worker_id for p in self._children())
         if self.router is not None:
             self._end_all([self.router])
         self._end_all(list(self.workers.values()))
@@ -424,7 +535,9 @@ class LocalCluster:
             return
         from common.coord.redis_server import RedisServer
 
-        self._redis = RedisServer(port=None).start()
+        assert self._spawner is not None
+        self._redis = RedisServer(port=None, preexec_fn=self._preexec)
+        self._spawner.call(self._redis.start)
         self.redis_url = self._redis.url
 
     def _start_processes(self) -> None:
@@ -465,7 +578,7 @@ class LocalCluster:
         argv = ["router", "--model", self.model, *self.router_args, *self._coord_args(),
                 "--host", self.host, "--port", str(self.router_port)]
         hide_gpus = "" if self._gpu_ids else None  # the router tokenizes; it must not take GPU memory
-        return self._spawn("router", "router", argv, hide_gpus)
+        return self._spawn("router", "router", argv, hide_gpus, self.router_env)
 
     def _spawn_worker(self, role: str, worker_id: str, gpu: str | None, extra: Sequence[str]) -> WorkerProcess:
         argv = [role, "--model", self.model, *self.worker_args, *extra, *self._coord_args(),
@@ -476,25 +589,29 @@ class LocalCluster:
         assert self.redis_url is not None
         return ["--redis-url", self.redis_url, "--namespace", self.namespace]
 
-    def _spawn(self, role: str, worker_id: str, argv: list[str], gpu: str | None) -> WorkerProcess:
+    def _spawn(self, role: str, worker_id: str, argv: list[str], gpu: str | None,
+               extra_env: Mapping[str, str] | None = None) -> WorkerProcess:
         """Start `python -m services.launch *argv` in its own session (Ctrl-C on our terminal does not reach it:
-        we stop it ourselves, in order)."""
+        we stop it ourselves, in order), from the spawn thread, set to die with us."""
         log_path = self.run_dir / f"{worker_id}.log"
         cmd = [sys.executable, "-m", "services.launch", *argv]
         watcher = OutputWatcher(worker_id, log_path, self._echo)
         watcher.note(f"$ CUDA_VISIBLE_DEVICES={gpu} {' '.join(cmd)}\n")
+        env = {**child_env(self._environ, gpu, known_env_vars()), **(extra_env or {})}
+        spawner = self._spawner or SpawnThread()
+        self._spawner = spawner
         try:
-            popen = subprocess.Popen(
+            popen = spawner.call(lambda: subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                errors="replace", bufsize=1, env=child_env(self._environ, gpu, known_env_vars()),
-                start_new_session=True,
-            )
+                errors="replace", bufsize=1, env=env, start_new_session=True, preexec_fn=self._preexec,
+            ))
         except OSError:
             watcher.join(timeout_s=0.0)  # no reader threads yet: just closes the log
             raise
         watcher.start(popen.stdout, popen.stderr)
         log.info("started %s (pid %d, gpu %s): %s", worker_id, popen.pid, gpu, log_path)
-        return WorkerProcess(role, worker_id, popen, log_path, watcher, gpu)
+        return WorkerProcess(role, worker_id, popen, log_path, watcher, gpu, argv=list(argv),
+                             extra_env=dict(extra_env or {}))
 
     def _await_ready(self, procs: Sequence[WorkerProcess], timeout_s: float) -> None:
         """Wait until every one of `procs` printed READY; raise ClusterError at the first that cannot."""
@@ -506,7 +623,7 @@ class LocalCluster:
                 pending.remove(proc)
             if pending and time.monotonic() > deadline:
                 names = ", ".join(p.worker_id for p in pending)
-                raise ClusterError(f"not ready after {timeout_s:.0f} s: {names}; {self._explain(pending[0])}")
+                raise ClusterError(f"not ready after {timeout_s:.0f} s: {names}{self._explain(pending[0])}")
             if pending:
                 pending[0].watcher.settled.wait(0.05)
 
@@ -514,10 +631,10 @@ class LocalCluster:
         """Check a settled child's READY line; raise ClusterError (with its stderr tail) if there is none."""
         info = proc.watcher.ready
         if info is None:
-            raise ClusterError(f"{proc.worker_id} {self._no_ready_reason(proc)}; {self._explain(proc)}")
+            raise ClusterError(f"{proc.worker_id} {self._no_ready_reason(proc)}{self._explain(proc)}")
         expected_id = None if proc.role == "router" else proc.worker_id
         if info["role"] != proc.role or info.get("worker_id", expected_id) != expected_id:
-            raise ClusterError(f"{proc.worker_id} reported READY as {info}; {self._explain(proc)}")
+            raise ClusterError(f"{proc.worker_id} reported READY as {info}{self._explain(proc)}")
         proc.address = info["address"]
         if isinstance(info.get("metrics_port"), int):
             proc.metrics_port = info["metrics_port"]
@@ -533,8 +650,10 @@ class LocalCluster:
         return f"exited with code {code} before READY"
 
     def _explain(self, proc: WorkerProcess) -> str:
+        """': <its last stderr line> (log: <path>)', then its stderr's last lines on the following lines."""
         proc.watcher.join(timeout_s=0.0 if proc.alive else 1.0)
-        return f"log {proc.log_path}; stderr ends:\n{proc.watcher.tail()}"
+        tail = proc.watcher.tail()
+        return f": {tail.splitlines()[-1].strip()} (log: {proc.log_path})\nits stderr ends:\n{tail}"
 
     # -- stopping
 
@@ -574,6 +693,83 @@ def _signal(proc: WorkerProcess, sig: int) -> None:
     if proc.popen.poll() is None:
         proc.popen.send_signal(sig)
         proc.popen.send_signal(signal.SIGCONT)
+
+
+# ---------------------------------------------------------------------------------------------------- supervision
+
+
+class GaveUp(RuntimeError):
+    """A child (or our Redis) crashed too often, each time soon after it started: restarting it again is futile."""
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When to restart a crashed child: after ``base_s`` doubling per consecutive fast crash up to ``cap_s``; a
+    child that ran ``stable_s`` before it crashed starts the count afresh; ``max_fast_crashes`` in a row: give up."""
+
+    base_s: float = 1.0
+    cap_s: float = 30.0
+    stable_s: float = 60.0
+    max_fast_crashes: int = 5
+
+    def delay_s(self, crashes: int) -> float:
+        """Back-off before the restart that follows the `crashes`-th consecutive fast crash (1-based)."""
+        return min(self.base_s * 2 ** (crashes - 1), self.cap_s)
+
+
+class ClusterSupervisor:
+    """Restarts the cluster's crashed children and its own Redis with exponential back-off; call poll() often.
+
+    Invariants: a child stopped on purpose (LocalCluster.terminate / stop) is never restarted; each crash is
+    reported once through `report`; poll() raises GaveUp once one child crashed `max_fast_crashes` times in a row
+    within `stable_s` of starting. A restart waits for READY on the calling thread.
+    """
+
+    REDIS = "redis"
+
+    def __init__(self, cluster: LocalCluster, report: Callable[[str], None],
+                 policy: RestartPolicy = RestartPolicy(), clock: Callable[[], float] = time.monotonic) -> None:
+        self.cluster, self.report, self.policy, self.clock = cluster, report, policy, clock
+        self._crashes: dict[str, int] = {}
+        self._due: dict[str, float] = {}  # name -> when to restart it
+        self._redis_started = clock()
+
+    def poll(self) -> None:
+        now = self.clock()
+        for proc in self.cluster.crashed():
+            if proc.worker_id not in self._due:
+                self._on_crash(proc.worker_id, now - proc.started_at, f"exited with code {proc.popen.returncode}",
+                               str(proc.log_path))
+        if not self.cluster.redis_alive and self.REDIS not in self._due:
+            self._on_crash(self.REDIS, now - self._redis_started, "exited", "its own log folder")
+        for name, due in sorted(self._due.items(), key=lambda item: item[1]):
+            if self.clock() >= due:
+                del self._due[name]
+                self._restart(name)
+
+    def _on_crash(self, name: str, uptime_s: float, how: str, log_path: str) -> None:
+        crashes = 1 if uptime_s >= self.policy.stable_s else self._crashes.get(name, 0) + 1
+        self._crashes[name] = crashes
+        if crashes >= self.policy.max_fast_crashes:
+            raise GaveUp(f"{name} {how} {crashes} times in a row, each within {self.policy.stable_s:.0f} s of "
+                         f"starting; giving up (log: {log_path})")
+        delay = self.policy.delay_s(crashes)
+        self.report(f"{name} {how} after {uptime_s:.1f} s; restarting it in {delay:.0f} s (log: {log_path})")
+        self._due[name] = self.clock() + delay
+
+    def _restart(self, name: str) -> None:
+        try:
+            if name == self.REDIS:
+                self._redis_started = self.clock()
+                self.cluster.restart_redis()
+            else:
+                self.cluster.restart(name)
+        except (ClusterError, RuntimeError, OSError) as exc:  # counted as a crash at the next poll
+            self.report(f"{name} did not come back: {str(exc).splitlines()[0]}")
+            if name == self.REDIS:
+                self._on_crash(name, 0.0, "did not start", "its own log folder")
+            return
+        self.report(f"{name} is back")
 
 
 class LocalScaler:

@@ -29,7 +29,6 @@ from common.config import (
     WorkerSettings,
 )
 from common.settings import SettingField, SettingValueError, env_var_name, parse_bool, setting_fields
-from common.version import tandem_version
 
 SUBCOMMANDS = ("prefill", "decode", "router", "serve", "planner", "profile", "chat", "generate")
 WORKER_ROLES = ("prefill", "decode")
@@ -233,6 +232,9 @@ def _sampling_parser(env: EnvDefaults, max_tokens: int = 256) -> argparse.Argume
     g = p.add_argument_group("sampling")
     add_option(g, env, "--max-tokens", type=int, default=max_tokens, help="default: %(default)s")
     add_option(g, env, "--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
+    add_option(g, env, "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    add_option(g, env, "--seed", type=int, default=None, help="sampling seed, for repeatable output (default: none)")
+    add_option(g, env, "--stop", action="append", help="stop before this text; repeat for several (default: none)")
     return p
 
 
@@ -257,10 +259,9 @@ def _add_serve_command(sub: Any, env: EnvDefaults, common: list[argparse.Argumen
     cmd = sub.add_parser("serve", parents=[*common, engine_parser(env),
                                            _coord_parser(env, own_redis=True)],
                          help="Redis + router + N prefill + M decode workers on this machine")
-    g = cmd.add_argument_group("cluster")
-    add_settings(g, env, ServeConfig)
-    add_settings(g, env, RouterConfig, ("host", "port", "tool_call_parser", "enable_auto_tool_choice", "chat_template"))
-    add_settings(g, env, TransferConfig)
+    add_settings(cmd.add_argument_group("cluster"), env, ServeConfig)
+    add_settings(cmd.add_argument_group("router"), env, RouterConfig)  # every one: passed on by router_argv
+    add_settings(cmd.add_argument_group("transfer"), env, TransferConfig)
 
 
 def _add_planner_command(sub: Any, env: EnvDefaults, common: list[argparse.ArgumentParser]) -> None:
@@ -282,7 +283,6 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
 def _build(env: EnvDefaults) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving", parents=[_verbose_parser(env)])
-    parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     common = [_verbose_parser(None)]
     for role in WORKER_ROLES:
@@ -297,6 +297,7 @@ def _build(env: EnvDefaults) -> argparse.ArgumentParser:
                          help="one completion for one prompt, in process")
     add_option(gen, env, "--prompt", required=True)
     add_switch(gen, env, "--chat", help="wrap the prompt as a user chat message")
+    add_switch(gen, env, "--stream", help="print the text as it is generated")
     return parser
 
 
@@ -322,8 +323,31 @@ def engine_argv(args: argparse.Namespace, skip: Iterable[str] = ("--model",)) ->
     return argv
 
 
+def settings_argv(config_cls: type, args: argparse.Namespace, skip: Iterable[str] = ()
+                  ) -> tuple[list[str], dict[str, str]]:
+    """`config_cls`'s settings in parsed `args` that differ from their declared default, written back for a child
+    process: (command-line words, environment). Secret settings go into the environment (TANDEM_<FLAG>), the rest
+    onto the command line; names in `skip` are left out (the caller passes those itself)."""
+    argv: list[str] = []
+    environ: dict[str, str] = {}
+    for field in setting_fields(config_cls):
+        dest = _flag_dest(field)
+        if not field.info.cli or field.name in skip or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        if value is None or field.value_from_flag(value) == field.default:
+            continue
+        if field.info.secret:
+            environ[field.env_var] = _flag_word(value)
+        else:
+            argv += [field.flag] if field.is_switch else [field.flag, _flag_word(value)]
+    return argv, environ
+
+
 def _flag_word(value: Any) -> str:
     """A parsed setting written as the word its flag parses back (a pydantic model, e.g. --speculative-config, as
-    JSON; its repr would not parse)."""
+    JSON; its repr would not parse; a tuple, e.g. --api-keys, comma-separated)."""
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
     to_json = getattr(value, "model_dump_json", None)
     return to_json(exclude_none=True) if to_json is not None else str(value)

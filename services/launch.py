@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from common.config import RouterConfig
 from common.settings import env_var_name, parse_bool, parse_bytes
 from services.flags import (
     build_parser,
@@ -38,6 +39,7 @@ from services.flags import (
     profile_config,
     router_config,
     serve_config,
+    settings_argv,
     transfer_config,
     worker_config,
     worker_settings,
@@ -120,6 +122,46 @@ def _on_repeat_signal(signum: int, _frame: Any) -> None:
     print("tandem: already stopping; waiting for the processes to exit", file=sys.stderr)
 
 
+class StartupError(Exception):
+    """`tandem serve` cannot start; the message is the one line the user sees (the traceback only with -v)."""
+
+
+def _check_shape(args: argparse.Namespace) -> None:
+    """Refuse a cluster that could only answer 503 (or is not a cluster at all)."""
+    shape = serve_config(args)
+    if shape.prefill < 0 or shape.decode < 0:
+        raise StartupError(f"--prefill and --decode must be >= 0, got {shape.prefill} and {shape.decode}")
+    if shape.decode == 0 and not args.redis_url:
+        raise StartupError("--decode 0 starts no decode worker, so every request would get 503; give --decode 1 "
+                           "or more (or --redis-url of a registry where decode workers run)")
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """The router's port, bound and released here as uvicorn will bind it (SO_REUSEADDR), so a port in use is one
+    clear line now instead of a router traceback later."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {host}:{port} ({exc.strerror}): another tandem serve or server "
+                               f"holds it? Stop it or pick another --port") from exc
+
+
+def _check_redis_server(args: argparse.Namespace) -> None:
+    import shutil
+
+    from common.coord.redis_server import MISSING_MESSAGE
+
+    if not args.redis_url and shutil.which("redis-server") is None:
+        raise StartupError(f"{MISSING_MESSAGE}, or pass --redis-url of a running Redis")
+
+
 def _cluster_from_args(args: argparse.Namespace) -> LocalCluster:
     from pathlib import Path
 
@@ -128,19 +170,17 @@ def _cluster_from_args(args: argparse.Namespace) -> LocalCluster:
     shape = serve_config(args)
     verbose = ["-v"] if args.verbose else []
     worker_args = [*engine_argv(args), "--transport", args.transport, *verbose]
-    router_args = ["--transport", args.transport, *verbose]
+    # Every router setting `serve` was given (flag or TANDEM_* variable) goes on to the router; secrets (API
+    # keys) through its environment. host and port are the cluster's own arguments.
+    router_settings, router_env = settings_argv(RouterConfig, args, skip=("host", "port"))
+    router_args = ["--transport", args.transport, *verbose, *router_settings]
     if args.download_dir:
-        router_args += ["--download-dir", args.download_dir]
-    if args.tool_call_parser:
-        router_args += ["--tool-call-parser", args.tool_call_parser]
-    if args.enable_auto_tool_choice:
-        router_args += ["--enable-auto-tool-choice"]
-    if args.chat_template:
-        router_args += ["--chat-template", args.chat_template]
+        router_args = ["--download-dir", args.download_dir, *router_args]
     return LocalCluster(
         args.model, shape.prefill, shape.decode, args.port, args.host, worker_args, args.redis_url,
         Path(shape.log_dir) if shape.log_dir else None,
-        namespace=args.namespace, router_args=router_args, ready_timeout_s=shape.ready_timeout_s, echo_stderr=True,
+        namespace=args.namespace, router_args=router_args, router_env=router_env,
+        ready_timeout_s=shape.ready_timeout_s, echo_stderr=args.verbose,  # else only in the logs
     )
 
 
@@ -148,32 +188,63 @@ def _print_banner(cluster: LocalCluster, stdout: IO[str]) -> None:
     counts = {role: sum(w.role == role for w in cluster.workers.values()) for role in ("prefill", "decode")}
     print(f"tandem: router listening on {cluster.router_url} ({counts['prefill']} prefill, {counts['decode']} decode; "
           f"redis {cluster.redis_url}; logs in {cluster.run_dir})", file=stdout)
-    print(f"  curl -N {cluster.router_url}/generate -d '{EXAMPLE_BODY}'", file=stdout)
+    print(f"  curl -N {cluster.router_url}/generate -d '{EXAMPLE_BODY}'; echo", file=stdout)
     print("Ctrl-C stops everything.", file=stdout, flush=True)
 
 
 def _supervise(cluster: LocalCluster, poll_s: float = 0.5) -> int:
-    """Wait for a stop signal; report processes that exit on their own. Returns 1 if the router exits."""
-    while True:
-        time.sleep(poll_s)
-        for proc in cluster.newly_exited():
-            print(f"tandem: {proc.worker_id} exited with code {proc.popen.returncode}; log: {proc.log_path}",
-                  file=sys.stderr)
-            if proc.role == "router":
-                return 1
+    """Restart crashed children (back-off) until a stop signal; returns 1 once one keeps crashing."""
+    from services.cluster import ClusterSupervisor, GaveUp
+
+    supervisor = ClusterSupervisor(cluster, lambda line: print(f"tandem: {line}", file=sys.stderr, flush=True))
+    try:
+        while True:
+            time.sleep(poll_s)
+            supervisor.poll()
+    except GaveUp as exc:
+        print(f"tandem serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _start_failed(args: argparse.Namespace, exc: BaseException) -> int:
+    """One line on stderr (the first of the error's message; with -v the traceback before it); exit code 1."""
+    import traceback
+
+    if args.verbose:
+        traceback.print_exception(exc)
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    print(f"tandem serve: {lines[0]}" + ("" if args.verbose else " (-v for details)"), file=sys.stderr)
+    return 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Run the local cluster until SIGINT/SIGTERM; then stop every process (bounded) and return 0."""
+    """Run the local cluster until SIGINT/SIGTERM, restarting crashed processes; then stop every process
+    (bounded) and return 0. A failure to start is one line on stderr and exit code 1."""
     from common.models.loader import resolve_model_path
 
-    # Resolve (convert/download) once here, so the processes do not all convert the same GGUF at once.
-    print(f"tandem: model {args.model} -> {resolve_model_path(args.model, args.download_dir)}", file=sys.stderr)
     planner = _autoscale_config(args)  # a bad planner flag or profile fails before anything starts
-    cluster = _cluster_from_args(args)
+    try:
+        _check_shape(args)
+        _check_redis_server(args)
+        _check_port_free(args.host, args.port)
+        # Resolve (convert/download) once here, so the processes do not all convert the same GGUF at once.
+        print(f"tandem: model {args.model} -> {resolve_model_path(args.model, args.download_dir)}", file=sys.stderr)
+        cluster = _cluster_from_args(args)
+    except Exception as exc:  # noqa: BLE001 - a bad --model, a busy port, no redis-server: one line, not a trace
+        return _start_failed(args, exc)
+    return _run_cluster(args, cluster, planner)
+
+
+def _run_cluster(args: argparse.Namespace, cluster: LocalCluster, planner: PlannerConfig | None) -> int:
+    from services.cluster import ClusterError
+
     stop = threading.Event()
     previous = {sig: signal.signal(sig, _on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        try:
+            cluster.start()
+        except (ClusterError, RuntimeError, OSError) as exc:  # start() stopped what it had started
+            return _start_failed(args, exc)
         with cluster:
             _print_banner(cluster, sys.stdout)
             if planner is not None:
@@ -239,7 +310,36 @@ def load_engine(args: argparse.Namespace) -> Any:
 def sampling_params(args: argparse.Namespace) -> Any:
     from common.engine import SamplingParams
 
-    return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    return SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p,
+                          seed=args.seed, stop=tuple(args.stop or ()))
+
+
+def stream_completion(llm: Any, prompt: str, params: Any) -> Iterator[str]:
+    """The completion of `prompt`, piece by piece as the engine makes it (joined: what llm.generate returns).
+    Closing the iterator early aborts the request, so no KV block is left behind."""
+    engine = llm.engine
+    request_id = engine.add_request(prompt, None, params)
+    sent, finished = 0, False
+    try:
+        while not finished:
+            for output in engine.step():
+                if output.request_id != request_id:
+                    continue
+                text, finished = output.outputs[0].text, output.finished
+                if len(text) > sent:
+                    yield text[sent:]
+                    sent = len(text)
+    finally:
+        if not finished:
+            engine.abort_request(request_id)
+        engine.finish_in_flight()
+
+
+def stream_chat(llm: Any, messages: list[dict[str, str]], params: Any) -> Iterator[str]:
+    """The assistant's next turn, streamed (joined: what llm.chat returns)."""
+    from common.engine.llm import render_chat
+
+    yield from stream_completion(llm, render_chat(llm.get_tokenizer(), messages, True, None), params)
 
 
 def _read_messages(stdin: IO[str], interactive: bool) -> Iterator[str]:
@@ -258,8 +358,10 @@ def _read_messages(stdin: IO[str], interactive: bool) -> Iterator[str]:
         yield line.strip()
 
 
-def chat_repl(llm: Any, params: Any, stdin: IO[str], stdout: IO[str], interactive: bool) -> None:
-    """Answer each line as the next turn of one conversation; `exit` or EOF ends, `/reset` forgets."""
+def chat_repl(llm: Any, params: Any, stdin: IO[str], stdout: IO[str], interactive: bool,
+              stream: Any = stream_chat) -> None:
+    """Answer each line as the next turn of one conversation, printing the answer as it is generated
+    (`stream(llm, history, params)` yields its pieces); `exit` or EOF ends, `/reset` forgets."""
     history: list[dict[str, str]] = []
     for text in _read_messages(stdin, interactive):
         if not text:
@@ -271,10 +373,13 @@ def chat_repl(llm: Any, params: Any, stdin: IO[str], stdout: IO[str], interactiv
             continue
         history.append({"role": "user", "content": text})
         t0 = time.perf_counter()
-        answer = llm.chat(history, params)[0].outputs[0].text
+        pieces = []
+        for piece in stream(llm, history, params):
+            pieces.append(piece)
+            print(piece, end="", file=stdout, flush=True)
+        print(file=stdout, flush=True)
         log.debug("answered in %.2f s", time.perf_counter() - t0)
-        history.append({"role": "assistant", "content": answer})
-        print(answer, file=stdout, flush=True)
+        history.append({"role": "assistant", "content": "".join(pieces)})
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -289,6 +394,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     llm = load_engine(args)
     params = sampling_params(args)
+    if args.stream:
+        messages = [{"role": "user", "content": args.prompt}]
+        pieces = stream_chat(llm, messages, params) if args.chat else stream_completion(llm, args.prompt, params)
+        for piece in pieces:
+            print(piece, end="", flush=True)
+        print()
+        return 0
     if args.chat:
         outs = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:

@@ -46,13 +46,30 @@ def is_hardware_skip(reason: str) -> bool:
     return any(word in reason for word in _HARDWARE_SKIP_WORDS)
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    outcome = yield
-    report = outcome.get_result()
-    if not os.environ.get("CI") or not report.skipped or hasattr(report, "wasxfail"):
+def under_ci() -> bool:
+    """CI=true (as CI services and .ci/run set it); CI=false or 0 is not CI."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _fail_tool_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under CI, turn a skip that is not about GPU hardware into a failure naming the skip's reason."""
+    if not under_ci() or not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = _skip_reason(report)
     if not is_hardware_skip(reason):
         report.outcome = "failed"
         report.longrepr = f"skipped under CI ({reason}): CI installs every tool and file the suite needs"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    _fail_tool_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):
+    """A module-level skip (``pytest.importorskip`` or ``pytest.skip(allow_module_level=True)``) is a collection
+    report, not a test's: without this it skipped a whole file under CI unnoticed."""
+    outcome = yield
+    _fail_tool_skip(outcome.get_result())

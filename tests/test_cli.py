@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -103,6 +102,45 @@ def test_tool_call_flags_reach_the_router_of_serve():
     args = parse(["serve", "--tool-call-parser", "hermes"], {"TANDEM_ENABLE_AUTO_TOOL_CHOICE": "1"})
     router_args = launch._cluster_from_args(args).router_args
     assert router_args[-3:] == ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]
+
+
+SERVE_ROUTER_FLAGS = ["--api-keys", "k1,k2", "--rate-limit-rpm", "60", "--rate-limit-tpm", "9000",
+                      "--served-model-name", "tiny", "--max-running", "7", "--max-waiting", "3", "--processes", "2",
+                      "--weight-prefix-hits", "3.5", "--slo-tpot-ms", "40"]
+
+
+def test_serve_takes_every_router_flag():
+    """Each router setting is declared once (RouterConfig); `serve` must offer every one the router has."""
+    from common.config import RouterConfig
+    from common.settings import setting_fields
+
+    serve_help = build_parser({})._subparsers._group_actions[0].choices["serve"].format_help()
+    missing = [f.flag for f in setting_fields(RouterConfig) if f.info.cli and f.flag not in serve_help]
+    assert not missing, missing
+
+
+def _router_config_of_serve(args):
+    """The RouterConfig the router child of `serve` would build: its command line and environment, parsed."""
+    cluster = launch._cluster_from_args(args)
+    return router_config(parse(["router", *cluster.router_args], cluster.router_env)), cluster
+
+
+def test_serve_passes_its_router_flags_to_the_router():
+    args = parse(["serve", *SERVE_ROUTER_FLAGS])
+    config, cluster = _router_config_of_serve(args)
+    assert config == router_config(parse(["router", *SERVE_ROUTER_FLAGS]))
+    assert config.api_keys == ("k1", "k2") and config.processes == 2 and config.served_model_name == "tiny"
+    assert "k1,k2" not in " ".join(cluster.router_args)  # ps shows command lines to every user
+    assert cluster.router_env == {"TANDEM_API_KEYS": "k1,k2"}
+
+
+def test_serve_passes_router_env_vars_to_the_router():
+    """LocalCluster strips TANDEM_* from its children: `serve` must read them and pass them on itself."""
+    environ = {"TANDEM_API_KEYS": "secret", "TANDEM_RATE_LIMIT_RPM": "5", "TANDEM_SERVED_MODEL_NAME": "m"}
+    config, _ = _router_config_of_serve(parse(["serve"], environ))
+    assert (config.api_keys, config.rate_limit_rpm, config.served_model_name) == (("secret",), 5, "m")
+    default, cluster = _router_config_of_serve(parse(["serve"]))
+    assert default == router_config(parse(["router"])) and cluster.router_env == {}
 
 
 def test_serve_defaults():
@@ -224,6 +262,10 @@ def test_serve_passes_the_speculative_config_to_its_workers_as_json():
 def test_chat_and_generate_flags():
     args = parse(["generate", "--prompt", "hi", "--max-tokens", "8", "--temperature", "0.7", "--chat"])
     assert (args.prompt, args.max_tokens, args.temperature, args.chat) == ("hi", 8, 0.7, True)
+    args = parse(["generate", "--prompt", "hi", "--seed", "7", "--top-p", "0.9", "--stop", ".", "--stop", "\n",
+                  "--stream"])
+    params = launch.sampling_params(args)
+    assert (params.seed, params.top_p, params.stop, args.stream) == (7, 0.9, (".", "\n"), True)
     args = parse(["chat", "--device", "cpu", "--kv-cache-memory", "512MiB"])
     assert (args.device, args.kv_cache_memory, args.max_tokens) == ("cpu", 512 << 20, 256)
 
@@ -248,20 +290,21 @@ def test_bad_byte_size_is_a_usage_error():
 
 
 class _EchoLLM:
-    """Stands in for common.engine.LLM: answers with the number of messages it was given."""
+    """Stands in for the engine: streams an answer naming the number of messages it was given, in two pieces."""
 
     def __init__(self):
         self.calls = []
 
-    def chat(self, messages, params):
+    def stream(self, llm, messages, params):
         self.calls.append(list(messages))
-        return [SimpleNamespace(outputs=[SimpleNamespace(text=f"answer {len(messages)}")])]
+        yield "answer "
+        yield str(len(messages))
 
 
 def test_chat_repl_keeps_history_and_stops_at_exit():
     llm, out = _EchoLLM(), io.StringIO()
     stdin = io.StringIO("What is the capital of France?\n\nAnd of Italy?\n/reset\nHi\nexit\nnever read\n")
-    chat_repl(llm, params=None, stdin=stdin, stdout=out, interactive=False)
+    chat_repl(llm, params=None, stdin=stdin, stdout=out, interactive=False, stream=llm.stream)
     assert out.getvalue().splitlines() == ["answer 1", "answer 3", "answer 1"]
     assert llm.calls[1][1] == {"role": "assistant", "content": "answer 1"}
 

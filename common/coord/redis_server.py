@@ -13,6 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -66,7 +67,11 @@ class RedisServer:
         executable: str = "redis-server",
         startup_timeout_s: float = 10.0,
         stop_timeout_s: float = 5.0,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> None:
+        """``preexec_fn`` runs in the child before exec (``tandem serve`` passes one that ties the server's life to
+        its own)."""
+        self._preexec_fn = preexec_fn
         self._requested_port = port
         self.port = port or 0
         self._executable = executable
@@ -136,7 +141,7 @@ class RedisServer:
                 "--dir", str(self._dir), "--logfile", str(self._dir / "redis.log")]
         with open(self._dir / "stderr.log", "ab") as stderr:
             return subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=self._preexec_fn)
 
     def _wait_ready(self) -> None:
         assert self._process is not None

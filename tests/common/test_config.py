@@ -27,7 +27,9 @@ from services.flags import build_parser, engine_config, router_config
 CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, CoordConfig, TransferConfig, WorkerConfig, RouterConfig,
            ServeConfig, PlannerConfig, ProfileConfig)
 # Flags that are per-invocation inputs or CLI behaviour, not settings of a component.
-NOT_SETTINGS = {"--help", "--verbose", "--max-tokens", "--temperature", "--prompt", "--chat"}
+# The sampling flags of `generate` / `chat` are request fields (SamplingParams is their source).
+NOT_SETTINGS = {"--help", "--verbose", "--max-tokens", "--temperature", "--top-p", "--seed", "--stop", "--prompt",
+                "--chat", "--stream"}
 
 
 @pytest.mark.parametrize("config_cls", CONFIGS)

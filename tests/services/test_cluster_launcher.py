@@ -6,6 +6,9 @@ End-to-end cluster tests (real router and workers) live beside the services.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -13,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from services.cluster import (
+    REPO_ROOT,
     ClusterError,
     LocalCluster,
     OutputWatcher,
@@ -261,3 +265,146 @@ def test_serve_autoscale_without_a_profile_is_a_clear_error_before_anything_star
     with pytest.raises(SystemExit) as exited:
         main(["serve", "--autoscale", "--planner-args", "--slo-ttft-ms 500"])
     assert "--autoscale needs --planner-args with --profile FILE" in str(exited.value)
+
+
+# ---------------------------------------------------------------------------------------------------- supervision
+
+
+def test_restart_back_off_doubles_up_to_its_cap():
+    from services.cluster import RestartPolicy
+
+    policy = RestartPolicy(base_s=1.0, cap_s=5.0)
+    assert [policy.delay_s(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _CrashingCluster:
+    """What ClusterSupervisor uses of LocalCluster; `restart` starts the child again (it may crash again)."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.procs = {name: self._proc(name) for name in ("router", "decode-0")}
+        self.restarts: list[str] = []
+        self.redis_alive = True
+        self.redis_restarts = 0
+
+    def _proc(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(worker_id=name, alive=True, started_at=self.clock(), log_path=f"/logs/{name}.log",
+                               popen=SimpleNamespace(returncode=None), retired=False)
+
+    def crash(self, name: str, code: int = -9) -> None:
+        self.procs[name].alive, self.procs[name].popen.returncode = False, code
+
+    def crashed(self):
+        return [p for p in self.procs.values() if not p.alive and not p.retired]
+
+    def restart(self, name: str):
+        self.restarts.append(name)
+        self.procs[name] = self._proc(name)
+        return self.procs[name]
+
+    def restart_redis(self) -> None:
+        self.redis_restarts += 1
+        self.redis_alive = True
+
+
+def test_supervisor_restarts_a_crashed_child_after_its_back_off():
+    from services.cluster import ClusterSupervisor, RestartPolicy
+
+    clock, lines = _Clock(), []
+    cluster = _CrashingCluster(clock)
+    supervisor = ClusterSupervisor(cluster, lines.append, RestartPolicy(base_s=2.0, stable_s=60.0), clock)
+    clock.now += 120.0  # ran long enough: a fresh count
+    cluster.crash("decode-0")
+    supervisor.poll()
+    assert cluster.restarts == [] and "decode-0 exited with code -9 after 120.0 s; restarting it in 2 s" in lines[0]
+    clock.now += 1.0
+    supervisor.poll()
+    assert cluster.restarts == []
+    clock.now += 1.0
+    supervisor.poll()
+    assert cluster.restarts == ["decode-0"] and lines[-1] == "decode-0 is back"
+    supervisor.poll()
+    assert cluster.restarts == ["decode-0"]  # each crash restarts once
+
+
+def test_supervisor_backs_off_on_fast_crashes_and_gives_up():
+    from services.cluster import ClusterSupervisor, GaveUp, RestartPolicy
+
+    clock, lines = _Clock(), []
+    cluster = _CrashingCluster(clock)
+    policy = RestartPolicy(base_s=1.0, cap_s=4.0, stable_s=60.0, max_fast_crashes=4)
+    supervisor = ClusterSupervisor(cluster, lines.append, policy, clock)
+    waits = []
+    for _ in range(3):
+        cluster.crash("router", code=1)
+        supervisor.poll()
+        started = clock.now
+        while cluster.restarts.count("router") < len(waits) + 1:
+            clock.now += 0.5
+            supervisor.poll()
+        waits.append(clock.now - started)
+    assert waits == [1.0, 2.0, 4.0]
+    cluster.crash("router", code=1)
+    with pytest.raises(GaveUp, match=r"router exited with code 1 4 times in a row.*giving up \(log: /logs/router"):
+        supervisor.poll()
+
+
+def test_supervisor_leaves_retired_children_alone_and_restarts_redis():
+    from services.cluster import ClusterSupervisor
+
+    clock, lines = _Clock(), []
+    cluster = _CrashingCluster(clock)
+    supervisor = ClusterSupervisor(cluster, lines.append, clock=clock)
+    cluster.procs["decode-0"].retired = True
+    cluster.crash("decode-0", code=0)
+    cluster.redis_alive = False
+    supervisor.poll()
+    clock.now += 10.0
+    supervisor.poll()
+    assert cluster.restarts == [] and cluster.redis_restarts == 1
+    assert lines[0].startswith("redis exited") and lines[-1] == "redis is back"
+
+
+PARENT = """
+import subprocess, sys, time
+from services.cluster import SpawnThread, die_with_parent
+spawner = SpawnThread()
+child = spawner.call(lambda: subprocess.Popen(["sleep", "60"], preexec_fn=die_with_parent()))
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for its (new) parent to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_child_dies_with_its_parent_even_when_the_parent_is_sigkilled(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        child = int(parent.stdout.readline())
+        assert not _gone(child)
+        parent.kill()
+        parent.wait(10)
+        deadline = time.monotonic() + 5.0
+        while not _gone(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(child)
+    finally:
+        parent.kill()
+        parent.wait(10)
