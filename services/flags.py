@@ -29,6 +29,7 @@ from common.config import (
     WorkerSettings,
 )
 from common.settings import SettingField, SettingValueError, env_var_name, parse_bool, setting_fields
+from common.version import tandem_version
 
 SUBCOMMANDS = ("prefill", "decode", "router", "serve", "planner", "profile", "chat", "generate")
 WORKER_ROLES = ("prefill", "decode")
@@ -283,6 +284,7 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
 
 def _build(env: EnvDefaults) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description="Tandem LLM serving", parents=[_verbose_parser(env)])
+    parser.add_argument("--version", action="version", version=f"tandem {tandem_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     common = [_verbose_parser(None)]
     for role in WORKER_ROLES:
