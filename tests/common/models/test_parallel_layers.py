@@ -78,7 +78,8 @@ def _expected_shard(full: dict[str, torch.Tensor], name: str, model, rank: int) 
     d, s, (i0, i1) = attn.head_dim, attn.shard, mlp.rows
     tensor = full[name]
     if ".qkv_proj." in name:
-        heads, kv = model.config.num_attention_heads * d, (full[name].shape[0] - model.config.num_attention_heads * d) // 2
+        heads = model.config.num_attention_heads * d
+        kv = (tensor.shape[0] - heads) // 2
         q, k, v = tensor[:heads], tensor[heads : heads + kv], tensor[heads + kv :]
         return torch.cat([q[s.q_start * d : s.q_end * d], k[s.kv_start * d : s.kv_end * d],
                           v[s.kv_start * d : s.kv_end * d]])
