@@ -55,7 +55,8 @@ def _tokens(llm: LLM, prompts, params) -> list[list[list[int]]]:
 def test_packed_inputs_round_trip() -> None:
     metadata = AttentionMetadata(
         slot_mapping=torch.tensor([5, 6, 7, 40]), query_start_loc=torch.tensor([0, 3, 4], dtype=torch.int32),
-        seq_lens=torch.tensor([3, 9], dtype=torch.int32), block_tables=torch.tensor([[0, 0], [2, 3]], dtype=torch.int32),
+        seq_lens=torch.tensor([3, 9], dtype=torch.int32),
+        block_tables=torch.tensor([[0, 0], [2, 3]], dtype=torch.int32),
         query_lens_cpu=(3, 1), seq_lens_cpu=(3, 9), block_size=16, num_decode_splits=None,
     )
     ids, positions = torch.tensor([11, 12, 13, 14]), torch.tensor([0, 1, 2, 8])
