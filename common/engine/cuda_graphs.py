@@ -164,6 +164,8 @@ class DecodeGraphs:
         self.device = device
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.replays = 0
+        # Tensor-parallel rank 0: tells the other ranks to replay the same bucket on these inputs (see ``run``).
+        self.before_replay: Callable[[DecodeGraphs, int], None] | None = None
 
     @property
     def max_batch(self) -> int:
@@ -222,7 +224,24 @@ class DecodeGraphs:
         self.inputs.fill(batch, bucket)
         if patch is not None:
             patch(self.inputs.input_ids)
+        if self.before_replay is not None:
+            self.before_replay(self, bucket)
+        return self.replay(bucket)[: size * self.tokens_per_seq]
+
+    def replay(self, bucket: int) -> torch.Tensor:
+        """Replay ``bucket``'s graph on the static inputs as they are; its whole (padded) hidden states."""
         graph, hidden = self._graphs[bucket]
         graph.replay()
         self.replays += 1
-        return hidden[: size * self.tokens_per_seq]
+        return hidden
+
+    def static_inputs(self, bucket: int) -> list[torch.Tensor]:
+        """The device buffers (contiguous views) a replay of ``bucket`` reads; the same shapes on every rank."""
+        rows, inputs = bucket * self.tokens_per_seq, self.inputs
+        return [
+            inputs.input_ids[:rows],
+            inputs.positions[:rows],
+            inputs.slot_mapping[:rows],
+            inputs.seq_lens[:bucket],
+            inputs.block_tables[:bucket],
+        ]

@@ -19,7 +19,9 @@ Greedy output is identical either way; only a stop is noticed one step later (on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +44,7 @@ from common.engine.spec.draft_model import DraftModelProposer
 from common.engine.spec.speculator import Speculator
 from common.engine.stats import EngineStats, EngineStatsRecorder
 from common.engine.structured import GrammarCompiler
+from common.engine.tensor_parallel import LeaderModel, TensorParallelLeader
 
 
 class LLMEngine:
@@ -49,13 +52,18 @@ class LLMEngine:
 
     ``add_request`` validates everything before touching any state, so a bad request raises
     ``ValueError`` and leaves every running request undisturbed.
+
+    ``tensor_parallel_size`` > 1: this process is rank 0 (it schedules and samples) and spawns the other ranks
+    (see ``common.engine.tensor_parallel``); ``close`` stops them (as does garbage collection or interpreter exit).
     """
 
     def __init__(self, config: EngineConfig) -> None:
         started = time.perf_counter()
         self._in_flight: LaunchedStep | None = None
         self.config = config
-        loaded = load_model_and_kv_cache(config)
+        self.tensor_parallel: TensorParallelLeader | None = None
+        self._stop_workers: weakref.finalize | None = None
+        loaded = self._load(config)
         self.device, self.model_path, self.hf_config = loaded.device, loaded.model_path, loaded.hf_config
         self.tokenizer, self.dtype, self.model = loaded.tokenizer, loaded.dtype, loaded.model
         self.max_model_len, self.eos_token_ids, self.memory = loaded.max_model_len, loaded.eos_token_ids, loaded.memory
@@ -71,7 +79,7 @@ class LLMEngine:
             self.speculator = Speculator(spec_config, self.max_model_len, forget)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.speculator)
         self.runner = ModelRunner(
-            self.model,
+            self._runner_model(loaded),
             loaded.kv_cache,
             block_size,
             self.device,
@@ -79,6 +87,7 @@ class LLMEngine:
             loaded.decode_graphs,
             draft_proposer,
             loaded.verify_graphs,
+            self.tensor_parallel.send_block_copies if self.tensor_parallel is not None else None,
         )
         self.stats_recorder = EngineStatsRecorder()
         self.grammars = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
@@ -100,6 +109,40 @@ class LLMEngine:
         )
         self.load_seconds = time.perf_counter() - started
         log_engine_ready(loaded, block_size, self.load_seconds)
+
+    def _load(self, config: EngineConfig) -> LoadedModel:
+        """The model (this rank's shard under tensor parallelism, the other ranks started and loading alongside)."""
+        if config.model.tensor_parallel_size == 1:
+            return load_model_and_kv_cache(config)
+        leader = self.tensor_parallel = TensorParallelLeader(config)
+        self._stop_workers = weakref.finalize(self, leader.shutdown)
+        try:
+            return leader.run(load_model_and_kv_cache, config, leader.group)
+        except BaseException:
+            self.close()
+            raise
+
+    def _runner_model(self, loaded: LoadedModel):
+        """The model as the runner calls it: tensor-parallel rank 0 first tells the other ranks what to run."""
+        leader = self.tensor_parallel
+        if leader is None:
+            return loaded.model
+        for name, graphs in (("decode", loaded.decode_graphs), ("verify", loaded.verify_graphs)):
+            if graphs is not None:
+                graphs.before_replay = functools.partial(leader.send_replay, name)
+        return LeaderModel(loaded.model, leader)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks, if any; the engine cannot step afterwards. Safe to call twice."""
+        if self._stop_workers is not None:
+            self._stop_workers()
+
+    def _refuse_kv_transfer(self, what: str) -> None:
+        if self.tensor_parallel is not None:
+            raise ValueError(
+                f"{what}: not supported with tensor_parallel_size={self.config.model.tensor_parallel_size} yet "
+                "(each rank holds only its KV heads; KV export/import moves whole-model blocks)"
+            )
 
     def _draft_proposer(self, loaded: LoadedModel) -> DraftModelProposer | None:
         """Speculation with a draft model: its cache mirrors the target's blocks (sized together at load)."""
@@ -137,6 +180,8 @@ class LLMEngine:
         every computed token into the final RequestOutput before the blocks are freed (prefill pool).
         """
         params = sampling_params or SamplingParams()
+        if export_kv:
+            self._refuse_kv_transfer("export_kv")
         token_ids = self.validator.validate_prompt(prompt, prompt_token_ids, params)
         self.validator.validate_resume(token_ids, output_token_ids, params, export_kv)
         return self.requests.add(request_id, token_ids, params, output_token_ids, prompt, export_kv)
@@ -167,6 +212,7 @@ class LLMEngine:
         Returns only once no launched step can still write any of them (a block freed while a step that had
         a row for its owner is in flight waits for that step).
         """
+        self._refuse_kv_transfer("reserve_blocks")
         block_ids = self.kv_transfer.reserve_blocks(reservation_id, num_tokens)
         if self._in_flight is not None and not self.kv_cache_manager.recently_freed.isdisjoint(block_ids):
             self._in_flight.wait()
@@ -184,6 +230,7 @@ class LLMEngine:
 
     def import_kv(self, reservation_id: str, kv: torch.Tensor) -> None:
         """Write verified KV ([layers, 2, blocks, block_size, heads, dim]) into a reservation's blocks."""
+        self._refuse_kv_transfer("import_kv")
         self.kv_transfer.import_kv(reservation_id, kv)
 
     def add_prefilled_request(

@@ -9,6 +9,7 @@ import torch
 from transformers import PretrainedConfig
 
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
+from common.distributed.group import TensorParallelGroup
 from kernels.attention_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -26,14 +27,18 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device,
     extra_bytes_per_block: int = 0,
+    tp: TensorParallelGroup | None = None,
 ) -> tuple[torch.Tensor, int]:
     """The zero-filled cache tensor [layers, 2, blocks, block_size, kv_heads, head_dim] and its block count.
 
     ``extra_bytes_per_block``: what each block also costs elsewhere (a draft model's cache indexed by the same
-    block ids), so that the memory budget holds both caches.
+    block ids), so that the memory budget holds both caches. ``tp``: the block count is the smallest any rank can
+    hold (rank 0 schedules block ids that every rank's cache must have).
     """
     per_block = bytes_per_block(model, cache.block_size, dtype)
     num_blocks = count_blocks(model, cache, scheduler, dtype, device, per_block + extra_bytes_per_block)
+    if tp is not None:
+        num_blocks = tp.all_reduce_min(num_blocks)
     if num_blocks < 1:
         raise ValueError(f"kv_cache_memory: no room for a single KV block of {per_block} bytes")
     shape = (model.num_layers, 2, num_blocks, cache.block_size, model.num_kv_heads, model.head_dim)

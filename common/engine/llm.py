@@ -30,6 +30,10 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel processes now (otherwise when this object is collected or at exit)."""
+        self.engine.close()
+
     def generate(
         self,
         prompts: PromptInput | Sequence[PromptInput],
@@ -147,3 +151,17 @@ def validate_engine_args(config: EngineConfig) -> None:
         )
     if config.model.load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {config.model.load_format!r}")
+    validate_tensor_parallel(config)
+
+
+def validate_tensor_parallel(config: EngineConfig) -> None:
+    """What a tensor-parallel engine cannot do yet is refused here rather than run wrong."""
+    size = config.model.tensor_parallel_size
+    if size < 1:
+        raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+    spec = config.scheduler.speculative_config
+    if size > 1 and spec is not None and spec.method != "ngram":
+        raise ValueError(
+            f"speculative_config.method {spec.method!r} with tensor_parallel_size {size}: draft models are not "
+            "tensor-parallel yet (ngram speculation is)"
+        )

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from common.config import EngineConfig, ModelConfig
+from common.distributed.group import TensorParallelGroup
 from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.kv_cache_sizing import allocate_kv_cache, resolve_max_model_len
 from common.engine.spec.draft_model import DraftModel, load_draft_model
@@ -60,18 +61,21 @@ class LoadedModel:
     verify_graphs: DecodeGraphs | None = None  # speculative verification steps on CUDA
 
 
-def load_model_and_kv_cache(config: EngineConfig) -> LoadedModel:
-    """Load weights and tokenizer, size and allocate the KV cache, and capture decode graphs on CUDA."""
+def load_model_and_kv_cache(config: EngineConfig, tp: TensorParallelGroup | None = None) -> LoadedModel:
+    """Load weights and tokenizer, size and allocate the KV cache, and capture decode graphs on CUDA.
+
+    With ``tp`` this loads one rank's shard; every rank of the group calls it at once (its collectives: the KV block
+    count, the CUDA profile run and graph captures run in the same order everywhere)."""
     device = resolve_device(config.model.device)
     model_path = resolve_model_path(config.model.model, config.model.download_dir)
     hf_config: PretrainedConfig = AutoConfig.from_pretrained(model_path)
     tokenizer = load_tokenizer(config.model, model_path)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
-    model = load_model(model_path, hf_config, dtype, device, config.model.load_format)
+    model = load_model(model_path, hf_config, dtype, device, config.model.load_format, tp=tp)
     draft = load_speculative_draft(config, hf_config, dtype, device)
     extra = draft.kv_bytes_per_block(config.cache.block_size) if draft is not None else 0
     kv_cache, num_blocks = allocate_kv_cache(
-        model, config.cache, config.scheduler, dtype, device, extra_bytes_per_block=extra
+        model, config.cache, config.scheduler, dtype, device, extra_bytes_per_block=extra, tp=tp
     )
     max_model_len = resolve_max_model_len(config, hf_config, num_blocks)
     memory = MemoryReport(

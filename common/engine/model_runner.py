@@ -11,6 +11,7 @@ sampled-token tensor (a device-side gather), so the host never waits for N to bu
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 
 from common.engine.cuda_graphs import DecodeBatch, DecodeGraphs
 from common.engine.device_copy import record_event, to_device, to_host_async
+from common.engine.kv_cache_manager import BlockCopy
 from common.engine.outputs import TokenLogprobs
 from common.engine.request import Request
 from common.engine.sampler import PendingSample, Sampler, SamplingRow, compute_prompt_logprobs
@@ -161,6 +163,7 @@ class ModelRunner:
         decode_graphs: DecodeGraphs | None = None,
         draft_proposer: DraftModelProposer | None = None,
         verify_graphs: DecodeGraphs | None = None,
+        on_block_copies: Callable[[tuple[BlockCopy, ...]], None] | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -170,6 +173,7 @@ class ModelRunner:
         self.decode_graphs = decode_graphs
         self.draft_proposer = draft_proposer
         self.verify_graphs = verify_graphs
+        self.on_block_copies = on_block_copies  # tensor-parallel rank 0: the other ranks copy the same blocks
 
     def execute(self, step: SchedulerOutput) -> RunnerOutput:
         """Run one step to completion (launch, then resolve)."""
@@ -316,6 +320,8 @@ class ModelRunner:
         return DecodeBatch(token_ids, positions, slots, seq_lens, [item.block_ids for item in scheduled])
 
     def _apply_block_copies(self, step: SchedulerOutput) -> None:
+        if step.block_copies and self.on_block_copies is not None:
+            self.on_block_copies(step.block_copies)
         for copy in step.block_copies:
             self.kv_cache[:, :, copy.dst].copy_(self.kv_cache[:, :, copy.src])
 

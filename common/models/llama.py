@@ -2,6 +2,12 @@
 
 Module names mirror HF's (``model.layers.N.self_attn...``) except the fused ``qkv_proj`` and
 ``gate_up_proj``; ``load_weights`` maps HF checkpoint names onto them.
+
+With a ``TensorParallelGroup`` (``tp``) each rank builds its shard: its query/KV heads (fused q|k|v of its heads),
+its rows of gate and of up (fused gate|up), the matching columns of o_proj and down_proj (each followed by an
+all-reduce), and its rows of the vocabulary (embedding and LM head). ``load_weights`` then reads only the rank's
+rows/columns of each checkpoint tensor. Without ``tp`` the model is built from plain layers: no collective, no
+extra op.
 """
 
 from __future__ import annotations
@@ -13,11 +19,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.distributed.group import TensorParallelGroup, partition
 from common.models.attention import PagedAttention
+from common.models.parallel_layers import (
+    HeadShard,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    shard_heads,
+)
 from common.models.rotary import RotaryEmbedding, rope_parameters
 from kernels.activation import silu_and_mul
 from kernels.attention_metadata import AttentionMetadata
 from kernels.rms_norm import fused_add_rms_norm, rms_norm
+
+# (dim, start, end, full length along dim) of a checkpoint tensor that one rank reads; None = all of it.
+Source = tuple[int, int, int, int] | None
 
 # HF checkpoint names that carry no weights for us.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
@@ -62,16 +79,21 @@ def head_dim_of(hf_config: Any) -> int:
 class LlamaAttention(nn.Module):
     """Fused qkv projection, optional per-head q/k norm, rope, paged attention, output projection."""
 
-    def __init__(self, hf_config: Any, variant: LlamaVariant) -> None:
+    def __init__(self, hf_config: Any, variant: LlamaVariant, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
+        total_heads = hf_config.num_attention_heads
+        total_kv_heads = getattr(hf_config, "num_key_value_heads", None) or total_heads
+        self.shard: HeadShard | None = None
+        if tp is not None:
+            self.shard = shard_heads(total_heads, total_kv_heads, tp.rank, tp.world_size)
+        self.num_heads = self.shard.num_heads if self.shard else total_heads
+        self.num_kv_heads = self.shard.num_kv_heads if self.shard else total_kv_heads
         self.head_dim = head_dim_of(hf_config)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         hidden = hf_config.hidden_size
         self.qkv_proj = nn.Linear(hidden, self.q_size + 2 * self.kv_size, bias=variant.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden, bias=variant.o_bias)
+        self.o_proj = _row_parallel(self.q_size, hidden, variant.o_bias, tp)
         self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if variant.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps) if variant.qk_norm else None
         self.rotary_emb = RotaryEmbedding(self.head_dim, rope_parameters(hf_config))
@@ -97,11 +119,13 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU with a fused gate/up projection: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, hidden: int, intermediate: int, bias: bool) -> None:
+    def __init__(self, hidden: int, intermediate: int, bias: bool, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.intermediate = intermediate
-        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.total_intermediate = intermediate
+        self.rows = partition(intermediate, tp.world_size)[tp.rank] if tp is not None else (0, intermediate)
+        self.intermediate = self.rows[1] - self.rows[0]  # this rank's
+        self.gate_up_proj = nn.Linear(hidden, 2 * self.intermediate, bias=bias)
+        self.down_proj = _row_parallel(self.intermediate, hidden, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -115,13 +139,13 @@ class LlamaDecoderLayer(nn.Module):
     style). The sums and their rounding are HF's: ``residual + hidden`` in the activation dtype.
     """
 
-    def __init__(self, hf_config: Any, variant: LlamaVariant) -> None:
+    def __init__(self, hf_config: Any, variant: LlamaVariant, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         eps = hf_config.rms_norm_eps
         self.input_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.self_attn = LlamaAttention(hf_config, variant)
+        self.self_attn = LlamaAttention(hf_config, variant, tp)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, eps)
-        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, variant.mlp_bias)
+        self.mlp = LlamaMLP(hf_config.hidden_size, hf_config.intermediate_size, variant.mlp_bias, tp)
 
     def forward(
         self,
@@ -143,10 +167,14 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers, final norm (which also adds the last layer's output to the residual)."""
 
-    def __init__(self, hf_config: Any, variant: LlamaVariant) -> None:
+    def __init__(self, hf_config: Any, variant: LlamaVariant, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
-        layers = [LlamaDecoderLayer(hf_config, variant) for _ in range(hf_config.num_hidden_layers)]
+        vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
+        if tp is None:
+            self.embed_tokens = nn.Embedding(vocab, hidden)
+        else:
+            self.embed_tokens = VocabParallelEmbedding(vocab, hidden, tp)
+        layers = [LlamaDecoderLayer(hf_config, variant, tp) for _ in range(hf_config.num_hidden_layers)]
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
@@ -173,12 +201,16 @@ class LlamaForCausalLM(nn.Module):
     writes its tokens' K/V at ``attn_metadata.slot_mapping`` in every layer before reading.
     """
 
-    def __init__(self, hf_config: Any, variant: LlamaVariant) -> None:
+    def __init__(self, hf_config: Any, variant: LlamaVariant, tp: TensorParallelGroup | None = None) -> None:
         super().__init__()
         self.config = hf_config
-        self.model = LlamaModel(hf_config, variant)
+        self.tp = tp
+        self.model = LlamaModel(hf_config, variant, tp)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        if tp is None:
+            self.lm_head = nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        else:
+            self.lm_head = VocabParallelLMHead(hf_config.hidden_size, hf_config.vocab_size, tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         first = self.model.layers[0].self_attn
@@ -198,35 +230,36 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_cache, attn_metadata)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden]`` -> float32 ``[N, vocab]``."""
+        """``[N, hidden]`` -> float32 ``[N, vocab]`` (tensor-parallel: on rank 0; the others' result is unused)."""
         return self.lm_head(hidden_states).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into our (partly fused) parameters, casting dtype.
 
         Raises ValueError on an unknown name, a shape mismatch, or a parameter left unloaded.
-        Returns the names of our parameters that were (at least partly) loaded.
+        Returns the names of our parameters that were (at least partly) loaded. Tensor-parallel: each tensor may
+        also be a lazy safetensors slice, of which only this rank's rows/columns are read.
         """
         params = dict(self.named_parameters())
         shards: dict[str, set[int]] = {}  # our name -> first rows filled, to catch half-loaded fusions
         for hf_name, tensor in weights:
             if hf_name.endswith(_IGNORED_SUFFIXES) or (self.tie_word_embeddings and hf_name == "lm_head.weight"):
                 continue
-            name, rows = self._map_name(hf_name)
+            name, rows, source = self._map_name(hf_name)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of {type(self).__name__}")
-            _copy_shard(params[name], tensor, rows, hf_name)
+            _copy_shard(params[name], tensor, rows, hf_name, source)
             shards.setdefault(name, set()).add(0 if rows is None else rows.start)
         missing = sorted(n for n in params if len(shards.get(n, ())) < _num_shards(n))
         if missing:
             raise ValueError(f"checkpoint is missing weights for {missing[:5]} ({len(missing)} in all)")
         return set(shards)
 
-    def _map_name(self, hf_name: str) -> tuple[str, slice | None]:
-        """HF name -> (our parameter name, rows of it that the tensor fills; None = all)."""
-        attn = self.model.layers[0].self_attn
-        q, kv = attn.q_size, attn.kv_size
-        inter = self.model.layers[0].mlp.intermediate
+    def _map_name(self, hf_name: str) -> tuple[str, slice | None, Source]:
+        """HF name -> (our parameter name, rows of it that the tensor fills (None = all), what of the tensor this
+        rank reads (None = all))."""
+        attn, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
+        q, kv, inter = attn.q_size, attn.kv_size, mlp.intermediate
         fused = {
             ".q_proj.": (".qkv_proj.", slice(0, q)),
             ".k_proj.": (".qkv_proj.", slice(q, q + kv)),
@@ -236,8 +269,44 @@ class LlamaForCausalLM(nn.Module):
         }
         for part, (fused_part, rows) in fused.items():
             if part in hf_name:
-                return hf_name.replace(part, fused_part), rows
-        return hf_name, None
+                return hf_name.replace(part, fused_part), rows, self._source(part, hf_name)
+        return hf_name, None, self._source("", hf_name)
+
+    def _source(self, part: str, hf_name: str) -> Source:
+        """The rows (dim 0: column-parallel, vocabulary) or columns (dim 1: row-parallel) this rank reads."""
+        if self.tp is None:
+            return None
+        attn, mlp = self.model.layers[0].self_attn, self.model.layers[0].mlp
+        shard, dim = attn.shard, attn.head_dim
+        total_q, total_kv = self.config.num_attention_heads * dim, _total_kv_heads(self.config) * dim
+        heads = {
+            ".q_proj.": (0, shard.q_start * dim, shard.q_end * dim, total_q),
+            ".k_proj.": (0, shard.kv_start * dim, shard.kv_end * dim, total_kv),
+            ".v_proj.": (0, shard.kv_start * dim, shard.kv_end * dim, total_kv),
+            ".gate_proj.": (0, *mlp.rows, mlp.total_intermediate),
+            ".up_proj.": (0, *mlp.rows, mlp.total_intermediate),
+        }
+        if part:
+            return heads[part]
+        if hf_name.endswith(".o_proj.weight"):
+            return (1, shard.q_start * dim, shard.q_end * dim, total_q)
+        if hf_name.endswith(".down_proj.weight"):
+            return (1, *mlp.rows, mlp.total_intermediate)
+        if hf_name in ("model.embed_tokens.weight", "lm_head.weight"):
+            embed = self.model.embed_tokens
+            return (0, embed.vocab_start, embed.vocab_end, self.config.vocab_size)
+        return None  # norms and row-parallel biases: every rank holds them whole
+
+
+def _total_kv_heads(hf_config: Any) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def _row_parallel(in_features: int, out_features: int, bias: bool, tp: TensorParallelGroup | None) -> nn.Linear:
+    """A plain linear layer, or (tensor-parallel) one over this rank's input columns whose output is all-reduced."""
+    if tp is None:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return RowParallelLinear(in_features, out_features, bias, tp)
 
 
 def _num_shards(name: str) -> int:
@@ -246,9 +315,25 @@ def _num_shards(name: str) -> int:
 
 
 @torch.no_grad()
-def _copy_shard(param: torch.Tensor, tensor: torch.Tensor, rows: slice | None, hf_name: str) -> None:
-    """``param[rows] = tensor`` (whole param when rows is None) with a strict shape check."""
+def _copy_shard(param: torch.Tensor, tensor: Any, rows: slice | None, hf_name: str, source: Source = None) -> None:
+    """``param[rows] = tensor[source]`` (whole param when rows is None, whole tensor when source is None) with a
+    strict shape check. ``tensor``: a torch tensor or a lazy safetensors slice (only ``source`` is read)."""
     target = param if rows is None else param[rows]
-    if target.shape != tensor.shape:
-        raise ValueError(f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(target.shape)}")
-    target.copy_(tensor)
+    shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else tuple(tensor.get_shape())
+    expected = tuple(target.shape)
+    if source is not None:
+        dim, start, end, total = source
+        expected = (*expected[:dim], total, *expected[dim + 1 :])
+    if shape != expected:
+        raise ValueError(f"{hf_name}: checkpoint shape {shape} != expected {expected}")
+    target.copy_(_read(tensor, source))
+
+
+def _read(tensor: Any, source: Source) -> torch.Tensor:
+    """The part of ``tensor`` that ``source`` names (a lazy slice reads just those bytes)."""
+    if source is None:
+        return tensor if isinstance(tensor, torch.Tensor) else tensor[:]
+    dim, start, end, _ = source
+    if isinstance(tensor, torch.Tensor):
+        return tensor.narrow(dim, start, end - start)
+    return tensor[(slice(None),) * dim + (slice(start, end),)]

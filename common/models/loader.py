@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from common.distributed.group import TensorParallelGroup
 from common.models.llama import RMSNorm
 from common.models.registry import build_model
 
@@ -170,15 +171,17 @@ def resolve_dtype(dtype: str, hf_config: Any, device: torch.device | str) -> tor
     return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def iterate_safetensors(model_path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, tensor) pairs from every ``*.safetensors`` file of the folder, one at a time."""
+def iterate_safetensors(model_path: Path, lazy: bool = False) -> Iterator[tuple[str, Any]]:
+    """Stream (name, tensor) pairs from every ``*.safetensors`` file of the folder, one at a time.
+
+    ``lazy``: lazy slices instead of tensors (``slice[a:b]`` reads only those rows: a tensor-parallel rank's)."""
     files = sorted(model_path.glob("*.safetensors"))
     if not files:
         raise ValueError(f"model={str(model_path)!r}: no *.safetensors files")
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                yield name, handle.get_tensor(name)
+                yield name, handle.get_slice(name) if lazy else handle.get_tensor(name)
 
 
 @torch.no_grad()
@@ -202,14 +205,16 @@ def load_model(
     device: torch.device,
     load_format: str,
     seed: int = 0,
+    tp: TensorParallelGroup | None = None,
 ) -> nn.Module:
-    """Build the model and fill it: ``"auto"``/``"safetensors"`` stream the folder's weights,
-    ``"dummy"`` draws seeded random weights without reading any file."""
-    model = build_model(hf_config, dtype, device)
+    """Build the model and fill it: ``"auto"``/``"safetensors"`` stream the folder's weights (with ``tp``: only this
+    rank's shard of each tensor), ``"dummy"`` draws seeded random weights without reading any file (per rank:
+    a tensor-parallel dummy model is not the single-process one split)."""
+    model = build_model(hf_config, dtype, device, tp)
     if load_format == "dummy":
-        fill_dummy_weights(model, seed)
+        fill_dummy_weights(model, seed + (tp.rank if tp is not None else 0))
     elif load_format in ("auto", "safetensors"):
-        model.load_weights(iterate_safetensors(Path(model_path)))
+        model.load_weights(iterate_safetensors(Path(model_path), lazy=tp is not None))
     else:
         raise ValueError(f"load_format={load_format!r}: expected auto, safetensors or dummy")
     return model

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.distributed.group import TensorParallelGroup
 from common.models.llama import LlamaForCausalLM, LlamaVariant
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,11 @@ def _warn_unsupported(hf_config: Any) -> None:
         logger.warning("sliding_window=%d is ignored: attention is full; outputs differ past it", window)
 
 
-def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """Build the (randomly initialized) model for ``hf_config.architectures[0]`` on ``device`` in ``dtype``.
+def build_model(
+    hf_config: Any, dtype: torch.dtype, device: torch.device, tp: TensorParallelGroup | None = None
+) -> nn.Module:
+    """Build the (randomly initialized) model for ``hf_config.architectures[0]`` on ``device`` in ``dtype``
+    (with ``tp``: this rank's shard of it).
 
     Parameters are created directly on the device; no global torch state is changed afterwards.
     Raises ValueError naming the architecture when it is not supported.
@@ -85,6 +89,7 @@ def build_model(hf_config: Any, dtype: torch.dtype, device: torch.device) -> nn.
     _warn_unsupported(hf_config)
     variant = ARCHITECTURES[arch](hf_config)
     with torch.device(device), default_dtype(dtype):
-        model = LlamaForCausalLM(hf_config, variant)
-    logger.info("built %s (%s) on %s in %s", arch, variant, device, dtype)
+        model = LlamaForCausalLM(hf_config, variant, tp)
+    shard = f" (tensor-parallel rank {tp.rank} of {tp.world_size})" if tp is not None else ""
+    logger.info("built %s (%s) on %s in %s%s", arch, variant, device, dtype, shard)
     return model.eval()

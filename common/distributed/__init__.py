@@ -1,0 +1,1 @@
+"""Process groups for running one model over several processes (tensor parallelism)."""
