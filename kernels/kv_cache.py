@@ -20,6 +20,24 @@ def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
+def check_kv_dtype(incoming: torch.dtype, cache_dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` when KV of dtype ``incoming`` cannot be cast into a cache of ``cache_dtype``: an FP8
+    side means scaled values, which a plain cast would misread (the pools' --kv-cache-dtype differ)."""
+    if incoming != cache_dtype and FP8_DTYPE in (incoming, cache_dtype):
+        raise ValueError(
+            f"KV cache dtype mismatch: the transfer carries {incoming} but this worker's cache is {cache_dtype}; "
+            "the prefill and decode pools must run the same --kv-cache-dtype"
+        )
+
+
+def index_copy_blocks(cache: torch.Tensor, block_ids: torch.Tensor, kv: torch.Tensor) -> None:
+    """``cache[:, :, block_ids] = kv`` (dim 2 = blocks) for any cache dtype: torch has no float8 ``index_copy_``,
+    so an FP8 cache copies its bytes (``kv`` must already hold the cache's dtype then)."""
+    if cache.dtype == FP8_DTYPE:
+        cache, kv = cache.view(torch.uint8), kv.view(torch.uint8)
+    cache.index_copy_(2, block_ids, kv)
+
+
 def to_cache_dtype(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
     """``x`` as the cache stores it: quantized with ``scale`` for an FP8 cache, else a plain cast."""
     return quantize_kv(x, scale) if cache_dtype == FP8_DTYPE else x.to(cache_dtype)
