@@ -60,6 +60,10 @@ class CacheConfig:
     num_gpu_blocks_override: int | None = setting(None, help="exact KV block count (tests)", cli=False)
     cpu_kv_cache_memory_default: int = setting(512 * 1024 * 1024, parse=parse_bytes, cli=False,
                                                help="KV budget on CPU when --kv-cache-memory is not set")
+    kv_cache_dtype: str = setting("auto", choices=("auto", "fp8", "fp8_e4m3"),
+                                  help="KV cache element type: auto = the model's dtype; fp8 (= fp8_e4m3) stores "
+                                       "e4m3 with per-layer K/V scales from the checkpoint (else 1.0): twice the "
+                                       "tokens per byte; prefill and decode pools must agree (default: %(default)s)")
 
 
 @dataclass(frozen=True)

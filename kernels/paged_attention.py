@@ -3,6 +3,11 @@
 Cache layout (per layer, per K or V): ``[num_blocks, block_size, num_kv_heads, head_dim]``.
 Sequence i's context position p lives in block ``block_tables[i, p // block_size]`` at offset
 ``p % block_size``. See ``kernels.attention_metadata.AttentionMetadata`` for the batch layout.
+
+An FP8 (e4m3) cache is read as ``cache.float() * scale`` with per-layer ``k_scale`` / ``v_scale`` (see
+``kernels.kv_cache``). The kernels convert the e4m3 tiles to the query dtype (exact: every e4m3 value is a
+float16/bfloat16 value), fold ``k_scale`` into the softmax scale and apply ``v_scale`` to the normalized output,
+which is the same attention; the references dequantize on read. Non-FP8 caches ignore the scales.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.attention_metadata import AttentionMetadata
+from kernels.fp8 import FP8_DTYPE
 from kernels.triton_import import HAS_TRITON, tl, triton
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -28,6 +34,13 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int)
     num_blocks = -(-seq_len // block_size)
     blocks = cache.index_select(0, block_table[:num_blocks].long())
     return blocks.flatten(0, 1)[:seq_len]
+
+
+def dequantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """Cached K or V in ``dtype``: an FP8 tensor times its scale (in float32 first), anything else just cast."""
+    if x.dtype == FP8_DTYPE:
+        return (x.float() * scale).to(dtype)
+    return x.to(dtype)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -55,6 +68,8 @@ def paged_attention_reference(
     v_cache: torch.Tensor,
     attn_metadata: AttentionMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Plain-torch reference: decodes in one padded batch, prefill chunks one sequence at a time.
 
@@ -71,14 +86,15 @@ def paged_attention_reference(
             decode_rows.append(start)
         else:
             block_table = attn_metadata.block_tables[i]
-            k = gather_context(k_cache, block_table, seq_len)
-            v = gather_context(v_cache, block_table, seq_len)
+            compute_dtype = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
+            k = dequantize_kv(gather_context(k_cache, block_table, seq_len), k_scale, compute_dtype)
+            v = dequantize_kv(gather_context(v_cache, block_table, seq_len), v_scale, compute_dtype)
             out[start : start + q_len] = causal_attention(q[start : start + q_len], k, v, scale)
         start += q_len
     if decode_seqs:
         rows = torch.tensor(decode_rows, device=q.device)
         out[rows] = batched_decode_attention(
-            q.index_select(0, rows), k_cache, v_cache, attn_metadata, decode_seqs, scale
+            q.index_select(0, rows), k_cache, v_cache, attn_metadata, decode_seqs, scale, k_scale, v_scale
         )
     return out
 
@@ -90,6 +106,8 @@ def batched_decode_attention(
     attn_metadata: AttentionMetadata,
     seqs: list[int],
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One query per sequence over its whole context, all sequences in one masked SDPA call.
 
@@ -103,8 +121,8 @@ def batched_decode_attention(
     tables = attn_metadata.block_tables.index_select(0, index)[:, :num_blocks].long()
     lengths = torch.tensor([attn_metadata.seq_lens_cpu[i] for i in seqs], device=q.device)
     compute_dtype = torch.float32 if q.dtype in _LOW_PRECISION else q.dtype
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2).to(compute_dtype)  # [B, kv_heads, L, dim]
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2).to(compute_dtype)
+    k = dequantize_kv(k_cache[tables], k_scale, compute_dtype).flatten(1, 2).transpose(1, 2)  # [B, kv_heads, L, dim]
+    v = dequantize_kv(v_cache[tables], v_scale, compute_dtype).flatten(1, 2).transpose(1, 2)
     mask = torch.arange(num_blocks * block_size, device=q.device)[None, :] < lengths[:, None]
     # Padding rows may hold anything (even NaN): zero them so 0-weight x garbage cannot poison the sum.
     hidden = ~mask[:, None, :, None]
@@ -120,6 +138,8 @@ def paged_attention(
     v_cache: torch.Tensor,
     attn_metadata: AttentionMetadata,
     scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention for every query row of the batch over its sequence's cached context.
 
@@ -130,20 +150,24 @@ def paged_attention(
     ``choose_decode_splits``), the varlen prefill kernel otherwise. Everything else uses the reference.
     """
     if not (q.is_cuda and kernels_support(q, k_cache, v_cache)):
-        return paged_attention_reference(q, k_cache, v_cache, attn_metadata, scale)
+        return paged_attention_reference(q, k_cache, v_cache, attn_metadata, scale, k_scale, v_scale)
     md = attn_metadata
+    kv_scales = (k_scale, v_scale)
     with torch.cuda.device(q.device):  # Triton launches on the current device
         if md.is_pure_decode and q.shape[0] == md.num_seqs:
             num_splits = getattr(md, "num_decode_splits", None)
             if num_splits is None:
                 num_splits = choose_decode_splits(md.num_seqs, k_cache.shape[2], md.max_seq_len)
-            return paged_decode_attention(q, k_cache, v_cache, md.seq_lens, md.block_tables, scale, num_splits)
+            return paged_decode_attention(
+                q, k_cache, v_cache, md.seq_lens, md.block_tables, scale, num_splits, kv_scales=kv_scales
+            )
         if 0 < md.num_leading_decodes < md.num_seqs:
-            out = _decodes_then_prefill(q, k_cache, v_cache, md, scale)
+            out = _decodes_then_prefill(q, k_cache, v_cache, md, scale, kv_scales)
         else:
             out = paged_prefill_attention(
-                q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, md.max_query_len, scale
-            )
+                q, k_cache, v_cache, md.query_start_loc, md.seq_lens, md.block_tables, md.max_query_len, scale,
+                kv_scales=kv_scales,
+            )  # fmt: skip
     num_tokens = md.num_tokens
     if num_tokens < out.shape[0]:
         out[num_tokens:] = 0  # trailing padding rows, as the reference leaves them
@@ -151,7 +175,12 @@ def paged_attention(
 
 
 def _decodes_then_prefill(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    md: AttentionMetadata,
+    scale: float,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """A mixed batch: its leading decode rows through the split-KV decode kernel, the rest (prefill chunks)
     through the prefill kernel. In the prefill kernel a decode row would fill a whole query tile with one
@@ -168,6 +197,7 @@ def _decodes_then_prefill(
         scale,
         splits,
         out=out[:decodes],
+        kv_scales=kv_scales,
     )
     rest_lens = md.query_lens_cpu[decodes:]
     paged_prefill_attention(
@@ -181,6 +211,7 @@ def _decodes_then_prefill(
         scale,
         out=out,
         first_seq=decodes,
+        kv_scales=kv_scales,
     )
     return out
 
@@ -228,19 +259,25 @@ def decode_tiles(head_dim: int, dtype: torch.dtype) -> TileConfig:
 
 
 def kernels_support(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether the Triton kernels handle these operands; otherwise callers use the reference."""
+    """Whether the Triton kernels handle these operands; otherwise callers use the reference. The cache holds
+    the query dtype, or FP8 where the device converts e4m3 (compute capability 8.9+, or the CPU interpreter)."""
     head_dim = q.shape[-1]
     return (
         HAS_TRITON
         and q.dtype in _KERNEL_DTYPES
-        and k_cache.dtype == q.dtype
-        and v_cache.dtype == q.dtype
+        and k_cache.dtype == v_cache.dtype
+        and (k_cache.dtype == q.dtype or (k_cache.dtype == FP8_DTYPE and _converts_fp8(k_cache.device)))
         and head_dim >= 16
         and head_dim & (head_dim - 1) == 0
         and q.stride(-1) == 1
         and k_cache.stride(-1) == 1
         and v_cache.stride(-1) == 1
     )
+
+
+def _converts_fp8(device: torch.device) -> bool:
+    """Triton's e4m3 (float8e4nv) conversions need Ada/Hopper or newer; the CPU interpreter has them too."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -262,6 +299,7 @@ def paged_prefill_attention(
     scale: float,
     out: torch.Tensor | None = None,
     first_seq: int = 0,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Varlen causal attention of every query row over its sequence's paged context (Triton).
 
@@ -270,6 +308,7 @@ def paged_prefill_attention(
     to the decode kernel): their rows of ``out`` are written, every other row keeps whatever it held. The
     metadata tensors are passed whole, not sliced: a slice starting at an odd row is a pointer that is not
     16-byte aligned, and Triton compiles a separate variant for it (seconds on a cold cache, mid-serving).
+    ``kv_scales`` (k_scale, v_scale) apply to an FP8 cache only.
     """
     num_seqs, num_kv_heads = seq_lens.shape[0] - first_seq, k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
@@ -284,23 +323,35 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables,
-        scale * _LOG2E,
+        *_folded_scales(scale, k_cache.dtype, kv_scales),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), first_seq,
         GROUP=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_N=tiles.block_n, HEAD_DIM=q.shape[-1],
-        BLOCK_SIZE=k_cache.shape[1], DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_SIZE=k_cache.shape[1], DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=k_cache.dtype == FP8_DTYPE,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
 
 
-def warm_up_attention_kernels(num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+def _folded_scales(scale: float, cache_dtype: torch.dtype, kv_scales: tuple[float, float]) -> tuple[float, float]:
+    """(log2-domain softmax scale, output scale): an FP8 cache's k_scale folds into the first (q . k * k_scale
+    = (q . k) * k_scale) and its v_scale becomes the second (sum p * v * v_scale = v_scale * sum p * v)."""
+    if cache_dtype != FP8_DTYPE:
+        return scale * _LOG2E, 1.0
+    k_scale, v_scale = kv_scales
+    return scale * _LOG2E * k_scale, v_scale
+
+
+def warm_up_attention_kernels(
+    num_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor, query_dtype: torch.dtype | None = None
+) -> int:
     """Compile every variant the eager path can launch (each prefill query tile height, each decode split
     count) on a dummy sequence whose every block is block 0, so the first requests after start-up do not wait
-    for Triton's JIT (seconds on a cold cache). Reads the cache, writes nothing to it. Returns the launch count."""
-    device, dtype, head_dim = k_cache.device, k_cache.dtype, k_cache.shape[-1]
+    for Triton's JIT (seconds on a cold cache). Reads the cache, writes nothing to it. Returns the launch count.
+    ``query_dtype`` is the model's (default: the cache's, which an FP8 cache cannot be)."""
+    device, dtype, head_dim = k_cache.device, query_dtype or k_cache.dtype, k_cache.shape[-1]
     group_pad = triton.next_power_of_2(num_heads // k_cache.shape[2])
     rows = prefill_tiles(head_dim, dtype).rows // group_pad
     # Every position of the longest dummy query maps to block 0: the table must cover all of them.
@@ -354,13 +405,15 @@ def paged_decode_attention(
     scale: float,
     num_splits: int,
     out: torch.Tensor | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """One query row per sequence over its whole paged context, split-KV (flash-decoding; Triton).
 
     ``q`` ``[S, Hq, D]`` with row i belonging to sequence i. CUDA-graph capturable: reads lengths and block
     tables on the device only; ``num_splits`` and the shapes are the only host inputs. Each split covers
     ``ceil(ceil(seq_len / num_splits) / BLOCK_N)`` key tiles; a row with seq_len 0 gets zeros. Writes
-    every row of ``out`` (allocated when None).
+    every row of ``out`` (allocated when None). ``kv_scales`` (k_scale, v_scale) apply to an FP8 cache only;
+    as Python floats they are kernel arguments, so a captured graph replays them without a host sync.
     """
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -375,14 +428,14 @@ def paged_decode_attention(
         part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, seq_lens, block_tables, out, part_out, part_lse,
-        scale * _LOG2E,
+        *_folded_scales(scale, k_cache.dtype, kv_scales),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), MIN_DOT_ROWS), BLOCK_N=tiles.block_n,
         HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], NUM_SPLITS=num_splits,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), KV_FP8=k_cache.dtype == FP8_DTYPE,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -407,12 +460,13 @@ def _attend_tile(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     scale_log2,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step over keys ``[start, start + BLOCK_N)`` (those >= kv_end are not read).
 
     Scores are in the log2 domain (scale folded with log2 e). With CAUSAL, row r sees key p iff
-    ``p <= q_pos[r]``; without it, every key read must be visible to every row.
+    ``p <= q_pos[r]``; without it, every key read must be visible to every row. KV_FP8: the e4m3 tiles are
+    converted to q's dtype unscaled (the caller folded k_scale into scale_log2 and applies v_scale at the end).
     """
     pos = start + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -421,6 +475,8 @@ def _attend_tile(
     slot = pos % BLOCK_SIZE
     k_off = block * stride_kb + slot * stride_ks + kv_head * stride_kh
     k = tl.load(k_cache_ptr + k_off[None, :] + dims[:, None], mask=in_range[None, :], other=0.0)
+    if KV_FP8:
+        k = k.to(q.dtype)
     qk = _dot(q, k, DOT_PRECISION) * scale_log2
     if CAUSAL:
         qk = tl.where(pos[None, :] <= q_pos[:, None], qk, float("-inf"))
@@ -429,6 +485,8 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     v_off = block * stride_vb + slot * stride_vs + kv_head * stride_vh
     v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=in_range[:, None], other=0.0)
+    if KV_FP8:
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION)
     return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
@@ -438,12 +496,12 @@ def _attend_tile(
 @triton.jit(do_not_specialize=["stride_table", "first_seq"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
-    scale_log2,
+    scale_log2, out_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_table, first_seq,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):  # fmt: skip
     """Program (query tile, sequence, kv head): BLOCK_Q query tokens x the GROUP query heads of one kv
     head as ``BLOCK_Q * GROUP_PAD`` rows (row r = token r // GROUP_PAD, head r % GROUP_PAD)."""
@@ -476,15 +534,17 @@ def _prefill_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, start, kv_end, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2,
-            BLOCK_N, HEAD_DIM, BLOCK_SIZE, False, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, BLOCK_SIZE, False, DOT_PRECISION, KV_FP8,
         )  # fmt: skip
     for start in range(full_end, kv_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, start, kv_end, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2,
-            BLOCK_N, HEAD_DIM, BLOCK_SIZE, True, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, BLOCK_SIZE, True, DOT_PRECISION, KV_FP8,
         )  # fmt: skip
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * out_scale
     o_off = (q_start + token).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
     tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
@@ -492,12 +552,12 @@ def _prefill_kernel(
 @triton.jit(do_not_specialize=["stride_table"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, seq_lens_ptr, block_tables_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2,
+    scale_log2, out_scale,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_table,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):  # fmt: skip
     """Program (sequence, kv head, split): the group's query heads (padded to GROUP_PAD rows) over one
     contiguous key range. With one split it writes the normalized output; otherwise the split's
@@ -524,10 +584,12 @@ def _decode_split_kernel(
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, q_pos, tile_start, end, k_cache_ptr, v_cache_ptr, table_ptr, kv_head,
             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, scale_log2,
-            BLOCK_N, HEAD_DIM, BLOCK_SIZE, True, DOT_PRECISION,
+            BLOCK_N, HEAD_DIM, BLOCK_SIZE, True, DOT_PRECISION, KV_FP8,
         )  # fmt: skip
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    if KV_FP8:
+        out = out * out_scale  # before the split combine, which is linear in the partials
     if NUM_SPLITS == 1:
         o_off = seq.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
         tl.store(out_ptr + o_off[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])

@@ -11,8 +11,19 @@ from transformers import PretrainedConfig
 from common.config import CacheConfig, EngineConfig, SchedulerConfig
 from common.distributed.group import TensorParallelGroup
 from kernels.attention_metadata import AttentionMetadata
+from kernels.fp8 import FP8_DTYPE
 
 logger = logging.getLogger(__name__)
+
+
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8": FP8_DTYPE, "fp8_e4m3": FP8_DTYPE}
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """``--kv-cache-dtype`` -> the cache tensor's dtype: auto = the model's, fp8 / fp8_e4m3 = e4m3."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r}: expected one of {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[kv_cache_dtype] or model_dtype
 
 
 def bytes_per_block(model: torch.nn.Module, block_size: int, dtype: torch.dtype) -> int:
@@ -31,22 +42,26 @@ def allocate_kv_cache(
 ) -> tuple[torch.Tensor, int]:
     """The zero-filled cache tensor [layers, 2, blocks, block_size, kv_heads, head_dim] and its block count.
 
-    ``extra_bytes_per_block``: what each block also costs elsewhere (a draft model's cache indexed by the same
-    block ids), so that the memory budget holds both caches. ``tp``: the block count is the smallest any rank can
-    hold (rank 0 schedules block ids that every rank's cache must have).
+    ``dtype`` is the model's; the cache holds ``cache.kv_cache_dtype`` (FP8: one byte an element, so a byte
+    budget holds twice the blocks of a 16-bit cache). ``extra_bytes_per_block``: what each block also costs
+    elsewhere (a draft model's cache indexed by the same block ids), so that the memory budget holds both caches.
+    ``tp``: the block count is the smallest any rank can hold (rank 0 schedules block ids that every rank's cache
+    must have).
     """
-    per_block = bytes_per_block(model, cache.block_size, dtype)
+    cache_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)
+    per_block = bytes_per_block(model, cache.block_size, cache_dtype)
     num_blocks = count_blocks(model, cache, scheduler, dtype, device, per_block + extra_bytes_per_block)
     if tp is not None:
         num_blocks = tp.all_reduce_min(num_blocks)
     if num_blocks < 1:
         raise ValueError(f"kv_cache_memory: no room for a single KV block of {per_block} bytes")
     shape = (model.num_layers, 2, num_blocks, cache.block_size, model.num_kv_heads, model.head_dim)
-    kv_cache = torch.zeros(shape, dtype=dtype, device=device)
+    kv_cache = torch.zeros(shape, dtype=cache_dtype, device=device)
     logger.info(
-        "KV cache: %d blocks x %d tokens (%.1f MiB, %d bytes per block)",
+        "KV cache: %d blocks x %d tokens of %s (%.1f MiB, %d bytes per block)",
         num_blocks,
         cache.block_size,
+        cache_dtype,
         num_blocks * per_block / 2**20,
         per_block,
     )
@@ -69,7 +84,10 @@ def count_blocks(
         return cache.cpu_kv_cache_memory_default // per_block
     if not 0.0 < cache.gpu_memory_utilization <= 1.0:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {cache.gpu_memory_utilization}")
-    peak_activation = profile_activation_bytes(model, cache.block_size, scheduler.max_num_batched_tokens, dtype, device)
+    cache_dtype = resolve_kv_cache_dtype(cache.kv_cache_dtype, dtype)
+    peak_activation = profile_activation_bytes(
+        model, cache.block_size, scheduler.max_num_batched_tokens, dtype, device, cache_dtype
+    )
     free, total = torch.cuda.mem_get_info(device)
     budget = total * cache.gpu_memory_utilization - (total - free) - peak_activation
     return int(budget // per_block)
@@ -77,13 +95,17 @@ def count_blocks(
 
 @torch.inference_mode()
 def profile_activation_bytes(
-    model: torch.nn.Module, block_size: int, num_tokens: int, dtype: torch.dtype, device: torch.device
+    model: torch.nn.Module,
+    block_size: int,
+    num_tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    cache_dtype: torch.dtype | None = None,
 ) -> int:
     """Peak extra memory of one forward over a full token budget (one long prefill), with logits."""
     num_blocks = -(-num_tokens // block_size)
-    scratch = torch.zeros(
-        (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim), dtype=dtype, device=device
-    )
+    shape = (model.num_layers, 2, num_blocks, block_size, model.num_kv_heads, model.head_dim)
+    scratch = torch.zeros(shape, dtype=cache_dtype or dtype, device=device)
     metadata = AttentionMetadata(
         slot_mapping=torch.arange(num_tokens, device=device),
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),

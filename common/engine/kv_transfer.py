@@ -11,6 +11,7 @@ from common.engine.request import Request
 from common.engine.request_lifecycle import RequestLifecycle
 from common.engine.request_validation import RequestValidator
 from common.engine.sampling_params import SamplingParams
+from kernels.kv_cache import check_kv_dtype, index_copy_blocks
 
 
 class KVTransfer:
@@ -55,13 +56,14 @@ class KVTransfer:
         if not block_ids:
             raise ValueError(f"reservation_id {reservation_id!r} is unknown or expired")
         cache = self.kv_cache
+        check_kv_dtype(kv.dtype, cache.dtype)
         if kv.shape[0:2] != cache.shape[0:2] or kv.shape[3:] != cache.shape[3:] or kv.shape[2] > len(block_ids):
             raise ValueError(
                 f"kv shape {tuple(kv.shape)} does not fit reservation of {len(block_ids)} blocks "
                 f"in cache {tuple(cache.shape)}"
             )
         index = torch.tensor(block_ids[: kv.shape[2]], device=cache.device)
-        cache.index_copy_(2, index, kv.to(device=cache.device, dtype=cache.dtype))
+        index_copy_blocks(cache, index, kv.to(device=cache.device, dtype=cache.dtype))
 
     def gather_kv(self, request: Request) -> torch.Tensor:
         """A contiguous copy of the KV of every computed token's block (the last one may be partial)."""

@@ -86,7 +86,7 @@ def load_model_and_kv_cache(config: EngineConfig, tp: TensorParallelGroup | None
     )
     graphs = capture_decode_graphs(config, model, kv_cache, device, max_model_len)
     verify_graphs = capture_verify_graphs(config, model, kv_cache, device, max_model_len)
-    warm_up_kernels(model, kv_cache)
+    warm_up_kernels(model, kv_cache, dtype)
     eos_ids = eos_token_ids(hf_config, tokenizer)
     return LoadedModel(
         device,
@@ -187,12 +187,14 @@ def capture_verify_graphs(
     return graphs
 
 
-def warm_up_kernels(model: torch.nn.Module, kv_cache: torch.Tensor) -> None:
-    """Compile the attention kernels' variants now rather than on the first requests (CUDA only)."""
-    if not kv_cache.is_cuda or not kernels_support(kv_cache[0, 0], kv_cache[0, 0], kv_cache[0, 1]):
+def warm_up_kernels(model: torch.nn.Module, kv_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    """Compile the attention kernels' variants now rather than on the first requests (CUDA only); ``dtype`` is
+    the model's (the queries'), which an FP8 cache does not share."""
+    query = torch.empty(1, 1, kv_cache.shape[-1], dtype=dtype, device=kv_cache.device)
+    if not kv_cache.is_cuda or not kernels_support(query, kv_cache[0, 0], kv_cache[0, 1]):
         return
     started = time.perf_counter()
-    launches = warm_up_attention_kernels(model.num_heads, kv_cache[0, 0], kv_cache[0, 1])
+    launches = warm_up_attention_kernels(model.num_heads, kv_cache[0, 0], kv_cache[0, 1], dtype)
     torch.cuda.synchronize(kv_cache.device)
     logger.info("warmed up %d attention kernel variants in %.1fs", launches, time.perf_counter() - started)
 

@@ -14,7 +14,9 @@ class PagedAttention(nn.Module):
     """Stores this step's K/V in one layer's cache, then attends over each sequence's cached context.
 
     Holds no weights. ``kv_cache`` is this layer's slice ``[2, num_blocks, block_size, num_kv_heads,
-    head_dim]``; index 0 is K, 1 is V.
+    head_dim]``; index 0 is K, 1 is V. An FP8 cache stores K / ``k_scale`` and V / ``v_scale`` (per-tensor
+    scales, vLLM's semantics: the checkpoint's when it has them, else 1.0); other caches ignore them. The
+    scales are Python floats, set once at load time, so CUDA graphs capture them as kernel arguments.
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
@@ -25,6 +27,8 @@ class PagedAttention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -36,6 +40,6 @@ class PagedAttention(nn.Module):
     ) -> torch.Tensor:
         """``q`` ``[T, Hq, D]``, ``k``/``v`` ``[T, Hkv, D]`` (rope already applied) -> ``[T, Hq * D]``."""
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k, v, k_cache, v_cache, attn_metadata.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, attn_metadata, self.scale)
+        write_kv(k, v, k_cache, v_cache, attn_metadata.slot_mapping, self.k_scale, self.v_scale)
+        out = paged_attention(q, k_cache, v_cache, attn_metadata, self.scale, self.k_scale, self.v_scale)
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -38,6 +38,14 @@ Source = tuple[int, int, int, int] | None
 
 # HF checkpoint names that carry no weights for us.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# FP8 KV cache scales as checkpoints name them (vLLM reads the same): which of K/V each one sets.
+_KV_SCALE_SUFFIXES = {
+    ".self_attn.k_scale": ("k",),
+    ".self_attn.v_scale": ("v",),
+    ".self_attn.kv_scale": ("k", "v"),
+    ".self_attn.k_proj.k_scale": ("k",),
+    ".self_attn.v_proj.v_scale": ("v",),
+}
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,8 @@ class LlamaForCausalLM(nn.Module):
         for hf_name, tensor in weights:
             if hf_name.endswith(_IGNORED_SUFFIXES) or (self.tie_word_embeddings and hf_name == "lm_head.weight"):
                 continue
+            if self._load_kv_scale(hf_name, tensor):
+                continue
             name, rows, source = self._map_name(hf_name)
             if name not in params:
                 raise ValueError(f"checkpoint tensor {hf_name!r} matches no parameter of {type(self).__name__}")
@@ -254,6 +264,20 @@ class LlamaForCausalLM(nn.Module):
         if missing:
             raise ValueError(f"checkpoint is missing weights for {missing[:5]} ({len(missing)} in all)")
         return set(shards)
+
+    def _load_kv_scale(self, hf_name: str, tensor: torch.Tensor) -> bool:
+        """Set a layer's FP8 KV cache scale from a checkpoint tensor (a per-head vector: its max, as vLLM
+        does); False when ``hf_name`` is no KV scale. Read once here, so no step ever syncs for it."""
+        suffix = next((s for s in _KV_SCALE_SUFFIXES if hf_name.endswith(s)), None)
+        if suffix is None:
+            return False
+        layer = int(hf_name.removesuffix(suffix).rsplit(".", 1)[-1])
+        value = float(_read(tensor, None).float().max())
+        if not value > 0.0:
+            raise ValueError(f"checkpoint tensor {hf_name!r}: a KV cache scale must be positive, got {value}")
+        for kind in _KV_SCALE_SUFFIXES[suffix]:
+            setattr(self.model.layers[layer].self_attn.attn, f"{kind}_scale", value)
+        return True
 
     def _map_name(self, hf_name: str) -> tuple[str, slice | None, Source]:
         """HF name -> (our parameter name, rows of it that the tensor fills (None = all), what of the tensor this

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kernels.kv_cache import check_kv_dtype, index_copy_blocks
+
 
 class BlockWriter:
     """Copies ``kv`` ([layers, 2, n, block_size, heads, dim]) into blocks ``block_ids`` of ``cache``."""
@@ -23,8 +25,10 @@ class BlockWriter:
         self._stream = torch.cuda.Stream(cache.device) if cache.is_cuda else None
 
     def check(self, kv: torch.Tensor, num_blocks: int) -> None:
-        """Raise ``ValueError`` unless ``kv`` fits ``num_blocks`` reserved blocks of the cache."""
+        """Raise ``ValueError`` unless ``kv`` fits ``num_blocks`` reserved blocks of the cache (and its dtype
+        casts into the cache's: never across an FP8 / non-FP8 boundary)."""
         cache = self.cache
+        check_kv_dtype(kv.dtype, cache.dtype)
         if kv.dim() != cache.dim() or kv.shape[0:2] != cache.shape[0:2] or kv.shape[3:] != cache.shape[3:]:
             raise ValueError(f"kv shape {tuple(kv.shape)} does not fit the cache {tuple(cache.shape)}")
         if kv.shape[2] > num_blocks:
@@ -55,4 +59,4 @@ class BlockWriter:
         if ids == list(range(first, first + len(ids))):  # a contiguous run: a strided slice copy, no index
             cache[:, :, first : first + len(ids)].copy_(source)
         else:
-            cache.index_copy_(2, torch.tensor(ids, device=cache.device), source)
+            index_copy_blocks(cache, torch.tensor(ids, device=cache.device), source)

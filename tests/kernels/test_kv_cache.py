@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.kv_cache import write_kv, write_kv_reference, write_kv_triton
-from tests.kernels.support import DEVICE, assert_equal_after_cast, requires_triton
+from kernels.fp8 import FP8_DTYPE, FP8_MAX
+from kernels.kv_cache import quantize_kv, write_kv, write_kv_reference, write_kv_triton
+from tests.kernels.support import CUDA, DEVICE, assert_equal_after_cast, requires_triton
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -84,3 +85,44 @@ def test_write_kv_on_cuda_past_2_pow_31_elements(gen):
     assert torch.equal(flat[0, slot_mapping[valid].cuda()].cpu(), k[valid].to(torch.bfloat16))
     assert torch.equal(flat[1, slot_mapping[valid].cuda()].cpu(), v[valid].to(torch.bfloat16))
     assert kv.isnan().sum().item() == kv.numel() - 2 * int(valid.sum()) * heads * dim
+
+
+INTERPRETER_EXACT_SCALES = (2**-4, 2**-5)  # powers of two: e4m3 grid points times these divide back exactly
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("fn", [write_kv_reference, pytest.param(write_kv_triton, marks=requires_triton)])
+def test_write_kv_fp8_quantizes_with_the_scales(dtype, fn, gen):
+    """An e4m3 cache gets ``clamp(x / scale, +-448)`` (values past 448 * scale saturate instead of turning NaN),
+    bit-equal to ``quantize_kv``; dequantized it is within e4m3's 2^-4 relative rounding of the input (2^-10 of
+    the scale near zero). Other slots keep their bytes.
+
+    Triton's CPU interpreter converts float32 -> e4m3 wrongly when rounding carries into the exponent (1.95 ->
+    1.0, not 2.0) and rounds ties away from zero, so under the interpreter the kernel gets inputs on the e4m3
+    grid (power-of-two scales: no rounding at all) and only CUDA checks the kernel's rounding."""
+    num_blocks, block_size, heads, dim = 4, 16, 3, 64
+    num_slots = num_blocks * block_size
+    on_grid = fn is write_kv_triton and not CUDA
+    k_scale, v_scale = INTERPRETER_EXACT_SCALES if on_grid else (0.05, 0.02)
+    slot_mapping = torch.cat([torch.randperm(num_slots - 1, generator=gen)[:9], torch.tensor([-1])]).to(DEVICE)
+    k, v = ((torch.randn(len(slot_mapping), heads, dim, generator=gen) * 3).to(DEVICE, dtype) for _ in range(2))
+    if on_grid:
+        k, v = (quantize_kv(x, s).to(dtype) * s for x, s in ((k, k_scale), (v, v_scale)))
+    k[0, 0, :2] = torch.tensor([1e4, -1e4])  # past 448 * k_scale: saturates to +-448
+    poison = torch.full((2, num_blocks, block_size, heads, dim), float("nan"), device=DEVICE).to(FP8_DTYPE)
+    kv = poison.clone()
+
+    fn(k, v, kv[0], kv[1], slot_mapping, k_scale, v_scale)
+
+    valid = slot_mapping >= 0
+    flat = kv.view(2, num_slots, heads, dim)
+    for index, (x, s) in enumerate(((k, k_scale), (v, v_scale))):
+        written = flat[index, slot_mapping[valid]]
+        assert torch.equal(written.view(torch.uint8), quantize_kv(x[valid], s).view(torch.uint8))
+        exact = x[valid].double().clamp(-FP8_MAX * s, FP8_MAX * s)
+        assert ((written.double() * s - exact).abs() <= exact.abs() * 2**-4 + s * 2**-10).all()
+    assert flat[0, slot_mapping[0], 0, :2].float().tolist() == [FP8_MAX, -FP8_MAX]
+    untouched = torch.ones(num_slots, dtype=torch.bool, device=DEVICE)
+    untouched[slot_mapping[valid]] = False
+    assert torch.equal(flat[:, untouched].view(torch.uint8), poison.view(2, num_slots, heads, dim)[:, untouched]
+                       .view(torch.uint8))  # fmt: skip

@@ -8,17 +8,19 @@ import pytest
 import torch
 
 from kernels.attention_metadata import AttentionMetadata
+from kernels.kv_cache import quantize_kv
 from kernels.paged_attention import (
     _decodes_then_prefill,
     causal_attention,
     choose_decode_splits,
     gather_context,
+    kernels_support,
     paged_attention,
     paged_attention_reference,
     paged_decode_attention,
     paged_prefill_attention,
 )
-from tests.kernels.support import DEVICE, assert_close_rel, make_paged_batch, requires_triton
+from tests.kernels.support import DEVICE, assert_close_rel, make_paged_batch, rel_err, requires_triton
 
 # (query_len, seq_len): fresh prefill, prefill chunk over a cached prefix, decodes, a short chunk.
 MIXED_BATCH = [(37, 37), (20, 70), (1, 45), (1, 1), (5, 33), (1, 64)]
@@ -436,3 +438,89 @@ def test_mixed_batches_compile_nothing_after_the_warm_up(gen):
         assert_close_rel(out, sampled_reference(q, kv[0], kv[1], md, 0.1, range(decodes + 1)), torch.bfloat16)
     torch.cuda.synchronize()
     assert (compiled_variants(pa._prefill_kernel), compiled_variants(pa._decode_split_kernel)) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FP8 (e4m3) KV cache with per-tensor scales
+# ---------------------------------------------------------------------------------------------------------
+
+K_SCALE, V_SCALE = 0.05, 0.02  # not 1.0, so a scale dropped or swapped anywhere shows; randn / 0.05 fits 448
+# ||out - float64 attention over the original (unquantized) K/V|| / ||that||: e4m3 keeps 3 mantissa bits, so each
+# cached element carries up to 2^-4 relative rounding error (about 2^-6 on average); through the softmax and the
+# weighted sum of V this comes to 2.8-3.3% measured here (any q dtype). Ceiling for every q dtype:
+FP8_VS_UNQUANTIZED = 0.05
+
+
+def fp8_case(batch, kv_heads, head_dim, gen):
+    """A NaN-poisoned float32 cache pair and its e4m3 quantization (NaN stays NaN, so poisoning survives)."""
+    num_blocks = max(max(own, default=0) for own in batch.blocks) + 2
+    k_exact, v_exact = poisoned_cache(batch, num_blocks, kv_heads, head_dim, torch.float32, gen)
+    return (k_exact, v_exact), (quantize_kv(k_exact, K_SCALE), quantize_kv(v_exact, V_SCALE))
+
+
+def dequantized_reference(q, k_fp8, v_fp8, md, scale):
+    """float64 attention over the dequantized cache (``fp8.float() * scale``): what the kernels must compute."""
+    k, v = (cache.double() * s for cache, s in ((k_fp8, K_SCALE), (v_fp8, V_SCALE)))
+    return paged_attention_reference(q.double(), k, v, md, scale)
+
+
+def run_fp8_kernel(kind, q, k_fp8, v_fp8, md, scale, num_splits):
+    if kind == "prefill":
+        return paged_prefill_attention(q, k_fp8, v_fp8, md.query_start_loc, md.seq_lens, md.block_tables,
+                                       md.max_query_len, scale, kv_scales=(K_SCALE, V_SCALE))  # fmt: skip
+    return paged_decode_attention(q, k_fp8, v_fp8, md.seq_lens, md.block_tables, scale, num_splits,
+                                  kv_scales=(K_SCALE, V_SCALE))  # fmt: skip
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    ("kind", "head_dim", "block_size", "kv_heads", "group", "num_splits"),
+    [("prefill", 64, 16, 2, 3, 1), ("decode", 64, 16, 2, 4, 1), ("decode", 128, 32, 1, 2, 3)],
+)
+def test_fp8_cache_kernels_match_the_dequantized_reference(
+    dtype, kind, head_dim, block_size, kv_heads, group, num_splits, gen
+):
+    """Against float64 attention over the dequantized cache the kernels keep the query dtype's usual tolerance
+    (REL_TOLERANCE: the e4m3 -> q dtype conversion is exact and the scales are folded, not rounded); against the
+    unquantized K/V the quantization error shows, bounded by FP8_VS_UNQUANTIZED."""
+    lens = MIXED_BATCH if kind == "prefill" else [(1, s) for s in (1, 16, 17, 100, 33, 64)]
+    query_lens, seq_lens = (list(x) for x in zip(*lens))
+    batch = make_paged_batch(query_lens, seq_lens, block_size, sum(-(-s // block_size) for s in seq_lens) + 4, gen)
+    md = on_device(batch.metadata, DEVICE)
+    (k_exact, v_exact), (k_fp8, v_fp8) = fp8_case(batch, kv_heads, head_dim, gen)
+    q = torch.randn(sum(query_lens), kv_heads * group, head_dim, generator=gen).to(DEVICE, dtype)
+    scale = head_dim**-0.5
+    out = run_fp8_kernel(kind, q, k_fp8, v_fp8, md, scale, num_splits)
+    assert_close_rel(out, dequantized_reference(q, k_fp8, v_fp8, md, scale), dtype)
+    unquantized = paged_attention_reference(q.double(), k_exact.double(), v_exact.double(), md, scale)
+    err = rel_err(out, unquantized)
+    assert err < FP8_VS_UNQUANTIZED, f"relative error {err:.3g} vs the unquantized cache"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp8_cache_reference_dequantizes_on_read(dtype, gen):
+    """The reference (what CPU runs) over an FP8 cache = float64 attention over ``fp8.float() * scale``."""
+    query_lens, seq_lens = (list(x) for x in zip(*MIXED_BATCH))
+    batch = make_paged_batch(query_lens, seq_lens, 16, 40, gen)
+    (_, _), (k_fp8, v_fp8) = fp8_case(batch, 2, 64, gen)
+    q = torch.randn(sum(query_lens), 4, 64, generator=gen).to(dtype)
+    out = paged_attention(q, k_fp8, v_fp8, batch.metadata, 0.125, K_SCALE, V_SCALE)
+    assert out.dtype == dtype
+    assert_close_rel(out, dequantized_reference(q, k_fp8, v_fp8, batch.metadata, 0.125), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp8_cache_dispatch_on_cuda_matches_reference(dtype, gen):
+    """On CUDA (capability 8.9+) the dispatcher runs the FP8 kernels: mixed batch and pure decode."""
+    assert kernels_support(torch.empty(1, 1, 128, dtype=dtype, device="cuda"),
+                           *(torch.empty(1, 16, 1, 128, dtype=torch.float8_e4m3fn, device="cuda"),) * 2)  # fmt: skip
+    for lens in (MIXED_BATCH, [(1, s) for s in (5, 300, 1000, 64)]):
+        query_lens, seq_lens = (list(x) for x in zip(*lens))
+        batch = make_paged_batch(query_lens, seq_lens, 16, 100, gen)
+        md = on_device(batch.metadata, DEVICE)
+        (_, _), (k_fp8, v_fp8) = fp8_case(batch, 8, 128, gen)
+        q = torch.randn(sum(query_lens), 32, 128, generator=gen).to(DEVICE, dtype)
+        out = paged_attention(q, k_fp8, v_fp8, md, 128**-0.5, K_SCALE, V_SCALE)
+        assert_close_rel(out, dequantized_reference(q, k_fp8, v_fp8, md, 128**-0.5), dtype)

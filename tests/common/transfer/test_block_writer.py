@@ -37,3 +37,18 @@ def test_side_stream_write_on_cuda() -> None:
     kv = random_kv((2, 2, 2, 4, 2, 8), torch.bfloat16).cuda()
     BlockWriter(cache).write([6, 2], kv)
     assert torch.equal(cache[:, :, 6], kv[:, :, 0]) and torch.equal(cache[:, :, 2], kv[:, :, 1])
+
+
+def test_fp8_blocks_land_bit_for_bit_and_a_dtype_mismatch_across_fp8_is_refused() -> None:
+    """An FP8 cache takes FP8 blocks byte for byte; FP8 KV into a bf16 cache (or the reverse) would be a cast of
+    scaled values, so it is refused with a message naming --kv-cache-dtype, and the cache is left untouched."""
+    cache = torch.zeros(CACHE, dtype=torch.float8_e4m3fn)
+    kv = random_kv((2, 2, 2, 4, 2, 8), torch.float8_e4m3fn)
+    BlockWriter(cache).write([7, 2], kv)
+    assert torch.equal(cache[:, :, [7, 2]].view(torch.uint8), kv.view(torch.uint8))
+    bf16_cache = torch.zeros(CACHE, dtype=torch.bfloat16)
+    for writer, wrong in ((BlockWriter(bf16_cache), kv), (BlockWriter(cache), kv.to(torch.bfloat16))):
+        before = writer.cache.clone()
+        with pytest.raises(ValueError, match="--kv-cache-dtype"):
+            writer.write([3, 4], wrong)
+        assert torch.equal(writer.cache.view(torch.uint8), before.view(torch.uint8))

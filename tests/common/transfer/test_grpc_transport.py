@@ -36,7 +36,7 @@ SHAPES = [(1, 2, 1, 4, 1, 8), (2, 2, 3, 16, 2, 8), (4, 2, 5, 16, 2, 16)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_round_trip_is_bit_identical(shape: tuple[int, ...], dtype: torch.dtype) -> None:
     kv = random_kv(shape, dtype, seed=sum(shape))
     recorder = Recorder()

@@ -1,0 +1,77 @@
+"""The decode service receiving an FP8 KV cache over gRPC: a prefill worker's e4m3 blocks land byte for byte in
+an FP8 decode cache; shipped to a decode worker whose cache is bf16 they are refused with a clear error."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import torch
+
+from common.config import TransferConfig
+from common.transfer import GrpcKVSender
+from common.transfer.base import KVReceiver
+from kernels.fp8 import FP8_DTYPE
+from kernels.kv_cache import write_kv
+from services.decode.service import DecodeService, Reservation
+from tests.common.transfer.conftest import hosting, run
+
+CONFIG = TransferConfig(transport="grpc", grpc_chunk_bytes=4096, timeout_s=8.0)
+CACHE_SHAPE = (2, 2, 12, 4, 2, 8)  # [layers, 2, blocks, block_size, heads, dim]
+K_SCALE, V_SCALE = 0.05, 0.02
+
+
+def decode_service(cache_dtype: torch.dtype) -> DecodeService:
+    """A DecodeService on a stand-in runtime (no engine) whose cache is filled with a sentinel byte pattern."""
+    cache = torch.full(CACHE_SHAPE, -7.0).to(cache_dtype)
+    runtime = SimpleNamespace(
+        engine=SimpleNamespace(kv_cache=cache), settings=SimpleNamespace(transfer=CONFIG), device="cpu", metrics=None
+    )
+    return DecodeService(runtime)
+
+
+def prefill_fp8_kv(block_ids: list[int]) -> torch.Tensor:
+    """What an FP8 prefill worker exports: K/V written by write_kv (quantized with the scales) into its cache,
+    then its request's blocks gathered in block-table order (as KVTransfer.gather_kv does)."""
+    cache = torch.zeros(CACHE_SHAPE, dtype=FP8_DTYPE)
+    gen = torch.Generator().manual_seed(5)
+    slots = torch.tensor([b * CACHE_SHAPE[3] + o for b in block_ids for o in range(CACHE_SHAPE[3])])
+    for layer in range(CACHE_SHAPE[0]):
+        k, v = (torch.randn(len(slots), *CACHE_SHAPE[4:], generator=gen) for _ in range(2))
+        write_kv(k, v, cache[layer, 0], cache[layer, 1], slots, K_SCALE, V_SCALE)
+    return cache.index_select(2, torch.tensor(block_ids))
+
+
+async def push(cache_dtype: torch.dtype, kv: torch.Tensor, block_ids: list[int]):
+    """Send ``kv`` over gRPC into reservation ``block_ids`` of a fresh decode service; returns (result, service,
+    its cache before the transfer)."""
+    service = decode_service(cache_dtype)
+    before = service.block_writer.cache.clone()
+    service.reservations["resv"] = Reservation("resv", tuple(block_ids), time.monotonic() + 60)
+    try:
+        async with hosting(KVReceiver(service.on_kv)) as address:
+            sender = GrpcKVSender(CONFIG)
+            try:
+                return await sender.send(address, "req", "resv", block_ids, kv), service, before
+            finally:
+                await sender.close()
+    finally:
+        await service.close()
+
+
+def test_fp8_blocks_arrive_byte_for_byte_at_half_the_bytes() -> None:
+    kv = prefill_fp8_kv([3, 4, 9])
+    result, service, _ = run(push(FP8_DTYPE, kv, [6, 1, 7]))
+    assert result.ok, result.error
+    assert result.bytes == kv.numel()  # one byte an element: half of the same blocks in bf16
+    cache = service.block_writer.cache
+    assert torch.equal(cache[:, :, [6, 1, 7]].view(torch.uint8), kv.view(torch.uint8))
+    assert service.reservations["resv"].filled
+
+
+def test_fp8_blocks_into_a_bf16_decode_cache_are_refused_clearly() -> None:
+    result, service, before = run(push(torch.bfloat16, prefill_fp8_kv([3, 4]), [6, 1]))
+    assert not result.ok
+    assert "--kv-cache-dtype" in result.error and "float8_e4m3fn" in result.error, result.error
+    assert torch.equal(service.block_writer.cache, before)
+    assert not service.reservations["resv"].filled
