@@ -79,12 +79,12 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def make_router(keys: tuple[str, ...] = (), limiter: RateLimiter | None = None, max_running: int = 8,
-                max_waiting: int = 8) -> tuple[httpx.AsyncClient, Gateway]:
+                max_waiting: int = 8, watcher: object | None = None) -> tuple[httpx.AsyncClient, Gateway]:
     tokenizer, orchestrator = CharTokenizer(), FakeOrchestrator()
     gateway = Gateway(model_id=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, keys=ApiKeys(keys),
                       limiter=limiter, queue=AdmissionQueue(max_running, max_waiting),
                       metrics=RouterMetrics.create(MODEL))
-    state = RouterState(model=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, watcher=NoWorkers(),
+    state = RouterState(model=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher or NoWorkers(),
                         gateway=gateway)
     transport = httpx.ASGITransport(app=build_app(state))
     return httpx.AsyncClient(transport=transport, base_url="http://router", timeout=30), gateway
