@@ -20,6 +20,7 @@ from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics
@@ -119,8 +120,13 @@ async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response
     headers = {"X-Request-Id": request_id}
     gateway.metrics.count_request(endpoint)
     try:
+        body = await request.body()
+    except ClientDisconnect:  # the client left before sending its whole body: its abort, not our error
+        gateway.metrics.finish_request("abort", None, None)
+        return Response(status_code=499, headers=headers)
+    try:
         key_id = gateway.keys.check(request.headers.get("authorization"))
-        job = _build_job(gateway, endpoint, await request.body(), request_id)
+        job = _build_job(gateway, endpoint, body, request_id)
         if gateway.limiter is not None:
             await gateway.limiter.acquire(key_id, sum(map(len, job.prompts)) + (job.params.max_tokens or 0))
     except (protocol.ProtocolError, AdmissionError) as error:

@@ -55,3 +55,39 @@ async def test_refused_keys_are_counted_as_401s():
         await http.get("/workers")
         text = (await http.get("/metrics")).text
     assert f'tandem_request_errors_total{{model="{MODEL}",role="router",status="401"}} 1.0' in text
+
+
+async def call_with_partial_body(app, path: str) -> list[dict]:
+    """Drive the ASGI app as a server would for a client that sends half its body, then hangs up."""
+    messages = iter([{"type": "http.request", "body": b'{"prompt": "Hi", "max_', "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(messages, {"type": "http.disconnect"})
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "scheme": "http",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"400")],
+             "client": ("127.0.0.1", 5000), "server": ("router", 80)}
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions", "/v1/chat/completions"])
+async def test_a_client_gone_before_its_body_ended_is_an_abort_not_a_500(path):
+    http, gateway = make_router()
+    app = http._transport.app
+    sent = await call_with_partial_body(app, path)
+    statuses = [message["status"] for message in sent if message["type"] == "http.response.start"]
+    assert statuses and statuses[0] < 500, sent
+    async with http:
+        text = (await http.get("/metrics")).text
+    labels = f'model="{MODEL}",role="router"'
+    assert f'tandem_request_errors_total{{{labels},status="500"}} 0.0' in text
+    assert f'tandem_requests_finished_total{{finish_reason="abort",{labels}}} 1.0' in text
+    assert gateway.orchestrator.requests == []
