@@ -9,6 +9,7 @@ mid-stream) cancels its streams, which aborts the request on every worker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -22,6 +23,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from common.config import RouterConfig
 from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics
 from services.router import protocol
@@ -33,6 +35,32 @@ from services.router.tool_calls import ToolCallConfig, ToolPlan, constrained_par
 from services.router.tool_parsers import ToolCallStream
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = RouterConfig().max_request_body
+FALLBACK_MAX_CHARS_PER_TOKEN = 128  # a tokenizer without a vocabulary to measure (test fakes)
+
+
+def max_chars_per_token(tokenizer: object) -> int:
+    """An upper bound on the characters of text one token stands for: twice the longest vocabulary entry (a
+    byte-level or SentencePiece entry is at least as long as the text it decodes to; twice for normalizers that
+    compose characters, such as NFC's 'e' + U+0301 -> 'é')."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    longest = max(map(len, vocab()), default=0) if vocab is not None else 0
+    return 2 * longest if longest else FALLBACK_MAX_CHARS_PER_TOKEN
+
+
+def _no_context_limit() -> int | None:
+    return None
+
+
+class BodyTooLarge(protocol.ProtocolError):
+    """A body past the router's limit (413). ``close``: the body was still streaming in, with no end in sight, so
+    the connection is closed rather than drained."""
+
+    def __init__(self, limit: int, close: bool) -> None:
+        super().__init__(f"The request body is larger than this router's limit of {limit} bytes "
+                         "(--max-request-body).", status=413, code="request_too_large")
+        self.close = close
 
 
 @dataclass
@@ -48,6 +76,13 @@ class Gateway:
     metrics: RouterMetrics
     created: int = field(default_factory=lambda: int(time.time()))
     tool_calls: ToolCallConfig = field(default_factory=ToolCallConfig)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    context_limit: Callable[[], int | None] = _no_context_limit  # the longest context a decode worker holds now
+    max_chars_per_token: int = 0  # 0: measured from the tokenizer's vocabulary (``max_chars_per_token``)
+
+    def __post_init__(self) -> None:
+        if not self.max_chars_per_token:
+            self.max_chars_per_token = max_chars_per_token(self.tokenizer)
 
 
 @dataclass
@@ -120,13 +155,15 @@ async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response
     headers = {"X-Request-Id": request_id}
     gateway.metrics.count_request(endpoint)
     try:
-        body = await request.body()
+        body = await _read_body(request, gateway.max_body_bytes)
+    except BodyTooLarge as error:
+        return _error_response(gateway, error, headers)
     except ClientDisconnect:  # the client left before sending its whole body: its abort, not our error
         gateway.metrics.finish_request("abort", None, None)
         return Response(status_code=499, headers=headers)
     try:
         key_id = gateway.keys.check(request.headers.get("authorization"))
-        job = _build_job(gateway, endpoint, body, request_id)
+        job = await asyncio.to_thread(_build_job, gateway, endpoint, body, request_id)  # the loop keeps serving
         if gateway.limiter is not None:
             await gateway.limiter.acquire(key_id, sum(map(len, job.prompts)) + (job.params.max_tokens or 0))
     except (protocol.ProtocolError, AdmissionError) as error:
@@ -139,6 +176,20 @@ async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response
     if result is None:  # client gone: its streams were cancelled and aborted on the workers
         return Response(status_code=499, headers=headers)
     return result if isinstance(result, Response) else JSONResponse(result, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (BodyTooLarge) once it passes ``limit`` bytes: at once when Content-Length says so, else as
+    soon as the streamed bytes do, so an oversized body is never held whole. ClientDisconnect if the client leaves."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit, close=False)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(limit, close=True)
+    return bytes(body)
 
 
 def _new_request_id(endpoint: str) -> str:
@@ -157,6 +208,7 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) ->
     if endpoint == "chat":
         tools = plan_tools(parsed, gateway.tool_calls)
         params = constrained_params(params, tools)
+        _check_text_fits(gateway, sum(len(message.text) for message in parsed.messages), "messages")
         texts = [render_chat(gateway.tokenizer, parsed, tools, gateway.tool_calls.call_format)]
         prompts = [gateway.tokenizer.encode(texts[0], add_special_tokens=False)]
         num_logprobs = (parsed.top_logprobs or 0) if parsed.logprobs else None
@@ -185,8 +237,10 @@ def _generate_job(gateway: Gateway, body: bytes, request_id: str) -> Job:
 def _generate_prompt(gateway: Gateway, parsed: protocol.GenerateBody) -> list[int]:
     """/generate's prompt as token ids: ``prompt_token_ids`` as given, else ``prompt`` tokenized."""
     if parsed.prompt_token_ids is not None:
+        _check_prompt_fits(gateway, len(parsed.prompt_token_ids), "prompt_token_ids")
         ids = list(parsed.prompt_token_ids)
     elif parsed.prompt is not None:
+        _check_text_fits(gateway, len(parsed.prompt), "prompt")
         ids = gateway.tokenizer.encode(parsed.prompt)
     else:
         raise protocol.ProtocolError("prompt: give prompt or prompt_token_ids", param="prompt")
@@ -203,14 +257,31 @@ def _completion_prompts(gateway: Gateway, parsed: protocol.CompletionRequest) ->
     vocab = len(gateway.tokenizer)
     for prompt in protocol.prompts_of(parsed):
         if isinstance(prompt, str):
+            _check_text_fits(gateway, len(prompt), "prompt")
             prompts.append(gateway.tokenizer.encode(prompt))
             texts.append(prompt)
         else:
+            _check_prompt_fits(gateway, len(prompt), "prompt")
             if any(t < 0 or t >= vocab for t in prompt):
                 raise protocol.ProtocolError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
             prompts.append(list(prompt))
             texts.append(gateway.tokenizer.decode(prompt))
     return prompts, texts
+
+
+def _check_text_fits(gateway: Gateway, chars: int, param: str) -> None:
+    """Refuse, before tokenizing it, text longer than any prompt a decode worker holds: no token stands for more
+    than ``gateway.max_chars_per_token`` characters, so this many characters are at least max_model_len tokens."""
+    limit = gateway.context_limit()
+    if limit is not None and chars >= limit * gateway.max_chars_per_token:
+        raise protocol.text_too_long_error(limit, chars, param)
+
+
+def _check_prompt_fits(gateway: Gateway, num_tokens: int, param: str) -> None:
+    """A prompt must leave room for one generated token in the longest context a decode worker holds."""
+    limit = gateway.context_limit()
+    if limit is not None and num_tokens >= limit:
+        raise protocol.context_length_error(limit, num_tokens, param)
 
 
 def _check_vocab(gateway: Gateway, params: SamplingParams) -> None:
@@ -578,6 +649,8 @@ def _error_response(gateway: Gateway, error: Exception, headers: dict) -> JSONRe
     gateway.metrics.count_error(status)
     if status >= 500:
         logger.warning("request %s: %d %s", headers.get("X-Request-Id"), status, error)
+    if isinstance(error, BodyTooLarge) and error.close:
+        headers = {**headers, "Connection": "close"}  # uvicorn closes instead of reading the rest of the stream
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         headers = {**headers, "Retry-After": str(max(1, int(retry_after + 0.999)))}

@@ -162,6 +162,16 @@ def context_length_error(max_model_len: int, prompt_tokens: int, param: str = "m
     return ProtocolError(message, param=param, code="context_length_exceeded")
 
 
+def text_too_long_error(max_model_len: int, chars: int, param: str) -> ProtocolError:
+    """The context-length 400 for a text refused before it is tokenized: more characters than ``max_model_len``
+    tokens can stand for."""
+    message = (
+        f"This model's maximum context length is {max_model_len} tokens. However, your {param} has {chars} "
+        f"characters, more than {max_model_len} tokens can hold. Please reduce the length of the {param}."
+    )
+    return ProtocolError(message, param=param, code="context_length_exceeded")
+
+
 # -- request models ----------------------------------------------------------------------------------------
 
 SAMPLING_FIELDS = tuple(field.name for field in dataclasses.fields(SamplingParams))

@@ -198,7 +198,8 @@ async def router_state(
                       keys=ApiKeys.load(router.api_keys), limiter=limiter,
                       queue=AdmissionQueue(router.max_running, router.max_waiting),
                       metrics=metrics,
-                      tool_calls=ToolCallConfig(router.tool_call_parser, router.enable_auto_tool_choice))
+                      tool_calls=ToolCallConfig(router.tool_call_parser, router.enable_auto_tool_choice),
+                      max_body_bytes=router.max_request_body, context_limit=orchestrator.max_model_len)
     try:
         yield RouterState(model=model, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher,
                           gateway=gateway)

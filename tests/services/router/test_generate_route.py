@@ -79,11 +79,13 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def make_router(keys: tuple[str, ...] = (), limiter: RateLimiter | None = None, max_running: int = 8,
-                max_waiting: int = 8, watcher: object | None = None) -> tuple[httpx.AsyncClient, Gateway]:
-    tokenizer, orchestrator = CharTokenizer(), FakeOrchestrator()
+                max_waiting: int = 8, watcher: object | None = None, tokenizer: object | None = None,
+                **gateway_options) -> tuple[httpx.AsyncClient, Gateway]:
+    """The app around the fakes; ``gateway_options`` are further Gateway fields (body limit, context limit)."""
+    tokenizer, orchestrator = tokenizer or CharTokenizer(), FakeOrchestrator()
     gateway = Gateway(model_id=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, keys=ApiKeys(keys),
                       limiter=limiter, queue=AdmissionQueue(max_running, max_waiting),
-                      metrics=RouterMetrics.create(MODEL))
+                      metrics=RouterMetrics.create(MODEL), **gateway_options)
     state = RouterState(model=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher or NoWorkers(),
                         gateway=gateway)
     transport = httpx.ASGITransport(app=build_app(state))

@@ -6,10 +6,19 @@ spells out a fixed answer) and driven through httpx's ASGI transport.
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
 import pytest
+import uvicorn
+from transformers import AutoTokenizer
 
 from common.coord.worker_info import WorkerInfo
-from tests.services.router.test_generate_route import API_KEY, MODEL, make_router
+from common.models.loader import resolve_model_path
+from tests.services.router.test_generate_route import API_KEY, MODEL, CharTokenizer, make_router
 
 GUARDED = [("GET", "/workers"), ("GET", "/v1/models"), ("POST", "/generate"), ("POST", "/v1/completions"),
            ("POST", "/v1/chat/completions"), ("GET", "/no/such/route")]
@@ -91,3 +100,132 @@ async def test_a_client_gone_before_its_body_ended_is_an_abort_not_a_500(path):
     assert f'tandem_request_errors_total{{{labels},status="500"}} 0.0' in text
     assert f'tandem_requests_finished_total{{finish_reason="abort",{labels}}} 1.0' in text
     assert gateway.orchestrator.requests == []
+
+
+# ------------------------------------------------------------------------------------------------ large bodies
+BODY_LIMIT = 4096
+LARGE_BODIES = [("/generate", {"prompt": "x" * BODY_LIMIT}),
+                ("/v1/completions", {"model": MODEL, "prompt": "x" * BODY_LIMIT}),
+                ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * BODY_LIMIT}]})]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("path", "body"), LARGE_BODIES)
+async def test_a_body_past_the_limit_is_a_413_in_openai_shape(path, body):
+    http, gateway = make_router(max_body_bytes=BODY_LIMIT)
+    async with http:
+        response = await http.post(path, json=body)
+    assert response.status_code == 413, response.text
+    error = response.json()["error"]
+    assert error["code"] == "request_too_large" and str(BODY_LIMIT) in error["message"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert gateway.orchestrator.requests == []
+
+
+@pytest.mark.asyncio
+async def test_a_streamed_body_is_refused_once_past_the_limit_not_read_to_its_end():
+    """No Content-Length (chunked): the router stops reading after the limit instead of buffering everything."""
+    http, _ = make_router(max_body_bytes=BODY_LIMIT)
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        yield b'{"prompt": "'
+        for _ in range(100_000):  # 100 MB if read to the end
+            sent += 1024
+            yield b"x" * 1024
+
+    async with http:
+        response = await http.post("/generate", content=endless())
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+    assert response.headers["connection"] == "close"
+    assert sent <= BODY_LIMIT + 2 * 1024
+
+
+class CountingTokenizer(CharTokenizer):
+    """Characters as tokens; counts the characters it was asked to tokenize or template."""
+
+    def __init__(self) -> None:
+        self.chars_seen = 0
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        self.chars_seen += len(text)
+        return super().encode(text, add_special_tokens)
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True, **kwargs) -> str:
+        self.chars_seen += sum(len(message["content"]) for message in messages)
+        return "".join(message["content"] for message in messages)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/generate", {"prompt": "y" * 300}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "y" * 300]}, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "y" * 150},
+                                                           {"role": "user", "content": "y" * 150}]}, "messages"),
+])
+async def test_text_longer_than_any_context_is_refused_before_it_is_tokenized(path, body, param):
+    """max_model_len 64 and at most 4 characters a token: 300 characters cannot fit, whatever they tokenize to."""
+    tokenizer = CountingTokenizer()
+    http, gateway = make_router(tokenizer=tokenizer, context_limit=lambda: 64, max_chars_per_token=4)
+    async with http:
+        response = await http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["param"] == param
+    assert "64" in error["message"] and "300" in error["message"]
+    assert tokenizer.chars_seen <= 2 and gateway.orchestrator.requests == []
+
+
+def test_the_chars_per_token_bound_holds_for_the_real_vocabulary(smollm2_tokenizer):
+    """The bound the cheap check uses is never below what a real text needs (here: runs of '#' and spaces,
+    which SmolLM2 packs into its longest tokens)."""
+    from services.router.openai_api import max_chars_per_token
+
+    bound = max_chars_per_token(smollm2_tokenizer)
+    for text in ("#" * 5000, " " * 5000, "\n" + " " * 5000, "word " * 1000):
+        assert len(text) <= bound * len(smollm2_tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model_path("smollm2", None))
+
+
+@pytest.fixture
+def served_app(smollm2_tokenizer) -> Iterator[str]:
+    """The router app (real tokenizer, fake workers) under uvicorn on its own thread and event loop."""
+    http, _ = make_router(tokenizer=smollm2_tokenizer)
+    server = uvicorn.Server(uvicorn.Config(http._transport.app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    server.should_exit = True
+    thread.join(30)
+
+
+@pytest.mark.asyncio
+@pytest.mark.timeout(120)
+async def test_health_answers_while_a_large_prompt_is_tokenized(served_app, smollm2_tokenizer):
+    """Tokenizing runs off the event loop: /health keeps answering meanwhile. Bounds are relative to the measured
+    tokenization time, so a slow, loaded machine slows both sides alike."""
+    prompt = "hello world " * 150_000
+    started = time.perf_counter()
+    smollm2_tokenizer.encode(prompt)
+    tokenize_s = time.perf_counter() - started
+    async with httpx.AsyncClient(base_url=served_app, timeout=60) as http:
+        large = asyncio.create_task(http.post("/v1/completions", json={"model": MODEL, "prompt": prompt,
+                                                                       "max_tokens": 2}))
+        await asyncio.sleep(tokenize_s / 10)  # the body is up and being tokenized
+        latencies = []
+        while not large.done():
+            sent = time.perf_counter()
+            assert (await http.get("/health")).status_code == 200
+            latencies.append(time.perf_counter() - sent)
+        assert (await large).status_code == 200
+    assert len(latencies) >= 3, (latencies, tokenize_s)
+    assert max(latencies) < tokenize_s / 3, (max(latencies), tokenize_s)
