@@ -654,4 +654,6 @@ def _error_response(gateway: Gateway, error: Exception, headers: dict) -> JSONRe
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         headers = {**headers, "Retry-After": str(max(1, int(retry_after + 0.999)))}
+    else:
+        headers = {**headers, **protocol.retry_after_headers(status)}
     return JSONResponse(body, status_code=status, headers=headers)

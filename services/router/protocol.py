@@ -61,6 +61,7 @@ CHAT_OBJECT, CHAT_CHUNK_OBJECT, COMPLETION_OBJECT = "chat.completion", "chat.com
 OWNED_BY = "tandem"
 DONE = b"data: [DONE]\n\n"
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+UNAVAILABLE_RETRY_AFTER_S = 1
 
 ERROR_TYPES: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
@@ -145,6 +146,11 @@ def error_for_status(
     if status == 500 or not first_line:
         first_line = INTERNAL_ERROR_MESSAGE if status >= 500 else "Invalid request."
     return error_body(first_line, kind, param, code if code is not None else default_code)
+
+
+def retry_after_headers(status: int) -> dict[str, str]:
+    """``Retry-After`` for a 503: a worker joining or Redis coming back is seen within about a heartbeat."""
+    return {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)} if status == 503 else {}
 
 
 def model_not_found(model: str) -> ProtocolError:

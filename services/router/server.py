@@ -62,7 +62,8 @@ class RouterState:
 
 
 def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse(protocol.error_for_status(status, message), status_code=status)
+    return JSONResponse(protocol.error_for_status(status, message), status_code=status,
+                        headers=protocol.retry_after_headers(status))
 
 
 def build_app(state: RouterState) -> FastAPI:
@@ -83,6 +84,8 @@ def build_app(state: RouterState) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
+        if not state.watcher.redis_reachable:  # the snapshot may list workers long gone
+            return error_response(503, "Redis is unreachable: the worker registry cannot be read")
         decodes = state.watcher.alive(role="decode", model=state.model)
         if not decodes:
             return error_response(503, "no decode worker registered")
@@ -154,7 +157,7 @@ def _add_error_handlers(app: FastAPI, state: RouterState) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(protocol.error_for_status(error.status_code, str(error.detail)),
-                            status_code=error.status_code)
+                            status_code=error.status_code, headers=protocol.retry_after_headers(error.status_code))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -68,6 +68,8 @@ class FakeOrchestrator:
 
 
 class NoWorkers:
+    redis_reachable = True
+
     def alive(self, role: str | None = None, model: str | None = None) -> list:
         return []
 

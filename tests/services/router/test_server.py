@@ -18,7 +18,8 @@ from transformers import AutoTokenizer
 
 from common.coord.worker_info import WorkerInfo
 from common.models.loader import resolve_model_path
-from tests.services.router.test_generate_route import API_KEY, MODEL, CharTokenizer, make_router
+from services.router.orchestrator import NoWorkersError
+from tests.services.router.test_generate_route import API_KEY, MODEL, CharTokenizer, NoWorkers, make_router
 
 GUARDED = [("GET", "/workers"), ("GET", "/v1/models"), ("POST", "/generate"), ("POST", "/v1/completions"),
            ("POST", "/v1/chat/completions"), ("GET", "/no/such/route")]
@@ -27,6 +28,9 @@ OPEN = ["/health", "/metrics", "/openapi.json"]
 
 class OneDecodeWorker:
     """A watcher that sees one decode worker (its gRPC address is what /workers must not show to strangers)."""
+
+    def __init__(self, redis_reachable: bool = True) -> None:
+        self.redis_reachable = redis_reachable
 
     def alive(self, role: str | None = None, model: str | None = None) -> list[WorkerInfo]:
         worker = WorkerInfo("decode-0", "decode", MODEL, "10.0.0.7:50051", max_model_len=64)
@@ -229,3 +233,32 @@ async def test_health_answers_while_a_large_prompt_is_tokenized(served_app, smol
         assert (await large).status_code == 200
     assert len(latencies) >= 3, (latencies, tokenize_s)
     assert max(latencies) < tokenize_s / 3, (max(latencies), tokenize_s)
+
+
+# ------------------------------------------------------------------------------------------------ readiness, 503s
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("watcher", "status"), [(OneDecodeWorker(), 200),
+                                                 (OneDecodeWorker(redis_reachable=False), 503), (NoWorkers(), 503)])
+async def test_ready_needs_redis_and_a_decode_worker(watcher, status):
+    http, _ = make_router(watcher=watcher)
+    async with http:
+        response = await http.get("/ready")
+    assert response.status_code == status, response.text
+    if status == 503:
+        assert int(response.headers["retry-after"]) >= 1 and response.json()["error"]["type"] == "server_error"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_no_worker_can_take_is_a_503_with_retry_after(stream):
+    http, gateway = make_router()
+
+    async def no_workers(prompt, params, request_id):
+        raise NoWorkersError("no decode worker could serve the request")
+        yield  # an async generator, as Orchestrator.generate is
+
+    gateway.orchestrator.generate = no_workers
+    async with http:
+        response = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "stream": stream})
+    assert response.status_code == 503, response.text
+    assert int(response.headers["retry-after"]) >= 1
