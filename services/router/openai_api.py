@@ -74,7 +74,7 @@ class Gateway:
     limiter: RateLimiter | None
     queue: AdmissionQueue
     metrics: RouterMetrics
-    created: int = field(default_factory=lambda: int(time.time()))
+    created: int = field(default_factory=lambda: int(time.time()))  # the model card's; responses carry their own
     tool_calls: ToolCallConfig = field(default_factory=ToolCallConfig)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     context_limit: Callable[[], int | None] = _no_context_limit  # the longest context a decode worker holds now
@@ -102,6 +102,7 @@ class Job:
     num_logprobs: int | None = None
     tools: ToolPlan | None = None  # chat only: how the answer's tool calls are read
     arrival: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))  # the responses' ``created`` (Unix seconds)
     queue_wait: float = 0.0  # seconds waiting for an admission slot (backpressure, not overhead)
     dispatched: float | None = None  # choice streams created: the worker RPCs start now
 
@@ -428,7 +429,7 @@ def _final_body(gateway: Gateway, job: Job, states: Sequence[ChoiceState]) -> di
                                              tuple(state.token_ids), logprobs, calls))
     usage = protocol.usage(_prompt_tokens(job), sum(len(s.token_ids) for s in states))
     build = protocol.chat_completion if job.endpoint == "chat" else protocol.completion
-    return build(job.response_id, job.model, gateway.created, choices, usage)
+    return build(job.response_id, job.model, job.created, choices, usage)
 
 
 def _prompt_tokens(job: Job) -> int:
@@ -528,11 +529,11 @@ class OpenAIOutput:
         if not job.include_usage:
             return b""
         usage = protocol.usage(_prompt_tokens(job), num_tokens)
-        return protocol.sse(protocol.usage_chunk(job.response_id, job.model, self.gateway.created, usage,
+        return protocol.sse(protocol.usage_chunk(job.response_id, job.model, self.job.created, usage,
                                                  endpoint=job.endpoint))
 
     def opening(self, index: int) -> bytes:
-        job, created = self.job, self.gateway.created
+        job, created = self.job, self.job.created
         if job.endpoint == "chat":
             return protocol.sse(protocol.chat_chunk_role(job.response_id, job.model, created, index,
                                                          job.include_usage))
@@ -549,7 +550,7 @@ class OpenAIOutput:
             return self._tool_call_chunks(state, text, entries)
         if not text and state.finish_reason is None and not entries:
             return b""
-        job, created = self.job, self.gateway.created
+        job, created = self.job, self.job.created
         logprobs = entries if job.num_logprobs is not None else None
         if job.endpoint == "chat":
             chunk = protocol.chat_chunk_delta(job.response_id, job.model, created, state.index, text, logprobs,
@@ -570,7 +571,7 @@ class OpenAIOutput:
         finish = state.chat_finish_reason
         if not deltas and (finish is not None or entries):
             deltas = [{}]
-        job, created = self.job, self.gateway.created
+        job, created = self.job, self.job.created
         return b"".join(
             protocol.sse(protocol.chat_chunk(job.response_id, job.model, created, state.index, delta,
                                              logprobs if k == 0 else None,

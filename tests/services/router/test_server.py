@@ -7,6 +7,7 @@ spells out a fixed answer) and driven through httpx's ASGI transport.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -262,3 +263,21 @@ async def test_a_request_no_worker_can_take_is_a_503_with_retry_after(stream):
         response = await http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "stream": stream})
     assert response.status_code == 503, response.text
     assert int(response.headers["retry-after"]) >= 1
+
+
+# ------------------------------------------------------------------------------------------------ small ones
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 3}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}),
+])
+async def test_created_is_when_the_request_was_answered_not_when_the_router_started(path, body):
+    http, gateway = make_router(tokenizer=CountingTokenizer())
+    gateway.created = 1_000_000  # the router started long ago
+    async with http:
+        whole = (await http.post(path, json=body)).json()
+        streamed = (await http.post(path, json={**body, "stream": True})).text
+    chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+    now = time.time()
+    assert abs(whole["created"] - now) < 60, whole
+    assert chunks and all(abs(chunk["created"] - now) < 60 for chunk in chunks), chunks
