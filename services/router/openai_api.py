@@ -214,12 +214,15 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str) ->
         prompts = [gateway.tokenizer.encode(texts[0], add_special_tokens=False)]
         num_logprobs = (parsed.top_logprobs or 0) if parsed.logprobs else None
         echo = False
+        max_name = "max_completion_tokens" if parsed.max_completion_tokens is not None else "max_tokens"
+        _check_context(gateway, prompts, "messages", parsed.requested_max_tokens, max_name)
     else:
         prompts, texts = _completion_prompts(gateway, parsed)
         num_logprobs = parsed.logprobs
         echo = parsed.echo
         if echo and num_logprobs is not None:
             raise protocol.ProtocolError("echo with logprobs is not supported yet", param="echo")
+        _check_context(gateway, prompts, "prompt", _explicit_max_tokens(parsed), "max_tokens")
     return Job(endpoint=endpoint, response_id=protocol.new_id(endpoint), request_id=request_id,
                model=gateway.model_id, prompts=prompts, prompt_texts=texts, params=params, stream=parsed.stream,
                include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs, tools=tools)
@@ -230,6 +233,7 @@ def _generate_job(gateway: Gateway, body: bytes, request_id: str) -> Job:
     params = parsed.sampling_params()
     _check_vocab(gateway, params)
     prompt = _generate_prompt(gateway, parsed)
+    _check_context(gateway, [prompt], "prompt", _explicit_max_tokens(parsed), "max_tokens")
     return Job(endpoint="generate", response_id=request_id, request_id=request_id, model=gateway.model_id,
                prompts=[prompt], prompt_texts=[parsed.prompt or ""], params=params, stream=parsed.stream,
                include_usage=False)
@@ -283,6 +287,25 @@ def _check_prompt_fits(gateway: Gateway, num_tokens: int, param: str) -> None:
     limit = gateway.context_limit()
     if limit is not None and num_tokens >= limit:
         raise protocol.context_length_error(limit, num_tokens, param)
+
+
+def _explicit_max_tokens(parsed: protocol.CompletionRequest | protocol.GenerateBody) -> int | None:
+    """``max_tokens`` when the client gave it (not the endpoint's default)."""
+    return parsed.max_tokens if "max_tokens" in parsed.model_fields_set else None
+
+
+def _check_context(gateway: Gateway, prompts: list[list[int]], prompt_param: str, max_tokens: int | None,
+                   max_tokens_param: str) -> None:
+    """Each prompt leaves room for one generated token, and for ``max_tokens`` when the client asked for that many:
+    an explicit limit past the context is a 400, as vLLM and OpenAI answer, never silently cut."""
+    limit = gateway.context_limit()
+    if limit is None:
+        return
+    for prompt in prompts:
+        if len(prompt) >= limit:
+            raise protocol.context_length_error(limit, len(prompt), prompt_param)
+        if max_tokens is not None and len(prompt) + max_tokens > limit:
+            raise protocol.completion_too_long_error(limit, len(prompt), max_tokens, prompt_param, max_tokens_param)
 
 
 def _check_vocab(gateway: Gateway, params: SamplingParams) -> None:

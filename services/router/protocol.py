@@ -168,6 +168,19 @@ def context_length_error(max_model_len: int, prompt_tokens: int, param: str = "m
     return ProtocolError(message, param=param, code="context_length_exceeded")
 
 
+def completion_too_long_error(
+    max_model_len: int, prompt_tokens: int, max_tokens: int, prompt_param: str, param: str
+) -> ProtocolError:
+    """OpenAI's 400 for a prompt plus an explicit ``max_tokens`` past the context (``code="context_length_exceeded"``,
+    ``param`` the max tokens field given)."""
+    message = (
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_param}, {max_tokens} in the completion). "
+        f"Please reduce the length of the {prompt_param} or completion."
+    )
+    return ProtocolError(message, param=param, code="context_length_exceeded")
+
+
 def text_too_long_error(max_model_len: int, chars: int, param: str) -> ProtocolError:
     """The context-length 400 for a text refused before it is tokenized: more characters than ``max_model_len``
     tokens can stand for."""

@@ -281,3 +281,55 @@ async def test_created_is_when_the_request_was_answered_not_when_the_router_star
     now = time.time()
     assert abs(whole["created"] - now) < 60, whole
     assert chunks and all(abs(chunk["created"] - now) < 60 for chunk in chunks), chunks
+
+
+CONTEXT_REQUESTS = [
+    ("/generate", {"prompt": "x" * 30}, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ok", "x" * 30]}, "prompt"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 30}]}, "messages"),
+]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("path", "body", "param"), CONTEXT_REQUESTS)
+async def test_a_prompt_past_the_context_is_context_length_exceeded(path, body, param):
+    """30 tokens for a 20-token context: OpenAI's code, which clients trim on, and both lengths."""
+    http, gateway = make_router(tokenizer=CountingTokenizer(), context_limit=lambda: 20)
+    async with http:
+        response = await http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+    assert "20" in error["message"] and "30" in error["message"]
+    assert gateway.orchestrator.requests == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/generate", {"prompt": "x" * 10, "max_tokens": 11}, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x" * 10, "max_tokens": 11}, "max_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 10}],
+                              "max_completion_tokens": 11}, "max_completion_tokens"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x" * 10}],
+                              "max_tokens": 11}, "max_tokens"),
+])
+async def test_an_explicit_max_tokens_past_the_context_is_a_400_not_cut(path, body, param):
+    http, gateway = make_router(tokenizer=CountingTokenizer(), context_limit=lambda: 20)
+    async with http:
+        refused = await http.post(path, json=body)
+        fits = await http.post(path, json={**body, param: 10})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("context_length_exceeded", param)
+    assert "21 tokens (10 in the" in error["message"]
+    assert fits.status_code == 200, fits.text
+    assert [params.max_tokens for _, params, _ in gateway.orchestrator.requests] == [10]
+
+
+@pytest.mark.asyncio
+async def test_the_default_max_tokens_of_completions_is_not_an_explicit_one():
+    """/v1/completions defaults to 16 tokens; a prompt that leaves fewer is served (the worker stops at the end)."""
+    http, _ = make_router(tokenizer=CountingTokenizer(), context_limit=lambda: 20)
+    async with http:
+        response = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 10})
+    assert response.status_code == 200, response.text
