@@ -309,10 +309,13 @@ def _check_context(gateway: Gateway, prompts: list[list[int]], prompt_param: str
 
 
 def _check_vocab(gateway: Gateway, params: SamplingParams) -> None:
-    try:
-        params.check_token_ids(len(gateway.tokenizer))
-    except ValueError as error:
-        raise protocol.ProtocolError(str(error), param="logit_bias") from error
+    """logit_bias and stop_token_ids name tokens of the vocabulary; the 400 names the field that does not."""
+    vocab = len(gateway.tokenizer)
+    for param, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        outside = next((token for token in token_ids if token >= vocab), None)
+        if outside is not None:
+            raise protocol.ProtocolError(f"{param}: token id {outside} is out of vocabulary (size {vocab})",
+                                         param=param)
 
 
 # ---------------------------------------------------------------------------------------------- running choices

@@ -333,3 +333,20 @@ async def test_the_default_max_tokens_of_completions_is_not_an_explicit_one():
     async with http:
         response = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 10})
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("path", "body"), [
+    ("/generate", {"prompt": "Hi"}),
+    ("/v1/completions", {"model": MODEL, "prompt": "Hi"}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}),
+])
+@pytest.mark.parametrize(("field", "value"), [("stop_token_ids", [5, 999]), ("logit_bias", {"999": 1.0})])
+async def test_an_out_of_vocabulary_token_id_names_its_field(path, body, field, value):
+    http, gateway = make_router(tokenizer=CountingTokenizer())
+    async with http:
+        response = await http.post(path, json={**body, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and "999" in error["message"]
+    assert gateway.orchestrator.requests == []
