@@ -156,8 +156,14 @@ def _add_error_handlers(app: FastAPI, state: RouterState) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(protocol.error_for_status(error.status_code, str(error.detail)),
-                            status_code=error.status_code, headers=protocol.retry_after_headers(error.status_code))
+        """A path or method the router does not serve: OpenAI's "Invalid URL" with no code (not model_not_found)."""
+        message = str(error.detail)
+        if error.status_code in (404, 405):
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        body = protocol.error_for_status(error.status_code, message)
+        body["error"]["code"] = None
+        headers = {**(error.headers or {}), **protocol.retry_after_headers(error.status_code)}  # 405's Allow
+        return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:

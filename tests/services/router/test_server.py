@@ -350,3 +350,16 @@ async def test_an_out_of_vocabulary_token_id_names_its_field(path, body, field, 
     error = response.json()["error"]
     assert error["param"] == field and "999" in error["message"]
     assert gateway.orchestrator.requests == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/nothing"), ("POST", "/v2/chat/completions"),
+                                              ("DELETE", "/v1/completions")])
+async def test_an_unknown_route_is_invalid_url_not_model_not_found(method, path):
+    http, _ = make_router()
+    async with http:
+        response = await http.request(method, path)
+    assert response.status_code in (404, 405), response.text
+    error = response.json()["error"]
+    assert error["code"] is None and error["message"] == f"Invalid URL ({method} {path})"
+    assert error["type"] == "invalid_request_error"
