@@ -258,6 +258,11 @@ class RouterConfig:
                                         help="comma-separated accepted API keys (default: none = open)")
     rate_limit_rpm: int | None = setting(None, help="requests per minute per API key (default: unlimited)")
     rate_limit_tpm: int | None = setting(None, help="tokens per minute per API key (default: unlimited)")
+    max_request_body: int = setting(
+        32 * 1024 * 1024, parse=parse_bytes, metavar="BYTES",
+        help="largest request body; a larger one gets 413 before it is read (default: 32 MiB: a 1M-token "
+             "context as text or as JSON token ids, about 4 and 8 MB, fits with room, while one body cannot "
+             "make the router buffer, parse and tokenize hundreds of MB)")
     max_running: int = setting(1024, help="requests streamed at once by this router (default: %(default)s)")
     max_waiting: int = setting(1024, help="admission queue length; beyond it requests get 429 (default: %(default)s)")
     processes: int = setting(1, help="router processes sharing --port (each a core's worth of streaming; queue "

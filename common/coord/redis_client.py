@@ -37,10 +37,19 @@ def event_message(event: str, worker_id: str) -> str:
     return json.dumps({"event": event, "worker_id": worker_id})
 
 
+# Connections one process opens to Redis. Past this, calls wait for a free one (redis-py's default pool instead
+# raises at its 100th concurrent call: a router serving 300 requests lost its prefix lookups to that).
+MAX_CONNECTIONS = 128
+
+
 def connect(config: CoordConfig) -> aioredis.Redis:
-    """A client whose calls fail within about ttl_s instead of hanging when Redis is unreachable."""
+    """A client whose calls fail within about ttl_s instead of hanging when Redis is unreachable, and wait (as long
+    at most) for a pooled connection when MAX_CONNECTIONS calls are in flight; a wait that runs out raises
+    ConnectionError("No connection available."), which callers log as an outage."""
     timeout = max(0.5, config.ttl_s)
-    return aioredis.Redis.from_url(config.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    pool = aioredis.BlockingConnectionPool.from_url(config.redis_url, max_connections=MAX_CONNECTIONS, timeout=timeout,
+                                                    socket_timeout=timeout, socket_connect_timeout=timeout)
+    return aioredis.Redis.from_pool(pool)
 
 
 class OutageLog:

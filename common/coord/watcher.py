@@ -81,6 +81,11 @@ class RegistryWatcher:
         """How often workers refresh their record (and this watcher rescans)."""
         return self._config.heartbeat_s
 
+    @property
+    def redis_reachable(self) -> bool:
+        """False from a failed full scan until one succeeds again (the snapshot is then the last one read)."""
+        return not self._scan_outage.is_down
+
     def alive(self, role: str | None = None, model: str | None = None) -> list[WorkerInfo]:
         """Workers that may take new requests: not draining, not suspect, matching role/model if given."""
         now = self._clock()

@@ -9,6 +9,7 @@ mid-stream) cancels its streams, which aborts the request on every worker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -20,7 +21,9 @@ from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
+from common.config import RouterConfig
 from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics
 from services.router import protocol
@@ -32,6 +35,32 @@ from services.router.tool_calls import ToolCallConfig, ToolPlan, constrained_par
 from services.router.tool_parsers import ToolCallStream
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = RouterConfig().max_request_body
+FALLBACK_MAX_CHARS_PER_TOKEN = 128  # a tokenizer without a vocabulary to measure (test fakes)
+
+
+def max_chars_per_token(tokenizer: object) -> int:
+    """An upper bound on the characters of text one token stands for: twice the longest vocabulary entry (a
+    byte-level or SentencePiece entry is at least as long as the text it decodes to; twice for normalizers that
+    compose characters, such as NFC's 'e' + U+0301 -> 'é')."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    longest = max(map(len, vocab()), default=0) if vocab is not None else 0
+    return 2 * longest if longest else FALLBACK_MAX_CHARS_PER_TOKEN
+
+
+def _no_context_limit() -> int | None:
+    return None
+
+
+class BodyTooLarge(protocol.ProtocolError):
+    """A body past the router's limit (413). ``close``: the body was still streaming in, with no end in sight, so
+    the connection is closed rather than drained."""
+
+    def __init__(self, limit: int, close: bool) -> None:
+        super().__init__(f"The request body is larger than this router's limit of {limit} bytes "
+                         "(--max-request-body).", status=413, code="request_too_large")
+        self.close = close
 
 
 @dataclass
@@ -45,8 +74,15 @@ class Gateway:
     limiter: RateLimiter | None
     queue: AdmissionQueue
     metrics: RouterMetrics
-    created: int = field(default_factory=lambda: int(time.time()))
+    created: int = field(default_factory=lambda: int(time.time()))  # the model card's; responses carry their own
     tool_calls: ToolCallConfig = field(default_factory=ToolCallConfig)
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    context_limit: Callable[[], int | None] = _no_context_limit  # the longest context a decode worker holds now
+    max_chars_per_token: int = 0  # 0: measured from the tokenizer's vocabulary (``max_chars_per_token``)
+
+    def __post_init__(self) -> None:
+        if not self.max_chars_per_token:
+            self.max_chars_per_token = max_chars_per_token(self.tokenizer)
 
 
 @dataclass
@@ -66,6 +102,7 @@ class Job:
     num_logprobs: int | None = None
     tools: ToolPlan | None = None  # chat only: how the answer's tool calls are read
     arrival: float = field(default_factory=time.perf_counter)
+    created: int = field(default_factory=lambda: int(time.time()))  # the responses' ``created`` (Unix seconds)
     queue_wait: float = 0.0  # seconds waiting for an admission slot (backpressure, not overhead)
     dispatched: float | None = None  # choice streams created: the worker RPCs start now
 
@@ -121,8 +158,15 @@ async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response
     headers = {"X-Request-Id": request_id}
     gateway.metrics.count_request(endpoint)
     try:
+        body = await _read_body(request, gateway.max_body_bytes)
+    except BodyTooLarge as error:
+        return _error_response(gateway, error, headers)
+    except ClientDisconnect:  # the client left before sending its whole body: its abort, not our error
+        gateway.metrics.finish_request("abort", None, None)
+        return Response(status_code=499, headers=headers)
+    try:
         key_id = gateway.keys.check(request.headers.get("authorization"))
-        job = _build_job(gateway, endpoint, await request.body(), request_id, client_id)
+        job = await asyncio.to_thread(_build_job, gateway, endpoint, body, request_id, client_id)  # loop keeps serving
         if gateway.limiter is not None:
             await gateway.limiter.acquire(key_id, sum(map(len, job.prompts)) + (job.params.max_tokens or 0))
     except (protocol.ProtocolError, AdmissionError) as error:
@@ -135,6 +179,20 @@ async def _handle(gateway: Gateway, request: Request, endpoint: str) -> Response
     if result is None:  # client gone: its streams were cancelled and aborted on the workers
         return Response(status_code=499, headers=headers)
     return result if isinstance(result, Response) else JSONResponse(result, headers=headers)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (BodyTooLarge) once it passes ``limit`` bytes: at once when Content-Length says so, else as
+    soon as the streamed bytes do, so an oversized body is never held whole. ClientDisconnect if the client leaves."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit, close=False)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge(limit, close=True)
+    return bytes(body)
 
 
 def _new_request_id(endpoint: str) -> str:
@@ -153,16 +211,20 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str, cl
     if endpoint == "chat":
         tools = plan_tools(parsed, gateway.tool_calls)
         params = constrained_params(params, tools)
+        _check_text_fits(gateway, sum(len(message.text) for message in parsed.messages), "messages")
         texts = [render_chat(gateway.tokenizer, parsed, tools, gateway.tool_calls.call_format)]
         prompts = [gateway.tokenizer.encode(texts[0], add_special_tokens=False)]
         num_logprobs = (parsed.top_logprobs or 0) if parsed.logprobs else None
         echo = False
+        max_name = "max_completion_tokens" if parsed.max_completion_tokens is not None else "max_tokens"
+        _check_context(gateway, prompts, "messages", parsed.requested_max_tokens, max_name)
     else:
         prompts, texts = _completion_prompts(gateway, parsed)
         num_logprobs = parsed.logprobs
         echo = parsed.echo
         if echo and num_logprobs is not None:
             raise protocol.ProtocolError("echo with logprobs is not supported yet", param="echo")
+        _check_context(gateway, prompts, "prompt", _explicit_max_tokens(parsed), "max_tokens")
     response_id = protocol.new_id(endpoint, client_id or parsed.request_id)  # as vLLM: X-Request-Id wins
     return Job(endpoint=endpoint, response_id=response_id, request_id=request_id,
                model=gateway.model_id, prompts=prompts, prompt_texts=texts, params=params, stream=parsed.stream,
@@ -174,6 +236,7 @@ def _generate_job(gateway: Gateway, body: bytes, request_id: str) -> Job:
     params = parsed.sampling_params()
     _check_vocab(gateway, params)
     prompt = _generate_prompt(gateway, parsed)
+    _check_context(gateway, [prompt], "prompt", _explicit_max_tokens(parsed), "max_tokens")
     return Job(endpoint="generate", response_id=request_id, request_id=request_id, model=gateway.model_id,
                prompts=[prompt], prompt_texts=[parsed.prompt or ""], params=params, stream=parsed.stream,
                include_usage=False)
@@ -182,8 +245,10 @@ def _generate_job(gateway: Gateway, body: bytes, request_id: str) -> Job:
 def _generate_prompt(gateway: Gateway, parsed: protocol.GenerateBody) -> list[int]:
     """/generate's prompt as token ids: ``prompt_token_ids`` as given, else ``prompt`` tokenized."""
     if parsed.prompt_token_ids is not None:
+        _check_prompt_fits(gateway, len(parsed.prompt_token_ids), "prompt_token_ids")
         ids = list(parsed.prompt_token_ids)
     elif parsed.prompt is not None:
+        _check_text_fits(gateway, len(parsed.prompt), "prompt")
         ids = gateway.tokenizer.encode(parsed.prompt)
     else:
         raise protocol.ProtocolError("prompt: give prompt or prompt_token_ids", param="prompt")
@@ -200,9 +265,11 @@ def _completion_prompts(gateway: Gateway, parsed: protocol.CompletionRequest) ->
     vocab = len(gateway.tokenizer)
     for prompt in protocol.prompts_of(parsed):
         if isinstance(prompt, str):
+            _check_text_fits(gateway, len(prompt), "prompt")
             prompts.append(gateway.tokenizer.encode(prompt))
             texts.append(prompt)
         else:
+            _check_prompt_fits(gateway, len(prompt), "prompt")
             if any(t < 0 or t >= vocab for t in prompt):
                 raise protocol.ProtocolError(f"prompt: token ids must be in [0, {vocab})", param="prompt")
             prompts.append(list(prompt))
@@ -210,11 +277,48 @@ def _completion_prompts(gateway: Gateway, parsed: protocol.CompletionRequest) ->
     return prompts, texts
 
 
+def _check_text_fits(gateway: Gateway, chars: int, param: str) -> None:
+    """Refuse, before tokenizing it, text longer than any prompt a decode worker holds: no token stands for more
+    than ``gateway.max_chars_per_token`` characters, so this many characters are at least max_model_len tokens."""
+    limit = gateway.context_limit()
+    if limit is not None and chars >= limit * gateway.max_chars_per_token:
+        raise protocol.text_too_long_error(limit, chars, param)
+
+
+def _check_prompt_fits(gateway: Gateway, num_tokens: int, param: str) -> None:
+    """A prompt must leave room for one generated token in the longest context a decode worker holds."""
+    limit = gateway.context_limit()
+    if limit is not None and num_tokens >= limit:
+        raise protocol.context_length_error(limit, num_tokens, param)
+
+
+def _explicit_max_tokens(parsed: protocol.CompletionRequest | protocol.GenerateBody) -> int | None:
+    """``max_tokens`` when the client gave it (not the endpoint's default)."""
+    return parsed.max_tokens if "max_tokens" in parsed.model_fields_set else None
+
+
+def _check_context(gateway: Gateway, prompts: list[list[int]], prompt_param: str, max_tokens: int | None,
+                   max_tokens_param: str) -> None:
+    """Each prompt leaves room for one generated token, and for ``max_tokens`` when the client asked for that many:
+    an explicit limit past the context is a 400, as vLLM and OpenAI answer, never silently cut."""
+    limit = gateway.context_limit()
+    if limit is None:
+        return
+    for prompt in prompts:
+        if len(prompt) >= limit:
+            raise protocol.context_length_error(limit, len(prompt), prompt_param)
+        if max_tokens is not None and len(prompt) + max_tokens > limit:
+            raise protocol.completion_too_long_error(limit, len(prompt), max_tokens, prompt_param, max_tokens_param)
+
+
 def _check_vocab(gateway: Gateway, params: SamplingParams) -> None:
-    try:
-        params.check_token_ids(len(gateway.tokenizer))
-    except ValueError as error:
-        raise protocol.ProtocolError(str(error), param="logit_bias") from error
+    """logit_bias and stop_token_ids name tokens of the vocabulary; the 400 names the field that does not."""
+    vocab = len(gateway.tokenizer)
+    for param, token_ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids)):
+        outside = next((token for token in token_ids if token >= vocab), None)
+        if outside is not None:
+            raise protocol.ProtocolError(f"{param}: token id {outside} is out of vocabulary (size {vocab})",
+                                         param=param)
 
 
 # ---------------------------------------------------------------------------------------------- running choices
@@ -367,7 +471,7 @@ def _final_body(gateway: Gateway, job: Job, states: Sequence[ChoiceState]) -> di
                                              tuple(state.token_ids), logprobs, calls, state.stop_reason))
     usage = protocol.usage(_prompt_tokens(job), sum(len(s.token_ids) for s in states))
     build = protocol.chat_completion if job.endpoint == "chat" else protocol.completion
-    return build(job.response_id, job.model, gateway.created, choices, usage)
+    return build(job.response_id, job.model, job.created, choices, usage)
 
 
 def _prompt_tokens(job: Job) -> int:
@@ -467,11 +571,11 @@ class OpenAIOutput:
         if not job.include_usage:
             return b""
         usage = protocol.usage(_prompt_tokens(job), num_tokens)
-        return protocol.sse(protocol.usage_chunk(job.response_id, job.model, self.gateway.created, usage,
+        return protocol.sse(protocol.usage_chunk(job.response_id, job.model, self.job.created, usage,
                                                  endpoint=job.endpoint))
 
     def opening(self, index: int) -> bytes:
-        job, created = self.job, self.gateway.created
+        job, created = self.job, self.job.created
         if job.endpoint == "chat":
             return protocol.sse(protocol.chat_chunk_role(job.response_id, job.model, created, index,
                                                          job.include_usage))
@@ -488,7 +592,7 @@ class OpenAIOutput:
             return self._tool_call_chunks(state, text, entries)
         if not text and state.finish_reason is None and not entries:
             return b""
-        job, created = self.job, self.gateway.created
+        job, created = self.job, self.job.created
         logprobs = entries if job.num_logprobs is not None else None
         if job.endpoint == "chat":
             chunk = protocol.chat_chunk_delta(job.response_id, job.model, created, state.index, text, logprobs,
@@ -509,7 +613,7 @@ class OpenAIOutput:
         finish = state.chat_finish_reason
         if not deltas and (finish is not None or entries):
             deltas = [{}]
-        job, created = self.job, self.gateway.created
+        job, created = self.job, self.job.created
         return b"".join(
             protocol.sse(protocol.chat_chunk(job.response_id, job.model, created, state.index, delta,
                                              logprobs if k == 0 else None,
@@ -589,7 +693,11 @@ def _error_response(gateway: Gateway, error: Exception, headers: dict) -> JSONRe
     gateway.metrics.count_error(status)
     if status >= 500:
         logger.warning("request %s: %d %s", headers.get("X-Request-Id"), status, error)
+    if isinstance(error, BodyTooLarge) and error.close:
+        headers = {**headers, "Connection": "close"}  # uvicorn closes instead of reading the rest of the stream
     retry_after = getattr(error, "retry_after_s", None)
     if retry_after is not None:
         headers = {**headers, "Retry-After": str(max(1, int(retry_after + 0.999)))}
+    else:
+        headers = {**headers, **protocol.retry_after_headers(status)}
     return JSONResponse(body, status_code=status, headers=headers)

@@ -460,12 +460,16 @@ class Orchestrator:
             exclude=frozenset(state.failed),
         )
 
+    def max_model_len(self) -> int | None:
+        """The longest context an alive decode worker holds (None: no decode worker, or none says)."""
+        return max((w.max_model_len for w in self._alive("decode") if w.max_model_len > 0), default=None)
+
     def _check_context_length(self, num_tokens: int) -> None:
         """A prompt no decode worker can hold is the client's error (400), not a missing worker (503)."""
-        limits = [w.max_model_len for w in self._alive("decode") if w.max_model_len > 0]
-        if limits and num_tokens >= max(limits):
+        limit = self.max_model_len()
+        if limit is not None and num_tokens >= limit:
             raise InvalidRequestError(
-                f"prompt: {num_tokens} tokens is too long for max_model_len {max(limits)} "
+                f"prompt: {num_tokens} tokens is too long for max_model_len {limit} "
                 "(it must leave room for at least one generated token)"
             )
 

@@ -61,6 +61,7 @@ CHAT_OBJECT, CHAT_CHUNK_OBJECT, COMPLETION_OBJECT = "chat.completion", "chat.com
 OWNED_BY = "tandem"
 DONE = b"data: [DONE]\n\n"
 INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request."
+UNAVAILABLE_RETRY_AFTER_S = 1
 
 ERROR_TYPES: dict[int, tuple[str, str | None]] = {
     400: ("invalid_request_error", None),
@@ -149,6 +150,11 @@ def error_for_status(
     return error_body(first_line, kind, param, code if code is not None else default_code)
 
 
+def retry_after_headers(status: int) -> dict[str, str]:
+    """``Retry-After`` for a 503: a worker joining or Redis coming back is seen within about a heartbeat."""
+    return {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)} if status == 503 else {}
+
+
 def model_not_found(model: str) -> ProtocolError:
     """OpenAI's 404 for a model this router does not serve."""
     message = f"The model `{model}` does not exist or you do not have access to it."
@@ -160,6 +166,29 @@ def context_length_error(max_model_len: int, prompt_tokens: int, param: str = "m
     message = (
         f"This model's maximum context length is {max_model_len} tokens. However, your {param} resulted in "
         f"{prompt_tokens} tokens. Please reduce the length of the {param}."
+    )
+    return ProtocolError(message, param=param, code="context_length_exceeded")
+
+
+def completion_too_long_error(
+    max_model_len: int, prompt_tokens: int, max_tokens: int, prompt_param: str, param: str
+) -> ProtocolError:
+    """OpenAI's 400 for a prompt plus an explicit ``max_tokens`` past the context (``code="context_length_exceeded"``,
+    ``param`` the max tokens field given)."""
+    message = (
+        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+        f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the {prompt_param}, {max_tokens} in the completion). "
+        f"Please reduce the length of the {prompt_param} or completion."
+    )
+    return ProtocolError(message, param=param, code="context_length_exceeded")
+
+
+def text_too_long_error(max_model_len: int, chars: int, param: str) -> ProtocolError:
+    """The context-length 400 for a text refused before it is tokenized: more characters than ``max_model_len``
+    tokens can stand for."""
+    message = (
+        f"This model's maximum context length is {max_model_len} tokens. However, your {param} has {chars} "
+        f"characters, more than {max_model_len} tokens can hold. Please reduce the length of the {param}."
     )
     return ProtocolError(message, param=param, code="context_length_exceeded")
 

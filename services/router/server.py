@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 from transformers import AutoTokenizer
 
 from common.config import CoordConfig, RouterConfig, TransferConfig
@@ -32,13 +34,20 @@ from common.coord.watcher import RegistryWatcher
 from common.metrics import RouterMetrics, cluster_exposition, exposition, prometheus_sd
 from common.models.loader import resolve_model_path
 from services.router import openai_api, protocol, vllm_api
-from services.router.admission import AdmissionQueue, ApiKeys, RateLimiter
+from services.router.admission import AdmissionError, AdmissionQueue, ApiKeys, RateLimiter
 from services.router.openai_api import Gateway
 from services.router.orchestrator import Orchestrator
 from services.router.processes import reuse_port_socket, supervise
 from services.router.tool_calls import ToolCallConfig
 
 logger = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/prometheus/targets", "/openapi.json", "/docs",
+                        "/docs/oauth2-redirect", "/redoc"})
+"""What answers without an API key when keys are set: probes and scrapes (Kubernetes, Prometheus' service discovery
+and the planner send no key; they reveal counts and the workers' /metrics addresses, not their gRPC addresses)
+and the API schema. Every other path needs the key: every generating one, /v1/models, /workers, and any route
+added later (guarded by default, see ``ApiKeyGuard``)."""
 
 
 @dataclass
@@ -53,7 +62,8 @@ class RouterState:
 
 
 def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse(protocol.error_for_status(status, message), status_code=status)
+    return JSONResponse(protocol.error_for_status(status, message), status_code=status,
+                        headers=protocol.retry_after_headers(status))
 
 
 def build_app(state: RouterState) -> FastAPI:
@@ -62,6 +72,7 @@ def build_app(state: RouterState) -> FastAPI:
     _add_error_handlers(app, state)
     _add_openai_routes(app, state)
     vllm_api.add_vllm_routes(app, state.gateway, vllm_api.served_max_model_len(state.watcher, state.model))
+    app.add_middleware(ApiKeyGuard, keys=state.gateway.keys, on_refused=state.gateway.metrics.count_error)
 
     @app.get("/health")
     async def health() -> dict:
@@ -75,6 +86,8 @@ def build_app(state: RouterState) -> FastAPI:
 
     @app.get("/ready")
     async def ready():
+        if not state.watcher.redis_reachable:  # the snapshot may list workers long gone
+            return error_response(503, "Redis is unreachable: the worker registry cannot be read")
         decodes = state.watcher.alive(role="decode", model=state.model)
         if not decodes:
             return error_response(503, "no decode worker registered")
@@ -102,6 +115,26 @@ def build_app(state: RouterState) -> FastAPI:
     return app
 
 
+class ApiKeyGuard:
+    """ASGI middleware: with API keys set, an HTTP request to any path outside ``OPEN_PATHS`` without a valid key
+    gets OpenAI's 401 before any route runs (a denylist of open paths, so a new route cannot be left open)."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, on_refused: Callable[[int], None] | None = None) -> None:
+        self.app, self.keys, self.on_refused = app, keys, on_refused
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.keys.enabled and scope["path"] not in OPEN_PATHS:
+            try:
+                self.keys.check(Headers(scope=scope).get("authorization"))
+            except AdmissionError as error:
+                if self.on_refused is not None:
+                    self.on_refused(error.status)
+                body = protocol.error_for_status(error.status, error.message, None, error.code)
+                await JSONResponse(body, status_code=error.status, headers=error.headers())(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _add_openai_routes(app: FastAPI, state: RouterState) -> None:
     gateway = state.gateway
 
@@ -125,8 +158,14 @@ def _add_error_handlers(app: FastAPI, state: RouterState) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(protocol.error_for_status(error.status_code, str(error.detail)),
-                            status_code=error.status_code)
+        """A path or method the router does not serve: OpenAI's "Invalid URL" with no code (not model_not_found)."""
+        message = str(error.detail)
+        if error.status_code in (404, 405):
+            message = f"Invalid URL ({request.method} {request.url.path})"
+        body = protocol.error_for_status(error.status_code, message)
+        body["error"]["code"] = None
+        headers = {**(error.headers or {}), **protocol.retry_after_headers(error.status_code)}  # 405's Allow
+        return JSONResponse(body, status_code=error.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -172,7 +211,8 @@ async def router_state(
                       keys=ApiKeys.load(router.api_keys), limiter=limiter,
                       queue=AdmissionQueue(router.max_running, router.max_waiting),
                       metrics=metrics,
-                      tool_calls=ToolCallConfig(router.tool_call_parser, router.enable_auto_tool_choice))
+                      tool_calls=ToolCallConfig(router.tool_call_parser, router.enable_auto_tool_choice),
+                      max_body_bytes=router.max_request_body, context_limit=orchestrator.max_model_len)
     try:
         yield RouterState(model=model, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher,
                           gateway=gateway)

@@ -99,3 +99,13 @@ async def test_heartbeat_flushes_and_stop_clears(client: aioredis.Redis, coord_c
 
 async def _count_is(lookup: PrefixLookup, worker_id: str, expected: int) -> bool:
     return (await lookup.matched_blocks([worker_id], H[:expected])) == {worker_id: expected}
+
+
+async def test_300_concurrent_lookups_all_get_their_counts(client: aioredis.Redis, coord_config: CoordConfig,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """More lookups in flight than the client's pool has connections: they wait for one, none reads as a miss."""
+    await _publisher(client, coord_config, "A", H[:8])
+    lookup = PrefixLookup(client, coord_config)
+    counts = await asyncio.gather(*(lookup.matched_blocks(["A", "B"], H[: 1 + i % 8]) for i in range(300)))
+    assert counts == [{"A": 1 + i % 8, "B": 0} for i in range(300)]
+    assert "Redis unavailable" not in caplog.text

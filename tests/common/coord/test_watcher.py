@@ -135,13 +135,16 @@ async def test_redis_restart_keeps_snapshot_and_worker_reregisters(caplog: pytes
 async def _outage_and_recovery(server: RedisServer, worker_client: aioredis.Redis, router_client: aioredis.Redis,
                                registration: WorkerRegistration, watcher: RegistryWatcher) -> None:
     await eventually(lambda: watcher.alive(), 1.0, "worker alive")
+    assert watcher.redis_reachable
     before = watcher.snapshot
     server.kill()
     await asyncio.sleep(1.5)  # longer than the TTL: a watcher must not drop workers it cannot check
     assert watcher.snapshot == before and [w.worker_id for w in watcher.alive()] == ["d1"]
+    assert not watcher.redis_reachable  # so the router's /ready says it is not
     start = time.monotonic()
     server.start()  # same port, empty
     await eventually(lambda: router_client.exists("restart:worker:d1"), 3.0, "worker re-registered")
     watcher.snapshot = {}  # forget, to prove the watcher reads the re-registered record again
     await eventually(lambda: "d1" in watcher.snapshot, 3.0, "watcher refreshed after restart")
+    assert watcher.redis_reachable
     assert time.monotonic() - start < 3.0

@@ -68,6 +68,8 @@ class FakeOrchestrator:
 
 
 class NoWorkers:
+    redis_reachable = True
+
     def alive(self, role: str | None = None, model: str | None = None) -> list:
         return []
 
@@ -79,12 +81,14 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 def make_router(keys: tuple[str, ...] = (), limiter: RateLimiter | None = None, max_running: int = 8,
-                max_waiting: int = 8) -> tuple[httpx.AsyncClient, Gateway]:
-    tokenizer, orchestrator = CharTokenizer(), FakeOrchestrator()
+                max_waiting: int = 8, watcher: object | None = None, tokenizer: object | None = None,
+                **gateway_options) -> tuple[httpx.AsyncClient, Gateway]:
+    """The app around the fakes; ``gateway_options`` are further Gateway fields (body limit, context limit)."""
+    tokenizer, orchestrator = tokenizer or CharTokenizer(), FakeOrchestrator()
     gateway = Gateway(model_id=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, keys=ApiKeys(keys),
                       limiter=limiter, queue=AdmissionQueue(max_running, max_waiting),
-                      metrics=RouterMetrics.create(MODEL))
-    state = RouterState(model=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, watcher=NoWorkers(),
+                      metrics=RouterMetrics.create(MODEL), **gateway_options)
+    state = RouterState(model=MODEL, tokenizer=tokenizer, orchestrator=orchestrator, watcher=watcher or NoWorkers(),
                         gateway=gateway)
     transport = httpx.ASGITransport(app=build_app(state))
     return httpx.AsyncClient(transport=transport, base_url="http://router", timeout=30), gateway

@@ -148,8 +148,9 @@ def test_invalid_requests_get_openai_errors(cluster, body, status, param):
 def test_prompt_longer_than_the_context_names_both_lengths(client):
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt=[1] * 9000, max_tokens=4)
-    message = caught.value.body["message"]
-    assert "9000" in message and "max_model_len" in message
+    error = caught.value.body
+    assert "9000" in error["message"] and "maximum context length" in error["message"]
+    assert error["code"] == "context_length_exceeded"  # what clients trim on
 
 
 def test_missing_or_wrong_api_key_is_401(cluster):
