@@ -40,6 +40,9 @@ class ModelConfig:
     skip_tokenizer_init: bool = setting(False, help="token ids in and out only", cli=False)
     download_dir: str | None = setting(None, help="model conversion/download cache (default: ~/.cache/tandem)")
     enforce_eager: bool = setting(False, help="no CUDA graphs for decode steps")
+    quantization: str | None = setting(None, choices=("fp8",),
+                                       help="fp8: e4m3 weights with per-channel scales, quantized at load (an FP8 "
+                                            "checkpoint runs FP8 without it) (default: the checkpoint's dtype)")
     tensor_parallel_size: int = setting(1, metavar="N",
                                         help="split the model over N processes (GPUs cuda:I..I+N-1 from --device's "
                                              "index, NCCL; or N CPU processes, gloo) (default: %(default)s)")

@@ -16,6 +16,7 @@ from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.kv_cache_sizing import allocate_kv_cache, resolve_max_model_len
 from common.engine.spec.draft_model import DraftModel, load_draft_model
 from common.models.loader import load_model, resolve_dtype, resolve_model_path
+from common.models.quantization import resolve_quantization
 from kernels.paged_attention import kernels_support, warm_up_attention_kernels
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def load_model_and_kv_cache(config: EngineConfig, tp: TensorParallelGroup | None
     hf_config: PretrainedConfig = AutoConfig.from_pretrained(model_path)
     tokenizer = load_tokenizer(config.model, model_path)
     dtype = resolve_dtype(config.model.dtype, hf_config, device)
-    model = load_model(model_path, hf_config, dtype, device, config.model.load_format, tp=tp)
+    quantization = resolve_quantization(config.model.quantization, hf_config)
+    model = load_model(model_path, hf_config, dtype, device, config.model.load_format, tp=tp,
+                       quantization=quantization)
     draft = load_speculative_draft(config, hf_config, dtype, device)
     extra = draft.kv_bytes_per_block(config.cache.block_size) if draft is not None else 0
     kv_cache, num_blocks = allocate_kv_cache(

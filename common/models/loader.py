@@ -19,6 +19,7 @@ from torch import nn
 
 from common.distributed.group import TensorParallelGroup
 from common.models.llama import RMSNorm
+from common.models.quantization import checkpoint_quantization, dequantize_fp8_checkpoint, quantize_model_fp8
 from common.models.registry import build_model
 
 logger = logging.getLogger(__name__)
@@ -206,15 +207,22 @@ def load_model(
     load_format: str,
     seed: int = 0,
     tp: TensorParallelGroup | None = None,
+    quantization: str | None = None,
 ) -> nn.Module:
     """Build the model and fill it: ``"auto"``/``"safetensors"`` stream the folder's weights (with ``tp``: only this
-    rank's shard of each tensor), ``"dummy"`` draws seeded random weights without reading any file (per rank:
-    a tensor-parallel dummy model is not the single-process one split)."""
+    rank's shard of each tensor; an FP8 checkpoint's weights dequantized as they stream), ``"dummy"`` draws seeded
+    random weights without reading any file (per rank: a tensor-parallel dummy model is not the single-process one
+    split). ``quantization="fp8"`` then quantizes the decoder's projections (``common.models.quantization``)."""
     model = build_model(hf_config, dtype, device, tp)
     if load_format == "dummy":
         fill_dummy_weights(model, seed + (tp.rank if tp is not None else 0))
     elif load_format in ("auto", "safetensors"):
-        model.load_weights(iterate_safetensors(Path(model_path), lazy=tp is not None))
+        weights = iterate_safetensors(Path(model_path), lazy=tp is not None)
+        if checkpoint_quantization(hf_config) == "fp8":
+            weights = dequantize_fp8_checkpoint(weights)
+        model.load_weights(weights)
     else:
         raise ValueError(f"load_format={load_format!r}: expected auto, safetensors or dummy")
+    if quantization == "fp8":
+        quantize_model_fp8(model)
     return model
