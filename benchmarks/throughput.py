@@ -131,6 +131,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-async-scheduling", action="store_true", help="each step waits for the previous one")
+    parser.add_argument("--quantization", choices=("fp8",), help="FP8 weights (the random bf16 weights quantized)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"), help="FP8 KV cache")
     parser.add_argument(
         "--repeat",
         type=int,
@@ -156,6 +158,8 @@ def main() -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
         async_scheduling=not args.no_async_scheduling,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     memory = llm.engine.memory
     report = {
@@ -171,6 +175,8 @@ def main() -> None:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "cuda_graphs": not args.enforce_eager,
         "async_scheduling": not args.no_async_scheduling,
+        "quantization": args.quantization or "none",
+        "kv_cache_dtype": args.kv_cache_dtype,
         "runs": [],
     }
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}), flush=True)
