@@ -16,11 +16,9 @@ counts other processes' memory against its cap), so each gets an equal share.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -30,12 +28,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from common.process_lifetime import SpawnThread, die_with_parent
 from services.flags import known_env_vars
 
 log = logging.getLogger("tandem.cluster")
@@ -45,7 +43,6 @@ ROLES = ("prefill", "decode")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_READY_TIMEOUT_S = 120.0
 DEFAULT_STOP_TIMEOUT_S = 40.0  # workers drain for up to 30 s by default
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class ClusterError(RuntimeError):
@@ -53,62 +50,6 @@ class ClusterError(RuntimeError):
 
     The message's first line says which child, why, the last line it wrote to stderr (for a Python child, the
     exception: the cause) and its log; the lines after it are the end of its stderr."""
-
-
-# ---------------------------------------------------------------------------------------------------- lifetime
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | None:
-    """A Popen ``preexec_fn`` that makes the child receive `sig` when its parent dies (Linux prctl
-    PR_SET_PDEATHSIG; it survives exec, so it covers redis-server too); None where there is no prctl.
-
-    Why this and not a parent-pid watchdog in each child: it needs no cooperation from the child, cannot be
-    missed by a busy or hung child, and costs nothing while the parent lives. Its catch: the signal comes when
-    the *thread* that forked the child ends, so every child must be started from one long-lived thread
-    (``SpawnThread``). SIGKILL because nobody is left to wait for a graceful drain, and a hung child must not
-    keep the port.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child runs as little as possible
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    args = [ctypes.c_ulong(v) for v in (sig, 0, 0, 0)]
-
-    def set_parent_death_signal() -> None:
-        prctl(ctypes.c_int(PR_SET_PDEATHSIG), *args)
-        if os.getppid() != parent:  # the parent died before prctl: its signal will never come
-            os.kill(os.getpid(), sig)
-
-    return set_parent_death_signal
-
-
-class SpawnThread:
-    """Runs calls (process starts) on one daemon thread that lives as long as the process: PR_SET_PDEATHSIG
-    fires when the forking *thread* ends, and the autoscaler starts workers from short-lived threads."""
-
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[tuple[Future, Callable[[], Any]]] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name="tandem-spawn", daemon=True)
-        self._thread.start()
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """``fn()`` run on the spawn thread; its result, or its exception raised here."""
-        if threading.current_thread() is self._thread:
-            return fn()
-        done: Future = Future()
-        self._calls.put((done, fn))
-        return done.result()
-
-    def _serve(self) -> None:
-        while True:
-            done, fn = self._calls.get()
-            try:
-                done.set_result(fn())
-            except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
-                done.set_exception(exc)
 
 
 # ---------------------------------------------------------------------------------------------------- READY line

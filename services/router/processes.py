@@ -22,6 +22,8 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+from common.process_lifetime import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 READY_PREFIX = "TANDEM_READY "
@@ -62,7 +64,12 @@ def supervise(argv: Sequence[str], host: str, port: int, processes: int, ready_t
     owns_metrics_dir = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     command = [sys.executable, "-m", "services.launch", *child_argv(argv, port)]
-    children = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True) for _ in range(processes)]
+    # Started from this (main) thread, which lives as long as the supervisor: a SIGKILLed supervisor takes them along.
+    lifetime = die_with_parent()
+    children = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, preexec_fn=lifetime)
+        for _ in range(processes)
+    ]
     stop = _install_stop_handlers()
     try:
         if not _wait_ready(children, ready_timeout_s, stop):

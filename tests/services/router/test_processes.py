@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import re
+import select
 import signal
+import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
+from common.coord.redis_server import RedisServer
 from services.cluster import LocalCluster
+from services.flags import known_env_vars
 from services.router.processes import child_argv
 from tests.services.test_cluster_e2e import ROUTER_ARGS, WORKER_ARGS, chat_prompt, generate, wait_ready
 
@@ -76,3 +84,45 @@ def test_processes_share_the_port_and_add_up_their_metrics(tmp_path):
         assert not [pid for pid in children if _alive(pid)], "router processes left behind"
     finally:
         cluster.stop()
+
+
+def _ready_line(process: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([process.stdout], [], [], 0.5)
+        if readable:
+            line = process.stdout.readline()
+            assert line, f"the router exited before it was ready (code {process.wait()})"
+            if line.startswith("TANDEM_READY "):
+                return line
+    pytest.fail(f"the router was not ready within {timeout_s} s")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_router_processes_die_with_a_sigkilled_supervisor(tmp_path):
+    """Nothing can clean up after SIGKILL, so the children must go by themselves (not keep the port and Redis)."""
+    env = {k: v for k, v in os.environ.items() if k not in known_env_vars()}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[3])
+    with RedisServer() as redis:
+        argv = ["router", "--model", "smollm2", "--port", "0", "--processes", "2", "--redis-url", redis.url]
+        supervisor = subprocess.Popen(
+            [sys.executable, "-m", "services.launch", *argv, *ROUTER_ARGS],
+            env=env, stdout=subprocess.PIPE, stderr=(tmp_path / "router.log").open("w"), text=True,
+        )
+        children: list[int] = []
+        try:
+            _ready_line(supervisor, timeout_s=180)
+            children = _children(supervisor.pid)
+            assert len(children) == 2 and all(_alive(pid) for pid in children)
+            supervisor.kill()
+            supervisor.wait(timeout=10)
+            deadline = time.monotonic() + 5.0
+            while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not [pid for pid in children if _alive(pid)], "router processes outlived their supervisor"
+        finally:
+            supervisor.kill()
+            supervisor.wait(timeout=10)
+            for pid in children:  # only when the test failed: do not leave them to the next test
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
