@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from services.launch import build_parser, engine_config, known_env_vars
+from services.launch import build_parser, engine_config, known_env_vars, router_config, worker_settings
 from tests.helm.chart import (
     CHART,
     COMPONENTS,
@@ -461,6 +461,109 @@ def test_speculation_is_off_by_default(rendered: Render) -> None:
         assert "--speculative-config" not in container["args"], role
 
 
+def _worker_args(rendered: Render) -> dict[str, argparse.Namespace]:
+    return {
+        role: _parse_cli(rendered.deployment(role)["spec"]["template"]["spec"]["containers"][0]["args"])
+        for role in WORKERS
+    }
+
+
+@pytest.mark.parametrize("dtype", ["auto", "fp8", "fp8_e4m3"])
+def test_kv_cache_dtype_reaches_both_pools_alike(dtype: str) -> None:
+    """A decode worker refuses KV blocks of the other kind, so the value is model-wide, not per pool."""
+    args = _worker_args(render(sets=(f"model.kvCacheDtype={dtype}",)))
+    assert {role: engine_config(a).cache.kv_cache_dtype for role, a in args.items()} == dict.fromkeys(WORKERS, dtype)
+
+
+@pytest.fixture(scope="module")
+def chart_allowing_tp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the chart whose schema lets tensorParallelSize past 1: the wiring for the day the workers take it."""
+    chart = tmp_path_factory.mktemp("tp") / "tandem"
+    shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("files"))
+    schema = json.loads((chart / "values.schema.json").read_text())
+    del schema["definitions"]["worker"]["properties"]["tensorParallelSize"]["maximum"]
+    (chart / "values.schema.json").write_text(json.dumps(schema))
+    return chart
+
+
+def _gpus(rendered: Render, role: str) -> dict[str, Any]:
+    (container,) = rendered.deployment(role)["spec"]["template"]["spec"]["containers"]
+    return {part: amounts.get("nvidia.com/gpu") for part, amounts in container["resources"].items()}
+
+
+def test_tensor_parallel_size_sets_the_flag_and_the_pods_gpus(chart_allowing_tp: Path) -> None:
+    sets = ("prefill.tensorParallelSize=2", "decode.tensorParallelSize=4")
+    sets += ("decode.resources.requests.nvidia\\.com/gpu=1",)
+    rendered = render(sets=sets, chart=chart_allowing_tp)
+    args = _worker_args(rendered)
+    for role, size in (("prefill", 2), ("decode", 4)):
+        assert engine_config(args[role]).model.tensor_parallel_size == size
+    assert _gpus(rendered, "prefill") == {"requests": None, "limits": 2}, "no GPU request was asked for: none added"
+    assert _gpus(rendered, "decode") == {"requests": 4, "limits": 4}
+    assert _gpus(render(), "decode") == {"requests": None, "limits": 1}
+    cpu = render(sets=("prefill.resources.limits.nvidia\\.com/gpu=null",), chart=chart_allowing_tp)
+    assert _gpus(cpu, "prefill") == {"requests": None, "limits": None}, "a pool without GPUs gets none"
+
+
+def test_chart_refuses_tensor_parallelism_while_the_workers_do() -> None:
+    """The schema's maximum of 1 stands exactly as long as the worker services refuse TP > 1."""
+    from services.worker_runtime import validate_worker_engine
+
+    args = _worker_args(render(sets=("decode.extraArgs={--tensor-parallel-size,2}",)))["decode"]
+    try:
+        validate_worker_engine(worker_settings(args))
+    except ValueError:
+        result = run_helm("template", RELEASE, "{chart}", "--set", "decode.tensorParallelSize=2")
+        assert result.returncode != 0 and "/decode/tensorParallelSize" in result.stderr, result.stderr
+    else:
+        schema = json.loads((CHART / "values.schema.json").read_text())
+        assert "maximum" not in schema["definitions"]["worker"]["properties"]["tensorParallelSize"], (
+            "the workers take TP > 1 now: lift the schema's maximum and the values.yaml note"
+        )
+
+
+@pytest.mark.parametrize(("value", "expected"), [("64MiB", 64 * 2**20), (33554432, 33554432), ("", 32 * 2**20)])
+def test_max_request_body_reaches_the_router(value: str | int, expected: int, tmp_path: Path) -> None:
+    values = tmp_path / "body.yaml"
+    values.write_text(yaml.safe_dump({"router": {"maxRequestBody": value}}))  # a file: helm reads 33554432 as a float
+    (container,) = render((str(values),)).deployment("router")["spec"]["template"]["spec"]["containers"]
+    assert router_config(_parse_cli(container["args"])).max_request_body == expected
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<｜{{ m.role }}｜>{{ m.content }}{{ '\\n' }}{% endfor %}\n"
+
+
+def test_chat_template_reaches_the_router_as_written(tmp_path: Path) -> None:
+    """Byte for byte: as a file it is not unescaped (flag text would be), and non-ASCII survives."""
+    from services.router.vllm_api import load_chat_template
+
+    values = tmp_path / "template.yaml"
+    values.write_text(yaml.safe_dump({"router": {"chatTemplate": {"text": CHAT_TEMPLATE}}}))
+    rendered = render((str(values),))
+    template = rendered.deployment("router")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    path = Path(_parse_cli(container["args"]).chat_template)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "chat-template"]
+    assert path.parent == Path(mount["mountPath"])
+    volume = {v["name"]: v for v in template["spec"]["volumes"]}["chat-template"]["configMap"]
+    configmap = rendered.get("ConfigMap", volume["name"])
+    assert volume["items"] == [{"key": path.name, "path": path.name}]
+    (tmp_path / path.name).write_text(configmap["data"][path.name], encoding="utf-8")
+    assert load_chat_template(str(tmp_path / path.name)) == CHAT_TEMPLATE
+    assert "checksum/chat-template" in template["metadata"]["annotations"]
+    assert "--chat-template" not in str(render().deployment("router")), "off by default: the model's template"
+
+
+def test_chat_template_from_an_existing_configmap() -> None:
+    rendered = render(sets=("router.chatTemplate.existingConfigMap=my-template", "router.chatTemplate.key=t.jinja"))
+    template = rendered.deployment("router")["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    volume = {v["name"]: v for v in template["spec"]["volumes"]}["chat-template"]["configMap"]
+    assert volume == {"name": "my-template", "items": [{"key": "t.jinja", "path": "t.jinja"}]}
+    assert Path(_parse_cli(container["args"]).chat_template).name == "t.jinja"
+    assert not [c for c in rendered.names("ConfigMap") if c.endswith("chat-template")]
+
+
 # ---------------------------------------------------------------------------------------------------- refusals
 
 
@@ -473,6 +576,10 @@ def test_speculation_is_off_by_default(rendered: Render) -> None:
         "transport=rdma",
         "decode.autoscaling.metric.averageValue=1Gi",
         "decode.speculativeConfig=4",
+        "model.kvCacheDtype=fp16",
+        "router.maxRequestBody=lots",
+        "prefill.tensorParallelSize=0",
+        "router.chatTemplate.key=../x",
     ],
 )
 def test_schema_rejects_wrong_types(item: str) -> None:

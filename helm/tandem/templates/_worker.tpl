@@ -90,6 +90,10 @@ spec:
             - {{ $root.Values.model.dtype | quote }}
             - --load-format
             - {{ $root.Values.model.loadFormat | quote }}
+            - --kv-cache-dtype
+            - {{ $root.Values.model.kvCacheDtype | quote }}
+            - --tensor-parallel-size
+            - {{ $w.tensorParallelSize | int | quote }}
             {{- with $root.Values.model.maxModelLen }}
             - --max-model-len
             - {{ . | quote }}
@@ -157,7 +161,7 @@ spec:
               port: metrics
             {{- toYaml $w.probes.liveness | nindent 12 }}
           resources:
-            {{- toYaml $w.resources | nindent 12 }}
+            {{- include "tandem.worker.resources" $w | nindent 12 }}
           securityContext:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
@@ -192,4 +196,19 @@ spec:
       topologySpreadConstraints:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+{{- end }}
+
+{{/*
+A pool's resources with its nvidia.com/gpu request and limit set to its tensorParallelSize (one engine rank per
+GPU). Only where the values request GPUs at all: a pool whose resources name no nvidia.com/gpu is left as is.
+*/}}
+{{- define "tandem.worker.resources" -}}
+{{- $resources := deepCopy .resources }}
+{{- range $part := list "requests" "limits" }}
+{{- $amounts := index $resources $part | default dict }}
+{{- if hasKey $amounts "nvidia.com/gpu" }}
+{{- $_ := set $amounts "nvidia.com/gpu" (int $.tensorParallelSize) }}
+{{- end }}
+{{- end }}
+{{- toYaml $resources }}
 {{- end }}
