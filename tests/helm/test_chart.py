@@ -475,6 +475,12 @@ def test_kv_cache_dtype_reaches_both_pools_alike(dtype: str) -> None:
     assert {role: engine_config(a).cache.kv_cache_dtype for role, a in args.items()} == dict.fromkeys(WORKERS, dtype)
 
 
+def test_quantization_reaches_both_pools_and_is_off_by_default(rendered: Render) -> None:
+    assert {engine_config(a).model.quantization for a in _worker_args(rendered).values()} == {None}
+    args = _worker_args(render(sets=("model.quantization=fp8",)))
+    assert {role: engine_config(a).model.quantization for role, a in args.items()} == dict.fromkeys(WORKERS, "fp8")
+
+
 @pytest.fixture(scope="module")
 def chart_allowing_tp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the chart whose schema lets tensorParallelSize past 1: the wiring for the day the workers take it."""
@@ -577,6 +583,7 @@ def test_chat_template_from_an_existing_configmap() -> None:
         "decode.autoscaling.metric.averageValue=1Gi",
         "decode.speculativeConfig=4",
         "model.kvCacheDtype=fp16",
+        "model.quantization=int8",
         "router.maxRequestBody=lots",
         "prefill.tensorParallelSize=0",
         "router.chatTemplate.key=../x",

@@ -92,6 +92,10 @@ spec:
             - {{ $root.Values.model.loadFormat | quote }}
             - --kv-cache-dtype
             - {{ $root.Values.model.kvCacheDtype | quote }}
+            {{- with $root.Values.model.quantization }}
+            - --quantization
+            - {{ . | quote }}
+            {{- end }}
             - --tensor-parallel-size
             - {{ $w.tensorParallelSize | int | quote }}
             {{- with $root.Values.model.maxModelLen }}
