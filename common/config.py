@@ -286,6 +286,10 @@ class ServeConfig:
 
     prefill: int = setting(1, metavar="N", help="prefill workers (default: %(default)s)")
     decode: int = setting(1, metavar="M", help="decode workers (default: %(default)s)")
+    prefill_tp: int = setting(1, metavar="A", help="tensor-parallel size of each prefill worker: A GPUs each "
+                                                   "(A processes on CPU) (default: %(default)s)")
+    decode_tp: int = setting(1, metavar="B", help="tensor-parallel size of each decode worker: B GPUs each "
+                                                  "(B processes on CPU) (default: %(default)s)")
     ready_timeout_s: float = setting(120.0, help="how long each process may take to come up (default: %(default)s)")
     log_dir: str | None = setting(None, help="folder for the processes' logs (default: a new temporary folder)")
     autoscale: bool = setting(False, help="run the planner in-process: it starts and drains workers of each pool "

@@ -7,10 +7,12 @@ A child is ready when it prints one ``TANDEM_READY {json}`` line on stdout.
 Its stdout and stderr are read to the end on two threads (a child never blocks on a full pipe) and written to
 ``<run_dir>/<worker_id>.log``.
 
-GPUs: with two or more, prefill workers get the first GPUs and decode workers the rest (one GPU per process,
-via CUDA_VISIBLE_DEVICES); with one, everybody shares it; with none, CPU. Processes that share a GPU without a
-fixed ``--kv-cache-memory`` start one after another with rising ``--gpu-memory-utilization`` caps (the engine
-counts other processes' memory against its cap), so each gets an equal share.
+GPUs: with two or more, prefill workers get the first GPUs and decode workers the rest (via CUDA_VISIBLE_DEVICES:
+one GPU per worker, or one per rank of a tensor-parallel worker, ``prefill_tp`` / ``decode_tp`` consecutive GPUs
+that no other worker of its pool gets while the pool has enough); with one, everybody shares it; with none, CPU.
+Processes that share a GPU without a fixed ``--kv-cache-memory`` start one after another with rising
+``--gpu-memory-utilization`` caps (the engine counts other processes' memory against its cap), so each gets an
+equal share.
 """
 
 from __future__ import annotations
@@ -75,52 +77,70 @@ def parse_ready_line(line: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------------------------- GPU plan
 
 
-def gpu_pools(gpu_count: int, num_prefill: int, num_decode: int) -> dict[str, list[int]]:
-    """GPU indices each role may use. Invariant: with >= 2 GPUs and both roles present the pools are disjoint,
-    non-empty and sized in proportion to the worker counts; with 1 GPU both pools are [0]; with 0, empty."""
+def gpu_pools(
+    gpu_count: int, num_prefill: int, num_decode: int, prefill_tp: int = 1, decode_tp: int = 1
+) -> dict[str, list[int]]:
+    """GPU indices each role may use. Invariant: when the GPUs can hold one worker of each pool apart (>= 2 GPUs,
+    >= prefill_tp + decode_tp, both roles present) the pools are disjoint, each holds at least its tensor-parallel
+    size, and they are sized in proportion to the GPUs the pools' workers ask for; otherwise both pools are every
+    GPU (they share); with 0 GPUs, empty."""
     every = list(range(gpu_count))
-    if gpu_count < 2 or num_prefill == 0 or num_decode == 0:
+    if gpu_count < max(2, prefill_tp + decode_tp) or num_prefill == 0 or num_decode == 0:
         return {"prefill": every, "decode": every}
-    share = int(gpu_count * num_prefill / (num_prefill + num_decode) + 0.5)
-    k = min(max(share, 1), gpu_count - 1)
+    wanted_prefill, wanted_decode = num_prefill * prefill_tp, num_decode * decode_tp
+    share = int(gpu_count * wanted_prefill / (wanted_prefill + wanted_decode) + 0.5)
+    k = min(max(share, prefill_tp), gpu_count - decode_tp)
     return {"prefill": every[:k], "decode": every[k:]}
 
 
-def gpu_for(role: str, index: int, pools: Mapping[str, Sequence[int]]) -> int | None:
-    """The GPU of the `index`-th worker of `role` (round robin over its pool), or None for CPU."""
+def gpu_for(role: str, index: int, pools: Mapping[str, Sequence[int]], tp: int = 1) -> list[int] | None:
+    """The GPUs of the `index`-th worker of `role`, one per tensor-parallel rank, or None for CPU: its pool cut into
+    slots of `tp` consecutive GPUs, taken round robin (so workers' ranks never overlap while slots last).
+
+    ValueError when the pool has fewer than `tp` GPUs (two ranks of one worker on one GPU cannot work)."""
     pool = pools[role]
-    return pool[index % len(pool)] if pool else None
+    if not pool:
+        return None
+    if len(pool) < tp:
+        raise ValueError(f"--{role}-tp {tp} needs {tp} GPUs for each {role} worker; its pool has {len(pool)}")
+    slot = index % (len(pool) // tp)
+    return list(pool[slot * tp : (slot + 1) * tp])
 
 
 def plan_gpus(
-    gpu_count: int, num_prefill: int, num_decode: int, gpu_ids: Sequence[str] | None = None
+    gpu_count: int, num_prefill: int, num_decode: int, gpu_ids: Sequence[str] | None = None,
+    prefill_tp: int = 1, decode_tp: int = 1,
 ) -> dict[str, str | None]:
     """worker id ('prefill-0', 'decode-1', ...) -> its CUDA_VISIBLE_DEVICES, or None (CPU: leave it alone).
 
     `gpu_ids` names the GPUs as CUDA_VISIBLE_DEVICES should (default '0'..'gpu_count-1'); pass the parent's own
-    CUDA_VISIBLE_DEVICES entries so a restricted parent hands out only its GPUs.
+    CUDA_VISIBLE_DEVICES entries so a restricted parent hands out only its GPUs. A tensor-parallel worker sees its
+    ranks' GPUs ("2,3"): its ranks are cuda:0..tp-1 inside it.
     """
     ids = list(gpu_ids) if gpu_ids is not None else [str(i) for i in range(gpu_count)]
     if len(ids) != gpu_count:
         raise ValueError(f"{len(ids)} gpu ids for {gpu_count} GPUs")
-    pools = gpu_pools(gpu_count, num_prefill, num_decode)
+    pools = gpu_pools(gpu_count, num_prefill, num_decode, prefill_tp, decode_tp)
+    tps = {"prefill": prefill_tp, "decode": decode_tp}
     plan: dict[str, str | None] = {}
     for role, count in (("prefill", num_prefill), ("decode", num_decode)):
         for i in range(count):
-            gpu = gpu_for(role, i, pools)
-            plan[f"{role}-{i}"] = None if gpu is None else ids[gpu]
+            gpus = gpu_for(role, i, pools, tps[role])
+            plan[f"{role}-{i}"] = None if gpus is None else ",".join(ids[gpu] for gpu in gpus)
     return plan
 
 
 def share_ranks(plan: Mapping[str, str | None]) -> dict[str, tuple[int, int]]:
-    """worker id -> (its rank among the processes on its GPU, how many share that GPU); CPU workers get (0, 1)."""
+    """worker id -> (its rank among the processes on its GPU, how many share that GPU); CPU workers get (0, 1).
+    A worker on several GPUs (tensor parallelism) counts on each; it takes its most crowded GPU's figures."""
     by_gpu: dict[str, list[str]] = {}
-    for worker_id, gpu in plan.items():
-        if gpu is not None:
+    for worker_id, gpus in plan.items():
+        for gpu in gpus.split(",") if gpus is not None else ():
             by_gpu.setdefault(gpu, []).append(worker_id)
     ranks = {worker_id: (0, 1) for worker_id in plan}
     for ids in by_gpu.values():
-        ranks.update({worker_id: (rank, len(ids)) for rank, worker_id in enumerate(ids)})
+        for rank, worker_id in enumerate(ids):
+            ranks[worker_id] = max(ranks[worker_id], (rank, len(ids)))
     return ranks
 
 
@@ -323,8 +343,11 @@ class LocalCluster:
         stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
         echo_stderr: bool = False,
         environ: Mapping[str, str] | None = None,
+        prefill_tp: int = 1,
+        decode_tp: int = 1,
     ) -> None:
         self.model, self.host, self.router_port, self.namespace = model, host, router_port, namespace
+        self.tensor_parallel = {"prefill": prefill_tp, "decode": decode_tp}  # each pool's ranks per worker
         self.num_prefill, self.num_decode = num_prefill, num_decode
         self.worker_args, self.router_args = list(worker_args), list(router_args)
         self.router_env = dict(router_env or {})  # e.g. TANDEM_API_KEYS: secrets stay off the command line
@@ -376,8 +399,10 @@ class LocalCluster:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         index = self._next_index[role]
         self._next_index[role] += 1
-        gpu = gpu_for(role, index, gpu_pools(len(self._gpu_ids), self.num_prefill, self.num_decode))
-        gpu_id = None if gpu is None else self._gpu_ids[gpu]
+        pools = gpu_pools(len(self._gpu_ids), self.num_prefill, self.num_decode,
+                          self.tensor_parallel["prefill"], self.tensor_parallel["decode"])
+        gpus = gpu_for(role, index, pools, self.tensor_parallel[role])
+        gpu_id = None if gpus is None else ",".join(self._gpu_ids[gpu] for gpu in gpus)
         shared = gpu_id is not None and self._fraction_based() and self._gpu_in_use(gpu_id)
         extra = ["--gpu-memory-utilization", str(self._base_memory_cap())] if shared else []
         proc = self._spawn_worker(role, f"{role}-{index}", gpu_id, extra)
@@ -484,7 +509,8 @@ class LocalCluster:
     def _start_processes(self) -> None:
         device = _flag_value(self.worker_args, "--device") or "auto"
         self._gpu_ids = detect_gpu_ids(device, self._environ)
-        plan = plan_gpus(len(self._gpu_ids), self.num_prefill, self.num_decode, self._gpu_ids)
+        plan = plan_gpus(len(self._gpu_ids), self.num_prefill, self.num_decode, self._gpu_ids,
+                         self.tensor_parallel["prefill"], self.tensor_parallel["decode"])
         ranks = share_ranks(plan)
         self._next_index = {"prefill": self.num_prefill, "decode": self.num_decode}
         staggered = self._fraction_based() and any(n > 1 for _, n in ranks.values())
@@ -512,8 +538,10 @@ class LocalCluster:
     def _memory_args(self, rank: int, sharers: int) -> list[str]:
         return ["--gpu-memory-utilization", f"{memory_cap(rank, sharers, self._base_memory_cap()):.4f}"]
 
-    def _gpu_in_use(self, gpu: str) -> bool:
-        return any(p.alive and p.gpu == gpu for p in list(self.workers.values()))  # another pool may be adding
+    def _gpu_in_use(self, gpus: str) -> bool:
+        """Whether a live worker uses any of `gpus` (another pool may be adding)."""
+        wanted = set(gpus.split(","))
+        return any(p.alive and p.gpu and wanted & set(p.gpu.split(",")) for p in list(self.workers.values()))
 
     def _spawn_router(self) -> WorkerProcess:
         argv = ["router", "--model", self.model, *self.router_args, *self._coord_args(),
@@ -523,6 +551,7 @@ class LocalCluster:
 
     def _spawn_worker(self, role: str, worker_id: str, gpu: str | None, extra: Sequence[str]) -> WorkerProcess:
         argv = [role, "--model", self.model, *self.worker_args, *extra, *self._coord_args(),
+                "--tensor-parallel-size", str(self.tensor_parallel[role]),
                 "--host", self.host, "--port", "0", "--worker-id", worker_id]
         return self._spawn(role, worker_id, argv, gpu)
 

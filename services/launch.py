@@ -131,6 +131,11 @@ def _check_shape(args: argparse.Namespace) -> None:
     shape = serve_config(args)
     if shape.prefill < 0 or shape.decode < 0:
         raise StartupError(f"--prefill and --decode must be >= 0, got {shape.prefill} and {shape.decode}")
+    if shape.prefill_tp < 1 or shape.decode_tp < 1:
+        raise StartupError(f"--prefill-tp and --decode-tp must be >= 1, got {shape.prefill_tp} and {shape.decode_tp}")
+    if args.tensor_parallel_size != 1:
+        raise StartupError("tandem serve sets each pool's tensor parallelism on its own: give --prefill-tp and "
+                           "--decode-tp instead of --tensor-parallel-size")
     if shape.decode == 0 and not args.redis_url:
         raise StartupError("--decode 0 starts no decode worker, so every request would get 503; give --decode 1 "
                            "or more (or --redis-url of a registry where decode workers run)")
@@ -169,7 +174,8 @@ def _cluster_from_args(args: argparse.Namespace) -> LocalCluster:
 
     shape = serve_config(args)
     verbose = ["-v"] if args.verbose else []
-    worker_args = [*engine_argv(args), "--transport", args.transport, *verbose]
+    worker_args = [*engine_argv(args, skip=("--model", "--tensor-parallel-size")), "--transport", args.transport,
+                   *verbose]
     # Every router setting `serve` was given (flag or TANDEM_* variable) goes on to the router; secrets (API
     # keys) through its environment. host and port are the cluster's own arguments.
     router_settings, router_env = settings_argv(RouterConfig, args, skip=("host", "port"))
@@ -181,6 +187,7 @@ def _cluster_from_args(args: argparse.Namespace) -> LocalCluster:
         Path(shape.log_dir) if shape.log_dir else None,
         namespace=args.namespace, router_args=router_args, router_env=router_env,
         ready_timeout_s=shape.ready_timeout_s, echo_stderr=args.verbose,  # else only in the logs
+        prefill_tp=shape.prefill_tp, decode_tp=shape.decode_tp,
     )
 
 

@@ -60,6 +60,8 @@ class WorkerRuntime:
         self.worker_id = settings.worker.worker_id or f"{self.role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.host_id = socket.gethostname()
         self.gpu_uuid = gpu_uuid(self.device)
+        # Under tensor parallelism ``engine.kv_cache`` is rank 0's KV heads only: KV imports go through the engine.
+        self.kv_cache_sharded = settings.engine.model.tensor_parallel_size > 1
         self.started_at = time.time()
         self.address = ""
         self.reservations = 0
@@ -185,23 +187,12 @@ def engine_config_for_role(settings: WorkerSettings) -> EngineConfig:
     return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, speculative_config=None))
 
 
-def validate_worker_engine(settings: WorkerSettings) -> None:
-    """What the pools cannot serve yet: a tensor-parallel engine holds a shard of each KV block per rank, and the
-    prefill->decode handoff (export, reservation, import) moves whole blocks."""
-    size = settings.engine.model.tensor_parallel_size
-    if size > 1:
-        raise ValueError(
-            f"--tensor-parallel-size {size}: the {settings.worker.role} worker does not support tensor parallelism "
-            "yet (the KV handoff between the pools moves whole-model KV blocks); use LLM(tensor_parallel_size=...) "
-            "offline"
-        )
-
-
 def start_engine(settings: WorkerSettings) -> AsyncEngine | EngineProcess:
     """The worker's engine, loaded: in its own process on a decode worker (no GIL shared with the gRPC side),
-    on a thread otherwise. Blocks while the model loads."""
+    on a thread otherwise. Blocks while the model loads. Under tensor parallelism that engine is rank 0 and starts
+    the other ranks itself; the worker stays one worker to the cluster, and a rank's death is its engine's death
+    (the engine raises ``TensorParallelError`` and stops, so the worker leaves the registry and exits)."""
     validate_engine_args(settings.engine)
-    validate_worker_engine(settings)
     role = settings.worker.role
     engine_config = engine_config_for_role(settings)
     if role == "decode" and not settings.worker.engine_in_thread:

@@ -161,6 +161,16 @@ def test_decode_0_is_refused_before_anything_starts():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize(("args", "words"), [
+    (["--tensor-parallel-size", "2"], ["--prefill-tp", "--decode-tp"]),
+    (["--decode-tp", "0"], ["--decode-tp", ">= 1"]),
+])
+def test_tensor_parallelism_is_set_per_pool(args, words):
+    line = _one_line_failure([*args, "--port", "0"])
+    assert all(word in line for word in words), line
+
+
+@pytest.mark.timeout(300)
 def test_a_missing_redis_server_is_one_line(tmp_path):
     proc = serve(["--port", "0"], {"PATH": str(tmp_path)})  # no redis-server on this PATH
     _, err = proc.communicate(timeout=120)

@@ -84,9 +84,25 @@ class TensorParallelGroup:
             return None
         return torch.cat([piece[..., :width] for piece, width in zip(received[0], widths, strict=True)], dim=-1)
 
+    def send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        """``tensor``'s bytes to rank ``dst`` (point to point; ``dst`` posts the matching ``recv``). Travels as
+        bytes, so any dtype goes (gloo has no float8)."""
+        self.process_group.send([_as_bytes(tensor)], dst, tag).wait()
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int) -> torch.Tensor:
+        """Rank ``src``'s ``send`` into ``tensor`` (contiguous, same shape and dtype as sent), in place."""
+        self.process_group.recv([_as_bytes(tensor)], src, tag).wait()
+        return tensor
+
     def _collective_device(self) -> torch.device:
         backend = self.process_group.name() if hasattr(self.process_group, "name") else "gloo"
         return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_contiguous():
+        raise ValueError("point-to-point tensors must be contiguous")
+    return tensor.reshape(-1).view(torch.uint8)
 
 
 def create_group(

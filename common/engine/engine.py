@@ -29,7 +29,7 @@ import torch
 from common.config import EngineConfig
 from common.engine.block_pool import BlockPool
 from common.engine.kv_cache_manager import KVCacheManager
-from common.engine.kv_transfer import KVTransfer
+from common.engine.kv_transfer import KVBlocks, KVTransfer
 from common.engine.model_loading import LoadedModel, load_model_and_kv_cache, log_engine_ready
 from common.engine.model_runner import LaunchedStep, ModelRunner
 from common.engine.output_processor import RequestGroup
@@ -44,7 +44,7 @@ from common.engine.spec.draft_model import DraftModelProposer
 from common.engine.spec.speculator import Speculator
 from common.engine.stats import EngineStats, EngineStatsRecorder
 from common.engine.structured import GrammarCompiler
-from common.engine.tensor_parallel import LeaderModel, TensorParallelLeader
+from common.engine.tensor_parallel import LeaderModel, ShardedKVBlocks, TensorParallelLeader, kv_head_shards
 
 
 class LLMEngine:
@@ -103,7 +103,9 @@ class LLMEngine:
             block_size,
             self.grammars,
         )
-        self.kv_transfer = KVTransfer(self.kv_cache_manager, loaded.kv_cache, self.requests, self.validator)
+        self.kv_transfer = KVTransfer(
+            self.kv_cache_manager, loaded.kv_cache, self.requests, self.validator, self._kv_blocks(loaded)
+        )
         self.sampled_tokens = SampledTokenApplier(
             self.requests, self.kv_transfer, self.max_model_len, self.stats_recorder.speculation, self.speculator
         )
@@ -137,12 +139,12 @@ class LLMEngine:
         if self._stop_workers is not None:
             self._stop_workers()
 
-    def _refuse_kv_transfer(self, what: str) -> None:
-        if self.tensor_parallel is not None:
-            raise ValueError(
-                f"{what}: not supported with tensor_parallel_size={self.config.model.tensor_parallel_size} yet "
-                "(each rank holds only its KV heads; KV export/import moves whole-model blocks)"
-            )
+    def _kv_blocks(self, loaded: LoadedModel) -> KVBlocks | None:
+        """Under tensor parallelism KV export/import gathers and scatters the ranks' heads (whole-model layout)."""
+        leader = self.tensor_parallel
+        if leader is None:
+            return None
+        return ShardedKVBlocks(leader, loaded.kv_cache, kv_head_shards(loaded.hf_config, leader.group.world_size))
 
     def _draft_proposer(self, loaded: LoadedModel) -> DraftModelProposer | None:
         """Speculation with a draft model: its cache mirrors the target's blocks (sized together at load)."""
@@ -180,8 +182,6 @@ class LLMEngine:
         every computed token into the final RequestOutput before the blocks are freed (prefill pool).
         """
         params = sampling_params or SamplingParams()
-        if export_kv:
-            self._refuse_kv_transfer("export_kv")
         token_ids = self.validator.validate_prompt(prompt, prompt_token_ids, params)
         self.validator.validate_resume(token_ids, output_token_ids, params, export_kv)
         return self.requests.add(request_id, token_ids, params, output_token_ids, prompt, export_kv)
@@ -212,7 +212,6 @@ class LLMEngine:
         Returns only once no launched step can still write any of them (a block freed while a step that had
         a row for its owner is in flight waits for that step).
         """
-        self._refuse_kv_transfer("reserve_blocks")
         block_ids = self.kv_transfer.reserve_blocks(reservation_id, num_tokens)
         if self._in_flight is not None and not self.kv_cache_manager.recently_freed.isdisjoint(block_ids):
             self._in_flight.wait()
@@ -225,12 +224,13 @@ class LLMEngine:
     @property
     def kv_cache(self) -> torch.Tensor:
         """The KV cache [layers, 2, blocks, block_size, kv_heads, head_dim]. Off the engine thread, write only
-        blocks you own (an unadopted reservation's: see ``common.transfer.block_writer``)."""
+        blocks you own (an unadopted reservation's: see ``common.transfer.block_writer``). Under tensor
+        parallelism this is rank 0's heads only: import through ``import_kv`` (it scatters to every rank)."""
         return self.runner.kv_cache
 
     def import_kv(self, reservation_id: str, kv: torch.Tensor) -> None:
-        """Write verified KV ([layers, 2, blocks, block_size, heads, dim]) into a reservation's blocks."""
-        self._refuse_kv_transfer("import_kv")
+        """Write verified KV ([layers, 2, blocks, block_size, heads, dim], every KV head of the model) into a
+        reservation's blocks (under tensor parallelism each rank keeps its heads)."""
         self.kv_transfer.import_kv(reservation_id, kv)
 
     def add_prefilled_request(

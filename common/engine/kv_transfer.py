@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -14,11 +15,51 @@ from common.engine.sampling_params import SamplingParams
 from kernels.kv_cache import check_kv_dtype, index_copy_blocks
 
 
+class KVBlocks(Protocol):
+    """The engine's KV blocks in the whole-model layout ``[layers, 2, blocks, block_size, kv_heads, head_dim]``,
+    whatever holds them (one cache here, or each tensor-parallel rank its heads: ``ShardedKVBlocks``)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def read(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """A contiguous whole-model copy of ``block_ids``, in that order."""
+
+    def write(self, block_ids: Sequence[int], kv: torch.Tensor) -> None:
+        """``kv`` (the cache's dtype, ``len(block_ids)`` blocks) into ``block_ids``."""
+
+
+class LocalKVBlocks:
+    """The blocks of one cache tensor that holds every KV head (an engine without tensor parallelism)."""
+
+    def __init__(self, cache: torch.Tensor) -> None:
+        self.cache = cache
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.cache.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache.dtype
+
+    def read(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return self.cache.index_select(2, torch.tensor(list(block_ids), device=self.cache.device))
+
+    def write(self, block_ids: Sequence[int], kv: torch.Tensor) -> None:
+        index = torch.tensor(list(block_ids), device=self.cache.device)
+        index_copy_blocks(self.cache, index, kv.to(device=self.cache.device, dtype=self.cache.dtype))
+
+
 class KVTransfer:
     """The decode pool reserves blocks, imports a prefill worker's KV into them and adopts them as a request;
     the prefill pool gathers a finished request's KV before its blocks are freed.
 
-    KV tensors are [layers, 2, blocks, block_size, kv_heads, head_dim], blocks in block-table order.
+    KV tensors are [layers, 2, blocks, block_size, kv_heads, head_dim], blocks in block-table order, every KV head
+    of the model even when tensor-parallel ranks each hold some of them (``blocks`` gathers and scatters then).
     A reservation id is never also a live request id until ``add_prefilled_request`` turns it into one.
     """
 
@@ -28,9 +69,11 @@ class KVTransfer:
         kv_cache: torch.Tensor,
         requests: RequestLifecycle,
         validator: RequestValidator,
+        blocks: KVBlocks | None = None,
     ) -> None:
         self.kv_cache_manager = kv_cache_manager
         self.kv_cache = kv_cache
+        self.blocks: KVBlocks = blocks if blocks is not None else LocalKVBlocks(kv_cache)
         self.requests = requests
         self.validator = validator
 
@@ -55,22 +98,21 @@ class KVTransfer:
         block_ids = self.kv_cache_manager.block_ids(reservation_id)
         if not block_ids:
             raise ValueError(f"reservation_id {reservation_id!r} is unknown or expired")
-        cache = self.kv_cache
-        check_kv_dtype(kv.dtype, cache.dtype)
-        if kv.shape[0:2] != cache.shape[0:2] or kv.shape[3:] != cache.shape[3:] or kv.shape[2] > len(block_ids):
+        blocks = self.blocks
+        check_kv_dtype(kv.dtype, blocks.dtype)
+        shape, full = tuple(kv.shape), blocks.shape
+        if len(shape) != 6 or shape[0:2] != full[0:2] or shape[3:] != full[3:] or shape[2] > len(block_ids):
             raise ValueError(
-                f"kv shape {tuple(kv.shape)} does not fit reservation of {len(block_ids)} blocks "
-                f"in cache {tuple(cache.shape)}"
+                f"kv shape {shape} does not fit reservation of {len(block_ids)} blocks in cache {blocks.shape}"
             )
-        index = torch.tensor(block_ids[: kv.shape[2]], device=cache.device)
-        index_copy_blocks(cache, index, kv.to(device=cache.device, dtype=cache.dtype))
+        if shape[2]:
+            self.blocks.write(block_ids[: shape[2]], kv)
 
     def gather_kv(self, request: Request) -> torch.Tensor:
         """A contiguous copy of the KV of every computed token's block (the last one may be partial)."""
         block_ids = self.kv_cache_manager.block_ids(request.request_id)
         num_blocks = cdiv(request.num_computed_tokens, self.kv_cache_manager.block_size)
-        cache = self.kv_cache
-        return cache.index_select(2, torch.tensor(block_ids[:num_blocks], device=cache.device))
+        return self.blocks.read(block_ids[:num_blocks])
 
     def add_prefilled_request(
         self,

@@ -6,6 +6,12 @@ alone schedules and samples; before each forward it sends the workers a typed me
 (``EagerForward``, ``GraphReplay``, ``ComputeLogits``, ``CopyBlocks``, ``Shutdown``) and broadcasts the step's
 input tensors over the group, so every rank runs the same forward (and the same collectives) on the same inputs.
 
+KV handoff (the disaggregated pools): ``ShardedKVBlocks`` shows rank 0's engine the whole-model KV layout. Reading
+blocks (``GatherKV``) has the first rank holding each KV head send its heads to rank 0 (a head replicated over
+several ranks travels once); writing blocks (``ScatterKV``) has rank 0 send each rank the heads it holds (replicas
+included). So what a tensor-parallel prefill worker ships, and what a decode worker accepts, is exactly what a
+TP=1 engine would: any prefill TP can feed any decode TP.
+
 Invariants:
 - A worker exits when rank 0 goes away: its socket closes (a worker waiting for a message sees EOF) and a
   watchdog thread notices the parent is gone (a worker stuck in a collective).
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 from pathlib import Path
@@ -38,7 +45,9 @@ from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.kv_cache_manager import BlockCopy
 from common.engine.model_loading import LoadedModel, load_model_and_kv_cache, resolve_device
 from common.models.loader import resolve_model_path
+from common.models.parallel_layers import HeadShard, shard_heads
 from kernels.attention_metadata import AttentionMetadata
+from kernels.kv_cache import index_copy_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +112,20 @@ class CopyBlocks:
 
 
 @dataclass(frozen=True)
+class GatherKV:
+    """Send rank 0 this rank's KV heads of ``block_ids`` (only the first rank holding a head sends it)."""
+
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScatterKV:
+    """Receive this rank's KV heads of ``block_ids`` from rank 0 and write them into those blocks."""
+
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Shutdown:
     pass
 
@@ -115,7 +138,39 @@ class WorkerFailed:
     error: str
 
 
-StepMessage = EagerForward | GraphReplay | ComputeLogits | CopyBlocks | Shutdown
+StepMessage = EagerForward | GraphReplay | ComputeLogits | CopyBlocks | GatherKV | ScatterKV | Shutdown
+_GATHER_TAG, _SCATTER_TAG = 11, 12  # point-to-point tags (gloo matches on them; NCCL keeps per-pair order)
+
+
+# ---------------------------------------------------------------------------------------------------- KV heads
+
+
+def kv_head_shards(hf_config: Any, world_size: int) -> list[HeadShard]:
+    """Each rank's heads, as the model shards them (``shard_heads``)."""
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    return [shard_heads(num_heads, num_kv_heads, rank, world_size) for rank in range(world_size)]
+
+
+def kv_head_senders(shards: list[HeadShard]) -> list[int]:
+    """The ranks other than 0 that send their KV heads on a gather: the first holder of each head range not
+    already on rank 0 (replicas of a head hold the same bytes)."""
+    seen = {(shards[0].kv_start, shards[0].kv_end)}
+    senders = []
+    for rank, shard in enumerate(shards[1:], start=1):
+        if (shard.kv_start, shard.kv_end) not in seen:
+            seen.add((shard.kv_start, shard.kv_end))
+            senders.append(rank)
+    return senders
+
+
+def _shard_shape(cache: torch.Tensor, num_blocks: int) -> tuple[int, ...]:
+    layers, two, _, block_size, heads, head_dim = cache.shape
+    return (layers, two, num_blocks, block_size, heads, head_dim)
+
+
+def _block_index(cache: torch.Tensor, block_ids: tuple[int, ...] | list[int]) -> torch.Tensor:
+    return torch.tensor(list(block_ids), dtype=torch.int64, device=cache.device)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -219,6 +274,34 @@ class TensorParallelLeader:
 
     def send_block_copies(self, copies: tuple[BlockCopy, ...]) -> None:
         self._send(CopyBlocks(tuple((copy.src, copy.dst) for copy in copies)))
+
+    def gather_kv(self, cache: torch.Tensor, block_ids: list[int], shards: list[HeadShard]) -> torch.Tensor:
+        """The whole-model KV of ``block_ids``: rank 0's heads from ``cache``, the others' from their ranks."""
+        self._send(GatherKV(tuple(block_ids)))
+        return self._guard(self._gather_kv, cache, block_ids, shards)
+
+    def scatter_kv(self, cache: torch.Tensor, block_ids: list[int], kv: torch.Tensor, shards: list[HeadShard]) -> None:
+        """Whole-model ``kv`` (the cache's dtype) into ``block_ids`` of every rank, each keeping its heads."""
+        self._send(ScatterKV(tuple(block_ids)))
+        self._guard(self._scatter_kv, cache, block_ids, kv, shards)
+
+    def _gather_kv(self, cache: torch.Tensor, block_ids: list[int], shards: list[HeadShard]) -> torch.Tensor:
+        layers, two, _, block_size, _, head_dim = cache.shape
+        full = (layers, two, len(block_ids), block_size, shards[-1].kv_end, head_dim)
+        kv = torch.empty(full, dtype=cache.dtype, device=cache.device)
+        kv[..., shards[0].kv_start : shards[0].kv_end, :] = cache.index_select(2, _block_index(cache, block_ids))
+        for rank in kv_head_senders(shards):
+            shard = shards[rank]
+            piece = torch.empty(full[:4] + (shard.num_kv_heads, head_dim), dtype=cache.dtype, device=cache.device)
+            kv[..., shard.kv_start : shard.kv_end, :] = self.group.recv(piece, rank, _GATHER_TAG)
+        return kv
+
+    def _scatter_kv(self, cache: torch.Tensor, block_ids: list[int], kv: torch.Tensor, shards: list[HeadShard]) -> None:
+        kv = kv.to(device=cache.device, dtype=cache.dtype)
+        for rank, shard in enumerate(shards[1:], start=1):
+            self.group.send(kv[..., shard.kv_start : shard.kv_end, :].contiguous(), rank, _SCATTER_TAG)
+        own = kv[..., shards[0].kv_start : shards[0].kv_end, :].contiguous()
+        index_copy_blocks(cache, _block_index(cache, block_ids), own)
 
     def run(self, fn: Any, *args: Any) -> Any:
         """``fn(*args)`` (rank 0's own forward or logits), a collective failure turned into TensorParallelError."""
@@ -337,6 +420,30 @@ class LeaderModel:
         return self.leader.run(self.model.compute_logits, hidden)
 
 
+class ShardedKVBlocks:
+    """Rank 0's whole-model view of a tensor-parallel engine's KV blocks (``KVTransfer``'s ``KVBlocks``): reads
+    gather every rank's heads, writes scatter them. Runs on the engine thread, between steps (the ranks take the
+    messages in order, after any forward already sent)."""
+
+    def __init__(self, leader: TensorParallelLeader, cache: torch.Tensor, shards: list[HeadShard]) -> None:
+        self.leader, self.cache, self.shards = leader, cache, shards
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        layers, two, blocks, block_size, _, head_dim = self.cache.shape
+        return (layers, two, blocks, block_size, self.shards[-1].kv_end, head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.cache.dtype
+
+    def read(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return self.leader.gather_kv(self.cache, list(block_ids), self.shards)
+
+    def write(self, block_ids: Sequence[int], kv: torch.Tensor) -> None:
+        self.leader.scatter_kv(self.cache, list(block_ids), kv, self.shards)
+
+
 def _check_devices(device: torch.device, world_size: int) -> None:
     if device.type == "cuda" and device.index + world_size > torch.cuda.device_count():
         raise ValueError(
@@ -371,6 +478,7 @@ class _WorkerLoop:
     def __init__(self, loaded: LoadedModel, group: TensorParallelGroup, conn: Connection) -> None:
         self.loaded, self.group, self.conn = loaded, group, conn
         self.graphs = {"decode": loaded.decode_graphs, "verify": loaded.verify_graphs}
+        self.sends_kv = group.rank in kv_head_senders(kv_head_shards(loaded.hf_config, group.world_size))
 
     @torch.inference_mode()
     def run(self) -> None:
@@ -401,8 +509,23 @@ class _WorkerLoop:
         elif isinstance(message, CopyBlocks):
             for src, dst in message.pairs:
                 loaded.kv_cache[:, :, dst].copy_(loaded.kv_cache[:, :, src])
+        elif isinstance(message, GatherKV):
+            self.send_kv(message.block_ids)
+        elif isinstance(message, ScatterKV):
+            self.receive_kv(message.block_ids)
         else:
             raise TypeError(f"unknown tensor-parallel message {message!r}")
+
+
+    def send_kv(self, block_ids: tuple[int, ...]) -> None:
+        if self.sends_kv:
+            cache = self.loaded.kv_cache
+            self.group.send(cache.index_select(2, _block_index(cache, block_ids)), 0, _GATHER_TAG)
+
+    def receive_kv(self, block_ids: tuple[int, ...]) -> None:
+        cache = self.loaded.kv_cache
+        piece = torch.empty(_shard_shape(cache, len(block_ids)), dtype=cache.dtype, device=cache.device)
+        index_copy_blocks(cache, _block_index(cache, block_ids), self.group.recv(piece, 0, _SCATTER_TAG))
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:

@@ -93,7 +93,9 @@ class DecodeService(BaseWorkerService):
 
         The bytes go straight into the reserved blocks on a side stream, not through the engine thread: the
         reservation owns its blocks until Generate adopts them (``BlockWriter``), and it is marked filled only
-        once they hold the KV, so a Generate can never start on half-written blocks.
+        once they hold the KV, so a Generate can never start on half-written blocks. A tensor-parallel engine's
+        cache here holds rank 0's heads only: the engine imports the KV then (between steps), scattering each
+        rank its heads.
         """
         reservation = self.reservations.get(header.reservation_id)
         if reservation is None:
@@ -104,10 +106,12 @@ class DecodeService(BaseWorkerService):
             raise ValueError(f"reservation {header.reservation_id!r} is already filled")
         if reservation.writing is not None and not reservation.writing.done():
             raise ValueError(f"reservation {header.reservation_id!r} is being written by another transfer")
-        self.block_writer.check(kv, len(reservation.block_ids))
-        reservation.writing = asyncio.ensure_future(
-            asyncio.to_thread(self.block_writer.write, reservation.block_ids, kv)
-        )
+        if self.runtime.kv_cache_sharded:
+            write = self.runtime.engine.call(LLMEngine.import_kv, header.reservation_id, kv)
+        else:
+            self.block_writer.check(kv, len(reservation.block_ids))
+            write = asyncio.to_thread(self.block_writer.write, reservation.block_ids, kv)
+        reservation.writing = asyncio.ensure_future(write)
         await asyncio.shield(reservation.writing)  # cancelling on_kv must not cut the write short
         if self.reservations.get(header.reservation_id) is not reservation:  # released or expired meanwhile
             raise ValueError(f"reservation {header.reservation_id!r} expired during the transfer")
@@ -119,7 +123,11 @@ class DecodeService(BaseWorkerService):
 
         The claim is ``reservation.writing`` (release waits for it, on_kv refuses meanwhile); the placement's
         commit marks the reservation filled only after the receiver verified the bytes in the blocks.
+        Never under tensor parallelism: the cache here holds rank 0's heads only, so the whole-model KV lands in a
+        buffer and ``on_kv`` has the engine scatter it to the ranks.
         """
+        if self.runtime.kv_cache_sharded:
+            return None
         reservation = self.reservations.get(header.reservation_id)
         if reservation is None or reservation.filled:
             return None

@@ -308,3 +308,55 @@ def test_a_prompt_cached_on_the_decode_worker_is_prefilled_there_with_the_same_o
                   if s.name.endswith("_total")}
         assert (placed[("remote", "prefill_pool")], placed[("local", "decode_cache_hit")]) == (1, 1)
         assert_no_leak(cluster)
+
+
+def kv_bytes_received(worker) -> float:
+    """A decode worker's verified KV bytes so far (all transports), from its /metrics."""
+    text = httpx.get(f"{worker.metrics_url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("tandem_kv_transfer_bytes_total"))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)], ids=["tp2-into-tp1", "tp1-into-tp2"])
+def test_tensor_parallel_pools_hand_kv_over_in_either_direction(tmp_path, reference, prefill_tp, decode_tp):
+    """A prefill worker at one TP ships the whole-model KV (gathered from its ranks) to a decode worker at another
+    (which scatters it to its ranks): the router's answers are the single engine's greedy tokens."""
+    with start_cluster(tmp_path, 1, 1, prefill_tp=prefill_tp, decode_tp=decode_tp) as cluster:
+        decode = next(w for w in cluster.workers.values() if w.role == "decode")
+        prompts = [chat_prompt(q) for q in QUESTIONS[:2]] + [long_prompt()]
+        for prompt in prompts:
+            assert generate(cluster.router_url, prompt)["token_ids"] == reference[prompt][:MAX_TOKENS], prompt
+        assert kv_bytes_received(decode) > 0  # the answers came through the KV handoff, not local prefill
+        assert_no_leak(cluster)
+
+
+def tensor_parallel_rank_of(worker_pid: int) -> int:
+    """Rank 1 of a TP decode worker: the process its engine child spawned (``tensor_parallel_worker``)."""
+    engine = engine_process_of(worker_pid)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+            if int(fields[1]) == engine and b"tensor_parallel_worker" in cmdline:
+                return int(stat.parent.name)
+    raise AssertionError(f"worker {worker_pid}'s engine has no tensor-parallel rank")
+
+
+@pytest.mark.timeout(900)
+def test_a_killed_rank_takes_its_tp_decode_worker_out_and_the_stream_migrates(tmp_path, reference):
+    with start_cluster(tmp_path, 1, 2, decode_tp=2) as cluster:
+        prompt = chat_prompt(QUESTIONS[3])
+        tokens, workers, victim = [], [], None
+        for event in stream(cluster.router_url, prompt, 64):
+            assert "error" not in event, event
+            tokens.extend(event["token_ids"])
+            workers.append(event["worker_id"])
+            if victim is None and len(tokens) >= 10:
+                victim = cluster.workers[workers[-1]]
+                os.kill(tensor_parallel_rank_of(victim.popen.pid), signal.SIGKILL)
+        assert tokens == reference[prompt][:64]  # no token lost or repeated
+        assert len(set(workers)) == 2  # the stream moved to the other decode worker
+        assert victim.popen.wait(timeout=60) == EXIT_ENGINE_DIED  # it left the registry and exited
+        assert generate(cluster.router_url, prompt)["token_ids"] == reference[prompt][:MAX_TOKENS]
+        assert_no_leak(cluster)

@@ -84,6 +84,38 @@ def test_prefill_and_decode_never_share_a_gpu_when_there_are_two(gpus, num_prefi
     assert sorted(pools["prefill"] + pools["decode"]) == list(range(gpus))
 
 
+TP_PLANS = [
+    # gpus, prefill, decode, prefill_tp, decode_tp -> CUDA_VISIBLE_DEVICES per worker (one GPU per rank)
+    (0, 1, 1, 2, 2, {"prefill-0": None, "decode-0": None}),
+    (2, 1, 1, 2, 1, {"prefill-0": "0,1", "decode-0": "0"}),  # too few to keep the pools apart: they share
+    (3, 1, 1, 2, 1, {"prefill-0": "0,1", "decode-0": "2"}),
+    (3, 1, 1, 1, 2, {"prefill-0": "0", "decode-0": "1,2"}),
+    (4, 1, 1, 2, 2, {"prefill-0": "0,1", "decode-0": "2,3"}),
+    (8, 1, 2, 2, 2, {"prefill-0": "0,1", "decode-0": "3,4", "decode-1": "5,6"}),
+    (8, 2, 2, 2, 2, {"prefill-0": "0,1", "prefill-1": "2,3", "decode-0": "4,5", "decode-1": "6,7"}),
+    (4, 1, 3, 1, 2, {"prefill-0": "0", "decode-0": "1,2", "decode-1": "1,2", "decode-2": "1,2"}),  # slots reused
+]
+
+
+@pytest.mark.parametrize(("gpus", "num_prefill", "num_decode", "prefill_tp", "decode_tp", "expected"), TP_PLANS)
+def test_gpu_plan_gives_each_tensor_parallel_rank_its_own_gpu(gpus, num_prefill, num_decode, prefill_tp, decode_tp,
+                                                              expected):
+    plan = plan_gpus(gpus, num_prefill, num_decode, None, prefill_tp, decode_tp)
+    assert plan == expected
+    for devices in plan.values():
+        assert devices is None or len(set(devices.split(","))) == len(devices.split(","))  # no GPU twice in one
+
+
+def test_a_pool_with_fewer_gpus_than_its_tensor_parallel_size_is_refused():
+    with pytest.raises(ValueError, match="--decode-tp 4 needs 4 GPUs"):
+        plan_gpus(2, 1, 1, None, 1, 4)
+
+
+def test_tensor_parallel_workers_sharing_gpus_start_in_waves():
+    ranks = share_ranks(plan_gpus(2, 1, 1, None, 2, 1))  # prefill on GPUs 0 and 1, decode on GPU 0
+    assert ranks == {"prefill-0": (0, 2), "decode-0": (1, 2)}
+
+
 def test_gpu_plan_uses_the_parents_visible_gpus():
     assert plan_gpus(2, 1, 1, gpu_ids=["4", "6"]) == {"prefill-0": "4", "decode-0": "6"}
     with pytest.raises(ValueError):

@@ -13,7 +13,6 @@ from services.worker_runtime import (
     configure_for_role,
     engine_config_for_role,
     speculative_positions,
-    validate_worker_engine,
 )
 
 
@@ -60,12 +59,3 @@ def test_only_decode_workers_run_the_speculative_config(role, speculates) -> Non
     config = engine_config_for_role(settings)  # type: ignore[arg-type]
     assert (config.scheduler.speculative_config is not None) is speculates
     assert config.scheduler.max_num_seqs == 8  # everything else as given
-
-
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_workers_refuse_tensor_parallelism_until_the_kv_handoff_is_sharded(role) -> None:
-    settings = SimpleNamespace(engine=EngineConfig.from_kwargs(tensor_parallel_size=2),
-                               worker=SimpleNamespace(role=role))
-    with pytest.raises(ValueError, match="tensor-parallel-size 2"):
-        validate_worker_engine(settings)  # type: ignore[arg-type]
-    validate_worker_engine(SimpleNamespace(engine=EngineConfig(), worker=SimpleNamespace(role=role)))  # type: ignore

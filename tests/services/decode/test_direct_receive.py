@@ -51,6 +51,7 @@ def decode_service() -> DecodeService:
         settings=SimpleNamespace(transfer=CONFIG),
         device="cpu",
         metrics=None,
+        kv_cache_sharded=False,
     )
     return DecodeService(runtime)
 

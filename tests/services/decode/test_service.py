@@ -1,5 +1,6 @@
 """The decode service receiving an FP8 KV cache over gRPC: a prefill worker's e4m3 blocks land byte for byte in
-an FP8 decode cache; shipped to a decode worker whose cache is bf16 they are refused with a clear error."""
+an FP8 decode cache; shipped to a decode worker whose cache is bf16 they are refused with a clear error. A
+tensor-parallel decode worker hands verified KV to its engine (which scatters it to the ranks), never in place."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from types import SimpleNamespace
 import torch
 
 from common.config import TransferConfig
+from common.engine.engine import LLMEngine
 from common.transfer import GrpcKVSender
-from common.transfer.base import KVReceiver
+from common.transfer.base import KVReceiver, KVTransferHeader
 from kernels.fp8 import FP8_DTYPE
 from kernels.kv_cache import write_kv
 from services.decode.service import DecodeService, Reservation
@@ -25,7 +27,8 @@ def decode_service(cache_dtype: torch.dtype) -> DecodeService:
     """A DecodeService on a stand-in runtime (no engine) whose cache is filled with a sentinel byte pattern."""
     cache = torch.full(CACHE_SHAPE, -7.0).to(cache_dtype)
     runtime = SimpleNamespace(
-        engine=SimpleNamespace(kv_cache=cache), settings=SimpleNamespace(transfer=CONFIG), device="cpu", metrics=None
+        engine=SimpleNamespace(kv_cache=cache), settings=SimpleNamespace(transfer=CONFIG), device="cpu", metrics=None,
+        kv_cache_sharded=False,
     )
     return DecodeService(runtime)
 
@@ -75,3 +78,36 @@ def test_fp8_blocks_into_a_bf16_decode_cache_are_refused_clearly() -> None:
     assert "--kv-cache-dtype" in result.error and "float8_e4m3fn" in result.error, result.error
     assert torch.equal(service.block_writer.cache, before)
     assert not service.reservations["resv"].filled
+
+
+class RecordingEngine:
+    """A stand-in engine handle whose cache holds one of the model's two KV heads (rank 0's), recording calls."""
+
+    def __init__(self) -> None:
+        self.kv_cache = torch.zeros(CACHE_SHAPE[:4] + (1,) + CACHE_SHAPE[5:])
+        self.calls: list[tuple] = []
+
+    async def call(self, fn, *args):  # noqa: ANN001, ANN201 - AsyncEngine.call's signature
+        self.calls.append((fn, *args))
+
+
+def test_a_tensor_parallel_decode_worker_imports_through_its_engine_and_never_places_in_its_cache() -> None:
+    async def scenario() -> None:
+        engine = RecordingEngine()
+        runtime = SimpleNamespace(engine=engine, settings=SimpleNamespace(transfer=CONFIG), device="cpu",
+                                  metrics=None, kv_cache_sharded=True)
+        service = DecodeService(runtime)
+        try:
+            service.reservations["resv"] = Reservation("resv", (6, 1, 7), time.monotonic() + 60)
+            kv = torch.randn(CACHE_SHAPE[:2] + (2,) + CACHE_SHAPE[3:])  # whole-model KV: both heads
+            header = KVTransferHeader.for_tensor("req", "resv", [6, 1], kv, "nccl")
+            assert service.place_kv(header) is None  # lands in a buffer, not in rank 0's partial cache
+            await service.on_kv(header, kv)
+            ((fn, reservation_id, imported),) = engine.calls
+            assert fn is LLMEngine.import_kv and reservation_id == "resv" and imported is kv
+            assert service.reservations["resv"].filled
+            assert not engine.kv_cache.any()
+        finally:
+            await service.close()
+
+    run(scenario())
