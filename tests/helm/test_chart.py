@@ -481,51 +481,33 @@ def test_quantization_reaches_both_pools_and_is_off_by_default(rendered: Render)
     assert {role: engine_config(a).model.quantization for role, a in args.items()} == dict.fromkeys(WORKERS, "fp8")
 
 
-@pytest.fixture(scope="module")
-def chart_allowing_tp(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the chart whose schema lets tensorParallelSize past 1: the wiring for the day the workers take it."""
-    chart = tmp_path_factory.mktemp("tp") / "tandem"
-    shutil.copytree(CHART, chart, ignore=shutil.ignore_patterns("files"))
-    schema = json.loads((chart / "values.schema.json").read_text())
-    del schema["definitions"]["worker"]["properties"]["tensorParallelSize"]["maximum"]
-    (chart / "values.schema.json").write_text(json.dumps(schema))
-    return chart
-
-
 def _gpus(rendered: Render, role: str) -> dict[str, Any]:
     (container,) = rendered.deployment(role)["spec"]["template"]["spec"]["containers"]
     return {part: amounts.get("nvidia.com/gpu") for part, amounts in container["resources"].items()}
 
 
-def test_tensor_parallel_size_sets_the_flag_and_the_pods_gpus(chart_allowing_tp: Path) -> None:
+def test_tensor_parallel_size_sets_the_flag_and_the_pods_gpus() -> None:
     sets = ("prefill.tensorParallelSize=2", "decode.tensorParallelSize=4")
     sets += ("decode.resources.requests.nvidia\\.com/gpu=1",)
-    rendered = render(sets=sets, chart=chart_allowing_tp)
+    rendered = render(sets=sets)
     args = _worker_args(rendered)
     for role, size in (("prefill", 2), ("decode", 4)):
         assert engine_config(args[role]).model.tensor_parallel_size == size
     assert _gpus(rendered, "prefill") == {"requests": None, "limits": 2}, "no GPU request was asked for: none added"
     assert _gpus(rendered, "decode") == {"requests": 4, "limits": 4}
     assert _gpus(render(), "decode") == {"requests": None, "limits": 1}
-    cpu = render(sets=("prefill.resources.limits.nvidia\\.com/gpu=null",), chart=chart_allowing_tp)
+    cpu = render(sets=("prefill.resources.limits.nvidia\\.com/gpu=null",))
     assert _gpus(cpu, "prefill") == {"requests": None, "limits": None}, "a pool without GPUs gets none"
 
 
-def test_chart_refuses_tensor_parallelism_while_the_workers_do() -> None:
-    """The schema's maximum of 1 stands exactly as long as the worker services refuse TP > 1."""
-    from services.worker_runtime import validate_worker_engine
+def test_a_tensor_parallel_pool_renders_worker_flags_the_workers_accept() -> None:
+    from common.engine.llm import validate_engine_args
 
-    args = _worker_args(render(sets=("decode.extraArgs={--tensor-parallel-size,2}",)))["decode"]
-    try:
-        validate_worker_engine(worker_settings(args))
-    except ValueError:
-        result = run_helm("template", RELEASE, "{chart}", "--set", "decode.tensorParallelSize=2")
-        assert result.returncode != 0 and "/decode/tensorParallelSize" in result.stderr, result.stderr
-    else:
-        schema = json.loads((CHART / "values.schema.json").read_text())
-        assert "maximum" not in schema["definitions"]["worker"]["properties"]["tensorParallelSize"], (
-            "the workers take TP > 1 now: lift the schema's maximum and the values.yaml note"
-        )
+    args = _worker_args(render(sets=("prefill.tensorParallelSize=2", "decode.tensorParallelSize=4")))
+    for role, size in (("prefill", 2), ("decode", 4)):
+        settings = worker_settings(args[role])
+        validate_engine_args(settings.engine)  # raises for what the engine refuses
+        assert settings.engine.model.tensor_parallel_size == size
 
 
 @pytest.mark.parametrize(("value", "expected"), [("64MiB", 64 * 2**20), (33554432, 33554432), ("", 32 * 2**20)])
