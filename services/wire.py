@@ -117,7 +117,8 @@ def prompt_logprobs_to_proto(
 ) -> list[worker_pb2.TokenLogprobs]:
     """The engine's ``RequestOutput.prompt_logprobs`` (``[None, {token: Logprob}, ...]``, one per prompt token) ->
     one message per prompt token after the first. ValueError when the list does not cover the prompt exactly."""
-    if len(entries) != len(prompt_token_ids) or (entries and entries[0] is not None):
+    shape_ok = not entries or (entries[0] is None and all(entry is not None for entry in entries[1:]))
+    if len(entries) != len(prompt_token_ids) or not shape_ok:
         raise ValueError(f"prompt logprobs cover {len(entries)} positions of a {len(prompt_token_ids)}-token prompt")
     return [logprobs_to_proto(token, entry) for token, entry in zip(prompt_token_ids[1:], entries[1:], strict=True)]
 
