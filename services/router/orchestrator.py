@@ -575,9 +575,10 @@ class Orchestrator:
             self.on_placement(placement.placement, placement.reason)
 
     async def _prefix_hits(self, state: _RequestState) -> dict[str, int]:
-        """Leading context blocks each worker of both pools holds in its prefix cache (one Redis round trip)."""
+        """Leading context blocks each worker of both pools holds in its prefix cache (one Redis round trip). None
+        count for a try that computes the prompt's logprobs: that prefill skips the prefix cache."""
         workers = self._alive("prefill") + self._alive("decode")
-        if self.prefix_lookup is None or not workers:
+        if self.prefix_lookup is None or not workers or state.wants_prompt_logprobs:
             return {}
         hashes = hash_full_blocks(state.context[: MAX_LOOKUP_BLOCKS * self.block_size], self.block_size)
         return await self.prefix_lookup.matched_blocks([w.worker_id for w in workers], hashes)

@@ -875,3 +875,18 @@ async def test_a_worker_sending_too_few_prompt_logprobs_has_failed_the_request()
     assert prompt_logprob_values(events[0]) == expected_prompt_logprobs(PROMPT)
     assert (p0.calls["Prefill"], p1.calls["Prefill"]) == (1, 1) and retries == ["prefill_failed"]
     cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_prefix_hits_do_not_place_a_prompt_whose_logprobs_skip_the_cache():
+    cluster = FakeCluster(num_prefill=1, num_decode=2)
+    (prefill,), (_, d1) = cluster.prefills, cluster.decodes
+    placements: list[tuple[str, str]] = []
+    prompt = list(range(1, 37))
+    lookup = FakePrefixLookup({"d1": 2})  # would place it on d1 (see the test above), which must recompute it all
+    events = await collect(placing_orchestrator(cluster, placements, lookup), prompt=prompt, prompt_logprobs=0)
+    assert prompt_logprob_values(events[0]) == expected_prompt_logprobs(prompt)
+    assert {e.worker_id for e in events} == {"d0"} and d1.calls == {}
+    assert (prefill.calls, placements) == ({"Prefill": 1}, [("remote", "prefill_pool")])
+    assert lookup.lookups == []
+    cluster.assert_nothing_held()
