@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from common.engine.outputs import Logprob
@@ -109,3 +110,21 @@ def logprobs_from_proto(message: worker_pb2.TokenLogprobs) -> dict[int, Logprob]
     for rank, (token_id, logprob) in enumerate(zip(message.top_token_ids, message.top_logprobs), start=1):
         entries.setdefault(token_id, Logprob(logprob, rank))
     return entries
+
+
+def prompt_logprobs_to_proto(
+    prompt_token_ids: Sequence[int], entries: Sequence[dict[int, Logprob] | None]
+) -> list[worker_pb2.TokenLogprobs]:
+    """The engine's ``RequestOutput.prompt_logprobs`` (``[None, {token: Logprob}, ...]``, one per prompt token) ->
+    one message per prompt token after the first. ValueError when the list does not cover the prompt exactly."""
+    shape_ok = not entries or (entries[0] is None and all(entry is not None for entry in entries[1:]))
+    if len(entries) != len(prompt_token_ids) or not shape_ok:
+        raise ValueError(f"prompt logprobs cover {len(entries)} positions of a {len(prompt_token_ids)}-token prompt")
+    return [logprobs_to_proto(token, entry) for token, entry in zip(prompt_token_ids[1:], entries[1:], strict=True)]
+
+
+def prompt_logprobs_from_proto(
+    messages: Sequence[worker_pb2.TokenLogprobs],
+) -> tuple[dict[int, Logprob] | None, ...]:
+    """The inverse: ``(None, {token: Logprob}, ...)``; the leading None stands for the first prompt token."""
+    return (None, *(logprobs_from_proto(message) for message in messages))

@@ -13,12 +13,13 @@ import grpc
 import torch
 
 from common.engine.engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
 from common.transfer import TransferOutcome, make_receiver
 from common.transfer.base import KVTransferHeader
 from common.transfer.block_writer import BlockWriter
 from common.transfer.placement import DirectPlacement, fits_cache
 from proto import worker_pb2
-from services.wire import logprobs_to_proto, sampling_from_proto
+from services.wire import logprobs_to_proto, prompt_logprobs_to_proto, sampling_from_proto
 from services.worker_runtime import WorkerRuntime
 from services.worker_service import BaseWorkerService
 
@@ -177,7 +178,7 @@ class DecodeService(BaseWorkerService):
     # ----------------------------------------------------------------- generation
     async def Generate(self, request: worker_pb2.GenerateRequest, context):  # noqa: N802
         try:
-            params = sampling_from_proto(request.sampling)
+            params, prompt_logprobs_pending = _prompt_logprobs_here(request, sampling_from_proto(request.sampling))
             start, args, kwargs = self._starter(request, params)
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -188,6 +189,10 @@ class DecodeService(BaseWorkerService):
                 async for output in outputs:
                     chunk, sent = _chunk(output, sent)
                     if chunk is not None:
+                        if prompt_logprobs_pending:  # the first chunk: the prompt is computed by now
+                            prompt_logprobs_pending = False
+                            prompt = request.prompt_token_ids
+                            chunk.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, output.prompt_logprobs or ()))
                         yield chunk
         except ValueError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -206,6 +211,16 @@ class DecodeService(BaseWorkerService):
         del self.reservations[reservation_id]  # from here on the engine request owns the blocks
         self.runtime.reservations = len(self.reservations)
         return LLMEngine.add_prefilled_request, (reservation_id, prompt, outputs, params), {"request_id": request_id}
+
+
+def _prompt_logprobs_here(request: worker_pb2.GenerateRequest, params: SamplingParams) -> tuple[SamplingParams, bool]:
+    """Whether this stream computes and sends the prompt's logprobs: only when it prefills the prompt alone itself.
+    KV from a prefill worker (which sent them) or a migrated request (whose first token carried them) asks for none."""
+    if params.prompt_logprobs is None:
+        return params, False
+    if request.reservation_id or request.output_token_ids:
+        return params.replace(prompt_logprobs=None), False
+    return params, True
 
 
 def _chunk(output, sent: int) -> tuple[worker_pb2.GenerateChunk | None, int]:

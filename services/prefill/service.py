@@ -18,7 +18,7 @@ from common.engine.engine import LLMEngine
 from common.engine.sampling_params import SamplingParams
 from common.transfer import GrpcKVSender, choose_transport, make_sender
 from proto import worker_pb2
-from services.wire import logprobs_to_proto, sampling_from_proto
+from services.wire import logprobs_to_proto, prompt_logprobs_to_proto, sampling_from_proto
 from services.worker_runtime import WorkerRuntime
 from services.worker_service import BaseWorkerService
 
@@ -75,6 +75,8 @@ class PrefillService(BaseWorkerService):
         )
         if completion.logprobs:
             reply.logprobs.CopyFrom(logprobs_to_proto(token, completion.logprobs[-1]))
+        if local.prompt_logprobs is not None:
+            reply.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, output.prompt_logprobs or ()))
         if not reply.finish_reason and request.HasField("target"):
             reply.transfer.CopyFrom(await self._ship(request, output.exported_kv, context))
         return reply
@@ -149,12 +151,13 @@ def first_token_request(
 
     A request resumed after ``num_generated`` tokens (a migration) takes them as its output tokens, as the
     uninterrupted request had them: its grammar advances over them, penalties count them as output, and a seeded
-    generator skips their draws.
+    generator skips their draws. Its prompt logprobs went out with the first token already: not computed again.
     """
     if num_generated <= 0:
         return context, [], params.replace(max_tokens=1, min_tokens=min(1, params.min_tokens), n=1)
     split = len(context) - num_generated
-    local = params.replace(max_tokens=num_generated + 1, min_tokens=min(params.min_tokens, num_generated + 1), n=1)
+    local = params.replace(max_tokens=num_generated + 1, min_tokens=min(params.min_tokens, num_generated + 1), n=1,
+                           prompt_logprobs=None)
     return context[:split], context[split:], local
 
 

@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from common.config import RouterConfig
+from common.engine.outputs import Logprob
 from common.engine.sampling_params import SamplingParams
 from common.metrics import RouterMetrics
 from services.router import protocol
@@ -99,6 +100,7 @@ class Job:
     stream: bool
     include_usage: bool
     echo: bool = False
+    echo_only: bool = False  # echo with max_tokens 0: the sampled token is dropped, the prompt is the answer
     num_logprobs: int | None = None
     tools: ToolPlan | None = None  # chat only: how the answer's tool calls are read
     arrival: float = field(default_factory=time.perf_counter)
@@ -119,7 +121,8 @@ class ChoiceState:
     prompt_index: int
     text: TextAssembler
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[protocol.TokenLogprob] = field(default_factory=list)
+    logprobs: list[protocol.TokenLogprob] = field(default_factory=list)  # with echo: the prompt's first
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # vLLM's, decoded; only when asked for
     full_text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it
@@ -222,13 +225,12 @@ def _build_job(gateway: Gateway, endpoint: str, body: bytes, request_id: str, cl
         prompts, texts = _completion_prompts(gateway, parsed)
         num_logprobs = parsed.logprobs
         echo = parsed.echo
-        if echo and num_logprobs is not None:
-            raise protocol.ProtocolError("echo with logprobs is not supported yet", param="echo")
         _check_context(gateway, prompts, "prompt", _explicit_max_tokens(parsed), "max_tokens")
     response_id = protocol.new_id(endpoint, client_id or parsed.request_id)  # as vLLM: X-Request-Id wins
     return Job(endpoint=endpoint, response_id=response_id, request_id=request_id,
                model=gateway.model_id, prompts=prompts, prompt_texts=texts, params=params, stream=parsed.stream,
-               include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs, tools=tools)
+               include_usage=parsed.include_usage, echo=echo, num_logprobs=num_logprobs, tools=tools,
+               echo_only=endpoint == "completion" and parsed.echo_only)
 
 
 def _generate_job(gateway: Gateway, body: bytes, request_id: str) -> Job:
@@ -357,21 +359,38 @@ async def _admitted_events(gateway: Gateway, job: Job) -> AsyncIterator[tuple[Ch
 
 
 def _apply(gateway: Gateway, job: Job, state: ChoiceState, event: TokenEvent) -> tuple[str, list]:
-    """Fold one event into its choice; return the new text and logprob entries to send."""
+    """Fold one event into its choice; return the new text and logprob entries to send (with echo, the first
+    event's entries start with the prompt's)."""
     finished = event.finish_reason is not None
-    text = state.text.add(event.token_ids, finished)
-    state.token_ids.extend(event.token_ids)
+    token_ids, logprobs = ((), ()) if job.echo_only else (event.token_ids, event.logprobs)
+    text = state.text.add(token_ids, finished)
+    state.token_ids.extend(token_ids)
     state.full_text += text
+    decode = _token_text(gateway)
     entries = []
+    if event.prompt_logprobs is not None:
+        state.prompt_logprobs = _decoded_prompt_logprobs(event.prompt_logprobs, decode)
+        if job.echo and job.num_logprobs is not None:
+            prompt = job.prompts[state.prompt_index]
+            entries = [protocol.token_logprob(t, lp, decode, job.num_logprobs)
+                       for t, lp in zip(prompt, state.prompt_logprobs, strict=True)]
     if job.num_logprobs is not None:
-        decode = _token_text(gateway)
-        entries = [protocol.token_logprob(t, lp, decode, job.num_logprobs)
-                   for t, lp in zip(event.token_ids, event.logprobs, strict=False)]
+        entries += [protocol.token_logprob(t, lp, decode, job.num_logprobs)
+                    for t, lp in zip(token_ids, logprobs, strict=False)]
         state.logprobs.extend(entries)
     if finished:
-        state.finish_reason = "length" if event.finish_reason == "length" else "stop"
-        state.stop_reason = _stop_reason(job.params, event.stop_reason)
+        state.finish_reason = "length" if job.echo_only or event.finish_reason == "length" else "stop"
+        state.stop_reason = None if job.echo_only else _stop_reason(job.params, event.stop_reason)
     return text, entries
+
+
+def _decoded_prompt_logprobs(
+    entries: Sequence[dict[int, Logprob] | None], decode: Callable[[int], str]
+) -> list[dict[int, Logprob] | None]:
+    """The wire's prompt logprobs with each entry's ``decoded_token`` filled (as vLLM fills it)."""
+    return [None if entry is None else {token_id: Logprob(lp.logprob, lp.rank, decode(token_id))
+                                        for token_id, lp in entry.items()}
+            for entry in entries]
 
 
 def _stop_reason(params: SamplingParams, reason: str | None) -> str | int | None:
@@ -386,7 +405,16 @@ def _stop_reason(params: SamplingParams, reason: str | None) -> str | int | None
 
 
 def _token_text(gateway: Gateway) -> Callable[[int], str]:
-    return lambda token_id: gateway.tokenizer.decode([token_id])
+    """Each token's own text, decoded once per event (a prompt's logprobs repeat the same alternatives often)."""
+    texts: dict[int, str] = {}
+
+    def decode(token_id: int) -> str:
+        text = texts.get(token_id)
+        if text is None:
+            text = texts[token_id] = gateway.tokenizer.decode([token_id])
+        return text
+
+    return decode
 
 
 class _Timing:
@@ -468,7 +496,8 @@ def _final_body(gateway: Gateway, job: Job, states: Sequence[ChoiceState]) -> di
         if state.tool_calls is not None:
             text, calls = state.tool_calls.content, tuple(state.tool_calls.calls)
         choices.append(protocol.ChoiceResult(state.index, text, state.chat_finish_reason or "stop",
-                                             tuple(state.token_ids), logprobs, calls, state.stop_reason))
+                                             tuple(state.token_ids), logprobs, calls, state.stop_reason,
+                                             state.prompt_logprobs))
     usage = protocol.usage(_prompt_tokens(job), sum(len(s.token_ids) for s in states))
     build = protocol.chat_completion if job.endpoint == "chat" else protocol.completion
     return build(job.response_id, job.model, job.created, choices, usage)
@@ -557,6 +586,7 @@ class OpenAIOutput:
     def __init__(self, gateway: Gateway, job: Job) -> None:
         self.gateway, self.job = gateway, job
         self.sent_chars: dict[int, int] = {}
+        self.echoed: set[int] = set()  # choices whose prompt went out (with echo, in their first chunk)
 
     def fold(self, state: ChoiceState, event: TokenEvent) -> None:
         text, _ = _apply(self.gateway, self.job, state, event)
@@ -570,7 +600,7 @@ class OpenAIOutput:
         job = self.job
         if not job.include_usage:
             return b""
-        usage = protocol.usage(_prompt_tokens(job), num_tokens)
+        usage = protocol.usage(_prompt_tokens(job), 0 if job.echo_only else num_tokens)
         return protocol.sse(protocol.usage_chunk(job.response_id, job.model, self.job.created, usage,
                                                  endpoint=job.endpoint))
 
@@ -579,15 +609,13 @@ class OpenAIOutput:
         if job.endpoint == "chat":
             return protocol.sse(protocol.chat_chunk_role(job.response_id, job.model, created, index,
                                                          job.include_usage))
-        if job.echo:
-            text = job.prompt_texts[index // job.params.n]
-            self.sent_chars[index] = len(text)
-            return protocol.sse(protocol.completion_chunk(job.response_id, job.model, created, index, text,
-                                                          include_usage=job.include_usage))
         return b""
 
     def delta(self, state: ChoiceState, event: TokenEvent) -> bytes:
         text, entries = _apply(self.gateway, self.job, state, event)
+        if self.job.echo and state.index not in self.echoed:  # as vLLM: the prompt and its logprobs, then the first
+            self.echoed.add(state.index)                      # token, in the choice's first chunk
+            text = self.job.prompt_texts[state.prompt_index] + text
         if state.tool_calls is not None:
             return self._tool_call_chunks(state, text, entries)
         if not text and state.finish_reason is None and not entries:

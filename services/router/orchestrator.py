@@ -31,7 +31,7 @@ from proto import worker_pb2, worker_pb2_grpc
 from services.router.liveness import cancel_when_gone, cancelled_by, renew_lease_forever
 from services.router.policy import DecodeLoad, Placement, PlacementSignals, RoutingPolicy, RoutingRequest
 from services.router.prefill_load import PrefillLoad
-from services.wire import logprobs_from_proto, sampling_to_proto
+from services.wire import logprobs_from_proto, prompt_logprobs_from_proto, sampling_to_proto
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,25 @@ class _TransferFailed(Exception):
     """The KV arrived corrupted or short (DATA_LOSS): the reservation is released and the prompt prefilled again."""
 
 
+PromptLogprobs = tuple[dict[int, Logprob] | None, ...]
+"""One entry per prompt token, vLLM's layout: None for the first (nothing precedes it), then {token: Logprob} holding
+the prompt token and its top alternatives."""
+
+
 @dataclass(frozen=True)
 class TokenEvent:
-    """Tokens delivered to the client in one step, with their logprobs and the finish reason if done."""
+    """Tokens delivered to the client in one step, with their logprobs and the finish reason if done.
+
+    ``prompt_logprobs`` is set only on a request's first event, when its params ask for them, whichever worker
+    computed them (a prefill worker or the decode worker prefilling itself); a migration never repeats them.
+    """
 
     token_ids: tuple[int, ...]
     logprobs: tuple[dict[int, Logprob], ...] = ()
     finish_reason: str | None = None
     stop_reason: str | None = None
     worker_id: str = ""
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -90,6 +100,17 @@ class _RequestState:
     @property
     def context(self) -> list[int]:
         return self.prompt + self.delivered
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """The next try computes the prompt's logprobs: asked for, and no token (which carries them) delivered yet."""
+        return self.params.prompt_logprobs is not None and not self.delivered
+
+    def wire_params(self, prompt_logprobs: bool) -> worker_pb2.SamplingOptions:
+        """The request's params for one RPC; ``prompt_logprobs`` False drops them (that RPC must not compute them)."""
+        if prompt_logprobs or self.params.prompt_logprobs is None:
+            return sampling_to_proto(self.params)
+        return sampling_to_proto(self.params.replace(prompt_logprobs=None))
 
 
 @dataclass(frozen=True)
@@ -214,7 +235,8 @@ class Orchestrator:
         try:
             handoff = await self._prefill_for(decode, state)
             if handoff is None:
-                events = self._stream_local(decode, self._generate_request(state, state.delivered, ""), state)
+                request = self._generate_request(state, state.delivered, "", state.wants_prompt_logprobs)
+                events = self._stream_local(decode, request, state)
             else:
                 try:
                     yield handoff.first
@@ -223,7 +245,7 @@ class Orchestrator:
                     raise
                 if handoff.first.finish_reason:
                     return
-                events = self._stream(decode, handoff.request)
+                events = self._stream(decode, handoff.request, state)
             async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     yield event
@@ -239,7 +261,7 @@ class Orchestrator:
         self.local_prefill_load.start(decode.worker_id, tokens)
         pending = True
         try:
-            async with contextlib.aclosing(self._stream(decode, request)) as events:
+            async with contextlib.aclosing(self._stream(decode, request, state)) as events:
                 async for event in events:
                     if pending:
                         pending = False
@@ -249,20 +271,30 @@ class Orchestrator:
             if pending:
                 self.local_prefill_load.finish(decode.worker_id, tokens, completed=False)
 
-    async def _stream(self, decode: WorkerInfo, request: worker_pb2.GenerateRequest) -> AsyncIterator[TokenEvent]:
+    async def _stream(
+        self, decode: WorkerInfo, request: worker_pb2.GenerateRequest, state: _RequestState
+    ) -> AsyncIterator[TokenEvent]:
         """The Generate stream's tokens; a decode worker that drops out of the registry meanwhile (frozen: its
-        stream just stops) is cancelled and fails like a dead one, so the stream migrates."""
+        stream just stops) is cancelled and fails like a dead one, so the stream migrates. The first chunk carries
+        the prompt's logprobs when ``request`` asked for them."""
         call = self._stubs(decode.grpc_address).Generate(request)
+        wants_prompt_logprobs = request.sampling.HasField("prompt_logprobs")
         try:
             async with cancel_when_gone(self.watcher, decode.worker_id, call.cancel, self._gone_grace_s) as watch:
                 try:
                     async for chunk in call:
+                        prompt_logprobs = None
+                        if wants_prompt_logprobs:
+                            wants_prompt_logprobs = False
+                            _check_prompt_logprobs(decode, state, len(chunk.prompt_logprobs))
+                            prompt_logprobs = prompt_logprobs_from_proto(chunk.prompt_logprobs)
                         yield TokenEvent(
                             tuple(chunk.token_ids),
                             tuple(logprobs_from_proto(lp) for lp in chunk.logprobs),
                             chunk.finish_reason or None,
                             chunk.stop_reason or None,
                             decode.worker_id,
+                            prompt_logprobs,
                         )
                 except asyncio.CancelledError:
                     if cancelled_by(watch):
@@ -319,8 +351,10 @@ class Orchestrator:
             reply.finish_reason or None,
             reply.stop_reason or None,
             decode.worker_id,
+            prompt_logprobs_from_proto(reply.prompt_logprobs) if state.wants_prompt_logprobs else None,
         )
-        request = self._generate_request(state, [*state.delivered, reply.next_token], reservation.reservation_id)
+        outputs = [*state.delivered, reply.next_token]
+        request = self._generate_request(state, outputs, reservation.reservation_id, prompt_logprobs=False)
         return _Handoff(first, request, None if reply.finish_reason else reservation)
 
     async def _prefill_into(
@@ -348,6 +382,8 @@ class Orchestrator:
         try:
             reply = await self._watched_prefill(prefill, decode, reservation, state)
             completed = True
+            if state.wants_prompt_logprobs:
+                _check_prompt_logprobs(prefill, state, len(reply.prompt_logprobs))
             return reply
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.DATA_LOSS:
@@ -385,13 +421,14 @@ class Orchestrator:
 
     # ----------------------------------------------------------------- messages
     def _generate_request(
-        self, state: _RequestState, outputs: list[int], reservation_id: str
+        self, state: _RequestState, outputs: list[int], reservation_id: str, prompt_logprobs: bool
     ) -> worker_pb2.GenerateRequest:
+        """``prompt_logprobs``: the decode worker computes the prompt's logprobs (it prefills it, none delivered)."""
         return worker_pb2.GenerateRequest(
             request_id=state.request_id,
             prompt_token_ids=state.prompt,
             output_token_ids=outputs,
-            sampling=sampling_to_proto(state.params),
+            sampling=state.wire_params(prompt_logprobs),
             reservation_id=reservation_id,
         )
 
@@ -410,7 +447,7 @@ class Orchestrator:
         return worker_pb2.PrefillRequest(
             request_id=state.request_id,
             context_token_ids=state.context,
-            sampling=sampling_to_proto(state.params),
+            sampling=state.wire_params(state.wants_prompt_logprobs),
             target=target,
             num_generated=len(state.delivered),
         )
@@ -538,9 +575,10 @@ class Orchestrator:
             self.on_placement(placement.placement, placement.reason)
 
     async def _prefix_hits(self, state: _RequestState) -> dict[str, int]:
-        """Leading context blocks each worker of both pools holds in its prefix cache (one Redis round trip)."""
+        """Leading context blocks each worker of both pools holds in its prefix cache (one Redis round trip). None
+        count for a try that computes the prompt's logprobs: that prefill skips the prefix cache."""
         workers = self._alive("prefill") + self._alive("decode")
-        if self.prefix_lookup is None or not workers:
+        if self.prefix_lookup is None or not workers or state.wants_prompt_logprobs:
             return {}
         hashes = hash_full_blocks(state.context[: MAX_LOOKUP_BLOCKS * self.block_size], self.block_size)
         return await self.prefix_lookup.matched_blocks([w.worker_id for w in workers], hashes)
@@ -587,3 +625,10 @@ class Orchestrator:
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
             return InvalidRequestError(error.details())
         return _WorkerFailed(worker, RuntimeError(f"{error.code().name}: {error.details()}"))
+
+
+def _check_prompt_logprobs(worker: WorkerInfo, state: _RequestState, count: int) -> None:
+    """A worker asked for the prompt's logprobs sends one per prompt token after the first; else it failed."""
+    if count != len(state.prompt) - 1:
+        message = f"sent {count} prompt logprobs for a {len(state.prompt)}-token prompt"
+        raise _WorkerFailed(worker, RuntimeError(message))

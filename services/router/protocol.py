@@ -96,12 +96,10 @@ _CHAT_UNSUPPORTED: dict[str, _Accepts] = {
     "moderation": _NONE,
     "prompt_cache_retention": _NONE,
     "prompt_cache_options": _NONE,
-    "prompt_logprobs": _NONE,  # vLLM's extra: the workers' replies carry no prompt logprobs yet
 }
 _COMPLETION_UNSUPPORTED: dict[str, _Accepts] = {
     "suffix": lambda value: value in (None, ""),
     "service_tier": _CHAT_UNSUPPORTED["service_tier"],
-    "prompt_logprobs": _NONE,
 }
 _MESSAGE_UNSUPPORTED: dict[str, _Accepts] = {
     "function_call": _NONE,
@@ -202,14 +200,13 @@ ENDPOINT_MAPPED_SAMPLING = frozenset({"max_tokens", "logprobs", "prompt_logprobs
 """SamplingParams fields whose OpenAI spelling or default differs per endpoint, or that several request fields
 spell (structured_outputs); ``sampling_params`` and ``_engine_fields`` map them."""
 
-CHAT_UNEXPOSED_SAMPLING: Mapping[str, str] = {
-    "prompt_logprobs": "chat has no echo; prompt logprobs are a completions feature (echo with logprobs)",
-}
+CHAT_UNEXPOSED_SAMPLING: Mapping[str, str] = {}
 """SamplingParams fields that /v1/chat/completions intentionally does not expose, and why."""
 
 GENERATE_UNEXPOSED_SAMPLING: Mapping[str, str] = {
     "n": "/generate answers one sequence per request; /v1/completions serves n > 1",
-    "prompt_logprobs": "the router's token stream carries no prompt logprobs",
+    "prompt_logprobs": "/generate's events carry generated tokens only; /v1/completions and /v1/chat/completions "
+                       "return prompt logprobs (prompt_logprobs, or echo with logprobs)",
 }
 """SamplingParams fields that ``POST /generate`` intentionally does not accept, and why."""
 
@@ -497,6 +494,7 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM extras
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the response's ``prompt_logprobs``
     top_k: int = Field(0, ge=-1)
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -556,6 +554,9 @@ class _SamplingRequest(_Strict):
             raise ProtocolError(
                 "stream_options: Stream options can only be defined when `stream=True`.", param="stream_options"
             )
+        if self.stream and self.prompt_logprobs:  # as vLLM: its stream chunks have no place for them
+            raise ProtocolError("prompt_logprobs: `prompt_logprobs` are not available when `stream=True`.",
+                                param="prompt_logprobs")
 
     def _engine_fields(self, max_tokens: int | None) -> dict[str, Any]:
         """SamplingParams keyword arguments common to both endpoints: every field this request model declares
@@ -645,6 +646,7 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens
         fields = self._engine_fields(max_tokens)
         fields["logprobs"] = (self.top_logprobs or 0) if self.logprobs else None
+        fields["prompt_logprobs"] = self.prompt_logprobs
         max_name = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         return _build_params(fields, {"max_tokens": max_name, "logprobs": "top_logprobs"})
 
@@ -728,11 +730,12 @@ def _screen_part(path: str, part: Any) -> None:
 
 class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions`` (legacy). Invariants after validation: ``prompt`` is a non-empty list of non-empty
-    prompts, all text or all token ids; ``best_of`` (if given) equals ``n``; ``stream_options`` implies ``stream``.
+    prompts, all text or all token ids; ``best_of`` (if given) equals ``n``; ``stream_options`` implies ``stream``;
+    ``max_tokens`` 0 only with ``echo`` (the prompt alone is the answer, as vLLM serves lm-evaluation-harness).
     """
 
     prompt: Annotated[list[str | list[int]], BeforeValidator(_prompt_list)]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -748,19 +751,32 @@ class CompletionRequest(_SamplingRequest):
             raise ProtocolError("best_of: best_of must be greater than or equal to n", param="best_of")
         if self.best_of is not None and self.best_of > self.n:
             raise ProtocolError("best_of greater than n is not supported yet", param="best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise ProtocolError("max_tokens: Input should be greater than or equal to 1 (0 only with echo)",
+                                param="max_tokens")
         self._check_stream_options()
         return self
+
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens: 0``: the engine samples one token (its prefill yields it anyway) and the
+        answer drops it, so only the prompt (and its logprobs) comes back."""
+        return self.echo and self.max_tokens == 0
 
     def sampling_params(self, default_max_tokens: int | None = None) -> SamplingParams:
         """The engine's settings. ``max_tokens`` absent -> 16 (OpenAI); ``null`` -> ``default_max_tokens``.
 
-        ``logprobs=k`` asks for k alternatives per generated token, and with ``echo`` per prompt token too.
+        ``logprobs=k`` asks for k alternatives per generated token, and with ``echo`` per prompt token too (vLLM's
+        ``prompt_logprobs``, when given, sets the prompt's count instead).
         """
         max_tokens = self.max_tokens if self.max_tokens is not None else default_max_tokens
-        fields = self._engine_fields(max_tokens)
+        fields = self._engine_fields(1 if self.echo_only else max_tokens)
         fields["logprobs"] = self.logprobs
-        fields["prompt_logprobs"] = self.logprobs if self.echo else None
-        return _build_params(fields, {"prompt_logprobs": "logprobs"})
+        fields["prompt_logprobs"] = self.prompt_logprobs
+        if self.prompt_logprobs is None and self.echo:
+            fields["prompt_logprobs"] = self.logprobs
+        renames = {} if self.prompt_logprobs is not None else {"prompt_logprobs": "logprobs"}
+        return _build_params(fields, renames)
 
 
 class _GenerateRequest(BaseModel):
@@ -991,6 +1007,7 @@ class ChoiceResult:
     logprobs: tuple[TokenLogprob, ...] | None = None
     tool_calls: tuple[ToolCall, ...] = ()
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS, length)
+    prompt_logprobs: Sequence[Mapping[int, Logprob] | None] | None = None  # asked for: vLLM's, decoded_token filled
 
     def __post_init__(self) -> None:
         _check_finish_reason(self.finish_reason)
@@ -1096,6 +1113,18 @@ def _legacy_logprobs(entries: Sequence[TokenLogprob] | None, text_offset: int = 
     return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": tops}
 
 
+def prompt_logprobs_json(entries: Sequence[Mapping[int, Logprob] | None]) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: ``null`` for the first prompt token, then per position ``{"<token id>": {"logprob",
+    "rank", "decoded_token"}}`` holding the prompt token (first) and its top alternatives; -inf as -9999.0."""
+    return [
+        None if entry is None else {
+            str(token_id): {"logprob": _clamp(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for token_id, lp in entry.items()
+        }
+        for entry in entries
+    ]
+
+
 def _envelope(request_id: str, kind: str, model: str, created: int, choices: list[dict]) -> dict:
     return {
         "id": request_id,
@@ -1108,7 +1137,8 @@ def _envelope(request_id: str, kind: str, model: str, created: int, choices: lis
 
 
 def chat_completion(request_id: str, model: str, created: int, choices: Sequence[ChoiceResult], usage: dict) -> dict:
-    """A whole ``chat.completion`` object (choices in the given order)."""
+    """A whole ``chat.completion`` object (choices in the given order); vLLM's top-level ``prompt_logprobs`` when
+    they were asked for (one prompt: every choice has the same)."""
     body = _envelope(
         request_id,
         CHAT_OBJECT,
@@ -1126,6 +1156,9 @@ def chat_completion(request_id: str, model: str, created: int, choices: Sequence
         ],
     )
     body["usage"] = usage
+    asked = next((choice.prompt_logprobs for choice in choices if choice.prompt_logprobs is not None), None)
+    if asked is not None:
+        body["prompt_logprobs"] = prompt_logprobs_json(asked)
     return body
 
 
@@ -1138,25 +1171,24 @@ def _chat_message(choice: ChoiceResult) -> dict:
 
 
 def completion(request_id: str, model: str, created: int, choices: Sequence[ChoiceResult], usage: dict) -> dict:
-    """A whole ``text_completion`` object. With echo, ``text`` and ``logprobs`` already include the prompt."""
-    body = _envelope(
-        request_id,
-        COMPLETION_OBJECT,
-        model,
-        created,
-        [
-            {
-                "index": choice.index,
-                "text": choice.text,
-                "logprobs": _legacy_logprobs(choice.logprobs),
-                "finish_reason": choice.finish_reason,
-                "stop_reason": choice.stop_reason,
-            }
-            for choice in choices
-        ],
-    )
+    """A whole ``text_completion`` object. With echo, ``text`` and ``logprobs`` already include the prompt; each
+    choice carries vLLM's ``prompt_logprobs`` when they were asked for (``prompt_logprobs``, or echo with logprobs)."""
+    body = _envelope(request_id, COMPLETION_OBJECT, model, created, [_completion_choice(c) for c in choices])
     body["usage"] = usage
     return body
+
+
+def _completion_choice(choice: ChoiceResult) -> dict:
+    out = {
+        "index": choice.index,
+        "text": choice.text,
+        "logprobs": _legacy_logprobs(choice.logprobs),
+        "finish_reason": choice.finish_reason,
+        "stop_reason": choice.stop_reason,
+    }
+    if choice.prompt_logprobs is not None:
+        out["prompt_logprobs"] = prompt_logprobs_json(choice.prompt_logprobs)
+    return out
 
 
 def _with_usage_null(body: dict, include_usage: bool) -> dict:

@@ -173,3 +173,8 @@ def test_openai_requests_map_each_field_or_document_why_not(endpoint, name):
     spelled = OPENAI_SPELLING[endpoint].get(name, {name: NON_DEFAULT[name]})
     params = parse({**OPENAI_BASE[endpoint], **spelled}).sampling_params()
     assert getattr(params, name) == expected(name)
+
+
+def test_completions_take_vllms_prompt_logprobs_spelling_too():
+    body = {**OPENAI_BASE["completion"], "prompt_logprobs": NON_DEFAULT["prompt_logprobs"]}
+    assert protocol.parse_completion(body).sampling_params().prompt_logprobs == expected("prompt_logprobs")

@@ -11,11 +11,14 @@ import torch
 
 from common.config import TransferConfig
 from common.engine.engine import LLMEngine
+from common.engine.sampling_params import SamplingParams
 from common.transfer import GrpcKVSender
 from common.transfer.base import KVReceiver, KVTransferHeader
 from kernels.fp8 import FP8_DTYPE
 from kernels.kv_cache import write_kv
-from services.decode.service import DecodeService, Reservation
+from proto import worker_pb2
+from services.decode.service import DecodeService, Reservation, _prompt_logprobs_here
+from services.wire import sampling_to_proto
 from tests.common.transfer.conftest import hosting, run
 
 CONFIG = TransferConfig(transport="grpc", grpc_chunk_bytes=4096, timeout_s=8.0)
@@ -111,3 +114,14 @@ def test_a_tensor_parallel_decode_worker_imports_through_its_engine_and_never_pl
             await service.close()
 
     run(scenario())
+
+
+def test_prompt_logprobs_are_computed_only_by_a_stream_that_prefills_the_prompt_alone():
+    params = SamplingParams(prompt_logprobs=1)
+    sampling = sampling_to_proto(params)
+    own = worker_pb2.GenerateRequest(prompt_token_ids=[1, 2], sampling=sampling)
+    assert _prompt_logprobs_here(own, params) == (params, True)
+    for other in (worker_pb2.GenerateRequest(prompt_token_ids=[1, 2], reservation_id="r@1", sampling=sampling),
+                  worker_pb2.GenerateRequest(prompt_token_ids=[1, 2], output_token_ids=[5], sampling=sampling)):
+        assert _prompt_logprobs_here(other, params) == (params.replace(prompt_logprobs=None), False)
+    assert _prompt_logprobs_here(own, SamplingParams()) == (SamplingParams(), False)

@@ -45,8 +45,21 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
+def fake_prompt_logprobs(prompt: list[int], k: int) -> tuple[dict[int, Logprob] | None, ...]:
+    """What FakeOrchestrator reports as a prompt's logprobs: position i's token at -i/8 with rank i + 1, then its
+    k alternatives (the next token ids, below VOCAB) at ranks 1..k with -rank/16; None for the first token."""
+    entries: list[dict[int, Logprob] | None] = [None]
+    for i, token in enumerate(prompt[1:], start=1):
+        entry = {token: Logprob(-i / 8, i + 1)}
+        for rank in range(1, k + 1):
+            entry.setdefault((token + rank) % VOCAB, Logprob(-rank / 16, rank))
+        entries.append(entry)
+    return tuple(entries)
+
+
 class FakeOrchestrator:
-    """Answers every request with ANSWER, one token per event; ``gate`` (when set) holds each stream at its start."""
+    """Answers every request with ANSWER, one token per event (the first with ``fake_prompt_logprobs`` when asked
+    for); ``gate`` (when set) holds each stream at its start."""
 
     def __init__(self) -> None:
         self.gate: asyncio.Event | None = None
@@ -61,7 +74,11 @@ class FakeOrchestrator:
             last = i == len(tokens) - 1
             finish = ("length" if len(tokens) == params.max_tokens else "stop") if last else None
             logprobs = ({token: Logprob(-0.5, 1)},) if params.logprobs is not None else ()
-            yield TokenEvent((token,), logprobs, finish_reason=finish, worker_id="decode-0")
+            prompt_logprobs = None
+            if i == 0 and params.prompt_logprobs is not None:
+                prompt_logprobs = fake_prompt_logprobs(prompt, params.prompt_logprobs)
+            yield TokenEvent((token,), logprobs, finish_reason=finish, worker_id="decode-0",
+                             prompt_logprobs=prompt_logprobs)
 
     async def close(self) -> None:
         return None

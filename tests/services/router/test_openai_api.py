@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +20,8 @@ import openai
 import pytest
 import schemathesis
 
+from common.engine.llm import LLM
+from common.engine.sampling_params import SamplingParams
 from services.cluster import LocalCluster, parse_ready_line
 from tests.services.test_cluster_e2e import WORKER_ARGS, assert_no_leak, wait_ready
 
@@ -117,6 +120,76 @@ def test_logprobs_in_the_openai_layouts(client):
     legacy = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
                                        temperature=0, logprobs=2)
     assert len(legacy.choices[0].logprobs.tokens) == 4 and len(legacy.choices[0].logprobs.token_logprobs) == 4
+
+
+# ------------------------------------------------------------------------------------------------ prompt logprobs
+# lm-evaluation-harness's loglikelihood request (echo with logprobs, one generated token) and vLLM's prompt_logprobs,
+# against the single-process engine's prompt logprobs. The router's --local-prefill-max-tokens 4 decides who computes
+# them: a prompt of at most 4 tokens is prefilled by the decode worker itself, a longer (uncached) one remotely.
+ECHO_PROMPTS = {"remote": "A loglikelihood prompt for the prefill worker to score, token by token.",
+                "local": "Score me"}
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    llm = LLM("smollm2", dtype="float32", device="cpu", kv_cache_memory=64 * 2**20)
+    yield llm
+    llm.close()
+
+
+def placements(cluster) -> dict[str, float]:
+    """The router's prefill placements so far, by where they ran (local | remote)."""
+    counts = {"local": 0.0, "remote": 0.0}
+    for line in httpx.get(f"{cluster.router_url}/metrics").text.splitlines():
+        if line.startswith("tandem_router_prefill_placements_total{"):
+            counts[re.search(r'placement="(\w+)"', line).group(1)] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def reference_prompt_logprobs(llm: LLM, prompt, k: int):
+    return llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=k))[0]
+
+
+@pytest.mark.parametrize("placement", ["remote", "local"])
+def test_echo_logprobs_equal_the_engines_prompt_logprobs(client, cluster, single_process, placement):
+    prompt = ECHO_PROMPTS[placement]
+    before = placements(cluster)
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, echo=True, logprobs=1,
+                                         temperature=0)
+    after = placements(cluster)
+    assert {where: after[where] - before[where] for where in after} == {
+        where: float(where == placement) for where in after}, "the prompt was not prefilled where intended"
+    reference = reference_prompt_logprobs(single_process, prompt, 1)
+    ids, expected = reference.prompt_token_ids, reference.prompt_logprobs
+    assert (placement == "local") == (len(ids) <= 4)
+    choice = response.choices[0]
+    logprobs = choice.logprobs
+    assert choice.text == prompt + reference.outputs[0].text
+    assert len(logprobs.tokens) == len(ids) + 1 and logprobs.token_logprobs[0] is None
+    assert logprobs.top_logprobs[0] is None
+    assert logprobs.tokens[1:len(ids)] == [expected[i][ids[i]].decoded_token for i in range(1, len(ids))]
+    for i in range(1, len(ids)):
+        assert logprobs.token_logprobs[i] == pytest.approx(expected[i][ids[i]].logprob, abs=1e-4)
+        want = {entry.decoded_token: entry.logprob for entry in expected[i].values()}
+        assert logprobs.top_logprobs[i] == pytest.approx(want, abs=1e-4)
+    vllm_layout = choice.model_extra["prompt_logprobs"]
+    assert vllm_layout[0] is None and len(vllm_layout) == len(ids)
+    for entry, want in zip(vllm_layout[1:], expected[1:], strict=True):
+        assert {int(t): (e["logprob"], e["rank"], e["decoded_token"]) for t, e in entry.items()} == {
+            t: (pytest.approx(lp.logprob, abs=1e-4), lp.rank, lp.decoded_token) for t, lp in want.items()}
+
+
+def test_chat_prompt_logprobs_equal_the_engines(client, cluster, single_process):
+    tokenized = httpx.post(f"{cluster.router_url}/tokenize", headers={"Authorization": f"Bearer {API_KEY}"},
+                           json={"model": MODEL, "messages": QUESTION}).json()["tokens"]
+    response = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=2, temperature=0,
+                                              extra_body={"prompt_logprobs": 2})
+    reference = reference_prompt_logprobs(single_process, {"prompt_token_ids": tokenized}, 2)
+    got = response.model_extra["prompt_logprobs"]
+    assert len(got) == response.usage.prompt_tokens == len(tokenized) and got[0] is None
+    for entry, want in zip(got[1:], reference.prompt_logprobs[1:], strict=True):
+        assert {int(t): (e["logprob"], e["rank"]) for t, e in entry.items()} == {
+            t: (pytest.approx(lp.logprob, abs=1e-4), lp.rank) for t, lp in want.items()}
 
 
 def test_request_id_is_echoed(cluster):

@@ -38,6 +38,18 @@ def next_token(context: list[int]) -> int:
     return (31 * sum(context) + len(context)) % 1000
 
 
+def prompt_logprob(context: list[int]) -> float:
+    """The fake model's logprob of ``context[-1]`` after the tokens before it."""
+    return -((7 * sum(context) + len(context)) % 97) / 10
+
+
+def worker_prompt_logprobs(prompt: list[int]) -> list[worker_pb2.TokenLogprobs]:
+    """What a worker asked for the prompt's logprobs sends: one entry per prompt token after the first."""
+    return [worker_pb2.TokenLogprobs(token_id=prompt[i], logprob=prompt_logprob(prompt[: i + 1]), rank=1,
+                                     top_token_ids=[prompt[i]], top_logprobs=[prompt_logprob(prompt[: i + 1])])
+            for i in range(1, len(prompt))]
+
+
 def expected_tokens(prompt: list[int], count: int) -> list[int]:
     tokens: list[int] = []
     for _ in range(count):
@@ -176,7 +188,11 @@ class FakeDecode(FakeWorker):
                     await call.frozen  # never resolves: only the caller's cancel ends it
                 outputs.append(next_token(prompt + outputs))
                 done = len(outputs) == request.sampling.max_tokens
-                yield worker_pb2.GenerateChunk(token_ids=[outputs[-1]], finish_reason="length" if done else "")
+                chunk = worker_pb2.GenerateChunk(token_ids=[outputs[-1]], finish_reason="length" if done else "")
+                if sent == 0 and request.sampling.HasField("prompt_logprobs"):  # as the real worker: first chunk
+                    assert not request.reservation_id and not request.output_token_ids, "asked to compute them again"
+                    chunk.prompt_logprobs.extend(worker_prompt_logprobs(prompt))
+                yield chunk
                 await asyncio.sleep(0)
         finally:
             self.running.discard(request.request_id)
@@ -198,6 +214,7 @@ class FakePrefill(FakeWorker):
     invalid: bool = False
     hold: asyncio.Event | None = None  # when set, Prefill waits for it (to cancel the caller meanwhile)
     cancelled: int = 0
+    short_prompt_logprobs: int = 0  # a faulty worker: sends this many prompt logprobs too few
 
     async def Prefill(self, request: worker_pb2.PrefillRequest) -> worker_pb2.PrefillReply:  # noqa: N802
         self._call("Prefill")
@@ -219,7 +236,11 @@ class FakePrefill(FakeWorker):
         if error is not None:
             raise rpc_error(grpc.StatusCode.DATA_LOSS, f"kv transfer failed: {error}")
         done = request.num_generated + 1 >= request.sampling.max_tokens
-        return worker_pb2.PrefillReply(next_token=next_token(context), finish_reason="length" if done else "")
+        reply = worker_pb2.PrefillReply(next_token=next_token(context), finish_reason="length" if done else "")
+        if request.sampling.HasField("prompt_logprobs"):
+            assert request.num_generated == 0, "a migration asked for the prompt's logprobs again"
+            reply.prompt_logprobs.extend(worker_prompt_logprobs(context[: len(context) - self.short_prompt_logprobs]))
+        return reply
 
 
 class FakeCluster:
@@ -274,9 +295,10 @@ async def collect(
     prompt: list[int] = PROMPT,
     max_tokens: int = MAX_TOKENS,
     events: list[TokenEvent] | None = None,
+    prompt_logprobs: int | None = None,
 ) -> list[TokenEvent]:
     events = [] if events is None else events
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, prompt_logprobs=prompt_logprobs)
     async with contextlib.aclosing(orchestrator.generate(prompt, params, "r1")) as stream:
         async for event in stream:
             events.append(event)
@@ -800,4 +822,71 @@ async def test_each_try_reports_its_final_placement_fallbacks_included():
         ("local", "prefill_unavailable"),
         ("local", "no_prefill_worker"),
     ]
+    cluster.assert_nothing_held()
+
+
+# ---------------------------------------------------------------------------------------------- prompt logprobs
+def expected_prompt_logprobs(prompt: list[int]) -> list[dict | None]:
+    return [None] + [{prompt[i]: pytest.approx(prompt_logprob(prompt[: i + 1]), abs=1e-6)}
+                     for i in range(1, len(prompt))]
+
+
+def prompt_logprob_values(event: TokenEvent) -> list[dict | None]:
+    return [None if e is None else {t: lp.logprob for t, lp in e.items()} for e in event.prompt_logprobs]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("num_prefill", [1, 0])  # computed by the prefill worker / by the decode worker itself
+async def test_prompt_logprobs_come_with_the_first_event_from_whichever_worker_prefilled(num_prefill):
+    cluster = FakeCluster(num_prefill=num_prefill, num_decode=1)
+    (decode,) = cluster.decodes
+    events = await collect(cluster.orchestrator(), prompt_logprobs=1)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert prompt_logprob_values(events[0]) == expected_prompt_logprobs(PROMPT)
+    assert all(event.prompt_logprobs is None for event in events[1:])
+    generate = decode.generate_calls[0][0]
+    assert generate.sampling.HasField("prompt_logprobs") == (num_prefill == 0)  # never asked of imported KV
+    if num_prefill:
+        assert cluster.prefills[0].requests[0].sampling.prompt_logprobs == 1
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_a_migrated_stream_neither_recomputes_nor_repeats_the_prompt_logprobs():
+    cluster = FakeCluster(num_prefill=1, num_decode=2)
+    (prefill,), (d0, d1) = cluster.prefills, cluster.decodes
+    d0.die_after_chunks = 3
+    events = await collect(cluster.orchestrator(), prompt_logprobs=2)
+    assert tokens_of(events) == expected_tokens(PROMPT, MAX_TOKENS)
+    assert [event.prompt_logprobs is not None for event in events] == [True] + [False] * (len(events) - 1)
+    assert prompt_logprob_values(events[0]) == expected_prompt_logprobs(PROMPT)
+    assert [r.sampling.HasField("prompt_logprobs") for r in prefill.requests] == [True, False]
+    assert not d1.generate_calls[0][0].sampling.HasField("prompt_logprobs")
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_sending_too_few_prompt_logprobs_has_failed_the_request():
+    cluster = FakeCluster(num_prefill=2, num_decode=1)
+    (p0, p1), _ = cluster.prefills, cluster.decodes
+    p0.short_prompt_logprobs = 1
+    retries: list[str] = []
+    events = await collect(cluster.orchestrator(retries=retries), prompt_logprobs=0)
+    assert prompt_logprob_values(events[0]) == expected_prompt_logprobs(PROMPT)
+    assert (p0.calls["Prefill"], p1.calls["Prefill"]) == (1, 1) and retries == ["prefill_failed"]
+    cluster.assert_nothing_held()
+
+
+@pytest.mark.asyncio
+async def test_prefix_hits_do_not_place_a_prompt_whose_logprobs_skip_the_cache():
+    cluster = FakeCluster(num_prefill=1, num_decode=2)
+    (prefill,), (_, d1) = cluster.prefills, cluster.decodes
+    placements: list[tuple[str, str]] = []
+    prompt = list(range(1, 37))
+    lookup = FakePrefixLookup({"d1": 2})  # would place it on d1 (see the test above), which must recompute it all
+    events = await collect(placing_orchestrator(cluster, placements, lookup), prompt=prompt, prompt_logprobs=0)
+    assert prompt_logprob_values(events[0]) == expected_prompt_logprobs(prompt)
+    assert {e.worker_id for e in events} == {"d0"} and d1.calls == {}
+    assert (prefill.calls, placements) == ({"Prefill": 1}, [("remote", "prefill_pool")])
+    assert lookup.lookups == []
     cluster.assert_nothing_held()

@@ -20,6 +20,7 @@ import pytest_asyncio
 from transformers import AutoTokenizer
 
 from common.coord.worker_info import WorkerInfo
+from common.engine.outputs import Logprob
 from common.metrics import RouterMetrics
 from common.models.loader import resolve_model_path
 from services.router.admission import AdmissionQueue, ApiKeys
@@ -27,7 +28,7 @@ from services.router.openai_api import Gateway
 from services.router.orchestrator import TokenEvent
 from services.router.server import RouterState, build_app
 from services.router.vllm_api import load_chat_template
-from tests.services.router.test_generate_route import FakeOrchestrator
+from tests.services.router.test_generate_route import FakeOrchestrator, fake_prompt_logprobs
 
 MODEL = "smollm2"
 API_KEY = "sk-vllm-api-test"
@@ -303,15 +304,139 @@ async def test_stop_reason_is_the_stop_string_or_token_id(hf_tokenizer, wire, sa
                 assert reply.json()["choices"][0]["stop_reason"] == expected
 
 
-# ---------------------------------------------------------------------------------------------- not yet supported
+# ---------------------------------------------------------------------------------------------- prompt logprobs
+# The fake orchestrator reports ``fake_prompt_logprobs`` for a prompt (and -0.5 for each generated token); the
+# references below build vLLM's and OpenAI's layouts from those numbers and the HF tokenizer's own decode.
+ECHO_PROMPT = "The capital of France is"
+
+
+def vllm_prompt_logprobs(tokenizer, prompt_ids: list[int], k: int) -> list:
+    """vLLM's ``prompt_logprobs``: null, then {"<id>": {logprob, rank, decoded_token}}, the prompt token first."""
+    return [None if entry is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": tokenizer.decode([t])}
+             for t, lp in entry.items()}
+            for entry in fake_prompt_logprobs(prompt_ids, k)]
+
+
+def legacy_echo_logprobs(tokenizer, prompt_ids: list[int], answer_ids: list[int], k: int) -> dict:
+    """OpenAI's legacy layout for echo with ``logprobs: k``: the prompt's positions (null first), then the answer's;
+    ``top_logprobs`` maps the chosen token and then its k alternatives by text."""
+    tokens, token_logprobs, tops = [], [], []
+    prompt_entries = fake_prompt_logprobs(prompt_ids, k)
+    for position, token in enumerate(prompt_ids + answer_ids):
+        tokens.append(tokenizer.decode([token]))
+        if position == 0:
+            token_logprobs.append(None)
+            tops.append(None)
+            continue
+        entry = prompt_entries[position] if position < len(prompt_ids) else {token: Logprob(-0.5, 1)}
+        token_logprobs.append(entry[token].logprob)
+        top = {tokenizer.decode([token]): entry[token].logprob}
+        for alternative, lp in sorted(entry.items(), key=lambda item: item[1].rank):
+            if lp.rank <= k:
+                top.setdefault(tokenizer.decode([alternative]), lp.logprob)
+        tops.append(top)
+    offsets = [sum(map(len, tokens[:i])) for i in range(len(tokens))]
+    return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": tops}
+
+
+def stream_chunks(text: str) -> list[dict]:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
 @pytest.mark.asyncio
-@pytest.mark.parametrize("path, body, param, words", [
-    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": 1}, "prompt_logprobs", "not supported yet"),
-    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 0}, "prompt_logprobs", "not supported yet"),
-    ("/v1/completions", {"prompt": "Hi", "echo": True, "logprobs": 1}, "echo", "not supported yet"),
+@pytest.mark.parametrize("k", [0, 2])
+async def test_completion_echo_with_logprobs_starts_with_the_prompt(router, hf_tokenizer, k):
+    http, orchestrator = router
+    reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": ECHO_PROMPT, "max_tokens": 3,
+                                                     "echo": True, "logprobs": k})
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    prompt_ids, params = orchestrator.requests[-1][0], orchestrator.requests[-1][1]
+    answer_ids = [ord(ch) for ch in " Paris."][:3]
+    assert params.prompt_logprobs == k and params.logprobs == k
+    assert choice["text"] == ECHO_PROMPT + hf_tokenizer.decode(answer_ids)
+    assert choice["logprobs"] == legacy_echo_logprobs(hf_tokenizer, prompt_ids, answer_ids, k)
+    assert choice["prompt_logprobs"] == vllm_prompt_logprobs(hf_tokenizer, prompt_ids, k)  # vLLM adds them too
+    parsed = openai.types.Completion.construct(**reply.json())
+    assert parsed.choices[0].logprobs is not None
+
+
+@pytest.mark.asyncio
+async def test_streamed_echo_sends_the_prompt_and_its_logprobs_in_the_first_chunk(router, hf_tokenizer):
+    http, _ = router
+    body = {"model": MODEL, "prompt": ECHO_PROMPT, "max_tokens": 4, "echo": True, "logprobs": 1}
+    whole = (await http.post("/v1/completions", json=body)).json()["choices"][0]
+    reply = await http.post("/v1/completions", json={**body, "stream": True})
+    assert reply.status_code == 200, reply.text
+    chunks = [chunk["choices"][0] for chunk in stream_chunks(reply.text)]
+    num_prompt = len(hf_tokenizer.encode(ECHO_PROMPT))
+    assert chunks[0]["text"].startswith(ECHO_PROMPT)
+    assert len(chunks[0]["logprobs"]["tokens"]) == num_prompt + 1 and chunks[0]["logprobs"]["token_logprobs"][0] is None
+    assert "".join(chunk["text"] for chunk in chunks) == whole["text"]
+    for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+        assert [v for chunk in chunks if chunk["logprobs"] for v in chunk["logprobs"][key]] == whole["logprobs"][key]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_echo_with_max_tokens_0_answers_the_prompt_alone(router, hf_tokenizer, stream):
+    http, orchestrator = router
+    reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": ECHO_PROMPT, "max_tokens": 0,
+                                                     "echo": True, "logprobs": 1, "stream": stream,
+                                                     **({"stream_options": {"include_usage": True}} if stream else {})})
+    assert reply.status_code == 200, reply.text
+    prompt_ids = orchestrator.requests[-1][0]
+    assert orchestrator.requests[-1][1].max_tokens == 1  # the prefill samples one token anyway; it is dropped
+    if stream:
+        chunks = stream_chunks(reply.text)
+        choices, usage = [c["choices"][0] for c in chunks if c["choices"]], chunks[-1]["usage"]
+        assert len(choices) == 1
+        choice = choices[0]
+    else:
+        choice, usage = reply.json()["choices"][0], reply.json()["usage"]
+    assert choice["text"] == ECHO_PROMPT and choice["finish_reason"] == "length"
+    assert choice["logprobs"] == legacy_echo_logprobs(hf_tokenizer, prompt_ids, [], 1)
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (len(prompt_ids), 0)
+
+
+@pytest.mark.asyncio
+async def test_completion_prompt_logprobs_without_echo(router, hf_tokenizer):
+    http, orchestrator = router
+    reply = await http.post("/v1/completions", json={"model": MODEL, "prompt": [ECHO_PROMPT, "Hi there"],
+                                                     "max_tokens": 2, "prompt_logprobs": 3, "n": 2})
+    assert reply.status_code == 200, reply.text
+    choices = reply.json()["choices"]
+    prompts = {request[2]: request[0] for request in orchestrator.requests}
+    assert len(choices) == 4
+    for choice in choices:
+        prompt_ids = prompts[next(rid for rid in prompts if rid.endswith(f"-{choice['index']}"))]
+        assert choice["prompt_logprobs"] == vllm_prompt_logprobs(hf_tokenizer, prompt_ids, 3)
+        assert choice["logprobs"] is None and choice["text"] == hf_tokenizer.decode([ord(" "), ord("P")])
+
+
+@pytest.mark.asyncio
+async def test_chat_prompt_logprobs_sit_at_the_top_level(router, hf_tokenizer):
+    http, orchestrator = router
+    reply = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES, "max_tokens": 2,
+                                                          "prompt_logprobs": 1})
+    assert reply.status_code == 200, reply.text
+    body = reply.json()
+    assert body["prompt_logprobs"] == vllm_prompt_logprobs(hf_tokenizer, orchestrator.requests[-1][0], 1)
+    assert "prompt_logprobs" not in body["choices"][0] and body["choices"][0]["logprobs"] is None
+    plain = (await http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})).json()
+    assert "prompt_logprobs" not in plain and orchestrator.requests[-1][1].prompt_logprobs is None
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 2, "stream": True}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "prompt_logprobs": 21}, "prompt_logprobs"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "prompt_logprobs": -1}, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 0}, "max_tokens"),
 ])
-async def test_prompt_logprobs_are_refused_clearly(router, path, body, param, words):
+async def test_prompt_logprobs_bad_requests_are_400s_naming_the_field(router, path, body, param):
     http, _ = router
     reply = await http.post(path, json={"model": MODEL, "max_tokens": 2, **body})
-    assert reply.status_code == 400 and reply.json()["error"]["param"] == param
-    assert words in reply.json()["error"]["message"]
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
