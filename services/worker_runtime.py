@@ -1,8 +1,8 @@
 """What prefill and decode workers share: engine on its thread, gRPC server, registry heartbeat, drain.
 
 Lifecycle: start the HTTP side (/metrics, /health, /ready) -> load the engine -> start gRPC -> register in
-Redis -> print TANDEM_READY -> serve -> on SIGTERM: mark draining (/ready turns 503), deregister, finish
-in-flight work (bounded), stop gRPC, exit 0.
+Redis -> print TANDEM_READY -> serve -> on SIGTERM: mark draining (/ready turns 503; routers send nothing new),
+finish in-flight work (bounded) while still heartbeating, deregister, stop gRPC, exit 0.
 """
 
 from __future__ import annotations
@@ -270,8 +270,10 @@ async def _run_registered(runtime: WorkerRuntime, server: grpc.aio.Server, healt
     runtime.draining = True
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     await registration.set_draining()
-    await registration.stop()
+    # Heartbeats go on (draining=1: no new requests) until the in-flight ones finish: a worker that leaves the
+    # registry is taken for frozen by the routers, which then move its streams elsewhere.
     drained = engine_alive and await runtime.wait_idle(settings.worker.drain_timeout_s)
+    await registration.stop()
     stats_task.cancel()
     await server.stop(grace=1.0)
     if hasattr(servicer, "close"):
