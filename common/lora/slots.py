@@ -108,6 +108,21 @@ class LoRASlotPool:
         else:
             self._pins[name] = count - 1
 
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pins
+
+    def prefetch(self, name: str) -> None:
+        """Build (and cache) ``name``'s host image now: loads and checks the adapter, raising as ``acquire`` does."""
+        self._host_image(name)
+
+    def forget(self, name: str) -> None:
+        """Drop ``name``'s slot and host image (an unloaded adapter; the next use reads its folder again). Its slot's
+        weights stay until another adapter takes the slot: no row names a slot without a resident adapter."""
+        if name in self._pins:
+            raise ValueError(f"LoRA adapter {name!r} is in use by running requests")
+        self._slot_by_name.pop(name, None)
+        self._host.pop(name, None)
+
     def resident(self) -> dict[str, int]:
         """Resident adapters and their slots, least recently used first."""
         return dict(self._slot_by_name)
