@@ -24,8 +24,8 @@ from common.config import (
 from common.settings import SettingValueError, parse_csv, setting_field, setting_fields
 from services.flags import build_parser, engine_config, router_config
 
-CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, CoordConfig, TransferConfig, WorkerConfig, RouterConfig,
-           ServeConfig, PlannerConfig, ProfileConfig)
+CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, CoordConfig, TransferConfig, WorkerConfig,
+           RouterConfig, ServeConfig, PlannerConfig, ProfileConfig)
 # Flags that are per-invocation inputs or CLI behaviour, not settings of a component.
 # The sampling flags of `generate` / `chat` are request fields (SamplingParams is their source).
 NOT_SETTINGS = {"--help", "--verbose", "--max-tokens", "--temperature", "--top-p", "--seed", "--stop", "--prompt",
