@@ -70,6 +70,9 @@ class LoRASlotPool:
         self.device, self.dtype = torch.device(device), dtype
         self.weights = {proj: self._allocate(proj) for proj in FUSED_PROJECTIONS}
         self.scales = torch.zeros(max_loras, dtype=torch.float32, device=self.device)
+        # The fused projections' column offsets on the device, for the expand kernel (made once: graph-capturable).
+        self.slice_starts_device = {proj: torch.tensor(shapes.slice_starts(proj), dtype=torch.int32,
+                                                       device=self.device) for proj in FUSED_PROJECTIONS}
         self._slot_by_name: OrderedDict[str, int] = OrderedDict()  # residents, least recently used first
         self._pins: dict[str, int] = {}
         self._host: OrderedDict[str, HostImage] = OrderedDict()

@@ -44,4 +44,5 @@ class LayerLoRA:
         this layer, in place, where ``out`` is the projection's output for input ``x`` (both ``[T, features]``)."""
         pool = self.step.pool
         lora_a, lora_b = pool.layer_weights(self.index, projection)
-        return add_lora(out, x, lora_a, lora_b, self.step.batch, pool.scales, pool.slice_starts(projection))
+        return add_lora(out, x, lora_a, lora_b, self.step.batch, pool.scales, pool.slice_starts(projection),
+                        pool.slice_starts_device[projection])
