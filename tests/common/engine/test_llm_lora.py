@@ -61,20 +61,39 @@ def base_path() -> Path:
     return resolve_model_path("smollm2", None)
 
 
+class _References(dict):
+    """``refs[name or "base"]`` -> (folder, {prompt: HF greedy tokens}); the tokens computed on first use."""
+
+    def __init__(self, tokenizer, models: dict, folders: dict) -> None:
+        super().__init__()
+        for name, model in models.items():
+            self[name] = (folders.get(name), _LazyTokens(tokenizer, model))
+
+
+class _LazyTokens(dict):
+    def __init__(self, tokenizer, model) -> None:
+        super().__init__()
+        self.tokenizer, self.model = tokenizer, model
+
+    def __missing__(self, prompt: str) -> list[int]:
+        self[prompt] = hf_greedy(self.model, self.tokenizer.encode(prompt), NUM_TOKENS)[0]
+        return self[prompt]
+
+    def __ne__(self, other) -> bool:  # compared on a prompt both have
+        return self[PROMPTS[0]] != other[PROMPTS[0]]
+
+
 @pytest.fixture(scope="module")
 def adapters(base_path, tmp_path_factory):
-    """name -> (folder, HF greedy tokens per prompt under that adapter); "base" -> HF's base-model tokens."""
+    """name -> (folder, HF + PEFT greedy tokens per prompt under that adapter); "base" -> HF's base-model tokens."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     root = tmp_path_factory.mktemp("adapters")
-    result = {}
-    for seed, (name, config) in enumerate(ADAPTERS.items(), start=1):
-        model = _save_adapter(base_path, root / name, seed, **config)
-        result[name] = (root / name, {p: hf_greedy(model, tokenizer.encode(p), NUM_TOKENS)[0] for p in PROMPTS})
-    base = load_hf_model(base_path)
-    result["base"] = (None, {p: hf_greedy(base, tokenizer.encode(p), NUM_TOKENS)[0] for p in PROMPTS})
-    return result
+    models = {name: _save_adapter(base_path, root / name, seed, **config)
+              for seed, (name, config) in enumerate(ADAPTERS.items(), start=1)}
+    models["base"] = load_hf_model(base_path)
+    return _References(tokenizer, models, {name: root / name for name in ADAPTERS})
 
 
 def _modules(adapters) -> dict[str, str]:
