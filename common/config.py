@@ -118,7 +118,7 @@ def _lora_module(item: str) -> tuple[str, str]:
 class LoRAConfig:
     """Multi-LoRA serving, with vLLM's flags and defaults: which PEFT adapters, how many on the GPU and the host.
 
-    Not yet part of ``EngineConfig``: the engine does not apply adapters yet (see the README, Multi-LoRA).
+    Part of ``EngineConfig``: the engine applies adapters per request (see the README, Multi-LoRA).
     """
 
     enable_lora: bool = setting(False, help="serve LoRA adapters (--lora-modules) beside the base model")
@@ -149,8 +149,13 @@ class LoRAConfig:
             raise SettingValueError(f"LoRA adapter name {served_model_name!r} is the base model's name")
 
 
-# The engine's three parts, in the order the command line lists their flags.
-ENGINE_PARTS: dict[str, type] = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+# The engine's parts, in the order the command line lists their flags.
+ENGINE_PARTS: dict[str, type] = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "lora": LoRAConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -160,10 +165,11 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @classmethod
     def from_kwargs(cls, **settings: Any) -> EngineConfig:
-        """``LLM(...)``'s flat keyword arguments (any field of the three parts) -> the composed config."""
+        """``LLM(...)``'s flat keyword arguments (any field of the parts) -> the composed config."""
         parts: dict[str, dict[str, Any]] = {name: {} for name in ENGINE_PARTS}
         owner = {f.name: part for part, part_cls in ENGINE_PARTS.items() for f in fields(part_cls)}
         for name, value in settings.items():

@@ -126,11 +126,14 @@ def lora_expand(
     out: torch.Tensor,
     scales: torch.Tensor,
     slice_starts: tuple[int, ...],
+    slice_starts_device: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton kernel on CUDA, the reference elsewhere; adds into ``out`` in place and returns it."""
+    """The Triton kernel on CUDA, the reference elsewhere; adds into ``out`` in place and returns it.
+    ``slice_starts_device``: ``slice_starts`` as an int32 tensor on ``out``'s device, made once by the caller (a
+    CUDA graph capture cannot copy a host list to the device)."""
     if _use_kernel(out, lora_b):
         with torch.cuda.device(out.device):
-            return lora_expand_triton(y, lora_b, batch, out, scales, slice_starts)
+            return lora_expand_triton(y, lora_b, batch, out, scales, slice_starts, slice_starts_device)
     return lora_expand_reference(y, lora_b, batch, out, scales, slice_starts)
 
 
@@ -142,9 +145,11 @@ def add_lora(
     batch: LoRABatch,
     scales: torch.Tensor,
     slice_starts: tuple[int, ...],
+    slice_starts_device: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out += LoRA delta`` of a (fused) projection whose base output is ``out``: shrink, then expand."""
-    return lora_expand(lora_shrink(x, lora_a, batch), lora_b, batch, out, scales, slice_starts)
+    y = lora_shrink(x, lora_a, batch)
+    return lora_expand(y, lora_b, batch, out, scales, slice_starts, slice_starts_device)
 
 
 def _use_kernel(x: torch.Tensor, weights: torch.Tensor) -> bool:
@@ -192,6 +197,7 @@ def lora_expand_triton(
     out: torch.Tensor,
     scales: torch.Tensor,
     slice_starts: tuple[int, ...],
+    slice_starts_device: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel version of ``lora_expand_reference``: one launch for all slices of a fused projection."""
     _check_shapes(out.shape[0], batch, lora_b)
@@ -203,7 +209,9 @@ def lora_expand_triton(
         raise ValueError("lora_expand: out, y and B need unit column stride")
     if out.shape[0] == 0:
         return out
-    starts = torch.tensor(slice_starts, dtype=torch.int32, device=out.device)  # a constant: capturable
+    starts = slice_starts_device
+    if starts is None:  # a host-to-device copy: not inside a CUDA graph capture (pass slice_starts_device there)
+        starts = torch.tensor(slice_starts, dtype=torch.int32, device=out.device)
     widest = max(end - start for start, end in zip(slice_starts, slice_starts[1:]))
     num_slices = len(slice_starts) - 1
     grid = (triton.cdiv(out.shape[0], _BLOCK_M), triton.cdiv(widest, _EXPAND_BLOCK_N), batch.num_slots * num_slices)

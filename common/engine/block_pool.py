@@ -27,14 +27,28 @@ def hash_block_tokens(parent: BlockHash | None, token_ids: Sequence[int], extra_
     return digest.digest()
 
 
+def lora_extra_keys(lora_name: str | None) -> bytes:
+    """A block hash's extra keys for tokens computed under a LoRA adapter: empty for the base model (whose hashes
+    stay as they were, so routers hashing base prompts still agree), else a fixed-size digest of the adapter name,
+    so the same tokens under two adapters (or one adapter and the base) never share a block."""
+    if lora_name is None:
+        return b""
+    return b"lora:" + hashlib.sha256(lora_name.encode()).digest()
+
+
 def hash_full_blocks(
     token_ids: Sequence[int],
     block_size: int,
     parent: BlockHash | None = None,
     start_block: int = 0,
     extra_keys: bytes = b"",
+    lora_name: str | None = None,
 ) -> list[BlockHash]:
-    """Hashes of the full blocks of ``token_ids`` from ``start_block`` on, chained from ``parent``."""
+    """Hashes of the full blocks of ``token_ids`` from ``start_block`` on, chained from ``parent``.
+
+    ``lora_name``: the adapter the KV is computed under (None: the base model); it joins every block's extra keys.
+    """
+    extra_keys += lora_extra_keys(lora_name)
     hashes: list[BlockHash] = []
     for block_index in range(start_block, len(token_ids) // block_size):
         chunk = token_ids[block_index * block_size : (block_index + 1) * block_size]

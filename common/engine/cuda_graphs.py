@@ -8,6 +8,11 @@ host never waits for the device until the sampled token ids are read.
 The staging buffers come in two sets used in turn: with async scheduling the host fills step N+1's inputs
 while step N's uploads may not have run yet, so a set is refilled only after the event behind its previous
 uploads has completed (two steps ago: in practice never a wait).
+
+Multi-LoRA (``lora_pool``): every graph also runs the LoRA ops, reading each row's adapter slot from one more static
+buffer (-1: base model; padding rows too). The per-step grouping of rows by slot is built inside the graph from
+that buffer, and the kernels' grids depend only on the bucket and the pool's shapes, so one capture serves every
+mix of adapters; the slot weights live in fixed tensors that adapters are copied into.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from common.lora.slots import LoRASlotPool
+from common.lora.step import LoRAStep
 from kernels.attention_metadata import AttentionMetadata
 from kernels.paged_attention import choose_decode_splits
 
@@ -43,6 +50,7 @@ class DecodeBatch:
     slots: np.ndarray  # [B * tokens_per_seq] int64
     seq_lens: np.ndarray  # [B] int32
     block_tables: list[tuple[int, ...]]
+    lora_slots: np.ndarray | None = None  # [B * tokens_per_seq] int32 adapter slot per row (-1: base); None: all base
 
 
 class _HostStaging:
@@ -57,6 +65,7 @@ class _HostStaging:
         self.slots = pinned((max_batch * tokens_per_seq,), torch.int64)
         self.seq_lens = pinned((max_batch,), torch.int32)
         self.tables = pinned((max_batch, max_blocks_per_seq), torch.int32)
+        self.lora_slots = pinned((max_batch * tokens_per_seq,), torch.int32)
         self.uploaded: torch.cuda.Event | None = None
 
     def wait_free(self) -> None:
@@ -79,10 +88,11 @@ class _StaticInputs:
         self.seq_lens = zeros((max_batch,), torch.int32)
         self.block_tables = zeros((max_batch, max_blocks_per_seq), torch.int32)
         self.query_start_loc = torch.arange(0, (max_batch + 1) * q, q, dtype=torch.int32, device=device)
+        self.lora_slots = torch.full((max_batch * q,), -1, dtype=torch.int32, device=device)  # read with LoRA only
         self._staging = [_HostStaging(max_batch, max_blocks_per_seq, q) for _ in range(2)]
         self._turn = 0
 
-    def fill(self, batch: DecodeBatch, bucket: int) -> None:
+    def fill(self, batch: DecodeBatch, bucket: int, with_lora: bool = False) -> None:
         """Copy one step's rows in and pad sequences [B, bucket) so they write nothing (their reads stay in block 0)."""
         staging = self._staging[self._turn]
         self._turn ^= 1
@@ -114,6 +124,11 @@ class _StaticInputs:
             (staging.seq_lens, self.seq_lens, bucket),
         ):
             device[:count].copy_(host[:count], non_blocking=True)
+        if with_lora:  # every row of the bucket: a stale slot on a padding row would run (harmless) LoRA work
+            lora_slots = staging.lora_slots.numpy()
+            lora_slots[:rows] = batch.lora_slots if batch.lora_slots is not None else -1
+            lora_slots[rows:bucket_rows] = -1
+            self.lora_slots[:bucket_rows].copy_(staging.lora_slots[:bucket_rows], non_blocking=True)
         # Columns past a row's length are stale but never read: kernels stop at ceil(seq_len / block_size).
         self.block_tables[:size, :width].copy_(staging.tables[:size, :width], non_blocking=True)
         staging.uploaded = torch.cuda.Event()
@@ -153,8 +168,10 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         device: torch.device,
         tokens_per_seq: int = 1,
+        lora_pool: LoRASlotPool | None = None,
     ) -> None:
         self.model = model
+        self.lora_pool = lora_pool
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.buckets = batch_buckets(max_batch)
@@ -195,13 +212,14 @@ class DecodeGraphs:
             metadata = self.inputs.metadata(bucket, self.block_size, self.splits_for(bucket))
             rows = bucket * q
             args = (self.inputs.input_ids[:rows], self.inputs.positions[:rows], self.kv_cache, metadata)
+            self.inputs.lora_slots[:rows].fill_(-1)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self.model(*args)  # compiles kernels and sets up cuBLAS outside the capture
+                self._forward(args, rows)  # compiles kernels and sets up cuBLAS outside the capture
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                hidden = self.model(*args)
+                hidden = self._forward(args, rows)
             self._graphs[bucket] = (graph, hidden)
         torch.cuda.synchronize(self.device)
         used = before - torch.cuda.mem_get_info(self.device)[0]
@@ -214,6 +232,12 @@ class DecodeGraphs:
             used / 2**20,
         )
 
+    def _forward(self, args: tuple, rows: int) -> torch.Tensor:
+        """The model on the static inputs; with LoRA, rows grouped by slot from the static slot buffer (captured)."""
+        if self.lora_pool is None:
+            return self.model(*args)
+        return self.model(*args, lora=LoRAStep.from_token_slots(self.inputs.lora_slots[:rows], self.lora_pool))
+
     def run(self, batch: DecodeBatch, patch: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Hidden states ``[B * tokens_per_seq, hidden]`` of one step (a view into the graph's output).
 
@@ -221,7 +245,7 @@ class DecodeGraphs:
         """
         size = len(batch.seq_lens)
         bucket = self.bucket_for(size)
-        self.inputs.fill(batch, bucket)
+        self.inputs.fill(batch, bucket, with_lora=self.lora_pool is not None)
         if patch is not None:
             patch(self.inputs.input_ids)
         if self.before_replay is not None:

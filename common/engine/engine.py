@@ -77,7 +77,8 @@ class LLMEngine:
         if spec_config is not None:
             forget = draft_proposer.forget if draft_proposer is not None else None
             self.speculator = Speculator(spec_config, self.max_model_len, forget)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.speculator)
+        self.lora = loaded.lora  # --enable-lora: the adapters (None without)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.speculator, self.lora)
         self.runner = ModelRunner(
             self._runner_model(loaded),
             loaded.kv_cache,
@@ -88,6 +89,7 @@ class LLMEngine:
             draft_proposer,
             loaded.verify_graphs,
             self.tensor_parallel.send_block_copies if self.tensor_parallel is not None else None,
+            self.lora.pool if self.lora is not None else None,
         )
         self.stats_recorder = EngineStatsRecorder()
         self.grammars = GrammarCompiler(self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids)
@@ -174,17 +176,50 @@ class LLMEngine:
         request_id: str | None = None,
         output_token_ids: Sequence[int] = (),
         export_kv: bool = False,
+        lora_name: str | None = None,
     ) -> str:
         """Queue one request (its ``n`` samples share the prompt's blocks). Returns its id.
 
         ``output_token_ids`` resumes a request that already generated tokens elsewhere (they are
         recomputed with the prompt and count towards max_tokens). ``export_kv`` gathers the KV of
         every computed token into the final RequestOutput before the blocks are freed (prefill pool).
+        ``lora_name``: a loaded LoRA adapter to run under (``add_lora``, ``--lora-modules``); None: the base model.
         """
         params = sampling_params or SamplingParams()
+        self.check_lora_name(lora_name)
+        if lora_name is not None and export_kv:
+            raise ValueError("lora_request: LoRA requests cannot export KV to another pool yet")
         token_ids = self.validator.validate_prompt(prompt, prompt_token_ids, params)
         self.validator.validate_resume(token_ids, output_token_ids, params, export_kv)
-        return self.requests.add(request_id, token_ids, params, output_token_ids, prompt, export_kv)
+        return self.requests.add(request_id, token_ids, params, output_token_ids, prompt, export_kv, lora_name)
+
+    # ----------------------------------------------------------------- LoRA adapters
+    def check_lora_name(self, lora_name: str | None) -> None:
+        """ValueError unless ``lora_name`` is None or an adapter new requests may use."""
+        if lora_name is None:
+            return
+        if self.lora is None:
+            raise ValueError(f"lora_request: {lora_name!r}, but this engine serves no LoRA adapters "
+                             "(start it with enable_lora / --enable-lora)")
+        self.lora.check(lora_name)
+
+    def add_lora(self, name: str, path: str) -> None:
+        """Load the PEFT adapter folder ``path`` under ``name`` (read and checked now: ValueError saying why not)."""
+        self._lora_adapters("add_lora").add(name, path)
+
+    def remove_lora(self, name: str) -> bool:
+        """Unload ``name``: True when gone now; False when requests already admitted with it finish first (new
+        ones are refused from now on). ValueError when it is not loaded."""
+        return self._lora_adapters("remove_lora").remove(name)
+
+    def list_loras(self) -> list[str]:
+        """The adapters new requests may use."""
+        return self.lora.names() if self.lora is not None else []
+
+    def _lora_adapters(self, what: str):
+        if self.lora is None:
+            raise ValueError(f"{what}: this engine serves no LoRA adapters (start it with enable_lora / --enable-lora)")
+        return self.lora
 
     def validate_prompt(
         self, prompt: str | None, prompt_token_ids: Sequence[int] | None, params: SamplingParams

@@ -9,6 +9,7 @@ from common.config import DEFAULT_MODEL, EngineConfig
 from common.engine.engine import LLMEngine
 from common.engine.outputs import RequestOutput
 from common.engine.sampling_params import SamplingParams
+from common.lora.request import LoRARequest
 
 PromptInput = str | Sequence[int] | Mapping[str, Any]
 Message = Mapping[str, Any]
@@ -38,18 +39,44 @@ class LLM:
         self,
         prompts: PromptInput | Sequence[PromptInput],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Run all prompts to completion; outputs come back in input order.
+
+        ``lora_request``: one adapter for every prompt, or one per prompt (None: the base model), as in vLLM. An
+        adapter not loaded yet whose ``lora_path`` is given is loaded first (``add_lora``).
 
         Every prompt is validated before any is queued, so a bad one raises ValueError and runs nothing.
         """
         batch = normalize_prompts(prompts)
         params = normalize_params(sampling_params, len(batch))
+        lora_names = self._lora_names(lora_request, len(batch))
         token_ids = [self.engine.validate_prompt(text, ids, p) for (text, ids), p in zip(batch, params, strict=True)]
         request_ids = [
-            self.engine.add_request(text, ids, p) for (text, _), ids, p in zip(batch, token_ids, params, strict=True)
+            self.engine.add_request(text, ids, p, lora_name=name)
+            for (text, _), ids, p, name in zip(batch, token_ids, params, lora_names, strict=True)
         ]
         return self._run_to_completion(request_ids)
+
+    def _lora_names(self, lora_request: LoRARequest | Sequence[LoRARequest | None] | None, count: int) -> list:
+        """Each prompt's adapter name (None: base), loading adapters given by path that are not loaded yet."""
+        requests = normalize_lora_requests(lora_request, count)
+        for request in {r.lora_name: r for r in requests if r is not None}.values():
+            known = request.lora_name in self.engine.list_loras()
+            if not known and request.lora_path:
+                self.engine.add_lora(request.lora_name, request.lora_path)
+            self.engine.check_lora_name(request.lora_name)
+        return [r.lora_name if r is not None else None for r in requests]
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter (vLLM's ``LLM.llm_engine.add_lora``): ValueError naming what is wrong with it."""
+        self.engine.add_lora(lora_request.lora_name, lora_request.lora_path)
+
+    def remove_lora(self, lora_name: str) -> bool:
+        return self.engine.remove_lora(lora_name)
+
+    def list_loras(self) -> list[str]:
+        return self.engine.list_loras()
 
     def chat(
         self,
@@ -131,6 +158,20 @@ def normalize_params(
     return list(sampling_params)
 
 
+def normalize_lora_requests(
+    lora_request: LoRARequest | Sequence[LoRARequest | None] | None, count: int
+) -> list[LoRARequest | None]:
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * count
+    requests = list(lora_request)
+    if len(requests) != count:
+        raise ValueError(f"lora_request: got {len(requests)} for {count} prompts")
+    for request in requests:
+        if request is not None and not isinstance(request, LoRARequest):
+            raise ValueError(f"lora_request: expected LoRARequest or None, got {type(request).__name__}")
+    return requests
+
+
 def validate_engine_args(config: EngineConfig) -> None:
     """Reject impossible settings up front, naming the argument."""
     cache, sched = config.cache, config.scheduler
@@ -151,6 +192,8 @@ def validate_engine_args(config: EngineConfig) -> None:
         )
     if config.model.load_format not in ("auto", "dummy"):
         raise ValueError(f"load_format must be 'auto' or 'dummy', got {config.model.load_format!r}")
+    if config.lora.lora_modules and not config.lora.enable_lora:
+        raise ValueError("lora_modules: serving LoRA adapters needs enable_lora=True (--enable-lora)")
     validate_tensor_parallel(config)
 
 
@@ -159,6 +202,11 @@ def validate_tensor_parallel(config: EngineConfig) -> None:
     size = config.model.tensor_parallel_size
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be at least 1, got {size}")
+    if size > 1 and config.lora.enable_lora:
+        raise ValueError(
+            f"enable_lora with tensor_parallel_size {size}: multi-LoRA is not tensor-parallel yet (its GPU slots hold "
+            "whole, unsharded projections); use tensor_parallel_size=1"
+        )
     spec = config.scheduler.speculative_config
     if size > 1 and spec is not None and spec.method != "ngram":
         raise ValueError(

@@ -15,6 +15,8 @@ from common.distributed.group import TensorParallelGroup
 from common.engine.cuda_graphs import DecodeGraphs
 from common.engine.kv_cache_sizing import allocate_kv_cache, resolve_max_model_len
 from common.engine.spec.draft_model import DraftModel, load_draft_model
+from common.lora.adapter import LoRABaseShapes
+from common.lora.registry import LoRAAdapters
 from common.models.loader import load_model, resolve_dtype, resolve_model_path
 from common.models.quantization import resolve_quantization
 from kernels.paged_attention import kernels_support, warm_up_attention_kernels
@@ -60,6 +62,7 @@ class LoadedModel:
     memory: MemoryReport
     draft: DraftModel | None = None  # speculative decoding's draft model (its cache is the engine's to make)
     verify_graphs: DecodeGraphs | None = None  # speculative verification steps on CUDA
+    lora: LoRAAdapters | None = None  # --enable-lora: the adapters and their GPU slot pool (the graphs read it)
 
 
 def load_model_and_kv_cache(config: EngineConfig, tp: TensorParallelGroup | None = None) -> LoadedModel:
@@ -76,6 +79,7 @@ def load_model_and_kv_cache(config: EngineConfig, tp: TensorParallelGroup | None
     model = load_model(model_path, hf_config, dtype, device, config.model.load_format, tp=tp,
                        quantization=quantization)
     draft = load_speculative_draft(config, hf_config, dtype, device)
+    lora = load_lora_adapters(config, hf_config, dtype, device, tp)  # before KV sizing: its slots take memory too
     extra = draft.kv_bytes_per_block(config.cache.block_size) if draft is not None else 0
     kv_cache, num_blocks = allocate_kv_cache(
         model, config.cache, config.scheduler, dtype, device, extra_bytes_per_block=extra, tp=tp
@@ -87,8 +91,8 @@ def load_model_and_kv_cache(config: EngineConfig, tp: TensorParallelGroup | None
         num_kv_blocks=num_blocks,
         kv_cache_tokens=num_blocks * config.cache.block_size,
     )
-    graphs = capture_decode_graphs(config, model, kv_cache, device, max_model_len)
-    verify_graphs = capture_verify_graphs(config, model, kv_cache, device, max_model_len)
+    graphs = capture_decode_graphs(config, model, kv_cache, device, max_model_len, lora)
+    verify_graphs = capture_verify_graphs(config, model, kv_cache, device, max_model_len, lora)
     warm_up_kernels(model, kv_cache, dtype)
     eos_ids = eos_token_ids(hf_config, tokenizer)
     return LoadedModel(
@@ -105,7 +109,24 @@ def load_model_and_kv_cache(config: EngineConfig, tp: TensorParallelGroup | None
         memory,
         draft,
         verify_graphs,
+        lora,
     )
+
+
+def load_lora_adapters(
+    config: EngineConfig,
+    hf_config: PretrainedConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    tp: TensorParallelGroup | None = None,
+) -> LoRAAdapters | None:
+    """``--enable-lora``: the slot pool (unsharded widths: tensor parallelism is refused with LoRA) and the
+    ``--lora-modules`` adapters, each read and checked now so a bad folder fails at startup."""
+    if not config.lora.enable_lora:
+        return None
+    if tp is not None:
+        raise ValueError("enable_lora: multi-LoRA is not tensor-parallel yet; use tensor_parallel_size=1")
+    return LoRAAdapters(config.lora, LoRABaseShapes.from_hf_config(hf_config), device, dtype)
 
 
 def load_speculative_draft(
@@ -145,7 +166,12 @@ def eos_token_ids(hf_config: PretrainedConfig, tokenizer) -> frozenset[int]:
 
 
 def capture_decode_graphs(
-    config: EngineConfig, model: torch.nn.Module, kv_cache: torch.Tensor, device: torch.device, max_model_len: int
+    config: EngineConfig,
+    model: torch.nn.Module,
+    kv_cache: torch.Tensor,
+    device: torch.device,
+    max_model_len: int,
+    lora: LoRAAdapters | None = None,
 ) -> DecodeGraphs | None:
     """CUDA graphs for decode steps up to min(max_num_seqs, 512) sequences; None on CPU or when eager."""
     if device.type != "cuda" or config.model.enforce_eager:
@@ -158,6 +184,7 @@ def capture_decode_graphs(
         max_batch=min(config.scheduler.max_num_seqs, 512),
         max_blocks_per_seq=-(-max_model_len // block_size),
         device=device,
+        lora_pool=lora.pool if lora is not None else None,
     )
     graphs.capture()
     return graphs
@@ -168,7 +195,12 @@ VERIFY_GRAPH_MAX_BATCH = 64
 
 
 def capture_verify_graphs(
-    config: EngineConfig, model: torch.nn.Module, kv_cache: torch.Tensor, device: torch.device, max_model_len: int
+    config: EngineConfig,
+    model: torch.nn.Module,
+    kv_cache: torch.Tensor,
+    device: torch.device,
+    max_model_len: int,
+    lora: LoRAAdapters | None = None,
 ) -> DecodeGraphs | None:
     """CUDA graphs of speculative verification steps (each sequence its last token + k drafts), batch up to
     ``VERIFY_GRAPH_MAX_BATCH`` (or disable_by_batch_size); None on CPU, when eager, or without speculation."""
@@ -185,6 +217,7 @@ def capture_verify_graphs(
         max_blocks_per_seq=-(-(max_model_len + k) // block_size),  # padding rows may sit k past the last position
         device=device,
         tokens_per_seq=k + 1,
+        lora_pool=lora.pool if lora is not None else None,
     )
     graphs.capture()
     return graphs

@@ -26,6 +26,8 @@ from common.engine.sampler import PendingSample, Sampler, SamplingRow, compute_p
 from common.engine.scheduler import ScheduledRequest, SchedulerOutput
 from common.engine.spec.draft_model import DraftModelProposer, DraftSequence
 from common.engine.spec.speculator import DRAFT_ON_DEVICE
+from common.lora.slots import LoRASlotPool
+from common.lora.step import LoRAStep
 from kernels.attention_metadata import AttentionMetadata
 
 VERIFY_GRAPH_FREE_ROWS = 256
@@ -164,8 +166,10 @@ class ModelRunner:
         draft_proposer: DraftModelProposer | None = None,
         verify_graphs: DecodeGraphs | None = None,
         on_block_copies: Callable[[tuple[BlockCopy, ...]], None] | None = None,
+        lora_pool: LoRASlotPool | None = None,
     ) -> None:
         self.model = model
+        self.lora_pool = lora_pool  # --enable-lora: rows of a request with an adapter use its (pinned) slot
         self.kv_cache = kv_cache
         self.block_size = block_size
         self.device = device
@@ -212,7 +216,11 @@ class ModelRunner:
         device_tokens.fill(input_ids)
         if plan.model_drafts:
             launched.model_drafts = self._propose_with_draft_model(plan.model_drafts, input_ids)
-        hidden = self.model(input_ids, positions, self.kv_cache, metadata)
+        lora = self._lora_step(step.scheduled)
+        if lora is None:
+            hidden = self.model(input_ids, positions, self.kv_cache, metadata)
+        else:
+            hidden = self.model(input_ids, positions, self.kv_cache, metadata, lora=lora)
         if plan.sample_rows:
             row_index = to_device(np.asarray([row for _, row, _ in plan.sample_rows]), hidden.device)
             rows = [(request, drafts) for request, _, drafts in plan.sample_rows]
@@ -221,6 +229,22 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[rows])
             k = request.sampling_params.prompt_logprobs or 0
             launched.prompt_logprobs[request.request_id] = compute_prompt_logprobs(logits, targets, k)
+
+    def _lora_step(self, scheduled: tuple[ScheduledRequest, ...]) -> LoRAStep | None:
+        """The step's LoRA context (each row's slot, grouped once for all layers), or None when no row has an
+        adapter: the base model's forward, unchanged."""
+        if self.lora_pool is None or all(item.request.lora_slot is None for item in scheduled):
+            return None
+        slots = np.concatenate(
+            [np.full(item.num_new_tokens, _slot_of(item.request), dtype=np.int32) for item in scheduled]
+        )
+        return LoRAStep.from_token_slots(to_device(slots, self.device), self.lora_pool)
+
+    def _graph_lora_slots(self, scheduled: tuple[ScheduledRequest, ...], rows_per_seq: int) -> np.ndarray | None:
+        """A graph step's slot per row (``rows_per_seq`` rows per sequence), when graphs run LoRA."""
+        if self.lora_pool is None:
+            return None
+        return np.repeat(np.asarray([_slot_of(item.request) for item in scheduled], dtype=np.int32), rows_per_seq)
 
     def _propose_with_draft_model(
         self, items: list[tuple[ScheduledRequest, int]], input_ids: torch.Tensor
@@ -298,7 +322,8 @@ class ModelRunner:
             slots[base : base + len(real)] = blocks * block_size + real % block_size
             seq_lens[index] = start + q
             sample_rows.extend((item.request, base + j, drafts[:j]) for j in range(len(drafts) + 1))
-        batch = DecodeBatch(token_ids, positions, slots, seq_lens, [item.block_ids for item in scheduled])
+        tables = [item.block_ids for item in scheduled]
+        batch = DecodeBatch(token_ids, positions, slots, seq_lens, tables, self._graph_lora_slots(scheduled, q))
         return batch, sample_rows, model_drafts
 
     def _decode_batch(self, scheduled: tuple[ScheduledRequest, ...], device_tokens: _DeviceTokens) -> DecodeBatch:
@@ -317,7 +342,8 @@ class ModelRunner:
             positions[row] = position
             slots[row] = item.block_ids[position // block_size] * block_size + position % block_size
         seq_lens = (positions + 1).astype(np.int32)
-        return DecodeBatch(token_ids, positions, slots, seq_lens, [item.block_ids for item in scheduled])
+        tables = [item.block_ids for item in scheduled]
+        return DecodeBatch(token_ids, positions, slots, seq_lens, tables, self._graph_lora_slots(scheduled, 1))
 
     def _apply_block_copies(self, step: SchedulerOutput) -> None:
         if step.block_copies and self.on_block_copies is not None:
@@ -440,3 +466,8 @@ class ModelRunner:
             logits = logits[to_device(np.asarray(expanded), logits.device)]
         launched.sample = self.sampler.sample(logits, rows)
         launched.owners = owners
+
+
+def _slot_of(request: Request) -> int:
+    """The request's adapter slot, -1 for the base model."""
+    return -1 if request.lora_slot is None else request.lora_slot

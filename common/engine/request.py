@@ -74,6 +74,10 @@ class Request:
     # it (the step then runs synchronously; with a draft model: whether it may speculate), and its back-off state.
     speculating: bool = False
     speculation: SpeculationState | None = None
+    # Multi-LoRA: the adapter this request runs under (None: the base model), part of its block hashes; its GPU
+    # slot while the scheduler holds one for it (acquired when it starts running, released when it stops).
+    lora_name: str | None = None
+    lora_slot: int | None = None
 
     def __post_init__(self) -> None:
         self.group_id = self.group_id or self.request_id
@@ -150,6 +154,7 @@ class Request:
             num_computed_tokens=self.num_computed_tokens,
             num_cached_tokens=self.num_cached_tokens,
             grammar=self.grammar.fork() if self.grammar is not None else None,
+            lora_name=self.lora_name,
         )
         return child
 
@@ -158,6 +163,7 @@ class Request:
         if len(self.all_token_ids) // self.block_size <= len(self.block_hashes):
             return
         parent = self.block_hashes[-1] if self.block_hashes else None
+        start = len(self.block_hashes)
         self.block_hashes.extend(
-            hash_full_blocks(self.all_token_ids, self.block_size, parent, start_block=len(self.block_hashes))
+            hash_full_blocks(self.all_token_ids, self.block_size, parent, start_block=start, lora_name=self.lora_name)
         )

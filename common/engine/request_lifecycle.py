@@ -55,10 +55,12 @@ class RequestLifecycle:
         output_token_ids: Sequence[int],
         prompt: str | None,
         export_kv: bool,
+        lora_name: str | None = None,
     ) -> str:
-        """Queue a validated request (waiting for its prefill) under its id, or ``req-<k>`` when it has none."""
+        """Queue a validated request (waiting for its prefill) under its id, or ``req-<k>`` when it has none;
+        ``lora_name``: the (checked) adapter it runs under, None for the base model."""
         request_id = request_id or f"req-{next(self._request_counter)}"
-        head = self.new_request(request_id, token_ids, params, output_token_ids, prompt)
+        head = self.new_request(request_id, token_ids, params, output_token_ids, prompt, lora_name)
         head.export_kv = export_kv
         self.groups[request_id] = RequestGroup(head, self.tokenizer, export_kv=export_kv)
         self.scheduler.add_request(head)
@@ -76,6 +78,7 @@ class RequestLifecycle:
         params: SamplingParams,
         output_token_ids: Sequence[int],
         prompt: str | None = None,
+        lora_name: str | None = None,
     ) -> Request:
         """A request's first sample (its forks come later) under a request id not yet in use.
 
@@ -96,6 +99,7 @@ class RequestLifecycle:
             fork_generators=[seeded_generator(params, i) for i in range(1, params.n)],
             output_token_ids=list(output_token_ids),
             grammar=grammar,
+            lora_name=lora_name,
         )
 
     def _grammar_state(self, params: SamplingParams, output_token_ids: Sequence[int]) -> GrammarState | None:

@@ -15,6 +15,7 @@ from common.config import SchedulerConfig
 from common.engine.kv_cache_manager import BlockCopy, KVCacheManager
 from common.engine.request import Request, RequestStatus
 from common.engine.spec.speculator import Speculator
+from common.lora.registry import LoRAAdapters
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,24 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """FCFS with preemption by recompute. Never drops a request: a preempted one waits at the front."""
+    """FCFS with preemption by recompute. Never drops a request: a preempted one waits at the front.
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, speculator: Speculator | None = None) -> None:
+    Multi-LoRA (``lora``): a request of an adapter holds (pins) a GPU slot from when it starts running until it
+    finishes, is aborted or is preempted. One whose adapter cannot get a slot (every slot pinned by running
+    requests of other adapters) stays waiting and later requests may pass it.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache: KVCacheManager,
+        speculator: Speculator | None = None,
+        lora: LoRAAdapters | None = None,
+    ) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.speculator = speculator
+        self.lora = lora
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -70,11 +83,15 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add_request(self, request: Request) -> None:
+        self._admit_lora(request)
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
 
     def add_running(self, request: Request) -> None:
         """Adopt a forked sample that already holds its blocks (see KVCacheManager.fork)."""
+        self._admit_lora(request)
+        if not self._acquire_lora(request):  # a fork's parent pins the same adapter, so this cannot happen
+            raise RuntimeError(f"{request.request_id}: no LoRA slot for adapter {request.lora_name!r}")
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
@@ -89,6 +106,9 @@ class Scheduler:
         self.kv_cache.free(request)
         if self.speculator is not None:
             self.speculator.forget(request)
+        if request.lora_name is not None and self.lora is not None:
+            self._release_lora(request)
+            self.lora.finished(request.lora_name)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
@@ -164,17 +184,23 @@ class Scheduler:
     def _schedule_waiting(self, budget: int) -> list[ScheduledRequest]:
         """Admit waiting requests in arrival order while budget, sequence slots and blocks allow."""
         scheduled: list[ScheduledRequest] = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        index = 0  # waiting requests before it wait for a LoRA slot
+        while index < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[index]
+            if not self._acquire_lora(request):
+                index += 1
+                continue
             prefix = self.kv_cache.find_cached_prefix(request)
             num_cached = len(prefix) * self.kv_cache.block_size
             num_new = request.num_tokens - num_cached
             if num_new > budget and not self.config.enable_chunked_prefill:
+                self._release_lora(request)
                 break
             num_new = min(num_new, budget)
             if not self.kv_cache.allocate_slots(request, num_new, prefix):
+                self._release_lora(request)
                 break
-            self.waiting.popleft()
+            del self.waiting[index]
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
@@ -189,6 +215,7 @@ class Scheduler:
         self.kv_cache.free(request)
         if self.speculator is not None:
             self.speculator.forget(request)
+        self._release_lora(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         if len(request.prompt_logprobs) < request.num_prompt_tokens - 1:
@@ -197,6 +224,25 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
         logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _admit_lora(self, request: Request) -> None:
+        if request.lora_name is None:
+            return
+        if self.lora is None:
+            raise ValueError(f"lora_request: {request.lora_name!r}, but LoRA is not enabled (enable_lora)")
+        self.lora.admit(request.lora_name)
+
+    def _acquire_lora(self, request: Request) -> bool:
+        """Pin the request's adapter in a GPU slot (True when it has one or needs none; False: all slots pinned)."""
+        if request.lora_name is None or request.lora_slot is not None:
+            return True
+        request.lora_slot = self.lora.acquire(request.lora_name)
+        return request.lora_slot is not None
+
+    def _release_lora(self, request: Request) -> None:
+        if request.lora_slot is not None:
+            self.lora.release(request.lora_name)
+            request.lora_slot = None
 
     def _record(self, request: Request, num_new: int, drafts: tuple[int, ...] = ()) -> ScheduledRequest:
         return ScheduledRequest(

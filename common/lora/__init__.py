@@ -8,6 +8,8 @@ from common.lora.adapter import (
     LoRABaseShapes,
     load_adapter,
 )
+from common.lora.registry import LoRAAdapters
+from common.lora.request import LoRARequest
 from common.lora.slots import LoRASlotPool, LoRASlotsExhausted, UnknownAdapter, loader_from_paths
 
 __all__ = [
@@ -15,7 +17,9 @@ __all__ = [
     "AdapterError",
     "FusedLoRAWeights",
     "LoRAAdapter",
+    "LoRAAdapters",
     "LoRABaseShapes",
+    "LoRARequest",
     "LoRASlotPool",
     "LoRASlotsExhausted",
     "UnknownAdapter",

@@ -70,6 +70,9 @@ class LoRASlotPool:
         self.device, self.dtype = torch.device(device), dtype
         self.weights = {proj: self._allocate(proj) for proj in FUSED_PROJECTIONS}
         self.scales = torch.zeros(max_loras, dtype=torch.float32, device=self.device)
+        # The fused projections' column offsets on the device, for the expand kernel (made once: graph-capturable).
+        self.slice_starts_device = {proj: torch.tensor(shapes.slice_starts(proj), dtype=torch.int32,
+                                                       device=self.device) for proj in FUSED_PROJECTIONS}
         self._slot_by_name: OrderedDict[str, int] = OrderedDict()  # residents, least recently used first
         self._pins: dict[str, int] = {}
         self._host: OrderedDict[str, HostImage] = OrderedDict()
@@ -107,6 +110,21 @@ class LoRASlotPool:
             del self._pins[name]
         else:
             self._pins[name] = count - 1
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pins
+
+    def prefetch(self, name: str) -> None:
+        """Build (and cache) ``name``'s host image now: loads and checks the adapter, raising as ``acquire`` does."""
+        self._host_image(name)
+
+    def forget(self, name: str) -> None:
+        """Drop ``name``'s slot and host image (an unloaded adapter; the next use reads its folder again). Its slot's
+        weights stay until another adapter takes the slot: no row names a slot without a resident adapter."""
+        if name in self._pins:
+            raise ValueError(f"LoRA adapter {name!r} is in use by running requests")
+        self._slot_by_name.pop(name, None)
+        self._host.pop(name, None)
 
     def resident(self) -> dict[str, int]:
         """Resident adapters and their slots, least recently used first."""

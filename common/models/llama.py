@@ -8,6 +8,10 @@ its rows of gate and of up (fused gate|up), the matching columns of o_proj and d
 all-reduce), and its rows of the vocabulary (embedding and LM head). ``load_weights`` then reads only the rank's
 rows/columns of each checkpoint tensor. Without ``tp`` the model is built from plain layers: no collective, no
 extra op.
+
+Multi-LoRA: a forward may take a ``LoRAStep`` (``lora=``) for a step with adapter rows; each layer then adds its
+adapters' deltas to the outputs of ``qkv_proj``, ``o_proj``, ``gate_up_proj`` and ``down_proj`` (whatever modules
+those are). Without it (``lora=None``) the forward is the base model's, op for op.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch
 from torch import nn
 
 from common.distributed.group import TensorParallelGroup, partition
+from common.lora.step import LayerLoRA, LoRAStep
 from common.models.attention import PagedAttention
 from common.models.parallel_layers import (
     HeadShard,
@@ -113,15 +118,23 @@ class LlamaAttention(nn.Module):
         x: torch.Tensor,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
+        lora: LayerLoRA | None = None,
     ) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if lora is not None:
+            lora.add("qkv_proj", qkv, x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.reshape(-1, self.num_heads, self.head_dim)
         k = k.reshape(-1, self.num_kv_heads, self.head_dim)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3 normalizes each head before rope
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, kv_cache, attn_metadata))
+        attn = self.attn(q, k, v, kv_cache, attn_metadata)
+        out = self.o_proj(attn)
+        if lora is not None:
+            lora.add("o_proj", out, attn)
+        return out
 
 
 class LlamaMLP(nn.Module):
@@ -135,8 +148,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * self.intermediate, bias=bias)
         self.down_proj = _row_parallel(self.intermediate, hidden, bias, tp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, lora: LayerLoRA | None = None) -> torch.Tensor:
+        if lora is None:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = lora.add("gate_up_proj", self.gate_up_proj(x), x)
+        hidden = silu_and_mul(gate_up)
+        return lora.add("down_proj", self.down_proj(hidden), hidden)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -162,14 +179,15 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
+        lora: LayerLoRA | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata, lora)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, lora), residual
 
 
 class LlamaModel(nn.Module):
@@ -192,10 +210,12 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
         for i, layer in enumerate(self.layers):
-            hidden, residual = layer(positions, hidden, residual, kv_cache[i], attn_metadata)
+            layer_lora = lora.layer(i) if lora is not None else None
+            hidden, residual = layer(positions, hidden, residual, kv_cache[i], attn_metadata, layer_lora)
         if residual is None:  # a model without layers
             return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
@@ -233,9 +253,11 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
+        lora: LoRAStep | None = None,
     ) -> torch.Tensor:
-        """``input_ids``/``positions`` ``[T]`` -> hidden states ``[T, hidden]`` after the final norm."""
-        return self.model(input_ids, positions, kv_cache, attn_metadata)
+        """``input_ids``/``positions`` ``[T]`` -> hidden states ``[T, hidden]`` after the final norm; ``lora``: the
+        step's adapter rows (None: the base model for every row)."""
+        return self.model(input_ids, positions, kv_cache, attn_metadata, lora)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``[N, hidden]`` -> float32 ``[N, vocab]`` (tensor-parallel: on rank 0; the others' result is unused)."""

@@ -24,8 +24,8 @@ from common.config import (
 from common.settings import SettingValueError, parse_csv, setting_field, setting_fields
 from services.flags import build_parser, engine_config, router_config
 
-CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, CoordConfig, TransferConfig, WorkerConfig, RouterConfig,
-           ServeConfig, PlannerConfig, ProfileConfig)
+CONFIGS = (ModelConfig, CacheConfig, SchedulerConfig, LoRAConfig, CoordConfig, TransferConfig, WorkerConfig,
+           RouterConfig, ServeConfig, PlannerConfig, ProfileConfig)
 # Flags that are per-invocation inputs or CLI behaviour, not settings of a component.
 # The sampling flags of `generate` / `chat` are request fields (SamplingParams is their source).
 NOT_SETTINGS = {"--help", "--verbose", "--max-tokens", "--temperature", "--top-p", "--seed", "--stop", "--prompt",
@@ -58,6 +58,10 @@ def test_llm_keywords_cover_every_engine_setting():
     config = EngineConfig.from_kwargs(model="m", max_num_seqs=3, kv_cache_memory=1 << 20, enforce_eager=True,
                                       enable_chunked_prefill=False)
     assert (config.model.model, config.scheduler.max_num_seqs, config.cache.kv_cache_memory) == ("m", 3, 1 << 20)
+    lora = EngineConfig.from_kwargs(enable_lora=True, lora_modules={"sql": "/a/sql"}, max_loras=2).lora
+    assert (lora.enable_lora, lora.adapter_paths, lora.max_loras, lora.max_cpu_loras) == (True, {"sql": "/a/sql"}, 2, 2)
+    args = build_parser({}).parse_args(["decode", "--enable-lora", "--lora-modules", "a=/p/a,b=/p/b"])
+    assert engine_config(args).lora.lora_modules == (("a", "/p/a"), ("b", "/p/b"))
     assert config.model.enforce_eager and not config.scheduler.enable_chunked_prefill
     assert EngineConfig.from_kwargs(**config.to_kwargs()) == config
     names = {f.name for cls in ENGINE_PARTS.values() for f in dataclasses.fields(cls)}
